@@ -1,0 +1,287 @@
+"""The one place the launch environment is mapped, plus stop/preemption signals.
+
+Launchers
+---------
+`map_env` turns a launcher's environment into the variables torch.distributed and
+DeepSpeed read (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_SIZE, MASTER_ADDR, MASTER_PORT):
+
+- torchrun / deepspeed launcher: they already export RANK and friends; used as they are
+  (they win even inside a SLURM allocation, where SLURM_PROCID is also set).
+- SLURM `srun`: one task per GPU; SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, the local
+  task count from SLURM_NTASKS_PER_NODE or SLURM_(STEP_)TASKS_PER_NODE, MASTER_ADDR from
+  the first host of the step's nodelist and MASTER_PORT from the job id, unless the batch
+  script exported them. No deepspeed launcher and no mpi4py needed.
+- nothing: a single process (world 1) on a free local port.
+
+`init_distributed()` exports them into os.environ (DeepSpeed reads the environment and,
+without it, falls back to mpi4py discovery) and starts the process group through
+`deepspeed.init_distributed`: gloo on CPU, nccl on CUDA. `shutdown()` ends it cleanly.
+
+Stop / preemption contract (followed by slurm/train.sbatch; see slurm/README.md)
+-------------------------------------------------------------------------------
+- `StopSignal()` is created first thing (before model building: Python's default action
+  for SIGUSR1 is to die). Handlers only record the signal.
+- The train loop calls `stop.should_stop()` once per optimizer step. It is collective
+  (all_reduce MAX), so every rank stops after the same step and can enter the collective
+  ZeRO-3 `save_checkpoint` together.
+- SIGUSR1 = preempted (`#SBATCH --signal=USR1@N`, `scancel --signal=USR1`): save a
+  checkpoint, then, if training is not finished, call `mark_preempted(run_dir)` (writes
+  `${run_dir}/.preempted` after the checkpoint is complete), and exit 0.
+- SIGTERM = stop (plain `scancel`, node shutdown): save a checkpoint and exit 0, no marker.
+  SIGTERM wins over an earlier SIGUSR1.
+- A finished run exits 0 without a marker, whatever signal arrived.
+- Any failure exits non-zero (never writes the marker).
+- Requeue: slurm/train.sbatch deletes the marker before `srun`, and after `srun` returns
+  0 with the marker present runs `scontrol requeue $SLURM_JOB_ID`. It exports
+  ATP_REQUEUE_BY=sbatch so `mark_preempted` leaves it at that. Launched any other way
+  under SLURM (e.g. `sbatch --wrap "srun python -m pipeline ..."`), `mark_preempted`
+  makes rank 0 run `scontrol requeue` itself (`requeue_self`).
+- The requeued job (same job id, SLURM_RESTART_COUNT>0) resumes from `latest` like any
+  rerun of the same command.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+import torch.distributed as tdist
+
+PREEMPTED_MARKER = ".preempted"
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "torchrun" | "deepspeed" | "env" | "slurm" | "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+# ---------------------------------------------------------------- pure mapping helpers
+
+def _split_top(s: str, sep: str = ",") -> list[str]:
+    """Split on `sep` outside brackets: "a[1-2],b" -> ["a[1-2]", "b"]."""
+    out, depth, cur = [], 0, ""
+    for ch in s:
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == sep and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    out.append(cur)
+    return [p for p in out if p]
+
+
+def _expand_range(body: str) -> list[str]:
+    """ "01-03,07" -> ["01", "02", "03", "07"], keeping zero padding."""
+    items = []
+    for part in body.split(","):
+        lo, _, hi = part.partition("-")
+        if not hi:
+            items.append(lo)
+        else:
+            items += [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
+    return items
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Slurm hostlist syntax -> host names ("node[01-03,07]", "a,b", "r[1-2]-n[1-2]")."""
+    hosts = []
+    for item in _split_top(nodelist.strip()):
+        m = re.search(r"\[([^\]]*)\]", item)
+        if not m:
+            hosts.append(item)
+            continue
+        head, tail = item[: m.start()], item[m.end():]
+        for mid in _expand_range(m.group(1)):
+            hosts += expand_nodelist(head + mid + tail)  # tail may hold more brackets
+    return hosts
+
+
+def first_host(nodelist: str) -> str:
+    return expand_nodelist(nodelist)[0]
+
+
+def expand_tasks_per_node(spec: str) -> list[int]:
+    """SLURM_TASKS_PER_NODE "2(x3),1" -> [2, 2, 2, 1]."""
+    counts = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not m:
+            raise ValueError(f"bad tasks-per-node spec {spec!r}")
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return counts
+
+
+def port_from_job_id(job_id: str | int) -> int:
+    # Same formula in slurm/train.sbatch; a requeued job keeps its id and so its port.
+    return 15000 + int(job_id) % 20000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def map_env(env: Mapping[str, str], pick_port: Callable[[], int] = free_port) -> dict:
+    """Launcher environment -> {RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_SIZE, MASTER_ADDR,
+    MASTER_PORT, LAUNCHER} (all strings). Pure apart from `pick_port` (single process)."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        if "TORCHELASTIC_RUN_ID" in env or "LOCAL_WORLD_SIZE" in env:
+            launcher = "torchrun"
+        elif "CROSS_RANK" in env:
+            launcher = "deepspeed"
+        else:
+            launcher = "env"
+        world = int(env["WORLD_SIZE"])
+        local_size = env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or world
+        out = dict(RANK=env["RANK"], WORLD_SIZE=world, LOCAL_RANK=env.get("LOCAL_RANK", 0),
+                   LOCAL_SIZE=local_size, MASTER_ADDR=env.get("MASTER_ADDR", "127.0.0.1"),
+                   MASTER_PORT=env.get("MASTER_PORT") or pick_port())
+    elif "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+        # SLURM_STEP_ID: inside an srun step. The batch shell also has SLURM_PROCID=0 and
+        # the allocation's SLURM_NTASKS; treating it as rank 0 of N would hang.
+        launcher = "slurm"
+        world = int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"])
+        if env.get("SLURM_NTASKS_PER_NODE"):
+            local_size = int(env["SLURM_NTASKS_PER_NODE"])
+        else:
+            spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "1")
+            local_size = expand_tasks_per_node(spec)[int(env.get("SLURM_NODEID", 0))]
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+        job_id = env.get("SLURM_JOB_ID", "0")
+        out = dict(RANK=env["SLURM_PROCID"], WORLD_SIZE=world,
+                   LOCAL_RANK=env.get("SLURM_LOCALID", 0), LOCAL_SIZE=local_size,
+                   MASTER_ADDR=env.get("MASTER_ADDR") or first_host(nodelist),
+                   MASTER_PORT=env.get("MASTER_PORT") or port_from_job_id(job_id))
+    else:
+        launcher = "single"
+        out = dict(RANK=0, WORLD_SIZE=1, LOCAL_RANK=0, LOCAL_SIZE=1,
+                   MASTER_ADDR=env.get("MASTER_ADDR", "127.0.0.1"),
+                   MASTER_PORT=env.get("MASTER_PORT") or pick_port())
+    out = {k: str(v) for k, v in out.items()}
+    out["LAUNCHER"] = launcher
+    return out
+
+
+# ---------------------------------------------------------------- process group
+
+_info: DistInfo | None = None
+
+
+def use_cuda() -> bool:
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+
+
+def init_distributed(backend: str | None = None) -> DistInfo:
+    """Map the environment, export it, start the process group. Idempotent."""
+    global _info
+    if _info is not None and tdist.is_initialized():
+        return _info
+    m = map_env(os.environ)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ[k] = m[k]
+    cuda = use_cuda()
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed picks one
+    local_rank = int(m["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local_rank)  # before nccl init, so each rank owns its GPU
+    import deepspeed  # late: importing it costs seconds and reads DS_ACCELERATOR
+
+    deepspeed.init_distributed(dist_backend=backend or ("nccl" if cuda else "gloo"),
+                               auto_mpi_discovery=False, verbose=False)
+    _info = DistInfo(int(m["RANK"]), int(m["WORLD_SIZE"]), local_rank, int(m["LOCAL_SIZE"]),
+                     m["MASTER_ADDR"], int(m["MASTER_PORT"]), m["LAUNCHER"])
+    return _info
+
+
+def shutdown() -> None:
+    """Barrier + destroy: gloo ranks that exit without it sometimes SIGABRT after
+    finishing, and SLURM then marks the job FAILED."""
+    global _info
+    if tdist.is_initialized():
+        tdist.barrier()
+        tdist.destroy_process_group()
+    _info = None
+
+
+# ---------------------------------------------------------------- stop signals
+
+class StopSignal:
+    """Records SIGUSR1 (preempted: save, requeue) and SIGTERM (save, exit); `should_stop`
+    makes all ranks agree. Create it before anything slow."""
+
+    # Agreement uses MAX, so a higher code wins: TERM overrides USR1 on any rank.
+    _CODES = {signal.SIGUSR1: 1, signal.SIGTERM: 2}
+
+    def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM)):
+        self._local = 0      # strongest signal seen by this process
+        self.agreed = 0      # strongest signal seen by any rank at the last should_stop()
+        for s in signals:
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        # Only record: the train loop saves at a step boundary where all ranks meet.
+        self._local = max(self._local, self._CODES.get(signum, 2))
+
+    def should_stop(self) -> bool:
+        """Collective when the process group is up: call it on every rank, once per step."""
+        flag = self._local
+        if tdist.is_initialized() and tdist.get_world_size() > 1:
+            t = torch.tensor([flag], dtype=torch.int32,
+                             device="cuda" if tdist.get_backend() == "nccl" else "cpu")
+            tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+            flag = int(t.item())
+        self.agreed = max(self.agreed, flag)
+        return self.agreed > 0
+
+    @property
+    def preempted(self) -> bool:
+        """The agreed signal was USR1 only: save, then requeue."""
+        return self.agreed == 1
+
+    @property
+    def signal_name(self) -> str | None:
+        return {0: None, 1: "SIGUSR1", 2: "SIGTERM"}[self.agreed]
+
+
+def _rank() -> int:
+    return tdist.get_rank() if tdist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def requeue_self() -> bool:
+    """Rank 0 runs `scontrol requeue $SLURM_JOB_ID` (needs a job submitted with
+    --requeue). Returns True if it ran and succeeded."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job or _rank() != 0:
+        return False
+    return subprocess.run(["scontrol", "requeue", job], check=False).returncode == 0
+
+
+def mark_preempted(run_dir: str | os.PathLike) -> None:
+    """Call after the checkpoint is saved, on all ranks, when stop.preempted and training
+    is not finished. Rank 0 writes `${run_dir}/.preempted`; unless slurm/train.sbatch
+    requeues (ATP_REQUEUE_BY=sbatch), rank 0 also requeues the job itself."""
+    if _rank() == 0:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(run_dir) / PREEMPTED_MARKER).write_text(os.environ.get("SLURM_JOB_ID", "") + "\n")
+        if os.environ.get("ATP_REQUEUE_BY") != "sbatch":
+            requeue_self()
