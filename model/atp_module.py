@@ -1,0 +1,49 @@
+"""The ATP module (METHOD sec 3): a tiny MLP that predicts two thresholds per image."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers import initialization as init
+
+
+class AtpModule(nn.Module):
+    """x = [S_redundant, S_spatial] at the original Lv positions -> (theta_r, theta_s), each in (0, 1)."""
+
+    def __init__(self, num_visual_tokens: int, hidden: int):
+        super().__init__()
+        self.fc = nn.Linear(2 * num_visual_tokens, hidden)
+        self.act = nn.GELU()
+        self.head_r = nn.Linear(hidden, 1)
+        self.head_s = nn.Linear(hidden, 1)
+
+    def init_thresholds(self, theta_r: float, theta_s: float, std: float = 0.01):
+        """Start near given thresholds (so the first steps keep about the target share) with small
+        head weights, so the thresholds depend on the input from the first gradient step on."""
+        # transformers' guarded init: a no-op on weights already loaded from a checkpoint
+        init.normal_(self.fc.weight, std=0.02)
+        init.zeros_(self.fc.bias)
+        for head, theta in ((self.head_r, theta_r), (self.head_s, theta_s)):
+            init.normal_(head.weight, std=std)
+            init.constant_(head.bias, math.log(theta / (1 - theta)))
+
+    def forward(self, s_red: torch.Tensor, s_spa: torch.Tensor):
+        x = torch.cat([s_red, s_spa], dim=-1).to(self.fc.weight.dtype)
+        z = self.act(self.fc(x))
+        return torch.sigmoid(self.head_r(z)).squeeze(-1), torch.sigmoid(self.head_s(z)).squeeze(-1)
+
+
+def keep_share_per_module(atp_layers, num_layers: int, num_visual: int, target_tokens: float) -> float:
+    """The share q each module keeps of its input so that N_bar (METHOD sec 7) equals the target
+    when every module keeps the same share: N_bar = Lv (i_0 + sum_k (i_{k+1} - i_k) q^(k+1)) / N."""
+    bounds = list(atp_layers) + [num_layers]
+
+    def n_bar(q):
+        return num_visual * (bounds[0] + sum((bounds[k + 1] - bounds[k]) * q ** (k + 1) for k in range(len(atp_layers)))) / num_layers
+
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if n_bar(mid) < target_tokens else (lo, mid)
+    return min(max((lo + hi) / 2, 0.02), 0.98)

@@ -1,0 +1,75 @@
+"""AtpLlavaConfig: a LlavaConfig plus the ATP fields of docs/METHOD.md.
+
+Every choice the paper leaves open is a field here with METHOD's default, so training,
+inference and export read one object. This file is copied into exported checkpoints
+(trust_remote_code), so it imports only transformers.
+"""
+from huggingface_hub.dataclasses import strict
+from transformers import LlavaConfig
+
+PRUNING_MODES = ("none", "atp", "fixed")
+POSITION_MODES = ("preserve", "rope2d")
+SCORE_NORMS = ("minmax", "none")
+
+
+@strict
+class AtpLlavaConfig(LlavaConfig):
+    model_type = "atp_llava"
+
+    atp_layers: list[int] | tuple[int, ...] = (4, 14, 24)
+    pruning: str = "atp"  # none | atp | fixed
+    spatial_strides: list[int] | tuple[int, ...] = (2, 3, 4, 6, 8, 12)
+    mask_temperature: float = 50.0
+    lambda_sample: float = 3.0
+    lambda_atp: float = 0.05
+    lambda_target: float = 0.2
+    target_tokens: float = 144.0
+    position_mode: str = "preserve"  # preserve | rope2d
+    score_norm: str = "minmax"  # minmax | none
+    threshold_hidden: int = 256
+    fixed_counts: list[int] | tuple[int, ...] | None = None
+    mask_eps: float = 1e-6
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.atp_layers = [int(i) for i in self.atp_layers]
+        self.spatial_strides = [int(s) for s in self.spatial_strides]
+        if self.fixed_counts is not None:
+            self.fixed_counts = [int(c) for c in self.fixed_counts]
+
+    # -- derived quantities ---------------------------------------------------------
+    @property
+    def grid_size(self) -> int:
+        vc = self.vision_config
+        return vc.image_size // vc.patch_size
+
+    @property
+    def num_visual_tokens(self) -> int:
+        """Lv: image tokens per image at the LLM input ("default" strategy drops CLS)."""
+        extra = 0 if self.vision_feature_select_strategy == "default" else 1
+        return self.grid_size**2 + extra
+
+    def validate_atp(self):
+        """Fail early, naming the field, on settings the model cannot honour."""
+        n_layers = self.text_config.num_hidden_layers
+        layers = self.atp_layers
+        if self.pruning not in PRUNING_MODES:
+            raise ValueError(f"pruning={self.pruning!r}: expected one of {PRUNING_MODES}")
+        if self.position_mode not in POSITION_MODES:
+            raise ValueError(f"position_mode={self.position_mode!r}: expected one of {POSITION_MODES}")
+        if self.score_norm not in SCORE_NORMS:
+            raise ValueError(f"score_norm={self.score_norm!r}: expected one of {SCORE_NORMS}")
+        if list(layers) != sorted(set(layers)):
+            raise ValueError(f"atp_layers={layers}: must be strictly increasing")
+        if layers and (layers[0] < 1 or layers[-1] >= n_layers):
+            raise ValueError(
+                f"atp_layers={layers}: each index must be in [1, {n_layers - 1}] "
+                f"(a module before layer i uses the attention of layer i-1; the LM has {n_layers} layers)"
+            )
+        if self.pruning == "fixed":
+            if self.fixed_counts is None or len(self.fixed_counts) != len(layers):
+                raise ValueError(
+                    f"fixed_counts={self.fixed_counts}: pruning='fixed' needs one count per ATP layer {layers}"
+                )
+        if self.vision_feature_select_strategy == "full" and self.position_mode == "rope2d":
+            raise ValueError("position_mode='rope2d' needs a square token grid (vision_feature_select_strategy='default')")

@@ -1,0 +1,433 @@
+"""ATP-LLaVA: transformers' LLaVA with Adaptive Token Pruning modules between decoder layers.
+
+The vision tower, projector, Llama decoder layers, rotary embedding and LM head are the stock
+transformers modules; the only forward owned here is the decoder loop that calls them and the
+ATP modules (docs/METHOD.md is the contract for every formula):
+
+- train mode (soft): the sequence keeps its length; module k multiplies a cumulative mask
+  C_k [B, Lv] that enters every later layer's attention as `log C` on the visual keys, so the
+  loss reaches the thresholds (sec 3-4);
+- eval mode (hard): at each ATP layer the kept visual tokens are gathered, the rest leave the
+  hidden states and the KV cache of every later layer; positions stay the original ones and
+  decoding continues from the unpruned length (sec 5).
+
+This file is copied into exported checkpoints (trust_remote_code): relative imports only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForImageTextToText, LlavaForConditionalGeneration
+from transformers.utils import ModelOutput
+
+from .atp_module import AtpModule, keep_share_per_module
+from .attention import ATTN_IMPLEMENTATION, ScoreRequest
+from .configuration_atp_llava import AtpLlavaConfig
+from .scores import minmax, spatial_scores
+
+
+@dataclass
+class AtpLlavaOutput(ModelOutput):
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: object | None = None
+    visual_tokens: torch.FloatTensor | None = None  # [B, num_hidden_layers]
+    atp_losses: dict | None = None  # detached scalars for logging
+    atp_info: dict | None = None  # thresholds [B, K, 2], keep [B, K, Lv]
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class _Seq:
+    """Per-token metadata that travels with the hidden states (and is gathered with them)."""
+
+    live: torch.Tensor  # [B, L] bool: a real token (not padding, not pruned)
+    pos: torch.Tensor  # [2, B, L] rotary positions (row, column); equal for 1-D positions
+    vis: torch.Tensor  # [B, L] original visual index n, -1 for text / padding
+    orig: torch.Tensor  # [B, L] index in the caller's input_ids
+
+    def take(self, idx, valid):
+        def g(t):
+            return t.gather(-1, idx if t.dim() == 2 else idx.expand(t.shape[0], *idx.shape))
+
+        return _Seq(live=g(self.live) & valid, pos=g(self.pos), vis=torch.where(valid, g(self.vis), -1), orig=g(self.orig))
+
+
+class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+    config_class = AtpLlavaConfig
+
+    def __init__(self, config: AtpLlavaConfig):
+        config.text_config._attn_implementation = ATTN_IMPLEMENTATION
+        super().__init__(config)
+        lv = config.num_visual_tokens
+        self.atp_modules = nn.ModuleList(AtpModule(lv, config.threshold_hidden) for _ in config.atp_layers)
+        grid = config.grid_size
+        spa = spatial_scores(grid, config.spatial_strides, config.lambda_sample)
+        if lv != grid * grid:  # "full" strategy: the CLS token takes no part in the grids
+            spa = torch.cat([spa.new_zeros(1), spa])
+        self.register_buffer("spatial_score", spa, persistent=False)
+        self.post_init()
+
+    # -- construction -------------------------------------------------------------
+    def _init_weights(self, module):
+        if isinstance(module, AtpModule):
+            c = self.config
+            q = keep_share_per_module(c.atp_layers, c.text_config.num_hidden_layers, c.num_visual_tokens, c.target_tokens)
+            # Scores are min-max normalised to [0, 1], so theta_r = 1 - q keeps about a share q of
+            # roughly uniform scores; theta_s starts just under the sparsest grid's score, keeping
+            # that grid only, with its masks inside the sigmoid's slope so theta_s gets gradient.
+            top = float(spatial_scores(c.grid_size, c.spatial_strides, c.lambda_sample).max())
+            module.init_thresholds(theta_r=1.0 - q, theta_s=min(max(top - 1.0 / c.mask_temperature, 0.02), 0.98))
+        else:
+            super()._init_weights(module)
+
+    @classmethod
+    def from_llava(cls, llava, **atp_fields):
+        """Wrap an HF LLaVA (a LlavaForConditionalGeneration or a path to one) with ATP modules."""
+        if not isinstance(llava, LlavaForConditionalGeneration):
+            llava = LlavaForConditionalGeneration.from_pretrained(llava)
+        src = llava.config.to_dict()
+        for key in ("model_type", "architectures", "auto_map", "transformers_version"):
+            src.pop(key, None)
+        config = AtpLlavaConfig(**{**src, **atp_fields})
+        model = cls(config).to(llava.dtype)
+        missing, unexpected = model.load_state_dict(llava.state_dict(), strict=False)
+        missing = [k for k in missing if not k.startswith("atp_modules.")]
+        if missing or unexpected:
+            raise ValueError(f"weights do not match the LLaVA layout: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return model
+
+    @classmethod
+    def from_parts(cls, llama_dir, clip_dir, mm_projector, tokenizer=None, **fields):
+        """Build from LLaVA-1.5's original parts: a Vicuna/Llama dir, a CLIP dir, mm_projector.bin."""
+        from .loading import build_from_parts
+
+        return build_from_parts(cls, llama_dir, clip_dir, mm_projector, tokenizer=tokenizer, **fields)
+
+    def atp_parameters(self):
+        return list(self.atp_modules.parameters())
+
+    @property
+    def pruning_active(self) -> bool:
+        return self.config.pruning != "none" and len(self.config.atp_layers) > 0
+
+    # -- inputs -> sequence metadata ----------------------------------------------
+    def _embed(self, input_ids, pixel_values, inputs_embeds):
+        cfg = self.config
+        embeds = self.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds
+        vis_mask = input_ids == cfg.image_token_id
+        counts = vis_mask.sum(1)
+        has_img = counts > 0
+        lv = cfg.num_visual_tokens
+        for b in torch.nonzero(has_img & (counts != lv)).flatten().tolist():
+            raise ValueError(
+                f"sample {b} holds {counts[b].item()} image tokens, but the vision tower gives "
+                f"{lv} per image ({cfg.grid_size}x{cfg.grid_size} grid); expand <image> to exactly {lv} tokens"
+            )
+        n_img = int(has_img.sum())
+        n_pix = 0 if pixel_values is None else pixel_values.shape[0]
+        if n_pix != n_img:
+            raise ValueError(
+                f"{n_img} sample(s) hold image tokens but {n_pix} image(s) were given in pixel_values "
+                "(one image per sample with image tokens, none for text-only samples)"
+            )
+        image_features = None
+        if n_img:
+            out = self.model.get_image_features(
+                pixel_values=pixel_values,
+                vision_feature_layer=cfg.vision_feature_layer,
+                vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                return_dict=True,
+            )
+            image_features = torch.cat(list(out.pooler_output), dim=0).to(embeds.dtype)
+            embeds = embeds.masked_scatter(vis_mask[..., None], image_features)
+        return embeds, vis_mask, has_img, image_features
+
+    def _positions(self, pos1, vis, has_img):
+        """[2, B, L] rotary positions: (p, p) for 1-D `preserve`; (start + r, start + c) for visual
+        tokens under `rope2d`, text after the image continuing from start + g (METHOD sec 6)."""
+        if self.config.position_mode == "preserve":
+            return torch.stack([pos1, pos1])
+        g, lv = self.config.grid_size, self.config.num_visual_tokens
+        is_vis = vis >= 0
+        start = torch.where(is_vis, pos1, pos1.new_full((), 1 << 30)).amin(1, keepdim=True)
+        after = has_img[:, None] & (pos1 >= start + lv)
+        text = torch.where(after, pos1 - lv + g, pos1)
+        row = torch.where(is_vis, start + vis // g, text)
+        col = torch.where(is_vis, start + vis % g, text)
+        return torch.stack([row, col])
+
+    def _rope(self, hidden, pos):
+        rotary = self.model.language_model.rotary_emb
+        cos, sin = rotary(hidden, pos[0])
+        if self.config.position_mode == "rope2d":
+            cos_c, sin_c = rotary(hidden, pos[1])
+            # interleave the rotary pairs: even pairs turn with the row, odd pairs with the column,
+            # so each axis gets the whole frequency range
+            half = cos.shape[-1] // 2
+            odd = (torch.arange(cos.shape[-1], device=cos.device) % half) % 2 == 1
+            cos, sin = torch.where(odd, cos_c, cos), torch.where(odd, sin_c, sin)
+        return cos, sin
+
+    @staticmethod
+    def _bias(live, key_log_mask, dtype):
+        """Additive [B, 1, L, L] mask: causal, padding/pruned keys off, `log C` on visual keys."""
+        B, L = live.shape
+        idx = torch.arange(L, device=live.device)
+        allowed = (idx[None, :] <= idx[:, None])[None] & live[:, None, :]
+        allowed = allowed | (idx[None, :] == idx[:, None])[None]  # dead rows see themselves: finite, unused
+        lo = torch.finfo(dtype).min
+        fill = key_log_mask[:, None, :].to(dtype) if key_log_mask is not None else torch.zeros((), dtype=dtype, device=live.device)
+        return torch.where(allowed, fill, torch.tensor(lo, dtype=dtype, device=live.device))[:, None]
+
+    def _key_log_mask(self, seq, C):
+        """log C at each visual position (exact zeros -> the dtype's minimum, i.e. truly off)."""
+        c = C.gather(1, seq.vis.clamp_min(0))
+        logc = torch.where(c > 0, torch.log(c.clamp_min(self.config.mask_eps)), torch.finfo(c.dtype).min)
+        return torch.where(seq.vis >= 0, logc, torch.zeros_like(logc))
+
+    def _query_mask(self, seq, has_img, labels, query_mask):
+        """METHOD sec 1: the instruction after the image, never the answer. Default: text after the
+        image up to the first supervised (answer) token; at inference all text after the image."""
+        if query_mask is not None:
+            return query_mask.bool() & seq.live
+        B, L = seq.live.shape
+        idx = torch.arange(L, device=seq.live.device).expand(B, L)
+        last_img = torch.where(seq.vis >= 0, idx, -1).amax(1, keepdim=True)
+        q = seq.live & (seq.vis < 0) & (idx > last_img) & has_img[:, None]
+        if labels is not None:
+            first_ans = torch.where(labels != -100, idx, L).amin(1, keepdim=True)
+            q = q & (idx < first_ans)
+        return q
+
+    # -- the decoder loop -----------------------------------------------------------
+    def forward(
+        self,
+        input_ids=None,
+        pixel_values=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        query_mask=None,
+        atp_masks=None,
+        use_cache=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
+        if past_key_values is not None and getattr(past_key_values, "atp_state", None) is not None:
+            return self._decode_step(input_ids, inputs_embeds, past_key_values, logits_to_keep)
+        if input_ids is None:
+            raise ValueError("AtpLlava needs input_ids: the image token positions come from them")
+        cfg = self.config
+        B, L = input_ids.shape
+        dev = input_ids.device
+        hard = not self.training
+        embeds, vis_mask, has_img, image_features = self._embed(input_ids, pixel_values, inputs_embeds)
+        live = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        pos1 = (live.long().cumsum(-1) - 1).clamp_min(0) if position_ids is None else position_ids.expand(B, L)
+        vis = torch.where(vis_mask, vis_mask.long().cumsum(-1) - 1, -1)
+        seq = _Seq(live=live, pos=self._positions(pos1, vis, has_img), vis=vis, orig=torch.arange(L, device=dev).expand(B, L))
+        qmask = self._query_mask(seq, has_img, labels, query_mask)
+        cache = past_key_values if hard else None
+
+        lv = cfg.num_visual_tokens
+        n_layers = cfg.text_config.num_hidden_layers
+        active = self.pruning_active
+        module_at = {i: k for k, i in enumerate(cfg.atp_layers)} if active else {}
+        C = has_img[:, None].to(embeds.dtype).expand(B, lv).clone()  # cumulative mask, original positions
+        counts = [C.sum(-1)]  # visual tokens seen by each group of layers
+        group_live = [seq.live]  # key-padding mask of each group's KV cache
+        thresholds, keeps, m_sums = [], [], []
+
+        hidden = embeds
+        bias = self._bias(seq.live, None, hidden.dtype)
+        rope = self._rope(hidden, seq.pos)
+        for j, layer in enumerate(self.model.language_model.layers):
+            k = module_at.get(j + 1)
+            request = None if k is None else self._score_request(seq, C, qmask)
+            hidden = layer(
+                hidden,
+                attention_mask=bias,
+                position_embeddings=rope,
+                past_key_values=cache,
+                use_cache=cache is not None,
+                atp_scores=request,
+            )
+            if k is None:
+                continue
+            override = None if atp_masks is None else atp_masks[k]
+            M, theta = self._atp_step(k, request.result, C, has_img, override, hard)
+            thresholds.append(theta)
+            m_sums.append(M.sum(-1))
+            C = C * M
+            keeps.append(C)
+            if hard:
+                hidden, seq, qmask = self._gather(hidden, seq, qmask, C > 0.5)
+                bias = self._bias(seq.live, None, hidden.dtype)
+                rope = self._rope(hidden, seq.pos)
+                group_live.append(seq.live)
+            else:
+                bias = self._bias(seq.live, self._key_log_mask(seq, C), hidden.dtype)
+            counts.append(C.sum(-1))
+
+        hidden = self.model.language_model.norm(hidden)
+        logits = self._logits(hidden, seq, B, L, hard, logits_to_keep)
+
+        visual_tokens = self._per_layer(counts, n_layers, active)
+        ntp = None
+        if labels is not None:
+            ntp = self.loss_function(logits=logits, labels=labels, vocab_size=cfg.text_config.vocab_size)
+        loss, atp_losses = self._losses(ntp, visual_tokens, m_sums, has_img)
+        if cache is not None:
+            nxt = torch.where(seq.live, seq.pos.amax(0), -1).amax(1) + 1
+            cache.atp_state = {
+                "group_live": group_live,
+                "group_of_layer": [sum(1 for i in (cfg.atp_layers if active else []) if i <= j) for j in range(n_layers)],
+                "next_pos": nxt,
+            }
+        info = None
+        if thresholds:
+            info = {"thresholds": torch.stack(thresholds, 1).detach(), "keep": torch.stack(keeps, 1).detach()}
+        return AtpLlavaOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=cache,
+            visual_tokens=visual_tokens,
+            atp_losses=atp_losses,
+            atp_info=info,
+            image_hidden_states=image_features,
+        )
+
+    def _score_request(self, seq, C, qmask):
+        B, lv = C.shape
+        L = seq.live.shape[1]
+        idx = torch.arange(L, device=C.device).expand(B, L)
+        # where each original visual token sits now (0 and weight 0 if it is gone)
+        vis_index = torch.zeros(B, lv + 1, dtype=torch.long, device=C.device)
+        vis_index.scatter_(1, torch.where(seq.vis >= 0, seq.vis, lv), idx)
+        vis_index = vis_index[:, :lv]
+        present = torch.zeros(B, lv + 1, dtype=torch.bool, device=C.device)
+        present.scatter_(1, torch.where(seq.vis >= 0, seq.vis, lv), seq.live)
+        weight = C.detach() * present[:, :lv]
+        nq = max(int(qmask.sum(1).max()), 1)
+        order = torch.sort((~qmask).to(torch.int8), dim=1, stable=True).indices[:, :nq]
+        q_valid = qmask.gather(1, order)
+        return ScoreRequest(vis_index=vis_index, vis_weight=weight, q_index=order, q_valid=q_valid)
+
+    def _atp_step(self, k, scores, C, has_img, override, hard):
+        """Masks of module k at the original Lv positions, and its thresholds [B, 2]."""
+        cfg = self.config
+        live = (C > 0.5) & has_img[:, None]
+        s_self, s_cross = scores
+        if cfg.score_norm == "minmax":
+            s_self, s_cross = minmax(s_self, live), minmax(s_cross, live)
+        s_red = torch.where(live, (s_self + s_cross) / 2, 0.0)
+        s_spa = torch.where(live, self.spatial_score.to(s_red.dtype), 0.0)
+        theta_r, theta_s = self.atp_modules[k](s_red, s_spa)
+        theta = torch.stack([theta_r, theta_s], -1)
+        if override is not None:
+            return override.to(C.dtype) * live, theta
+        if cfg.pruning == "fixed":
+            rank = torch.where(live, s_red, -1.0).argsort(-1, descending=True).argsort(-1)
+            return ((rank < cfg.fixed_counts[k]) & live).to(C.dtype), theta
+        if hard:
+            keep = (s_red > theta_r[:, None]) | (s_spa > theta_s[:, None])
+            return (keep & live).to(C.dtype), theta
+        T = cfg.mask_temperature
+        m_r = torch.sigmoid((s_red - theta_r[:, None].to(s_red.dtype)) * T)
+        m_s = torch.sigmoid((s_spa - theta_s[:, None].to(s_spa.dtype)) * T)
+        return torch.maximum(m_r, m_s).to(C.dtype) * has_img[:, None], theta
+
+    def _gather(self, hidden, seq, qmask, keep):
+        """Hard pruning: keep text and kept visual tokens, in order, right-aligned (left padding)."""
+        B, L = seq.live.shape
+        keep_tok = seq.live & ((seq.vis < 0) | keep.gather(1, seq.vis.clamp_min(0)))
+        n = keep_tok.sum(1)
+        new_len = int(n.max())
+        rank = keep_tok.long().cumsum(1) - 1
+        dest = torch.where(keep_tok, rank + (new_len - n)[:, None], new_len)
+        idx = torch.zeros(B, new_len + 1, dtype=torch.long, device=hidden.device)
+        idx.scatter_(1, dest, torch.arange(L, device=hidden.device).expand(B, L))
+        idx = idx[:, :new_len]
+        valid = torch.arange(new_len, device=hidden.device)[None] >= (new_len - n)[:, None]
+        hidden = hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1]))
+        return hidden, seq.take(idx, valid), qmask.gather(1, idx) & valid
+
+    def _logits(self, hidden, seq, B, L, hard, logits_to_keep):
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            return self.lm_head(hidden[:, -logits_to_keep:])
+        logits = self.lm_head(hidden)
+        if not hard or hidden.shape[1] == L and bool((seq.orig == torch.arange(L, device=hidden.device)).all()):
+            return logits
+        # back to the caller's layout; pruned visual positions hold zeros
+        full = logits.new_zeros(B, L + 1, logits.shape[-1])  # slot L takes the padding rows
+        full.scatter_(1, torch.where(seq.live, seq.orig, L)[..., None].expand_as(logits), logits)
+        return full[:, :L].contiguous()
+
+    def _per_layer(self, counts, n_layers, active):
+        """Visual tokens each decoder layer attends over, [B, N] (METHOD sec 7)."""
+        bounds = [0] + (list(self.config.atp_layers) if active else []) + [n_layers]
+        cols = [counts[g][:, None].expand(-1, bounds[g + 1] - bounds[g]) for g in range(len(bounds) - 1)]
+        return torch.cat(cols, 1)
+
+    def _losses(self, ntp, visual_tokens, m_sums, has_img):
+        """L = L_ntp + lambda_ATP L_ATP + lambda_target L_target (METHOD sec 7), over image samples."""
+        cfg = self.config
+        lv = cfg.num_visual_tokens
+        n_img = has_img.sum().clamp_min(1)
+        n_bar = (visual_tokens.mean(1) * has_img).sum() / n_img
+        logs = {"n_bar": n_bar.detach()}
+        loss = ntp
+        if ntp is not None:
+            logs["ntp"] = ntp.detach()
+        if m_sums and cfg.pruning == "atp":
+            l_atp = sum(i * (m * has_img).sum() / n_img / lv for i, m in zip(cfg.atp_layers, m_sums))
+            l_target = (n_bar - cfg.target_tokens).abs() / lv
+            logs.update(atp=l_atp.detach(), target=l_target.detach())
+            if loss is not None and has_img.any():
+                loss = loss + cfg.lambda_atp * l_atp + cfg.lambda_target * l_target
+        if loss is not None:
+            logs["total"] = loss.detach()
+        return loss, logs
+
+    # -- decoding with a pruned cache -----------------------------------------------
+    def _decode_step(self, input_ids, inputs_embeds, cache, logits_to_keep):
+        state = cache.atp_state
+        hidden = self.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds
+        B, q = hidden.shape[:2]
+        pos1 = state["next_pos"][:, None] + torch.arange(q, device=hidden.device)
+        rope = self._rope(hidden, torch.stack([pos1, pos1]))
+        lo = torch.finfo(hidden.dtype).min
+        biases = []
+        for g, live in enumerate(state["group_live"]):
+            live = torch.cat([live, live.new_ones(B, q)], 1)
+            state["group_live"][g] = live
+            n = live.shape[1]
+            causal = torch.arange(n, device=live.device)[None, :] <= (n - q + torch.arange(q, device=live.device))[:, None]
+            allowed = live[:, None, :] & causal[None]
+            biases.append(torch.where(allowed, 0.0, lo).to(hidden.dtype)[:, None])
+        for j, layer in enumerate(self.model.language_model.layers):
+            hidden = layer(
+                hidden,
+                attention_mask=biases[state["group_of_layer"][j]],
+                position_embeddings=rope,
+                past_key_values=cache,
+                use_cache=True,
+            )
+        state["next_pos"] = state["next_pos"] + q
+        hidden = self.model.language_model.norm(hidden)
+        keep = logits_to_keep if isinstance(logits_to_keep, int) and logits_to_keep > 0 else q
+        return AtpLlavaOutput(logits=self.lm_head(hidden[:, -keep:]), past_key_values=cache)
+
+    def generate(self, *args, **kwargs):
+        if self.training:
+            raise RuntimeError("generate() discards tokens for real (METHOD sec 5): call model.eval() first")
+        return super().generate(*args, **kwargs)
+
+
+AutoConfig.register("atp_llava", AtpLlavaConfig, exist_ok=True)
+AutoModelForImageTextToText.register(AtpLlavaConfig, AtpLlavaForConditionalGeneration, exist_ok=True)

@@ -1,0 +1,73 @@
+"""Token scores of METHOD sec 1-2: redundancy (self + cross attention) and spatial grids.
+
+The redundancy scores need attention logits for two blocks only, visual x visual and
+query-text x all keys, recomputed from the q/k of layer i_k - 1 inside its attention call
+(`attention.py`), so the main attention never materialises an L x L probability map and
+SDPA / flash kernels stay usable. Scores are features for the threshold MLP: they are
+computed without gradient (the gradient reaches the thresholds through the masks).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def spatial_scores(grid: int, strides, lambda_sample: float) -> torch.Tensor:
+    """S_spatial [grid*grid] (METHOD sec 2): the best (1 - lambda * rate) of the centred grids holding a token."""
+    score = torch.zeros(grid, grid)
+    idx = torch.arange(grid)
+    for s in strides:
+        if s >= grid:
+            continue
+        offset = (grid - 1 - (grid - 1) // s * s) // 2
+        on = (idx % s) == offset
+        cells = on[:, None] & on[None, :]
+        rate = cells.sum().item() / grid**2
+        value = 1.0 - lambda_sample * rate
+        if value > 0:  # grids denser than 1/lambda never count
+            score = torch.where(cells, torch.clamp(score, min=value), score)
+    return score.flatten()
+
+
+def minmax(x: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """Min-max normalise each row over its live entries to [0, 1]; dead entries become 0."""
+    big = torch.finfo(x.dtype).max
+    lo = torch.where(live, x, big).amin(-1, keepdim=True)
+    hi = torch.where(live, x, -big).amax(-1, keepdim=True)
+    out = (x - lo) / (hi - lo).clamp_min(1e-6)
+    return torch.where(live, out.clamp(0, 1), torch.zeros_like(out))
+
+
+@torch.no_grad()
+def redundancy_scores(query, key, bias, scaling, vis_index, vis_weight, q_index, q_valid):
+    """Block-wise S_self and S_cross (METHOD sec 1), each [B, Lv], not yet normalised.
+
+    query [B, H, L, d] and key [B, Hkv, Lk, d] are the layer's post-rotary states (Lk == L at
+    prefill); bias [B, 1, L, Lk] is the additive mask the layer's attention uses (causal,
+    padding and log of the cumulative soft mask). vis_index [B, Lv] gives each original visual
+    token's index in the current sequence, vis_weight [B, Lv] its cumulative mask (0 for tokens
+    already gone); q_index / q_valid [B, Q] the query-text rows.
+    """
+    B, H, _, d = query.shape
+    rep = H // key.shape[1]
+    query, key = query.float(), key.float()
+    if rep > 1:  # GQA: each query head reads its kv head
+        key = key.repeat_interleave(rep, dim=1)
+    w = vis_weight.float()
+
+    # S_self[n]: mean over causal visual queries m >= n, weighted by the queries' masks, of q_m.k_n
+    gather = vis_index[:, None, :, None].expand(B, H, -1, d)
+    qv, kv = query.gather(2, gather), key.gather(2, gather)
+    logits = torch.matmul(qv, kv.transpose(-1, -2)).mean(1) * scaling  # [B, m, n]
+    Lv = logits.shape[-1]
+    causal = torch.ones(Lv, Lv, dtype=torch.bool, device=logits.device).tril()
+    qw = w[:, :, None] * causal  # weight of query m for key n
+    s_self = (qw * logits).sum(1) / qw.sum(1).clamp_min(1e-6)
+
+    # S_cross[n]: mean over query-text rows of the masked softmax probability on key n
+    qt = query.gather(2, q_index[:, None, :, None].expand(B, H, -1, d))
+    rows = bias.float().expand(B, 1, -1, -1).gather(2, q_index[:, None, :, None].expand(B, 1, -1, bias.shape[-1]))
+    probs = torch.softmax(torch.matmul(qt, key.transpose(-1, -2)) * scaling + rows, dim=-1).mean(1)  # [B, Q, Lk]
+    probs = probs.gather(2, vis_index[:, None, :].expand(B, probs.shape[1], -1))
+    qv_w = q_valid.float()[:, :, None]
+    s_cross = (probs * qv_w).sum(1) / qv_w.sum(1).clamp_min(1.0)
+    return s_self, s_cross
