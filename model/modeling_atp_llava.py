@@ -28,6 +28,14 @@ from .configuration_atp_llava import AtpLlavaConfig
 from .scores import minmax, spatial_scores
 
 
+def visual_tokens_per_layer(group_counts, atp_layers, num_layers):
+    """[B, N] visual tokens each decoder layer attends over (METHOD sec 7): group g spans layers
+    [i_{g-1}, i_g) and sees group_counts[g] tokens (Lv before the first module)."""
+    bounds = [0] + list(atp_layers) + [num_layers]
+    cols = [group_counts[g][:, None].expand(-1, bounds[g + 1] - bounds[g]) for g in range(len(bounds) - 1)]
+    return torch.cat(cols, 1)
+
+
 @dataclass
 class AtpLlavaOutput(ModelOutput):
     loss: torch.FloatTensor | None = None
@@ -277,7 +285,7 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         hidden = self.model.language_model.norm(hidden)
         logits = self._logits(hidden, seq, B, L, hard, logits_to_keep)
 
-        visual_tokens = self._per_layer(counts, n_layers, active)
+        visual_tokens = visual_tokens_per_layer(counts, cfg.atp_layers if active else [], n_layers)
         ntp = None
         if labels is not None:
             ntp = self.loss_function(logits=logits, labels=labels, vocab_size=cfg.text_config.vocab_size)
@@ -367,12 +375,6 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         full = logits.new_zeros(B, L + 1, logits.shape[-1])  # slot L takes the padding rows
         full.scatter_(1, torch.where(seq.live, seq.orig, L)[..., None].expand_as(logits), logits)
         return full[:, :L].contiguous()
-
-    def _per_layer(self, counts, n_layers, active):
-        """Visual tokens each decoder layer attends over, [B, N] (METHOD sec 7)."""
-        bounds = [0] + (list(self.config.atp_layers) if active else []) + [n_layers]
-        cols = [counts[g][:, None].expand(-1, bounds[g + 1] - bounds[g]) for g in range(len(bounds) - 1)]
-        return torch.cat(cols, 1)
 
     def _losses(self, ntp, visual_tokens, m_sums, has_img):
         """L = L_ntp + lambda_ATP L_ATP + lambda_target L_target (METHOD sec 7), over image samples."""

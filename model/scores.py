@@ -13,8 +13,9 @@ import torch
 
 def spatial_scores(grid: int, strides, lambda_sample: float) -> torch.Tensor:
     """S_spatial [grid*grid] (METHOD sec 2): the best (1 - lambda * rate) of the centred grids holding a token."""
-    score = torch.zeros(grid, grid)
-    idx = torch.arange(grid)
+    # explicit CPU: transformers may build the model under a meta-device context
+    score = torch.zeros(grid, grid, device="cpu")
+    idx = torch.arange(grid, device="cpu")
     for s in strides:
         if s >= grid:
             continue

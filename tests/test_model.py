@@ -1,0 +1,276 @@
+"""Model core (issue 2): the properties training, inference and export rely on. Tiny, CPU, fp32."""
+import pytest
+import torch
+from transformers import DynamicCache
+from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb
+
+from model import AtpLlavaConfig, AtpLlavaForConditionalGeneration, layer_flops_exact, layer_flops_paper, model_costs
+from model.attention import atp_attention
+from model.modeling_atp_llava import visual_tokens_per_layer
+from model.scores import spatial_scores
+from tiny_models import IMAGE_TOKEN, LV, make_batch, tiny_atp, tiny_llava_config
+
+torch.set_grad_enabled(True)
+
+
+def text_positions(batch):
+    return batch["attention_mask"].bool() & (batch["input_ids"] != IMAGE_TOKEN)
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_pruning_none_equals_source_llava(padding):
+    llava, m = tiny_atp(pruning="none")
+    b = make_batch([3, 6, 1], [4, 2, 5], answers=[2, 1, 3], padding=padding)
+    pos = (b["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+    live = b["attention_mask"].bool()
+    for mode in ("train", "eval"):
+        llava.train(mode == "train")
+        m.train(mode == "train")
+        ref = llava(**b, position_ids=pos)
+        out = m(**b)
+        assert (ref.logits - out.logits)[live].abs().max() <= 1e-5, mode
+        assert torch.allclose(ref.loss, out.loss, atol=1e-6)
+        assert torch.equal(out.visual_tokens, torch.full((3, 6), float(LV)))
+
+
+@pytest.mark.parametrize("position_mode", ["preserve", "rope2d"])
+def test_soft_path_with_binary_masks_equals_hard_path(position_mode):
+    _, m = tiny_atp(position_mode=position_mode)
+    b = make_batch([2, 5, 3], [6, 3, 4], answers=[2, 2, 1], padding="left", seed=1)
+    # spread the thresholds so the three samples keep different counts
+    with torch.no_grad():
+        m.atp_modules[0].head_r.bias.fill_(0.0)
+        m.atp_modules[0].head_r.weight.normal_(std=2.0)
+    m.eval()
+    with torch.no_grad():
+        hard = m(**b)
+    keep = hard.atp_info["keep"]
+    assert len(set(keep[:, -1].sum(-1).tolist())) > 1, "test needs different kept counts per sample"
+    assert 0 < keep[:, -1].sum() < keep.shape[0] * LV
+    m.train()
+    soft = m(**b, atp_masks=[keep[:, k] for k in range(keep.shape[1])])
+    text = text_positions(b)
+    assert (soft.logits - hard.logits)[text].abs().max() <= 1e-4
+    assert torch.allclose(soft.visual_tokens, hard.visual_tokens)
+
+
+def test_blockwise_scores_equal_full_attention_map():
+    llava, m = tiny_atp(atp_layers=(3, 5))
+    b = make_batch([4, 2], [5, 3], answers=[2, 2], padding="left", seed=2)
+    captured = {}
+    step = m._atp_step
+
+    def spy(k, scores, *args):
+        captured.setdefault(k, scores)
+        return step(k, scores, *args)
+
+    m._atp_step = spy
+    m.eval()
+    with torch.no_grad():
+        m(**b)
+    # reference: the full L x L logits of layer i_0 - 1 and its eager attention probabilities
+    llava.set_attn_implementation("eager")
+    pos = (b["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        ref = llava(**b, position_ids=pos, output_hidden_states=True, output_attentions=True)
+    j = 2
+    layer = llava.model.language_model.layers[j]
+    h = layer.input_layernorm(ref.hidden_states[j])
+    attn = layer.self_attn
+    B, L, _ = h.shape
+    q = attn.q_proj(h).view(B, L, -1, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(h).view(B, L, -1, attn.head_dim).transpose(1, 2)
+    cos, sin = llava.model.language_model.rotary_emb(h, pos)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    k = k.repeat_interleave(attn.num_key_value_groups, 1)
+    logits = (q @ k.transpose(-1, -2) * attn.scaling).mean(1)  # full [B, L, L]
+    probs = ref.attentions[j].mean(1)
+    ids = b["input_ids"]
+    for bi in range(B):
+        vis = torch.nonzero(ids[bi] == IMAGE_TOKEN).flatten()
+        after = torch.arange(L) > vis[-1]
+        first_ans = torch.nonzero(b["labels"][bi] != -100).flatten()[0]
+        query = torch.nonzero(after & (torch.arange(L) < first_ans)).flatten()
+        block = logits[bi][vis][:, vis]
+        tri = torch.ones(LV, LV).tril()
+        s_self = (block * tri).sum(0) / tri.sum(0)
+        s_cross = probs[bi][query][:, vis].mean(0)
+        got_self, got_cross = captured[0]
+        assert (got_self[bi] - s_self).abs().max() <= 1e-5
+        assert (got_cross[bi] - s_cross).abs().max() <= 1e-5
+
+
+def test_gradient_reaches_thresholds_through_masked_layers():
+    # budget terms off: the gradient must come through the masked attention alone
+    _, m = tiny_atp(lambda_atp=0.0, lambda_target=0.0)
+    m.train()
+    b = make_batch([3, 2], [4, 5], answers=[3, 2], seed=3)
+    out = m(**b)
+    out.loss.backward()
+    for k, mod in enumerate(m.atp_modules):
+        for name in ("head_r", "head_s", "fc"):
+            g = getattr(mod, name).weight.grad
+            assert g is not None and g.abs().sum() > 0, (k, name)
+    # the first module's mask enters layers 2..5: at least two masked layers behind it
+    assert m.config.text_config.num_hidden_layers - m.config.atp_layers[0] >= 2
+
+
+def test_masked_attention_gradcheck_wrt_mask():
+    cfg = tiny_llava_config().text_config
+    cfg._attn_implementation = "sdpa"
+    module = LlamaAttention(cfg, layer_idx=0).double()
+    torch.manual_seed(0)
+    B, H, Hkv, L, d = 2, 4, 2, 6, 16
+    q = torch.randn(B, H, L, d, dtype=torch.float64)
+    k = torch.randn(B, Hkv, L, d, dtype=torch.float64)
+    v = torch.randn(B, Hkv, L, d, dtype=torch.float64)
+    live = torch.ones(B, L, dtype=torch.bool)
+    mask = torch.rand(B, L, dtype=torch.float64).clamp(0.05, 0.95).requires_grad_()
+
+    def f(m):
+        bias = AtpLlavaForConditionalGeneration._bias(live, torch.log(m), torch.float64)
+        return atp_attention(module, q, k, v, bias, scaling=d**-0.5)[0]
+
+    assert torch.autograd.gradcheck(f, (mask,), eps=1e-6, atol=1e-5)
+
+
+def test_generate_matches_uncached_pruned_recompute_and_cache_is_pruned():
+    _, m = tiny_atp()
+    m.eval()
+    b = make_batch([3, 5], [4, 2], padding="left", seed=4)
+    prompt = {k: b[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    gen = m.generate(**prompt, max_new_tokens=6, do_sample=False)
+    new = gen[:, b["input_ids"].shape[1]:]
+    # the instruction is the prompt's text after the image; generated tokens never join it
+    L0 = b["input_ids"].shape[1]
+    qmask = m._query_mask(
+        type("S", (), {"live": b["attention_mask"].bool(),
+                       "vis": torch.where(b["input_ids"] == IMAGE_TOKEN, 0, -1)})(),
+        torch.ones(2, dtype=torch.bool), None, None)
+    ids, mask = b["input_ids"], b["attention_mask"]
+    with torch.no_grad():
+        for t in range(new.shape[1]):
+            qm = torch.cat([qmask, torch.zeros(2, ids.shape[1] - L0, dtype=torch.bool)], 1)
+            logits = m(input_ids=ids, attention_mask=mask, pixel_values=b["pixel_values"], query_mask=qm).logits
+            nxt = logits[:, -1].argmax(-1)
+            assert torch.equal(nxt, new[:, t]), t
+            ids = torch.cat([ids, nxt[:, None]], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    # after prefill, each layer's cache holds the text and the kept visual tokens only
+    cache = DynamicCache(config=m.config.get_text_config())
+    with torch.no_grad():
+        out = m(**prompt, past_key_values=cache, use_cache=True)
+    text = text_positions(b).sum(1)
+    state = cache.atp_state
+    for j in range(m.config.text_config.num_hidden_layers):
+        g = state["group_of_layer"][j]
+        kept = out.visual_tokens[:, j].long()
+        live = state["group_live"][g]
+        assert torch.equal(live.sum(1), text + kept), j
+        assert cache.layers[j].keys.shape[-2] == live.shape[1]
+    assert out.visual_tokens[:, -1].max() < LV
+    # decoding continues from the unpruned length
+    assert torch.equal(state["next_pos"], b["attention_mask"].sum(1))
+    sampled = m.generate(**prompt, max_new_tokens=4, do_sample=True, top_k=5)
+    assert sampled.shape == (2, L0 + 4)
+
+
+def test_method_sec7_nbar_and_eq15_flops():
+    counts = [torch.tensor([576.0]), torch.tensor([126.0]), torch.tensor([88.0]), torch.tensor([20.0])]
+    per_layer = visual_tokens_per_layer(counts, [4, 14, 24], 32)
+    assert per_layer.shape == (1, 32)
+    assert round(per_layer.mean().item(), 1) == 143.9
+    L, d, m = 640, 4096, 11008
+    assert layer_flops_paper(L, d, m) == 4 * 640 * 4096**2 + 2 * 640**2 * 4096 + 2 * 640 * 4096 * 11008
+    # exact count, GQA 32 heads / 8 kv heads x 128, SwiGLU: q,o: 2*L*d*4096 each; k,v: 2*L*d*1024 each
+    exact = 2 * L * d * (4096 + 4096 + 1024 + 1024) + 4 * L * L * 4096 + 6 * L * d * m
+    assert layer_flops_exact(L, d, m, 32, 8, 128) == exact
+    cfg = AtpLlavaConfig(text_config=dict(model_type="llama", hidden_size=d, intermediate_size=m, num_hidden_layers=32,
+                                          num_attention_heads=32, num_key_value_heads=32), atp_layers=[4, 14, 24])
+    full = model_costs([576] * 32, 64, cfg)
+    pruned = model_costs(per_layer[0].tolist(), 64, cfg)
+    assert full["flops_paper"] == 32 * layer_flops_paper(640, d, m)
+    assert pruned["kv_cache_bytes"] / full["kv_cache_bytes"] == pytest.approx((143.875 + 64) / 640)
+    assert 0 < pruned["atp_flops"] < 0.02 * pruned["flops_paper"]
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("kept", ["all", "none", "learned"])
+def test_edge_cases_finite(batch, kept):
+    _, m = tiny_atp()
+    b = make_batch([2 + i for i in range(batch)], [3] * batch, answers=[2] * batch, seed=5)
+    masks = None
+    if kept != "learned":
+        fill = 1.0 if kept == "all" else 0.0
+        masks = [torch.full((batch, LV), fill)] * len(m.config.atp_layers)
+    for mode in (True, False):
+        m.train(mode)
+        out = m(**b, atp_masks=masks)
+        assert torch.isfinite(out.loss) and torch.isfinite(out.logits).all()
+        if kept == "none":
+            assert out.visual_tokens[:, m.config.atp_layers[0]:].sum() == 0
+        if kept == "all":
+            assert (out.visual_tokens == LV).all()
+    m.eval()
+    gen = m.generate(**{k: b[k] for k in ("input_ids", "attention_mask", "pixel_values")}, max_new_tokens=2, atp_masks=masks)
+    assert gen.shape[0] == batch
+
+
+def test_text_only_samples_mix_with_image_samples():
+    _, m = tiny_atp()
+    b = make_batch([3, 4, 2], [3, 3, 3], answers=[2, 2, 2], seed=6, text_only=(1,))
+    for mode in (True, False):
+        m.train(mode)
+        out = m(**b)
+        assert torch.isfinite(out.loss)
+        assert (out.visual_tokens[1] == 0).all() and (out.visual_tokens[0, 0] == LV)
+
+
+def test_fixed_pruning_keeps_the_given_counts():
+    _, m = tiny_atp(pruning="fixed", fixed_counts=[10, 4])
+    b = make_batch([3, 5], [4, 2], answers=[1, 1], seed=7)
+    for mode in (True, False):
+        m.train(mode)
+        out = m(**b)
+        assert out.visual_tokens[:, 2:4].eq(10).all() and out.visual_tokens[:, 4:].eq(4).all()
+
+
+def test_bad_inputs_name_the_problem():
+    _, m = tiny_atp()
+    b = make_batch([3], [4], seed=8)
+    with pytest.raises(ValueError, match="pixel_values"):
+        m(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    with pytest.raises(ValueError, match="image tokens"):
+        m(input_ids=b["input_ids"][:, 1:] * (b["input_ids"][:, 1:] != IMAGE_TOKEN), pixel_values=b["pixel_values"])
+    with pytest.raises(ValueError, match=f"{LV - 1} image tokens"):
+        ids = b["input_ids"].clone()
+        ids[0, torch.nonzero(ids[0] == IMAGE_TOKEN)[0]] = 5
+        m(input_ids=ids, pixel_values=b["pixel_values"])
+    for layers in ([4, 2], [0, 3], [2, 6]):
+        with pytest.raises(Exception, match="atp_layers"):  # hub strict-dataclass error wrapping ValueError
+            AtpLlavaConfig(text_config=dict(model_type="llama", num_hidden_layers=6), atp_layers=layers)
+
+
+def test_spatial_score_grids_follow_method_sec2():
+    s = spatial_scores(24, [2, 3, 4, 6, 8, 12], 3.0).view(24, 24)
+    # centred offsets: stride 12 -> 5, 4 -> 1, 3 -> 1, 2 -> 0; a token takes its sparsest grid's value
+    assert s[5, 5] == pytest.approx(1 - 3 * 4 / 576)
+    assert s[1, 1] == pytest.approx(1 - 3 * 36 / 576)  # in the stride-3 and stride-4 grids
+    assert s[4, 4] == pytest.approx(1 - 3 * 64 / 576)  # stride 3 only
+    assert s[0, 0] == pytest.approx(1 - 3 * 144 / 576)  # stride 2 only
+    assert s[0, 1] == 0.0  # in no grid
+
+
+def test_from_llava_path_and_save_load_roundtrip(tmp_path):
+    llava, m = tiny_atp()
+    llava.save_pretrained(tmp_path / "llava")
+    m2 = AtpLlavaForConditionalGeneration.from_llava(str(tmp_path / "llava"), atp_layers=[2, 4], threshold_hidden=32,
+                                                     spatial_strides=[2, 3], target_tokens=LV * 0.5)
+    m.save_pretrained(tmp_path / "atp")
+    m3 = AtpLlavaForConditionalGeneration.from_pretrained(tmp_path / "atp").eval()
+    b = make_batch([2], [3], seed=9)
+    m.eval(), m2.eval()
+    with torch.no_grad():
+        a, c = m(**b), m3(**b)
+        m2(**b)
+    assert torch.equal(a.logits, c.logits) and torch.equal(a.visual_tokens, c.visual_tokens)
