@@ -274,3 +274,38 @@ def test_from_llava_path_and_save_load_roundtrip(tmp_path):
         a, c = m(**b), m3(**b)
         m2(**b)
     assert torch.equal(a.logits, c.logits) and torch.equal(a.visual_tokens, c.visual_tokens)
+
+
+def test_from_original_llava_parts(tmp_path):
+    """LLaVA-1.5's own layout: a Llama dir with its tokenizer, a CLIP dir, mm_projector.bin in LLaVA's key names."""
+    from transformers import CLIPVisionModel, LlamaForCausalLM
+
+    from pipeline.tokenizer import build_word_tokenizer
+
+    cfg = tiny_llava_config()
+    tok = build_word_tokenizer(["red", "blue"])
+    torch.manual_seed(0)
+    text = cfg.text_config.to_dict()
+    text["vocab_size"] = len(tok)
+    from transformers import LlamaConfig
+    llama = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in text.items() if k not in ("model_type",)}))
+    llama.save_pretrained(tmp_path / "vicuna")
+    tok.save_pretrained(tmp_path / "vicuna")
+    clip = CLIPVisionModel(cfg.vision_config)
+    clip.save_pretrained(tmp_path / "clip")
+    d_v, d_t = cfg.vision_config.hidden_size, cfg.text_config.hidden_size
+    proj = {"model.mm_projector.0.weight": torch.randn(d_t, d_v), "model.mm_projector.0.bias": torch.randn(d_t),
+            "model.mm_projector.2.weight": torch.randn(d_t, d_t), "model.mm_projector.2.bias": torch.randn(d_t)}
+    torch.save(proj, tmp_path / "mm_projector.bin")
+
+    m = AtpLlavaForConditionalGeneration.from_parts(tmp_path / "vicuna", tmp_path / "clip", tmp_path / "mm_projector.bin",
+                                                    atp_layers=[2, 4], spatial_strides=[2, 3], threshold_hidden=32)
+    x = torch.randn(3, d_v)
+    want = torch.nn.functional.gelu(x @ proj["model.mm_projector.0.weight"].T + proj["model.mm_projector.0.bias"])
+    want = want @ proj["model.mm_projector.2.weight"].T + proj["model.mm_projector.2.bias"]
+    assert torch.allclose(m.model.multi_modal_projector(x), want, atol=1e-5)
+    assert torch.equal(m.model.language_model.embed_tokens.weight[: len(tok)], llama.model.embed_tokens.weight[: len(tok)])
+    assert m.config.num_visual_tokens == LV
+    assert m.config.image_token_id == tok.convert_tokens_to_ids("<image>")
+    with pytest.raises(FileNotFoundError, match="mm_projector"):
+        AtpLlavaForConditionalGeneration.from_parts(tmp_path / "vicuna", tmp_path / "clip", tmp_path / "nope.bin")
