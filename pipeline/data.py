@@ -37,6 +37,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -126,6 +127,7 @@ class SkipCounter:
     def __init__(self):
         self.pending = Counter()  # not yet handed to the main process
         self.lines = Counter()
+        self.bad_shards = set()
 
     def count(self, kind: str, key=None, detail: str = ""):
         self.pending[kind] += 1
@@ -143,8 +145,14 @@ class SkipCounter:
             kind = "malformed_json" if exn.k == "json" else "bad_image" if exn.k in IMAGE_EXTS else "bad_member"
             self.count(kind, exn.key, f"{exn.k}: {exn.__cause__!r}")
         else:  # raised while opening or reading a tar: corrupt / truncated shard
-            where = next((a for a in reversed(exn.args) if isinstance(a, str) and ".tar" in a), "?")
-            self.count("bad_tar", where, repr(exn)[:200])
+            # webdataset appends the url to args at the shard level; inside a tar only the
+            # stream's repr names the file. One count per shard, however many errors it raises.
+            url = next((a for a in reversed(exn.args) if isinstance(a, str) and not a.startswith(str(exn.args[0]))), None)
+            found = re.search(r"name='([^']+)'", str(exn))
+            where = url or (found.group(1) if found else "?")
+            if where not in self.bad_shards:
+                self.bad_shards.add(where)
+                self.count("bad_tar", where, str(exn.args[0])[:120] if exn.args else repr(exn))
         return True  # skip and go on
 
     def take(self) -> dict:

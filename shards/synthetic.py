@@ -103,7 +103,7 @@ def make_scene(rng: random.Random, opt: Options, n_small: int, need_cell: bool):
         big_side = rng.randint(int(0.35 * S), int(0.5 * S))
         x0, y0 = rng.randint(0, S - big_side), rng.randint(0, S - big_side)
         big = dict(kind=rng.choice(KINDS), color=rng.choice(list(COLORS)), box=[x0, y0, x0 + big_side, y0 + big_side])
-        n_colors = rng.randint(1, min(n_small, 3))
+        n_colors = rng.randint(1, min(n_small, 2))
         palette = rng.sample(list(COLORS), n_colors)
         colors = palette + [rng.choice(palette) for _ in range(n_small - n_colors)]
         rng.shuffle(colors)
@@ -231,8 +231,10 @@ def ask(qtype: str, scene, rng: random.Random, planner: Planner, asked: set, g: 
         elif qtype in ("count_color", "count_kind"):
             field, values = ("color", list(COLORS)) if qtype == "count_color" else ("kind", list(KINDS))
             counts = {v: sum(s[field] == v for s in small) for v in values}
-            # flatten the answer prior: pick the answer value first, then an attribute having it
-            answer = rng.choice(sorted(set(counts.values())))
+            # flatten the answer prior: pick the answer value first (0 one time in five), then
+            # an attribute having it; uniform attributes would make "0" or "1" a safe guess
+            nonzero = sorted({n for n in counts.values() if n})
+            answer = 0 if rng.random() < 0.2 or not nonzero else rng.choice(nonzero)
             v = rng.choice([v for v in values if counts[v] == answer])
             out = q.format(**{field: v}), str(answer)
         elif qtype in ("cell_color", "cell_kind"):

@@ -1,0 +1,163 @@
+"""Shard writers: LLaVA converter on a tiny 665k-format fixture, synthetic benchmark, inspect."""
+
+import collections
+import io
+import json
+import os
+import re
+
+import pytest
+from PIL import Image
+
+from shards import inspect as shard_inspect
+from shards import llava, synthetic
+
+
+def _image_bytes(fmt, size=(20, 12), color=(200, 30, 30)):
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def llava_fixture(tmp_path):
+    """Records in llava_v1_5_mix665k.json's format: jpg, png in a sub-folder, text-only,
+    a missing image and an unreadable one."""
+    root = tmp_path / "images"
+    (root / "coco/train2017").mkdir(parents=True)
+    (root / "ocr_vqa/images").mkdir(parents=True)
+    (root / "coco/train2017/000000033471.jpg").write_bytes(_image_bytes("JPEG"))
+    (root / "ocr_vqa/images/1.5.png").write_bytes(_image_bytes("PNG"))
+    (root / "coco/train2017/broken.jpg").write_bytes(b"not a jpeg at all")
+    records = [
+        {"id": "000000033471", "image": "coco/train2017/000000033471.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nWhat are the colors of the bus in the image?"},
+            {"from": "gpt", "value": "The bus in the image is white and red."},
+            {"from": "human", "value": "What feature can be seen on the back of the bus?"},
+            {"from": "gpt", "value": "The back of the bus features an advertisement."}]},
+        {"id": "ocr.1/5", "image": "ocr_vqa/images/1.5.png", "conversations": [
+            {"from": "human", "value": "Who wrote this book?\n<image>"}, {"from": "gpt", "value": "Jane Doe"}]},
+        {"id": "wxIvrTG_0", "model": "", "conversations": [
+            {"from": "human", "value": "Say hello."}, {"from": "gpt", "value": "Hello."}]},
+        {"id": "gone", "image": "coco/train2017/000000999999.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A cat."}]},
+        {"id": "broken", "image": "coco/train2017/broken.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A dog."}]},
+    ]
+    path = tmp_path / "llava_v1_5_mix665k.json"
+    path.write_text(json.dumps(records))
+    return path, root, records
+
+
+def test_llava_converter(llava_fixture, tmp_path, capsys):
+    path, root, records = llava_fixture
+    out = tmp_path / "shards"
+    llava.main(["--json", str(path), "--image-root", str(root), "--out", str(out), "--maxcount", "2"])
+    summary = capsys.readouterr().out
+    assert "written 3 (2 with image, 1 text-only) in 2 shards" in summary
+    assert "missing_image 1" in summary and "unreadable_image 1" in summary
+    skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert {(s["id"], s["reason"]) for s in skipped} == {("gone", "missing_image"), ("broken", "unreadable_image")}
+    assert json.loads((out / "sizes.json").read_text()) == {"llava-000000.tar": 2, "llava-000001.tar": 1}
+
+    import webdataset as wds
+    samples = list(wds.WebDataset(str(out / "llava-{000000..000001}.tar"), shardshuffle=False))
+    assert [s["__key__"] for s in samples] == ["000000000", "000000001", "000000002"]
+    assert samples[0]["jpg"] == (root / records[0]["image"]).read_bytes()  # bytes as stored
+    assert samples[1]["png"] == (root / records[1]["image"]).read_bytes()
+    assert not {"jpg", "png"} & set(samples[2])  # text-only: json only
+    assert [json.loads(s["json"])["id"] for s in samples] == ["000000033471", "ocr.1/5", "wxIvrTG_0"]
+    assert json.loads(samples[0]["json"])["conversations"] == records[0]["conversations"]
+    assert shard_inspect.inspect(str(out), show=1, out=io.StringIO()) == 0
+
+
+def _write(tmp_path, name, **kw):
+    opt = synthetic.Options(**{"image_size": 64, **kw.pop("opt", {})})
+    out = tmp_path / name
+    synthetic.write(str(out), kw.pop("split", "train"), kw.pop("n", 40), kw.pop("seed", 0), opt,
+                    maxcount=kw.pop("maxcount", 16), progress=False)
+    return out
+
+
+def test_synthetic_deterministic(tmp_path):
+    a, b = _write(tmp_path, "a"), _write(tmp_path, "b")
+    c = _write(tmp_path, "c", seed=1)
+    files = sorted(os.listdir(a))
+    assert files == ["sizes.json", "train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    for f in files:
+        assert (a / f).read_bytes() == (b / f).read_bytes()
+    assert (a / "train-000000.tar").read_bytes() != (c / "train-000000.tar").read_bytes()
+    e = _write(tmp_path, "e", split="eval", opt={"turns": 1})  # same seed, other split: other data
+    import webdataset as wds
+    train_png = {s["png"] for s in wds.WebDataset(str(a / "train-000000.tar"), shardshuffle=False)}
+    eval_png = {s["png"] for s in wds.WebDataset(str(e / "eval-000000.tar"), shardshuffle=False)}
+    assert not train_png & eval_png
+    assert shard_inspect.inspect(str(a), show=0, out=io.StringIO()) == 0
+
+
+@pytest.mark.parametrize("fine_share", [0.5, 0.25])
+def test_synthetic_balance(tmp_path, fine_share):
+    turns, n = 3, 200
+    out = _write(tmp_path, "s", n=n, maxcount=1000, opt={"turns": turns, "fine_share": fine_share})
+    import webdataset as wds
+    metas = [json.loads(s["json"]) for s in wds.WebDataset(str(out / "train-000000.tar"), shardshuffle=False)]
+    questions = [q for m in metas for q in m["questions"]]
+    fams = collections.Counter(q["family"] for q in questions)
+    assert fams["fine"] == round(n * turns * fine_share) and sum(fams.values()) == n * turns
+    qtypes = collections.Counter(q["qtype"] for q in questions)
+    assert set(qtypes) == set(synthetic.DEFAULT_QTYPES)
+    for fam in ("fine", "coarse"):  # qtypes equal within their family (decks: within a few)
+        counts = [qtypes[q] for q in synthetic.DEFAULT_QTYPES if synthetic.FAMILY_OF[q] == fam]
+        assert max(counts) - min(counts) <= 0.1 * fams[fam] + 2
+    yes_no = collections.Counter(q["answer"] for q in questions if q["qtype"] == "big_is_color")
+    assert abs(yes_no["yes"] - yes_no["no"]) <= 2
+    for m in metas:
+        conv = m["conversations"]
+        assert len(conv) == 2 * turns and conv[0]["value"].startswith("<image>\n")
+        assert all(len(c["value"].split()) == 1 for c in conv[1::2])  # one-word answers
+        assert (m["family"], m["qtype"], m["answer"]) == tuple(m["questions"][0][k] for k in ("family", "qtype", "answer"))
+        assert len({c["value"] for c in conv[0::2]}) == turns  # no question twice per image
+        scene = m["scene"]
+        for q, a in zip(conv[0::2], conv[1::2]):
+            if q["value"].endswith("how many small shapes are there?"):
+                assert a["value"] == str(len(scene["small"]))
+            if "background" in q["value"]:
+                assert a["value"] == scene["background"]
+    # question-only guessing: the best answer per question text stays far from certain
+    by_question = collections.defaultdict(collections.Counter)
+    for m in metas:
+        for q, a in zip(m["conversations"][0::2], m["conversations"][1::2]):
+            by_question[q["value"].replace("<image>\n", "")][a["value"]] += 1
+    guessed = sum(max(c.values()) for c in by_question.values()) / sum(sum(c.values()) for c in by_question.values())
+    assert guessed < 0.5
+
+
+def test_synthetic_vocabulary_covers_every_word(tmp_path):
+    from pipeline.tokenizer import build_word_tokenizer
+    out = _write(tmp_path, "v", n=30, opt={"qtypes": tuple(synthetic.FAMILY_OF), "grid": 3, "turns": 5})
+    import webdataset as wds
+    tok = build_word_tokenizer()
+    vocab = set(synthetic.vocabulary())
+    for s in wds.WebDataset(str(out / "train-000000.tar"), shardshuffle=False):
+        for turn in json.loads(s["json"])["conversations"]:
+            text = turn["value"].replace("<image>", "")
+            assert set(re.findall(r"\w+|[^\w\s]+", text.lower())) <= vocab
+            assert tok.unk_token_id not in tok(text)["input_ids"]
+
+
+def test_synthetic_cli(tmp_path, capsys):
+    synthetic.main(["--out", str(tmp_path / "ev"), "--split", "eval", "--samples", "6", "--seed", "3",
+                    "--image-size", "64", "--maxcount", "4"])
+    assert "wrote 6 samples in 2 shards" in capsys.readouterr().out
+    import webdataset as wds
+    for s in wds.WebDataset(str(tmp_path / "ev/eval-{000000..000001}.tar"), shardshuffle=False):
+        assert len(json.loads(s["json"])["conversations"]) == 2  # eval default: one question per sample
+
+
+def test_inspect_reports_corrupt_shard(tmp_path):
+    out = _write(tmp_path, "x", n=20, maxcount=10)
+    shard = out / "train-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:5000])
+    buf = io.StringIO()
+    assert shard_inspect.inspect(str(out), show=0, out=buf) == 1
+    assert "sizes.json says 10" in buf.getvalue()
