@@ -1,0 +1,114 @@
+"""The pipeline's command line.
+
+    python -m pipeline run [CONFIG] [key=value ...]          # the config's stages, in order
+    python -m pipeline stage NAME [CONFIG] [key=value ...]   # one stage
+    python -m pipeline config [CONFIG] [key=value ...]       # print the resolved config
+
+CONFIG defaults to the embedded default (pipeline/configs/default.yaml). Launch the same
+command under `torchrun`, `deepspeed --module pipeline ...` or `srun`; pipeline.distributed
+maps whichever environment it finds. A stage whose `run_dir/NAME/DONE` exists is skipped
+(`--force` reruns it); a rerun after a crash resumes sft from its latest checkpoint.
+Exit status: 0 done or stopped on SIGTERM/SIGUSR1 after saving, 2 bad config, 1 failure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from pipeline.config import ConfigError, load_config, save_config, to_yaml
+
+log = logging.getLogger("pipeline")
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for cmd in ("run", "stage", "config"):
+        s = sub.add_parser(cmd)
+        if cmd == "stage":
+            s.add_argument("name")
+        s.add_argument("rest", nargs="*", metavar="[CONFIG] key=value")
+        s.add_argument("--force", action="store_true", help="rerun stages already marked DONE")
+    args = p.parse_args(argv)
+    # The first argument without "=" is the config file; the rest are overrides.
+    args.config = None
+    if args.rest and "=" not in args.rest[0]:
+        args.config = args.rest.pop(0)
+    bad = [a for a in args.rest if "=" not in a]
+    if bad:
+        p.error(f"expected key=value overrides, got {bad}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    try:
+        run = load_config(args.config, args.rest)
+        if args.cmd == "stage":
+            from pipeline.stages import STAGES
+
+            if args.name not in STAGES:
+                raise ConfigError(f"config error: unknown stage {args.name!r}; known: {sorted(STAGES)}")
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    if args.cmd == "config":
+        print(to_yaml(run), end="")
+        return 0
+
+    # First thing after the config: Python's default action for SIGUSR1 is to die.
+    from pipeline.distributed import StopSignal, init_distributed, shutdown
+
+    stop = StopSignal()
+    dist = init_distributed()
+    _setup_logging(dist.rank)
+    names = run.stages if args.cmd == "run" else [args.name]
+    _run_stages(run, names, dist, stop, force=args.force)
+    shutdown()  # only on success: after a failure the other ranks may never reach a barrier
+    return 0
+
+
+def _run_stages(run, names, dist, stop, force: bool) -> None:
+    import torch.distributed as tdist
+
+    from pipeline import stages
+
+    run_dir = Path(run.run_dir)
+    if dist.rank == 0:
+        save_config(run, run_dir / "config.yaml")
+    for name in names:
+        out = run_dir / name
+        done = out / stages.DONE
+        if done.exists() and not force:
+            log.info("stage %s: complete (%s), skipped", name, done)
+            continue
+        if dist.rank == 0:
+            done.unlink(missing_ok=True)
+            out.mkdir(parents=True, exist_ok=True)
+        tdist.barrier()
+        log.info("stage %s: start (world size %d)", name, dist.world_size)
+        t0 = time.time()
+        complete = stages.load(name)(run, stages.Context(dist=dist, stop=stop), out)
+        tdist.barrier()
+        if not complete:
+            log.info("stage %s: stopped on %s after saving; rerun to resume", name, stop.signal_name)
+            return
+        if dist.rank == 0:
+            done.write_text(json.dumps({"seconds": round(time.time() - t0, 1), "world_size": dist.world_size}) + "\n")
+        log.info("stage %s: done in %.1f s", name, time.time() - t0)
+
+
+def _setup_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

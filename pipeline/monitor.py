@@ -1,0 +1,80 @@
+"""What rank 0 shows of a training run: a tqdm bar, TensorBoard scalars and images, and
+`metrics.jsonl` (one line per optimizer step, the record the resume test compares).
+
+Other ranks get a Monitor that does nothing, so the train loop needs no rank checks.
+On resume, TensorBoard's `purge_step` and a truncated metrics.jsonl drop what the
+crashed run logged after its last checkpoint: the records read as one uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+class Monitor:
+    def __init__(self, *, active: bool, tb_dir: Path, metrics_path: Path, start_step: int, total_steps: int):
+        self.active = active
+        self.metrics_path = metrics_path
+        if not active:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        _truncate_jsonl(metrics_path, start_step)
+        # purge_step: events at steps > start_step came from a run that did not save them
+        self.writer = SummaryWriter(str(tb_dir), purge_step=start_step + 1 if start_step else None)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="sft", unit="step", dynamic_ncols=True)
+
+    def step(self, step: int, scalars: dict[str, float], record: dict) -> None:
+        if not self.active:
+            return
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps({"step": step, **record}) + "\n")
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix(loss=f"{record.get('loss/total', float('nan')):.4f}",
+                             n_bar=f"{record.get('atp/n_bar', float('nan')):.1f}")
+
+    def kept_tokens_image(self, step: int, image: torch.Tensor, keep: torch.Tensor, grid: int) -> None:
+        """`image` [3, H, W] in [0, 1]; `keep` [K, Lv] cumulative masks C_k. One panel per
+        ATP layer: kept patches as they are, pruned ones dimmed to 20%."""
+        if not self.active:
+            return
+        _, H, W = image.shape
+        lv = keep.shape[-1]
+        keep = keep[:, lv - grid * grid:]  # "full" strategy: drop the CLS column
+        masks = keep.float().reshape(-1, 1, grid, grid)
+        masks = torch.nn.functional.interpolate(masks, size=(H, W), mode="nearest")
+        panels = torch.cat([image[None], image[None] * (0.2 + 0.8 * masks)], 0)
+        self.writer.add_images("kept_tokens/input_then_atp_layers", panels.clamp(0, 1), step)
+
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        if self.active:
+            self.writer.add_text(tag, text, step)
+
+    def close(self) -> None:
+        if self.active:
+            self.bar.close()
+            self.writer.close()
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+
+
+def read_metrics(path: str | Path) -> dict[int, dict]:
+    """step -> record (a later line for the same step wins)."""
+    out = {}
+    for line in Path(path).read_text().splitlines():
+        if line:
+            rec = json.loads(line)
+            out[rec["step"]] = rec
+    return out

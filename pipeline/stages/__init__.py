@@ -1,0 +1,35 @@
+"""The stage registry: name -> "module:function". Adding a stage is one entry here (and
+its name in a config's `stages` list). Entries are strings so that listing the stages
+(config checks, the CLI) imports nothing heavy.
+
+A stage function is `run(run: RunConfig, ctx: Context, out: Path) -> bool`: called on
+every rank, it writes into `out` (= run_dir/NAME) and returns True when its output is
+complete, False when it stopped early on a signal (the runner then exits 0 without the
+later stages). The runner marks a complete stage with `out/DONE` and skips it next time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+STAGES = {
+    "shards": "pipeline.stages.shards:run",  # synthetic shards for the embedded default
+    "projector": "pipeline.stages.projector:run",
+    "sft": "pipeline.stages.sft:run",
+    "export": "pipeline.stages.export:run",
+    # "base" (issue 6: a tiny LLaVA from scratch) and "eval" go here
+}
+DONE = "DONE"
+
+
+@dataclass
+class Context:
+    dist: Any  # pipeline.distributed.DistInfo
+    stop: Any  # pipeline.distributed.StopSignal
+
+
+def load(name: str):
+    import importlib
+
+    module, func = STAGES[name].split(":")
+    return getattr(importlib.import_module(module), func)

@@ -1,0 +1,74 @@
+"""Stage `export`: the trained weights as a Hugging Face hard-pruning checkpoint.
+
+Reads sft's `latest` DeepSpeed checkpoint and consolidates it with DeepSpeed's own
+`zero_to_fp32` reader (fp32 master weights, any ZeRO stage, any world size; no engine
+and no process group needed), loads it into a plain CPU model and writes `run_dir/export`:
+config.json with the ATP fields and `auto_map`, model.safetensors, the modeling code
+(`model/*.py` that the model imports, copied by transformers' `custom_object_save`),
+tokenizer, image processor and a LlavaProcessor. So
+
+    AutoModelForImageTextToText.from_pretrained(dir, trust_remote_code=True)
+    AutoProcessor.from_pretrained(dir)
+
+work in a process that cannot import this repo, and `generate()` in eval mode prunes
+for real (METHOD sec 5). Rank 0 works; the other ranks wait.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+
+from model import AtpLlavaConfig, AtpLlavaForConditionalGeneration
+from pipeline import checkpoint
+from pipeline.build import apply_atp_fields, make_processor
+from pipeline.config import RunConfig
+from pipeline.stages import Context
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def run(run: RunConfig, ctx: Context, out: Path) -> bool:
+    dist = ctx.dist
+    if dist.rank == 0:
+        export(run, out)
+    if tdist.is_initialized():
+        tdist.barrier()
+    return True
+
+
+def export(run: RunConfig, out: Path) -> None:
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    run_dir = Path(run.run_dir)
+    start = run_dir / "projector"
+    ckpt_dir = run_dir / "sft" / checkpoint.DIRNAME
+    state = checkpoint.consolidated_state_dict(ckpt_dir)
+
+    config = apply_atp_fields(AtpLlavaConfig.from_pretrained(start), run)
+    config.pruning = run.export.pruning
+    config.validate_atp()
+    model = AtpLlavaForConditionalGeneration(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # non-persistent buffers (spatial score, rotary frequencies) are rebuilt by __init__
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {ckpt_dir} does not fit the model: missing {missing[:4]}, "
+                           f"unexpected {unexpected[:4]}")
+    model = model.to(DTYPES[run.export.dtype]).eval()
+    model.config.dtype = DTYPES[run.export.dtype]
+
+    # auto_map + copying modeling_atp_llava.py and the files it imports relatively
+    AtpLlavaConfig.register_for_auto_class()
+    AtpLlavaForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer = AutoTokenizer.from_pretrained(start)
+    image_processor = AutoImageProcessor.from_pretrained(start)
+    make_processor(tokenizer, image_processor, config).save_pretrained(tmp)
+    # the dir appears complete or not at all
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
