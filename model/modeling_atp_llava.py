@@ -71,11 +71,8 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         super().__init__(config)
         lv = config.num_visual_tokens
         self.atp_modules = nn.ModuleList(AtpModule(lv, config.threshold_hidden) for _ in config.atp_layers)
-        grid = config.grid_size
-        spa = spatial_scores(grid, config.spatial_strides, config.lambda_sample)
-        if lv != grid * grid:  # "full" strategy: the CLS token takes no part in the grids
-            spa = torch.cat([spa.new_zeros(1), spa])
-        self.register_buffer("spatial_score", spa, persistent=False)
+        self._spatial = None  # S_spatial, fixed per image size; built on first use (not a buffer:
+        # a non-persistent buffer is left uninitialised when transformers loads on the meta device)
         self.post_init()
 
     # -- construction -------------------------------------------------------------
@@ -113,6 +110,15 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         from .loading import build_from_parts
 
         return build_from_parts(cls, llama_dir, clip_dir, mm_projector, tokenizer=tokenizer, **fields)
+
+    def spatial_score(self, like):
+        if self._spatial is None or self._spatial.device != like.device:
+            c = self.config
+            spa = spatial_scores(c.grid_size, c.spatial_strides, c.lambda_sample)
+            if c.num_visual_tokens != c.grid_size**2:  # "full" strategy: CLS is in no grid
+                spa = torch.cat([spa.new_zeros(1), spa])
+            self._spatial = spa.to(like.device)
+        return self._spatial.to(like.dtype)
 
     def atp_parameters(self):
         return list(self.atp_modules.parameters())
@@ -334,7 +340,7 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if cfg.score_norm == "minmax":
             s_self, s_cross = minmax(s_self, live), minmax(s_cross, live)
         s_red = torch.where(live, (s_self + s_cross) / 2, 0.0)
-        s_spa = torch.where(live, self.spatial_score.to(s_red.dtype), 0.0)
+        s_spa = torch.where(live, self.spatial_score(s_red), 0.0)
         theta_r, theta_s = self.atp_modules[k](s_red, s_spa)
         theta = torch.stack([theta_r, theta_s], -1)
         if override is not None:

@@ -56,9 +56,12 @@ def redundancy_scores(query, key, bias, scaling, vis_index, vis_weight, q_index,
     w = vis_weight.float()
 
     # S_self[n]: mean over causal visual queries m >= n, weighted by the queries' masks, of q_m.k_n
+    # the head mean of q_h.k_h is one product over the heads' concatenated features:
+    # one [Lv, H*d] x [H*d, Lv] matmul, never an H x Lv x Lv tensor
     gather = vis_index[:, None, :, None].expand(B, H, -1, d)
-    qv, kv = query.gather(2, gather), key.gather(2, gather)
-    logits = torch.matmul(qv, kv.transpose(-1, -2)).mean(1) * scaling  # [B, m, n]
+    qv = query.gather(2, gather).transpose(1, 2).reshape(B, -1, H * d)
+    kv = key.gather(2, gather).transpose(1, 2).reshape(B, -1, H * d)
+    logits = torch.matmul(qv, kv.transpose(-1, -2)) * (scaling / H)  # [B, m, n]
     Lv = logits.shape[-1]
     causal = torch.ones(Lv, Lv, dtype=torch.bool, device=logits.device).tril()
     qw = w[:, :, None] * causal  # weight of query m for key n
