@@ -72,14 +72,14 @@ class _Clock:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--layers", type=int, default=10)  # N_bar 11% needs i_0 / N < 0.11
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--ffn", type=int, default=2816)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=16)
     p.add_argument("--grid", type=int, default=24, help="visual tokens = grid^2 (576 as LLaVA-1.5)")
     p.add_argument("--text", type=int, default=64)
-    p.add_argument("--atp-layers", type=int, nargs="+", default=[1, 3, 5])
+    p.add_argument("--atp-layers", type=int, nargs="+", default=[1, 4, 7])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--json", help="also write the results here")
