@@ -1,11 +1,13 @@
 """The attention function the decoder layers call, registered with transformers' AttentionInterface.
 
-The soft mask of METHOD sec 4 arrives already folded into the additive `attention_mask`
-(`log m` on visual keys, built by the decoder loop), so the attention itself is plain SDPA
-and its gradient reaches m. In the layer before an ATP module the function also computes
-the block-wise redundancy scores from this layer's own q/k (`scores.redundancy_scores`):
-under ZeRO-3 a layer's weights exist only inside its own forward, and the q/k are already
-rotated here.
+The decoder loop passes each group of layers' keys as a structured `kernels.KeyMask`
+(`atp_keys`): live keys, the soft mask's `log m` (METHOD sec 4) and the kernel chosen for them
+(`attn_kernel` in the config). The SDPA reference reads the dense additive bias the KeyMask
+carries (also passed as `attention_mask`, so stock attention functions still work); flash-attn
+and FlexAttention read the structured mask and never build L x L. In the layer before an ATP
+module the function also computes the block-wise redundancy scores from this layer's own q/k
+(`scores.redundancy_scores`): under ZeRO-3 a layer's weights exist only inside its own forward,
+and the q/k are already rotated here.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from . import kernels
 from .scores import redundancy_scores
 
 ATTN_IMPLEMENTATION = "atp_sdpa"
@@ -31,12 +34,21 @@ class ScoreRequest:
     result: tuple | None = None
 
 
-def atp_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, atp_scores=None, **kwargs):
+def atp_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, atp_scores=None, atp_keys=None,
+                  **kwargs):
+    kernel = "sdpa" if atp_keys is None else atp_keys.kernel
     if atp_scores is not None:
+        bias = attention_mask if attention_mask is not None else atp_keys.score_bias()
         atp_scores.result = redundancy_scores(
-            query, key, attention_mask, scaling,
+            query, key, bias, scaling,
             atp_scores.vis_index, atp_scores.vis_weight, atp_scores.q_index, atp_scores.q_valid,
         )
+    if kernel == "flash":
+        return kernels.flash_attention(query, key, value, atp_keys.live, scaling, dropout), None
+    if kernel == "flex" and dropout == 0.0:  # FlexAttention has no dropout
+        return kernels.flex_masked_attention(query, key, value, atp_keys.block_mask, atp_keys.log_m_pad, scaling), None
+    if attention_mask is None and atp_keys is not None:  # flex asked for dropout: the reference, with gradient
+        attention_mask = kernels.dense_bias(atp_keys.live, atp_keys.log_m, atp_keys.dtype, atp_keys.q_len)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 

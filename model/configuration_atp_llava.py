@@ -10,6 +10,7 @@ from transformers import LlavaConfig
 PRUNING_MODES = ("none", "atp", "fixed")
 POSITION_MODES = ("preserve", "rope2d")
 SCORE_NORMS = ("minmax", "none")
+ATTN_KERNELS = ("sdpa", "flash", "flex", "auto")  # model/kernels.py, docs/GPU.md
 
 
 @strict
@@ -29,6 +30,7 @@ class AtpLlavaConfig(LlavaConfig):
     threshold_hidden: int = 256
     fixed_counts: list[int] | tuple[int, ...] | None = None
     mask_eps: float = 1e-6
+    attn_kernel: str = "sdpa"  # sdpa | flash | flex | auto (auto: flash / FlexAttention on CUDA when installed)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -59,6 +61,11 @@ class AtpLlavaConfig(LlavaConfig):
             raise ValueError(f"position_mode={self.position_mode!r}: expected one of {POSITION_MODES}")
         if self.score_norm not in SCORE_NORMS:
             raise ValueError(f"score_norm={self.score_norm!r}: expected one of {SCORE_NORMS}")
+        if self.attn_kernel not in ATTN_KERNELS:
+            raise ValueError(
+                f"attn_kernel={self.attn_kernel!r}: expected one of {ATTN_KERNELS} "
+                "(flash needs `pip install '.[gpu]'`; auto picks what is installed)"
+            )
         if list(layers) != sorted(set(layers)):
             raise ValueError(f"atp_layers={layers}: must be strictly increasing")
         if layers and (layers[0] < 1 or layers[-1] >= n_layers):

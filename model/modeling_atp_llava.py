@@ -25,6 +25,7 @@ from transformers.utils import ModelOutput
 from .atp_module import AtpModule, keep_share_per_module
 from .attention import ATTN_IMPLEMENTATION, ScoreRequest
 from .configuration_atp_llava import AtpLlavaConfig
+from .kernels import KeyMask, check_requested, dense_bias
 from .scores import minmax, spatial_scores
 
 
@@ -68,6 +69,7 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
     def __init__(self, config: AtpLlavaConfig):
         config.text_config._attn_implementation = ATTN_IMPLEMENTATION
+        check_requested(config.attn_kernel)  # a missing flash-attn fails here, naming the extra
         super().__init__(config)
         lv = config.num_visual_tokens
         self.atp_modules = nn.ModuleList(AtpModule(lv, config.threshold_hidden) for _ in config.atp_layers)
@@ -188,13 +190,11 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     @staticmethod
     def _bias(live, key_log_mask, dtype):
         """Additive [B, 1, L, L] mask: causal, padding/pruned keys off, `log C` on visual keys."""
-        B, L = live.shape
-        idx = torch.arange(L, device=live.device)
-        allowed = (idx[None, :] <= idx[:, None])[None] & live[:, None, :]
-        allowed = allowed | (idx[None, :] == idx[:, None])[None]  # dead rows see themselves: finite, unused
-        lo = torch.finfo(dtype).min
-        fill = key_log_mask[:, None, :].to(dtype) if key_log_mask is not None else torch.zeros((), dtype=dtype, device=live.device)
-        return torch.where(allowed, fill, torch.tensor(lo, dtype=dtype, device=live.device))[:, None]
+        return dense_bias(live, key_log_mask, dtype)
+
+    def _keys(self, live, key_log_mask, dtype, q_len=None):
+        """The keys a group of layers sees (`kernels.KeyMask`); the kernel and what it needs are chosen there."""
+        return KeyMask.build(live, key_log_mask, dtype, self.config.attn_kernel, self.training, q_len)
 
     def _key_log_mask(self, seq, C):
         """log C at each visual position (exact zeros -> the dtype's minimum, i.e. truly off)."""
@@ -258,18 +258,19 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         thresholds, keeps, m_sums = [], [], []
 
         hidden = embeds
-        bias = self._bias(seq.live, None, hidden.dtype)
+        keys = self._keys(seq.live, None, hidden.dtype)
         rope = self._rope(hidden, seq.pos)
         for j, layer in enumerate(self.model.language_model.layers):
             k = module_at.get(j + 1)
             request = None if k is None else self._score_request(seq, C, qmask)
             hidden = layer(
                 hidden,
-                attention_mask=bias,
+                attention_mask=keys.dense,
                 position_embeddings=rope,
                 past_key_values=cache,
                 use_cache=cache is not None,
                 atp_scores=request,
+                atp_keys=keys,
             )
             if k is None:
                 continue
@@ -281,11 +282,11 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             keeps.append(C)
             if hard:
                 hidden, seq, qmask = self._gather(hidden, seq, qmask, C > 0.5)
-                bias = self._bias(seq.live, None, hidden.dtype)
+                keys = self._keys(seq.live, None, hidden.dtype)
                 rope = self._rope(hidden, seq.pos)
                 group_live.append(seq.live)
             else:
-                bias = self._bias(seq.live, self._key_log_mask(seq, C), hidden.dtype)
+                keys = self._keys(seq.live, self._key_log_mask(seq, C), hidden.dtype)
             counts.append(C.sum(-1))
 
         hidden = self.model.language_model.norm(hidden)
@@ -409,22 +410,20 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         B, q = hidden.shape[:2]
         pos1 = state["next_pos"][:, None] + torch.arange(q, device=hidden.device)
         rope = self._rope(hidden, torch.stack([pos1, pos1]))
-        lo = torch.finfo(hidden.dtype).min
-        biases = []
+        keys = []
         for g, live in enumerate(state["group_live"]):
             live = torch.cat([live, live.new_ones(B, q)], 1)
             state["group_live"][g] = live
-            n = live.shape[1]
-            causal = torch.arange(n, device=live.device)[None, :] <= (n - q + torch.arange(q, device=live.device))[:, None]
-            allowed = live[:, None, :] & causal[None]
-            biases.append(torch.where(allowed, 0.0, lo).to(hidden.dtype)[:, None])
+            keys.append(self._keys(live, None, hidden.dtype, q_len=q))  # the q new tokens are the last keys
         for j, layer in enumerate(self.model.language_model.layers):
+            g = state["group_of_layer"][j]
             hidden = layer(
                 hidden,
-                attention_mask=biases[state["group_of_layer"][j]],
+                attention_mask=keys[g].dense,
                 position_embeddings=rope,
                 past_key_values=cache,
                 use_cache=True,
+                atp_keys=keys[g],
             )
         state["next_pos"] = state["next_pos"] + q
         hidden = self.model.language_model.norm(hidden)
