@@ -40,7 +40,9 @@ SlurmdPort=$d_port
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket=$sock
+# cred_expire also delays a requeued job (EligibleTime = requeue + cred_expire + 1, default
+# 120 s); 10 s is still ample for a step launch on this machine.
+AuthInfo=socket=$sock,cred_expire=10
 CredType=cred/munge
 StateSaveLocation=$D/state
 SlurmdSpoolDir=$D/spool
@@ -59,6 +61,9 @@ JobCompType=jobcomp/none
 MpiDefault=none
 MailProg=/bin/true
 ReturnToService=2
+# Schedule every second (defaults: 60 s main loop, 30 s backfill), so a requeued job starts
+# as soon as it is eligible.
+SchedulerParameters=sched_interval=1,bf_interval=1
 # Seconds between SIGTERM and SIGKILL on scancel/timeout: room to save a checkpoint.
 KillWait=30
 $node State=UNKNOWN
