@@ -202,8 +202,8 @@ def init_distributed(backend: str | None = None) -> DistInfo:
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed picks one
     local_rank = int(m["LOCAL_RANK"])
-    if cuda:
-        torch.cuda.set_device(local_rank)  # before nccl init, so each rank owns its GPU
+    if cuda:  # before nccl init, so each rank owns its GPU; modulo: srun --gpu-bind may
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())  # show one GPU per task
     import deepspeed  # late: importing it costs seconds and reads DS_ACCELERATOR
 
     deepspeed.init_distributed(dist_backend=backend or ("nccl" if cuda else "gloo"),

@@ -41,6 +41,9 @@ export MASTER_PORT=${MASTER_PORT:-$((15000 + SLURM_JOB_ID % 20000))}
 export ATP_REQUEUE_BY=sbatch   # this script requeues, not the pipeline
 [ "${SLURM_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}" != 0 ] || export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 
+# The tasks get USR1 from slurmstepd; should someone submit with --signal=B:USR1, keep this
+# shell alive (bash's default for USR1 is to die) instead of losing the requeue step.
+trap 'echo "$(date +%s.%N) batch shell got USR1; use --signal=USR1@N (no B:) to reach the tasks"' USR1
 rm -f "$run_dir/.preempted"
 echo "$(date +%s.%N) start: nodes=$SLURM_JOB_NODELIST tasks=$SLURM_NTASKS master=$MASTER_ADDR:$MASTER_PORT restart=${SLURM_RESTART_COUNT:-0}"
 rc=0
