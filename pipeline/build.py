@@ -83,15 +83,23 @@ def llama_key(key: str) -> str | None:
     return "lm_head.weight" if key == "lm_head.weight" else None
 
 
+CLIP_TEXT_SIDE = ("text_model.", "visual_projection.", "text_projection.", "logit_scale")
+
+
 def clip_key(key: str) -> str | None:
-    # A full CLIPModel dir also has text_model.* and projections: not ours.
-    return "model.vision_tower." + key if key.startswith("vision_model.") else None
+    """A CLIP dir (transformers 4's `vision_model.*`, 5's flat keys, or a whole CLIPModel,
+    whose text side is not ours) -> transformers 5's `model.vision_tower.*`."""
+    if key.startswith(CLIP_TEXT_SIDE):
+        return None
+    return "model.vision_tower." + key.removeprefix("vision_model.")
 
 
 def llava_key(key: str) -> str | None:
-    """llava-hf's older layout -> transformers 5's; the newer layout passes unchanged."""
+    """llava-hf's older layout (and transformers 4's CLIP prefix) -> transformers 5's."""
     for old, new in (("language_model.model.", "model.language_model."),
                      ("language_model.lm_head.", "lm_head."),
+                     ("vision_tower.vision_model.", "model.vision_tower."),
+                     ("model.vision_tower.vision_model.", "model.vision_tower."),
                      ("vision_tower.", "model.vision_tower."),
                      ("multi_modal_projector.", "model.multi_modal_projector.")):
         if key.startswith(old):

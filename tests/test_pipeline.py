@@ -1,0 +1,264 @@
+"""The staged pipeline under 2-process DeepSpeed ZeRO-3 on CPU (gloo, fp32), tiny parts.
+
+One session fixture builds LLaVA-1.5-style parts (a Llama dir with the word tokenizer, a
+CLIP dir, `mm_projector.bin` in LLaVA's key names) and tiny synthetic shards, then runs
+projector -> sft -> export once under `torchrun --nproc_per_node 2`; the tests read that
+run and start further runs from its projector output.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+       "PYTHONWARNINGS": "ignore"}
+LAYERS, IMAGE, PATCH = 8, 32, 8
+LV = (IMAGE // PATCH) ** 2  # 16 visual tokens
+STEPS = 6
+
+
+def launch(args, nproc=2, timeout=300, check=True):
+    """`torchrun --standalone --nproc_per_node N -m pipeline ARGS` (1: plain python)."""
+    runner = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    cmd = [sys.executable, *runner, "-m", "pipeline", *map(str, args)]
+    p = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
+    return p
+
+
+def make_parts(root: Path) -> dict:
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    from pipeline.tokenizer import build_word_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_word_tokenizer()
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    llama.save_pretrained(root / "llama")
+    tok.save_pretrained(root / "llama")
+    clip = CLIPVisionModel(CLIPVisionConfig(image_size=IMAGE, patch_size=PATCH, hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=2))
+    clip.save_pretrained(root / "clip")
+    CLIPImageProcessor(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE}).save_pretrained(root / "clip")
+    projector = {"model.mm_projector.0.weight": torch.randn(64, 32) * 0.1, "model.mm_projector.0.bias": torch.randn(64) * 0.1,
+                 "model.mm_projector.2.weight": torch.randn(64, 64) * 0.1, "model.mm_projector.2.bias": torch.randn(64) * 0.1}
+    torch.save(projector, root / "mm_projector.bin")
+    return {"llama": root / "llama", "clip": root / "clip", "mm_projector": root / "mm_projector.bin"}
+
+
+def write_config(root: Path, parts: dict, shards: Path) -> Path:
+    cfg = root / "tiny.yaml"
+    cfg.write_text(textwrap.dedent(f"""\
+        run_dir: {root}/run
+        seed: 0
+        stages: [projector, sft, export]
+        model:
+          source: parts
+          llama_dir: {parts['llama']}
+          clip_dir: {parts['clip']}
+          mm_projector: {parts['mm_projector']}
+          vision_feature_layer: -2
+          freeze_vision: true
+        atp:
+          atp_layers: [1, 3]
+          spatial_strides: [2, 3]
+          target_tokens: {LV * 0.5}
+          threshold_hidden: 32
+        data:
+          shards: {shards}
+          batch_size: 4
+          num_workers: 0
+          shuffle_buffer: 16
+          max_length: 256
+        train:
+          max_steps: {STEPS}
+          lr_lm: 1.0e-3
+          lr_atp: 1.0e-2
+          warmup_ratio: 0.2
+          checkpoint_every: 2
+          image_every: 3
+        export:
+          dtype: float32
+        """))
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    from shards import synthetic
+
+    root = tmp_path_factory.mktemp("pipeline")
+    parts = make_parts(root)
+    opt = synthetic.Options(image_size=64, turns=2)  # the processor resizes to IMAGE
+    synthetic.write(str(root / "shards"), "train", 64, 0, opt, maxcount=16, progress=False)
+    cfg = write_config(root, parts, root / "shards")
+    return {"root": root, "parts": parts, "config": cfg}
+
+
+@pytest.fixture(scope="session")
+def zero3_run(tiny):
+    """projector -> sft -> export under 2-process ZeRO-3: the run the other tests compare to."""
+    launch(["run", tiny["config"]])
+    return tiny["root"] / "run"
+
+
+def fresh_run(tiny, name: str, stages: str = "[sft]") -> Path:
+    """A run dir that starts from the ZeRO-3 run's (complete) projector output."""
+    run = tiny["root"] / name
+    shutil.rmtree(run, ignore_errors=True)
+    shutil.copytree(tiny["root"] / "run" / "projector", run / "projector")
+    return run
+
+
+def consolidated(run: Path) -> dict:
+    from pipeline.checkpoint import consolidated_state_dict
+
+    return consolidated_state_dict(run / "sft" / "checkpoints")
+
+
+# ------------------------------------------------------------------------------------- tests
+
+def test_zero3_pipeline_end_to_end(zero3_run):
+    for stage in ("projector", "sft", "export"):
+        assert (zero3_run / stage / "DONE").exists()
+    metrics = [json.loads(line) for line in (zero3_run / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
+    for key in ("loss/total", "loss/ntp", "loss/atp", "loss/target", "atp/n_bar", "atp/kept/module1",
+                "atp/theta_r/module0/min", "atp/theta_s/module1/max", "lr/lm", "lr/atp", "perf/samples_per_s"):
+        assert key in metrics[-1], key
+    assert metrics[0]["lr/atp"] == pytest.approx(10 * metrics[0]["lr/lm"])  # separate groups
+    assert list((zero3_run / "tb").glob("events.out.tfevents.*"))
+    assert (zero3_run / "config.yaml").exists()
+    mem = [json.loads((zero3_run / "sft" / f"memory_rank{r}.json").read_text()) for r in (0, 1)]
+    assert mem[0]["zero_stage"] == 3
+    assert mem[0]["param_bytes_this_rank"] < 0.6 * mem[0]["param_bytes_full_model"]  # partitioned
+    export = zero3_run / "export"
+    config = json.loads((export / "config.json").read_text())
+    assert config["model_type"] == "atp_llava" and config["atp_layers"] == [1, 3]
+    assert config["auto_map"]["AutoModelForImageTextToText"].startswith("modeling_atp_llava.")
+    assert (export / "model.safetensors").exists() and (export / "modeling_atp_llava.py").exists()
+
+
+LOAD_EXPORT = """
+import sys
+sys.path.append(sys.argv[1])  # site-packages only: no .pth files, so no editable finder
+try:
+    import model
+except ImportError:
+    pass
+else:
+    raise SystemExit("the repo is importable: the test would prove nothing")
+import json, torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+m = AutoModelForImageTextToText.from_pretrained(sys.argv[2], trust_remote_code=True).eval()
+proc = AutoProcessor.from_pretrained(sys.argv[2])
+assert type(m).__module__.startswith("transformers_modules."), type(m).__module__
+inputs = proc(images=Image.new("RGB", (40, 40), (200, 30, 30)),
+              text="USER: <image>\\nwhat color is the big shape? ASSISTANT:", return_tensors="pt")
+with torch.no_grad():
+    out = m(**inputs)
+    gen = m.generate(**inputs, max_new_tokens=4, do_sample=False)
+print(json.dumps({"visual_tokens": out.visual_tokens[0].tolist(), "new_tokens": gen.shape[1] - inputs["input_ids"].shape[1],
+                  "image_tokens": int((inputs["input_ids"] == m.config.image_token_id).sum())}))
+"""
+
+
+def test_export_loads_without_the_repo(zero3_run, tmp_path):
+    script = tmp_path / "load.py"
+    script.write_text(LOAD_EXPORT)
+    env = {k: v for k, v in ENV.items() if k != "PYTHONPATH"}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    # -S: no site processing, so the editable install's path hook never loads; cwd is not the repo
+    p = subprocess.run([sys.executable, "-S", str(script), sysconfig.get_paths()["purelib"], str(zero3_run / "export")],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr[-4000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["image_tokens"] == LV
+    assert res["new_tokens"] >= 1
+    vt = res["visual_tokens"]
+    assert vt[0] == LV and len(vt) == LAYERS
+    assert all(v == int(v) for v in vt)  # hard pruning: whole tokens, not soft sums
+
+
+def test_projector_zero3_loading_matches_plain(zero3_run, tiny):
+    """The 2-rank ZeRO-3 projector stage loaded every part as a plain (no ZeRO) load does."""
+    from model import AtpLlavaForConditionalGeneration
+
+    parts = tiny["parts"]
+    zero3 = AtpLlavaForConditionalGeneration.from_pretrained(zero3_run / "projector").eval()
+    plain = AtpLlavaForConditionalGeneration.from_parts(parts["llama"], parts["clip"], parts["mm_projector"],
+                                                        atp_layers=[1, 3], threshold_hidden=32,
+                                                        spatial_strides=[2, 3], target_tokens=LV * 0.5).eval()
+    x = torch.randn(3, LV, 32, generator=torch.Generator().manual_seed(1))
+    raw = torch.load(parts["mm_projector"], weights_only=True)
+    ref = torch.nn.functional.linear(torch.nn.functional.gelu(torch.nn.functional.linear(
+        x, raw["model.mm_projector.0.weight"], raw["model.mm_projector.0.bias"])),
+        raw["model.mm_projector.2.weight"], raw["model.mm_projector.2.bias"])
+    with torch.no_grad():
+        out_zero3 = zero3.model.multi_modal_projector(x)
+        out_plain = plain.model.multi_modal_projector(x)
+    torch.testing.assert_close(out_zero3, out_plain, rtol=0, atol=0)
+    torch.testing.assert_close(out_zero3, ref, rtol=1e-6, atol=1e-6)
+    # and the Llama / CLIP weights: every non-ATP tensor equal
+    plain_sd = plain.state_dict()
+    for key, value in zero3.state_dict().items():
+        if not key.startswith("atp_modules."):
+            torch.testing.assert_close(value, plain_sd[key], rtol=0, atol=0, msg=key)
+
+
+def test_resume_after_sigkill_matches_uninterrupted(zero3_run, tiny):
+    """Rank 1 SIGKILLs itself after step 3 (checkpoint at 2); the rerun resumes from step 2
+    and ends with the uninterrupted run's per-step losses and parameters."""
+    run = fresh_run(tiny, "resume")
+    args = ["run", tiny["config"], f"run_dir={run}", "stages=[sft]"]
+    crashed = launch([*args, "train.crash_at_step=3"], check=False)
+    assert crashed.returncode != 0
+    assert (run / "sft" / "checkpoints" / "latest").read_text() == "step00000002"
+    assert not (run / "sft" / "DONE").exists()
+    resumed = launch(args)
+    assert "resumed from" in resumed.stderr
+    from pipeline.monitor import read_metrics
+
+    a, b = read_metrics(zero3_run / "sft" / "metrics.jsonl"), read_metrics(run / "sft" / "metrics.jsonl")
+    assert sorted(b) == list(range(1, STEPS + 1))
+    for step in a:
+        for key in ("loss/total", "loss/ntp", "loss/atp", "loss/target", "atp/n_bar"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-6, abs=1e-7), (step, key)
+    sa, sb = consolidated(zero3_run), consolidated(run)
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        torch.testing.assert_close(sb[key], sa[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+def test_budget_losses_pull_n_bar_to_target(zero3_run, tiny):
+    """Started near 60% of Lv (the projector's threshold init for a 50% target), trained
+    with a 25% target, LM frozen (lr 0): N_bar ends within 10% of the target on the
+    training data (mean of the last 10 steps). T = 10: at Lv = 16 the default T = 50
+    saturates the masks and the thresholds' gradient vanishes once all tokens are gone."""
+    run = fresh_run(tiny, "budget")
+    target = LV * 0.25
+    launch(["run", tiny["config"], f"run_dir={run}", "stages=[sft]", f"atp.target_tokens={target}",
+            "atp.mask_temperature=10", "atp.lambda_target=1.0", "train.lr_lm=0", "train.lr_atp=1e-2",
+            "train.epochs=4", "train.max_steps=60", "train.checkpoint_every=100"], nproc=1)
+    from pipeline.monitor import read_metrics
+
+    m = read_metrics(run / "sft" / "metrics.jsonl")
+    first = m[1]["atp/n_bar"]
+    last = sum(m[s]["atp/n_bar"] for s in sorted(m)[-10:]) / 10
+    assert first > LV * 0.5  # it really started far from the target
+    assert abs(last - target) <= 0.1 * target, (first, last, target)
