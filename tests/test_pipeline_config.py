@@ -1,0 +1,115 @@
+"""Run config and DeepSpeed config: errors name the key and come fast, before any model."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import DEFAULT_CONFIG, ConfigError, load_config, save_config
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "pipeline" / "configs"
+
+
+def cli(*args, timeout=60):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=timeout)
+    return p, time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.lr_lmm=1e-4", "train.lr_lmm"),              # unknown key
+    ("train.grad_accum=four", "train.grad_accum"),      # wrong type
+    ("data.batch_size=1.5", "data.batch_size"),         # wrong type, in the data schema
+    ("model.llama_dir=/nonexistent/vicuna", "model.llama_dir"),  # missing path
+    ("data.shards=/nonexistent/shards/train-{000..003}.tar", "data.shards"),
+])
+def test_config_errors_fail_fast_naming_the_key(override, key, tmp_path):
+    extra = ["model.source=parts", f"model.clip_dir={tmp_path}", f"model.mm_projector={tmp_path}"] \
+        if key == "model.llama_dir" else []
+    p, seconds = cli("run", str(DEFAULT_CONFIG), f"run_dir={tmp_path}/run", *extra, override)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert f"'{key}'" in p.stderr, p.stderr
+    assert seconds < 5, seconds
+    assert not (tmp_path / "run").exists()  # nothing ran
+
+
+def test_unknown_stage_and_missing_config(tmp_path):
+    with pytest.raises(ConfigError, match=r"stages\[1\]"):
+        load_config(DEFAULT_CONFIG, [f"run_dir={tmp_path}", "stages=[projector,bogus]"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="'model.source'"):
+        load_config(DEFAULT_CONFIG, ["model.source=hub"])
+
+
+def test_shipped_configs(tmp_path):
+    run = load_config(DEFAULT_CONFIG)
+    assert run.stages == ["shards", "projector", "sft", "export"]
+    assert run.data.shards == "runs/default/shards/train"  # interpolated from run_dir
+    # the paper's setup: only its external paths are missing here
+    with pytest.raises(ConfigError, match="'model.llama_dir'"):
+        load_config(CONFIGS / "llava15_7b.yaml")
+    paper = load_config(CONFIGS / "llava15_7b.yaml", [
+        f"model.llama_dir={tmp_path}", f"model.clip_dir={tmp_path}", f"model.mm_projector={tmp_path}",
+        f"data.shards={tmp_path}"])
+    assert paper.atp.atp_layers == [4, 14, 24] and paper.atp.target_tokens == 144
+    assert (paper.train.lr_lm, paper.train.lr_atp, paper.train.epochs) == (2e-5, 1e-4, 1)
+    assert (paper.atp.lambda_target, paper.atp.lambda_atp) == (0.2, 0.05)
+    assert paper.train.zero_stage == 3 and paper.train.precision == "bf16"
+
+
+def test_saved_config_reloads_identically(tmp_path):
+    run = load_config(DEFAULT_CONFIG, [f"run_dir={tmp_path}", "train.lr_atp=3e-3", "atp.atp_layers=[2,4]"])
+    save_config(run, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == run
+
+
+def test_deepspeed_config_filled_from_the_run(tmp_path):
+    from pipeline.ds import build_ds_config, load_ds_json
+
+    run = load_config(DEFAULT_CONFIG, ["data.batch_size=3", "train.grad_accum=5", "train.grad_clip=0.5"])
+    ds = build_ds_config(run, world_size=4, total_steps=100, hidden_size=64, cuda=False)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (3, 5, 60)
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["optimizer"]["params"]["lr"] == run.train.lr_lm and ds["optimizer"]["params"]["torch_adam"]
+    assert "scheduler" not in ds  # the client LambdaLR
+    assert ds["bf16"]["enabled"] is False  # CPU: fp32
+    z = ds["zero_optimization"]
+    assert z["stage"] == 3 and z["overlap_comm"] and z["stage3_gather_16bit_weights_on_model_save"]
+    assert "auto" not in json.dumps(ds)
+    assert build_ds_config(run, world_size=1, total_steps=1, hidden_size=64, cuda=True)["bf16"]["enabled"] is True
+    # ds_config.json may not set what the YAML owns
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({**load_ds_json(run.train.ds_config), "train_batch_size": 64}))
+    with pytest.raises(ConfigError, match="train_batch_size"):
+        build_ds_config(load_config(DEFAULT_CONFIG, [f"train.ds_config={bad}"]), world_size=1, total_steps=1,
+                        hidden_size=64, cuda=False)
+
+
+def test_lr_schedule_warmup_then_cosine_per_group():
+    import torch
+
+    from pipeline.ds import lr_schedule
+
+    run = load_config(DEFAULT_CONFIG, ["train.warmup_ratio=0.2", "train.min_lr_ratio=0.1"])
+    params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
+    opt = torch.optim.AdamW([{"params": [params[0]], "lr": 1.0}, {"params": [params[1]], "lr": 10.0}])
+    sched = lr_schedule(run, total_steps=10)(opt)
+    lrs = []
+    for _ in range(10):
+        lrs.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    first = [lr[0] for lr in lrs]
+    assert first[:2] == pytest.approx([0.5, 1.0])  # 2 warmup steps, the first not at 0
+    assert all(a >= b for a, b in zip(first[1:], first[2:]))  # then non-increasing
+    assert 0.1 < first[-1] < 0.3
+    assert [lr[1] for lr in lrs] == pytest.approx([10 * f for f in first])
