@@ -227,7 +227,8 @@ def flex_prepare(live, log_m, q_len, compile_mask=None):
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    # automatic dynamic shapes: ragged training lengths (padded to 128) must not exhaust the recompile limit
+    return torch.compile(flex_attention)
 
 
 def flex_masked_attention(q, k, v, block_mask, log_m_pad, scaling, compiled=None):

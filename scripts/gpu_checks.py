@@ -1,0 +1,360 @@
+"""All GPU checks and benchmarks of issue 7 in one command (docs/GPU.md):
+
+    python scripts/gpu_checks.py --out DIR [--parts kernels,model,bench_attn,bench_prefill]
+
+- kernels: each GPU kernel (FlexAttention with the soft mask, flash-attn dense and varlen, a
+  decode step over a pruned cache) in bf16 against the float32 SDPA reference: forward output,
+  gradients to q, k, v and to the mask's log m; MHA and GQA; a length that is not a multiple of
+  128; FlexAttention's run-to-run spread of the mask gradient (atomics).
+- model: a LLaVA-shaped model with random weights in bf16: hard-path logits with attn_kernel
+  "auto" (flash-attn varlen) vs the padded SDPA path, and the soft path's loss and threshold
+  gradients (FlexAttention) vs SDPA, both measured against an fp32 SDPA run.
+- bench_attn: masked fwd+bwd (FlexAttention, log m in score_mod) vs flash-attn fwd+bwd vs SDPA
+  with a dense bias, side by side, at L = 640 and 2048 (goal: flex <= 1.5x flash).
+- bench_prefill: hard-path prefill of a LLaVA-7B-shaped Llama (random weights, bf16) at
+  N_bar = 25% vs unpruned, per kernel, against the FLOPs ratio.
+
+Writes DIR/gpu_checks.json and prints tables. Exit status 1 if a correctness check fails, 2 without
+CUDA. Needs only the model/ package (no tests, no pipeline).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from model import AtpLlavaConfig, AtpLlavaForConditionalGeneration, model_costs  # noqa: E402
+from model import kernels as K  # noqa: E402
+from model.atp_module import keep_share_per_module  # noqa: E402
+
+# bf16 tolerances, relative L2 error ||x - ref|| / ||ref|| over live rows, ref = fp32 SDPA
+TOL_OUT = 1e-2  # kernel outputs
+TOL_GRAD = 2e-2  # kernel gradients (q, k, v, log m)
+MODEL_SLACK = 1.5  # model level: the kernel's error may be at most 1.5x bf16 SDPA's error (+ 1e-3)
+DEV = "cuda"  # module globals, so the plumbing can be dry-run elsewhere on small shapes with stand-in kernels
+ATTN_SHAPES = ((640, 16), (2048, 4))  # (L, batch) of the attention benchmark: 32 heads x 128
+PREFILL_MODEL = dict(layers=32, hidden=4096, ffn=11008, heads=32, kv_heads=32, atp_layers=[4, 14, 24])  # LLaVA-7B's Llama
+
+
+def rel(x, ref, rows=None):
+    x, ref = x.float(), ref.float()
+    if rows is not None:
+        x, ref = x[rows], ref[rows]
+    return float((x - ref).norm() / ref.norm().clamp_min(1e-12))
+
+
+def left_padded(lens, L):
+    return torch.arange(L, device=DEV)[None] >= (L - torch.tensor(lens, device=DEV))[:, None]
+
+
+def sdpa_ref(q, k, v, live, log_m, scaling, q_len=None):
+    rep = q.shape[1] // k.shape[1]
+    bias = K.dense_bias(live, log_m, q.dtype, q_len)
+    out = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=bias, scale=scaling)
+    return out.transpose(1, 2)
+
+
+def fwd_bwd(fn, tensors, w, rows):
+    """Output and gradients of sum(out * w) over live rows, for fresh leaves of `tensors`."""
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    (out.float() * w)[rows].sum().backward()
+    return out.detach(), [t.grad for t in leaves]
+
+
+# -- kernels --------------------------------------------------------------------------------------
+def check_kernels(have_flash):
+    results = []
+    scale = 128**-0.5
+    for name, H, Hkv, L in (("mha_L640", 32, 32, 640), ("gqa_L601", 32, 8, 601)):
+        g = torch.Generator(device=DEV).manual_seed(0)
+        B, d = 2, 128
+        q = torch.randn(B, H, L, d, device=DEV, generator=g)
+        k = torch.randn(B, Hkv, L, d, device=DEV, generator=g)
+        v = torch.randn(B, Hkv, L, d, device=DEV, generator=g)
+        live = left_padded([L, L - 77], L)
+        log_m = torch.rand(B, L, device=DEV, generator=g).clamp_min(0.02).log()
+        log_m[:, :40] = 0.0  # text keys: m = 1
+        w = torch.randn(B, L, H, d, device=DEV, generator=g)
+        f32 = (q, k, v, log_m)
+        bf = tuple(t.bfloat16() for t in (q, k, v)) + (log_m,)
+
+        def masked_sdpa(q, k, v, lm):
+            return sdpa_ref(q, k, v, live, lm, scale)
+
+        def masked_flex(q, k, v, lm):
+            bm, lp = K.flex_prepare(live, lm, L)
+            return K.flex_masked_attention(q, k, v, bm, lp, scale)
+
+        ref_out, ref_g = fwd_bwd(masked_sdpa, f32, w, live)
+        cases = {"sdpa_bf16": masked_sdpa, "flex": masked_flex}
+        for case, fn in cases.items():
+            out, grads = fwd_bwd(fn, bf, w, live)
+            r = {"check": f"masked/{name}/{case}", "out": rel(out, ref_out, live)}
+            r.update({f"d{n}": rel(a, b) for n, a, b in zip(("q", "k", "v", "log_m"), grads, ref_g)})
+            r["finite"] = all(bool(torch.isfinite(t).all()) for t in [out, *grads])
+            if case == "flex":
+                _, again = fwd_bwd(fn, bf, w, live)
+                r["dlog_m_rerun_max_abs_diff"] = float((again[3] - grads[3]).abs().max())  # atomics
+                r["pass"] = r["finite"] and r["out"] <= TOL_OUT and all(r[f"d{n}"] <= TOL_GRAD for n in "qkv") \
+                    and r["dlog_m"] <= TOL_GRAD
+            results.append(r)
+
+        if not have_flash:
+            continue
+        for layout, lv in (("dense", torch.ones_like(live)), ("varlen", live)):
+            ref_out, ref_g = fwd_bwd(lambda q, k, v: sdpa_ref(q, k, v, lv, None, scale), f32[:3], w, lv)
+            out, grads = fwd_bwd(lambda q, k, v: K.flash_attention(q, k, v, lv, scale), bf[:3], w, lv)
+            r = {"check": f"flash_{layout}/{name}", "out": rel(out, ref_out, lv)}
+            r.update({f"d{n}": rel(a, b) for n, a, b in zip("qkv", grads, ref_g)})
+            r["pass"] = r["out"] <= TOL_OUT and all(r[f"d{n}"] <= TOL_GRAD for n in "qkv")
+            results.append(r)
+        # a decode step: 3 new queries over a pruned cache (left padding plus gaps)
+        dl = live.clone()
+        dl[0, 100:300] = False
+        qd = q[:, :, -3:]
+        ref_out = sdpa_ref(qd, k, v, dl, None, scale, q_len=3)
+        out = K.flash_attention(qd.bfloat16(), k.bfloat16(), v.bfloat16(), dl, scale)
+        r = {"check": f"flash_decode/{name}", "out": rel(out, ref_out)}
+        r["pass"] = r["out"] <= TOL_OUT
+        results.append(r)
+    return results
+
+
+# -- model level ----------------------------------------------------------------------------------
+def llava_config(layers, hidden, ffn, heads, kv_heads, atp_layers, vocab=32064, **fields):
+    grid = 24  # 576 visual tokens, as LLaVA-1.5; a 1-layer toy vision tower keeps the time in the LLM
+    return AtpLlavaConfig(
+        vision_config=dict(model_type="clip_vision_model", image_size=grid * 14, patch_size=14, hidden_size=64,
+                           intermediate_size=128, num_hidden_layers=1, num_attention_heads=2),
+        text_config=dict(model_type="llama", hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                         max_position_embeddings=4096),
+        image_token_id=vocab - 1, image_seq_length=grid * grid, atp_layers=atp_layers, **fields,
+    )
+
+
+def build(cfg, seed=0):
+    torch.manual_seed(seed)
+    with torch.device(DEV):
+        return AtpLlavaForConditionalGeneration(cfg).eval()
+
+
+def batch(cfg, text_lens, seed=0, answer=4):
+    """Left-padded samples: 5 text tokens, the image, the rest text; last `answer` tokens supervised."""
+    g = torch.Generator().manual_seed(seed)
+    lv, img = cfg.num_visual_tokens, cfg.image_token_id
+    rows = [torch.cat([torch.randint(1, 1000, (5,), generator=g), torch.full((lv,), img),
+                       torch.randint(1, 1000, (t - 5,), generator=g)]) for t in text_lens]
+    L = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), L, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, L - len(r):], mask[b, L - len(r):] = r, 1
+    labels = torch.where(mask.bool() & (torch.arange(L) >= L - answer), ids, -100)
+    pix = torch.randn(len(rows), 3, cfg.vision_config.image_size, cfg.vision_config.image_size, generator=g)
+    return {k: v.to(DEV) for k, v in dict(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=pix).items()}
+
+
+def check_model(have_flash):
+    cfg = llava_config(layers=8, hidden=1024, ffn=2816, heads=16, kv_heads=4, atp_layers=[2, 4, 6], vocab=4096)
+    m32 = build(cfg)
+    b = batch(cfg, [64, 40, 23])
+    lv = cfg.num_visual_tokens
+    g = torch.Generator().manual_seed(1)
+    # nested random keeps with a different density per sample: different kept counts, ragged lengths
+    masks = [(torch.rand(3, lv, generator=g) < torch.tensor([[0.7], [0.4], [0.2]])).float().to(DEV) for _ in range(3)]
+    text = b["attention_mask"].bool() & (b["input_ids"] != cfg.image_token_id)
+    calls = {"flash": 0, "flex": 0}
+    orig = {"flash": K.flash_attention, "flex": K.flex_masked_attention}
+
+    def counted(name):
+        def fn(*a, **kw):
+            calls[name] += 1
+            return orig[name](*a, **kw)
+        return fn
+
+    K.flash_attention, K.flex_masked_attention = counted("flash"), counted("flex")
+    try:
+        runs = {}
+        for tag, dtype, kernel in (("fp32_sdpa", torch.float32, "sdpa"), ("bf16_sdpa", torch.bfloat16, "sdpa"),
+                                   ("bf16_auto", torch.bfloat16, "auto")):
+            m = m32.to(dtype)
+            m.config.attn_kernel = kernel
+            with torch.no_grad():
+                hard = m.eval()(**b, atp_masks=masks).logits.float()
+            m.train()
+            out = m(**b)  # the learned soft masks: gradient through log m to the thresholds
+            out.loss.backward()
+            grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().flatten()
+                               for p in m.atp_parameters()])
+            m.zero_grad(set_to_none=True)
+            runs[tag] = (hard, out.loss.detach().float(), grads)
+            m.eval()
+    finally:
+        K.flash_attention, K.flex_masked_attention = orig["flash"], orig["flex"]
+        m32.to(torch.float32)
+    ref = runs["fp32_sdpa"]
+    err = {tag: {"hard_logits": rel(r[0], ref[0], text), "soft_loss": rel(r[1], ref[1]), "threshold_grads": rel(r[2], ref[2])}
+           for tag, r in runs.items() if tag != "fp32_sdpa"}
+    base, got = err["bf16_sdpa"], err["bf16_auto"]
+    ok = all(got[key] <= MODEL_SLACK * base[key] + 1e-3 for key in got)
+    agree = float((runs["bf16_auto"][0].argmax(-1) == runs["bf16_sdpa"][0].argmax(-1))[text].float().mean())
+    return [{"check": "model/auto_vs_sdpa_bf16", "err_vs_fp32": err, "top1_agreement_hard": agree,
+             "kernel_calls": dict(calls), "used_flash": calls["flash"] > 0 or not have_flash,
+             "used_flex": calls["flex"] > 0, "pass": ok and calls["flex"] > 0 and (calls["flash"] > 0 or not have_flash)}]
+
+
+# -- benchmarks -----------------------------------------------------------------------------------
+def cuda_ms(fn, iters=20, warmup=5):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def bench_attn(have_flash):
+    rows = []
+    H, d, scale = 32, 128, 128**-0.5
+    for L, B in ATTN_SHAPES:
+        g = torch.Generator(device=DEV).manual_seed(0)
+        q, k, v = (torch.randn(B, H, L, d, device=DEV, dtype=torch.bfloat16, generator=g).requires_grad_() for _ in range(3))
+        live = torch.ones(B, L, dtype=torch.bool, device=DEV)
+        log_m = torch.zeros(B, L, device=DEV)
+        nv = min(576, L - 64)  # the image's keys carry the soft mask
+        log_m[:, 8:8 + nv] = torch.rand(B, nv, device=DEV, generator=g).clamp_min(0.02).log()
+        log_m.requires_grad_()
+        go = torch.randn(B, L, H, d, device=DEV, dtype=torch.bfloat16, generator=g)
+        bm, _ = K.flex_prepare(live, None, L)
+        pad = bm.shape[-1] - L
+
+        def flex_masked():
+            lp = F.pad(log_m.clamp_min(-1e4), (0, pad))
+            K.flex_masked_attention(q, k, v, bm, lp, scale).backward(go)
+
+        def flex_causal():
+            K.flex_masked_attention(q, k, v, bm, None, scale).backward(go)
+
+        def sdpa_bias():
+            bias = K.dense_bias(live, log_m, torch.bfloat16)
+            F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale).transpose(1, 2).backward(go)
+
+        def sdpa_causal():  # torch's own flash backend: the baseline when flash-attn is absent
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).transpose(1, 2).backward(go)
+
+        fns = {"flex_masked": flex_masked, "flex_causal": flex_causal, "sdpa_bias": sdpa_bias, "sdpa_causal": sdpa_causal}
+        if have_flash:
+            fns["flash"] = lambda: K.flash_attention(q, k, v, live, scale).backward(go)
+        ms = {}
+        for name, fn in fns.items():
+            ms[name] = cuda_ms(fn)
+            q.grad = k.grad = v.grad = log_m.grad = None
+        base = ms.get("flash", ms["sdpa_causal"])
+        rows.append({"L": L, "B": B, "heads": H, "head_dim": d, "fwd_bwd_ms": ms,
+                     "flex_masked_over_flash": ms["flex_masked"] / base,
+                     "baseline": "flash" if have_flash else "sdpa_causal", "goal_met": ms["flex_masked"] / base <= 1.5})
+    return rows
+
+
+def bench_prefill(have_flash, batch_sizes=(1, 8)):
+    atp_layers = PREFILL_MODEL["atp_layers"]
+    cfg = llava_config(**PREFILL_MODEL, pruning="fixed", fixed_counts=[1] * len(atp_layers))
+    m = build(cfg).to(torch.bfloat16)
+    lv, n_layers, text = cfg.num_visual_tokens, PREFILL_MODEL["layers"], 64
+    q = keep_share_per_module(atp_layers, n_layers, lv, 0.25 * lv)
+    counts = [max(1, round(lv * q ** (k + 1))) for k in range(len(atp_layers))]
+    kernels = ["sdpa", "auto"] if have_flash else ["sdpa"]
+    rows = []
+    for B in batch_sizes:
+        b = batch(cfg, [text] * B)
+        b.pop("labels")
+        run = lambda: m(**b, logits_to_keep=1)  # noqa: E731
+        for kernel in kernels:
+            m.config.attn_kernel = kernel
+            res = {}
+            for budget, pruning in (("unpruned", "none"), ("nbar25", "fixed")):
+                m.config.pruning, m.config.fixed_counts = pruning, counts
+                with torch.no_grad():
+                    ms = cuda_ms(run, iters=10, warmup=3)
+                    out = run()
+                res[budget] = (ms, model_costs(out.visual_tokens[0].tolist(), text, m.config))
+            (t0, c0), (t1, c1) = res["unpruned"], res["nbar25"]
+            rows.append({"batch": B, "kernel": kernel, "kept_counts": counts, "n_bar_share": c1["n_bar"] / lv,
+                         "unpruned_ms": t0, "nbar25_ms": t1, "time_ratio": t1 / t0,
+                         "flops_ratio_exact": c1["flops_exact"] / c0["flops_exact"],
+                         "flops_ratio_paper": c1["flops_paper"] / c0["flops_paper"]})
+    del m
+    torch.cuda.empty_cache()
+    return rows
+
+
+# -- report ---------------------------------------------------------------------------------------
+def print_tables(res):
+    for r in res.get("kernels", []):
+        cols = " ".join(f"{k}={v:.2e}" for k, v in r.items() if k not in ("check", "pass", "finite") and isinstance(v, float))
+        print(f"{'PASS' if r.get('pass', True) else 'FAIL'} {r['check']:<28} {cols}")
+    for r in res.get("model", []):
+        print(f"{'PASS' if r['pass'] else 'FAIL'} {r['check']}  err vs fp32 {json.dumps(r['err_vs_fp32'])}  "
+              f"top1 {r['top1_agreement_hard']:.3f}  calls {r['kernel_calls']}")
+    for r in res.get("bench_attn", []):
+        ms = "  ".join(f"{k} {v:.2f}" for k, v in r["fwd_bwd_ms"].items())
+        print(f"attn fwd+bwd L={r['L']} B={r['B']}: {ms} ms; flex_masked / {r['baseline']} = "
+              f"{r['flex_masked_over_flash']:.2f} (goal <= 1.5)")
+    for r in res.get("bench_prefill", []):
+        print(f"prefill B={r['batch']} {r['kernel']:<5} unpruned {r['unpruned_ms']:.1f} ms, N_bar {r['n_bar_share']:.1%} "
+              f"{r['nbar25_ms']:.1f} ms: time x{r['time_ratio']:.3f} vs FLOPs x{r['flops_ratio_exact']:.3f} "
+              f"(paper convention x{r['flops_ratio_paper']:.3f})")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--parts", default="kernels,model,bench_attn,bench_prefill")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_checks: no CUDA device here; run this on a GPU machine (docs/GPU.md). Nothing was checked.")
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    have_flash = K.flash_available()
+    res = {"env": {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(),
+                   "python": platform.python_version(), "flash_attn": None,
+                   "tolerances": {"out": TOL_OUT, "grad": TOL_GRAD, "model_slack": MODEL_SLACK}}}
+    if have_flash:
+        import flash_attn
+
+        res["env"]["flash_attn"] = flash_attn.__version__
+    else:
+        print("flash-attn not installed (pip install '.[gpu]'): flash checks skipped, benchmarks use SDPA's own flash backend")
+    parts = {"kernels": check_kernels, "model": check_model, "bench_attn": bench_attn, "bench_prefill": bench_prefill}
+    for part in args.parts.split(","):
+        t = time.perf_counter()
+        res[part] = parts[part](have_flash)
+        res.setdefault("seconds", {})[part] = round(time.perf_counter() - t, 1)
+        with open(os.path.join(args.out, "gpu_checks.json"), "w") as f:  # after each part: a timeout keeps the rest
+            json.dump(res, f, indent=2)
+    print_tables(res)
+    failed = [r["check"] for part in ("kernels", "model") for r in res.get(part, []) if not r.get("pass", True)]
+    if failed:
+        print("FAILED:", ", ".join(failed))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
