@@ -26,6 +26,8 @@ log = logging.getLogger("pipeline")
 
 def parse(argv):
     p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    # the deepspeed launcher puts --local_rank=N before the command; LOCAL_RANK says the same
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="cmd", required=True)
     for cmd in ("run", "stage", "config"):
         s = sub.add_parser(cmd)

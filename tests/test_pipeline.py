@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -262,3 +264,40 @@ def test_budget_losses_pull_n_bar_to_target(zero3_run, tiny):
     last = sum(m[s]["atp/n_bar"] for s in sorted(m)[-10:]) / 10
     assert first > LV * 0.5  # it really started far from the target
     assert abs(last - target) <= 0.1 * target, (first, last, target)
+
+
+def test_sigusr1_on_one_rank_saves_and_exits_zero(zero3_run, tiny):
+    """SIGUSR1 to rank 1 only: both ranks agree after the step, save, leave `.preempted`
+    (training is not finished) and exit 0."""
+    run = fresh_run(tiny, "signal")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pipeline",
+           "run", str(tiny["config"]), f"run_dir={run}", "stages=[sft]", "train.epochs=50", "train.max_steps=200",
+           "train.checkpoint_every=1000"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run / "sft" / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    workers = _children(proc.pid)
+    assert len(workers) == 2, workers
+    rank1 = next(pid for pid in workers if _environ(pid).get("RANK") == "1")
+    os.kill(rank1, signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out[-4000:]
+    assert "stopped on SIGUSR1" in out
+    tag = (run / "sft" / "checkpoints" / "latest").read_text()
+    step = int(tag.removeprefix("step"))
+    assert 2 <= step < 200
+    assert (run / ".preempted").exists() and not (run / "sft" / "DONE").exists()
+
+
+def _children(pid: int) -> list[int]:
+    kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(k) for k in kids]
+
+
+def _environ(pid: int) -> dict:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode(errors="replace").split("=", 1) for item in raw if b"=" in item)
