@@ -102,6 +102,9 @@ def _run_stages(run, names, dist, stop, force: bool) -> None:
         if dist.rank == 0:
             done.write_text(json.dumps({"seconds": round(time.time() - t0, 1), "world_size": dist.world_size}) + "\n")
         log.info("stage %s: done in %.1f s", name, time.time() - t0)
+        if name != names[-1] and stop.should_stop():  # collective; a signal during a stage without a loop
+            log.info("%s: stopping before the next stage; rerun to continue", stop.signal_name)
+            return
 
 
 def _setup_logging(rank: int) -> None:
