@@ -43,6 +43,7 @@ from pipeline.stages import DONE, Context
 
 log = logging.getLogger(__name__)
 LOSS_TERMS = ("total", "ntp", "atp", "target")
+REPAIRED = ("truncated", "converted_image")  # counted by the loader, but kept, not skipped
 
 
 def run(run: RunConfig, ctx: Context, out: Path) -> bool:
@@ -121,8 +122,9 @@ def run(run: RunConfig, ctx: Context, out: Path) -> bool:
             scalars["perf/samples_per_s"] = scalars.pop("samples") / step_s
             scalars["perf/step_s"] = step_s
             scalars["perf/data_s"] = data_s
-            for kind, n in data.skipped_all_ranks().items():
-                scalars[f"data/skipped/{kind}"] = n
+            skipped = data.skipped_all_ranks()
+            scalars["data/skipped/total"] = sum(n for k, n in skipped.items() if k not in REPAIRED)
+            scalars.update({f"data/skipped/{kind}": n for kind, n in skipped.items()})
             monitor.step(step, scalars, record=scalars)
         if image_sample is not None and step % run.train.image_every == 0:
             monitor.kept_tokens_image(step, *_denormalise(image_sample, image_processor), config.grid_size)
