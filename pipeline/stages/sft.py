@@ -212,12 +212,13 @@ def _model_inputs(batch: dict, device, dtype) -> dict:
 
 class StepStats:
     """Per-step averages over micro-batches and ranks: every loss term, N_bar, tokens kept
-    after each ATP module, the thresholds' mean/min/max per module."""
+    after each ATP module (soft: sum of C_k; hard: C_k >= 0.5, what inference would keep
+    given these masks), the thresholds' mean/min/max per module."""
 
     def __init__(self, config, accum: int):
         self.k = len(config.atp_layers) if config.pruning != "none" else 0
         self.accum = accum
-        self.sums = torch.zeros(len(LOSS_TERMS) + 2 + 3 * self.k, dtype=torch.float64)
+        self.sums = torch.zeros(len(LOSS_TERMS) + 2 + 4 * self.k, dtype=torch.float64)
         self.mins = torch.full((2 * self.k,), float("inf"), dtype=torch.float64)
         self.maxs = torch.full((2 * self.k,), float("-inf"), dtype=torch.float64)
 
@@ -231,11 +232,12 @@ class StepStats:
             theta = info["thresholds"].float()[has_img.to(info["thresholds"].device)]  # [n_img, K, 2]
             vec += keep.sum(-1).mean(0).tolist()
             vec += theta[..., 0].mean(0).tolist() + theta[..., 1].mean(0).tolist()
+            vec += (keep >= 0.5).float().sum(-1).mean(0).tolist()
             flat = theta.permute(2, 1, 0).reshape(2 * self.k, -1).double().cpu()  # [r_0..r_K-1, s_0..]
             self.mins = torch.minimum(self.mins, flat.min(1).values)
             self.maxs = torch.maximum(self.maxs, flat.max(1).values)
         else:
-            vec += [0.0] * (3 * self.k)
+            vec += [0.0] * (4 * self.k)
         self.sums += torch.tensor(vec, dtype=torch.float64)
 
     def reduce(self, world: int) -> dict:
@@ -251,6 +253,7 @@ class StepStats:
         base = len(LOSS_TERMS) + 2
         for j in range(self.k):
             out[f"atp/kept/module{j}"] = sums[base + j].item() / n
+            out[f"atp/kept_hard/module{j}"] = sums[base + 3 * self.k + j].item() / n
             for which, off, row in (("theta_r", 1, j), ("theta_s", 2, self.k + j)):
                 out[f"atp/{which}/module{j}/mean"] = sums[base + off * self.k + j].item() / n
                 out[f"atp/{which}/module{j}/min"] = mins[row].item()
