@@ -25,7 +25,7 @@ from transformers.utils import ModelOutput
 from .atp_module import AtpModule, keep_share_per_module
 from .attention import ATTN_IMPLEMENTATION, ScoreRequest
 from .configuration_atp_llava import AtpLlavaConfig
-from .kernels import KeyMask, check_requested, dense_bias
+from .kernels import KeyMask, check_requested
 from .scores import minmax, spatial_scores
 
 
@@ -85,7 +85,7 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             # Scores are min-max normalised to [0, 1], so theta_r = 1 - q keeps about a share q of
             # roughly uniform scores; theta_s starts just under the sparsest grid's score, keeping
             # that grid only, with its masks inside the sigmoid's slope so theta_s gets gradient.
-            top = float(spatial_scores(c.grid_size, c.spatial_strides, c.lambda_sample).max())
+            top = float(self._spatial_for(c).max())
             module.init_thresholds(theta_r=1.0 - q, theta_s=min(max(top - 1.0 / c.mask_temperature, 0.02), 0.98))
         else:
             super()._init_weights(module)
@@ -113,13 +113,15 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
         return build_from_parts(cls, llama_dir, clip_dir, mm_projector, tokenizer=tokenizer, **fields)
 
+    @staticmethod
+    def _spatial_for(c):
+        """S_spatial [Lv] of this config's grid ("full" strategy: CLS is in no grid)."""
+        spa = spatial_scores(c.grid_size, c.spatial_strides, c.lambda_sample)
+        return torch.cat([spa.new_zeros(1), spa]) if c.num_visual_tokens != c.grid_size**2 else spa
+
     def spatial_score(self, like):
         if self._spatial is None or self._spatial.device != like.device:
-            c = self.config
-            spa = spatial_scores(c.grid_size, c.spatial_strides, c.lambda_sample)
-            if c.num_visual_tokens != c.grid_size**2:  # "full" strategy: CLS is in no grid
-                spa = torch.cat([spa.new_zeros(1), spa])
-            self._spatial = spa.to(like.device)
+            self._spatial = self._spatial_for(self.config).to(like.device)
         return self._spatial.to(like.dtype)
 
     def atp_parameters(self):
@@ -186,11 +188,6 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             odd = (torch.arange(cos.shape[-1], device=cos.device) % half) % 2 == 1
             cos, sin = torch.where(odd, cos_c, cos), torch.where(odd, sin_c, sin)
         return cos, sin
-
-    @staticmethod
-    def _bias(live, key_log_mask, dtype):
-        """Additive [B, 1, L, L] mask: causal, padding/pruned keys off, `log C` on visual keys."""
-        return dense_bias(live, key_log_mask, dtype)
 
     def _keys(self, live, key_log_mask, dtype, q_len=None):
         """The keys a group of layers sees (`kernels.KeyMask`); the kernel and what it needs are chosen there."""
@@ -322,11 +319,9 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         L = seq.live.shape[1]
         idx = torch.arange(L, device=C.device).expand(B, L)
         # where each original visual token sits now (0 and weight 0 if it is gone)
-        vis_index = torch.zeros(B, lv + 1, dtype=torch.long, device=C.device)
-        vis_index.scatter_(1, torch.where(seq.vis >= 0, seq.vis, lv), idx)
-        vis_index = vis_index[:, :lv]
-        present = torch.zeros(B, lv + 1, dtype=torch.bool, device=C.device)
-        present.scatter_(1, torch.where(seq.vis >= 0, seq.vis, lv), seq.live)
+        slot = torch.where(seq.vis >= 0, seq.vis, lv)  # text and padding go to a spare slot lv
+        vis_index = torch.zeros(B, lv + 1, dtype=torch.long, device=C.device).scatter_(1, slot, idx)[:, :lv]
+        present = torch.zeros(B, lv + 1, dtype=torch.bool, device=C.device).scatter_(1, slot, seq.live)
         weight = C.detach() * present[:, :lv]
         nq = max(int(qmask.sum(1).max()), 1)
         order = torch.sort((~qmask).to(torch.int8), dim=1, stable=True).indices[:, :nq]

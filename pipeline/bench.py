@@ -17,6 +17,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from model import AtpLlavaForConditionalGeneration, model_costs
 from model import modeling_atp_llava as modeling
+from model.atp_module import keep_share_per_module
 
 
 def build(args, seed=0):
@@ -38,8 +39,6 @@ def build(args, seed=0):
 
 def counts_for(share, lv, atp_layers, n_layers):
     """Per-module kept counts, one geometric share per module, giving N_bar = share * Lv."""
-    from model.atp_module import keep_share_per_module
-
     q = keep_share_per_module(atp_layers, n_layers, lv, share * lv)
     return [max(1, round(lv * q ** (k + 1))) for k in range(len(atp_layers))]
 

@@ -6,6 +6,7 @@ from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotar
 
 from model import AtpLlavaConfig, AtpLlavaForConditionalGeneration, layer_flops_exact, layer_flops_paper, model_costs
 from model.attention import atp_attention
+from model.kernels import dense_bias
 from model.modeling_atp_llava import visual_tokens_per_layer
 from model.scores import spatial_scores
 from tiny_models import IMAGE_TOKEN, LV, make_batch, tiny_atp, tiny_llava_config
@@ -128,7 +129,7 @@ def test_masked_attention_gradcheck_wrt_mask():
     mask = torch.rand(B, L, dtype=torch.float64).clamp(0.05, 0.95).requires_grad_()
 
     def f(m):
-        bias = AtpLlavaForConditionalGeneration._bias(live, torch.log(m), torch.float64)
+        bias = dense_bias(live, torch.log(m), torch.float64)
         return atp_attention(module, q, k, v, bias, scaling=d**-0.5)[0]
 
     assert torch.autograd.gradcheck(f, (mask,), eps=1e-6, atol=1e-5)
