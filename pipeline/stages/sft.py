@@ -47,14 +47,21 @@ REPAIRED = ("truncated", "converted_image")  # counted by the loader, but kept, 
 
 
 def run(run: RunConfig, ctx: Context, out: Path) -> bool:
+    start = Path(run.run_dir) / "projector"
+    if not (start / DONE).exists():
+        raise FileNotFoundError(f"sft starts from {start}, which is not complete: run the projector stage first")
+    return train(run, ctx, out, start)
+
+
+def train(run: RunConfig, ctx: Context, out: Path, start: Path, tb_dir: Path | None = None) -> bool:
+    """The training loop (also the `base` stage's): from the HF dir `start` into `out`,
+    TensorBoard scalars into `tb_dir` (default run_dir/tb)."""
     import deepspeed
     from transformers import AutoImageProcessor, AutoTokenizer
 
     dist, stop = ctx.dist, ctx.stop
     run_dir = Path(run.run_dir)
-    start = run_dir / "projector"
-    if not (start / DONE).exists():
-        raise FileNotFoundError(f"sft starts from {start}, which is not complete: run the projector stage first")
+    out.mkdir(parents=True, exist_ok=True)
     _seed_everything(run.seed)
 
     tokenizer = AutoTokenizer.from_pretrained(start)
@@ -72,6 +79,8 @@ def run(run: RunConfig, ctx: Context, out: Path) -> bool:
     ds = build_ds_config(run, world_size=dist.world_size, total_steps=total_steps,
                          hidden_size=config.text_config.hidden_size, cuda=cuda)
     dtype = torch.bfloat16 if use_bf16(run, cuda) else torch.float32
+    autocast = torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16,
+                              enabled=run.train.precision == "bf16-autocast")
     with zero3_enabled(ds):
         model = AtpLlavaForConditionalGeneration.from_pretrained(start, config=config, dtype=dtype)
     model.config.use_cache = False
@@ -91,7 +100,7 @@ def run(run: RunConfig, ctx: Context, out: Path) -> bool:
         _set_rng(client["rng"])
         log.info("resumed from %s/%s at step %d, data %s", ckpt_dir, checkpoint.latest_tag(ckpt_dir),
                  step, client["data"])
-    monitor = Monitor(active=dist.rank == 0, tb_dir=run_dir / "tb", metrics_path=out / "metrics.jsonl",
+    monitor = Monitor(active=dist.rank == 0, tb_dir=tb_dir or run_dir / "tb", metrics_path=out / "metrics.jsonl",
                       start_step=step, total_steps=total_steps)
     _report_memory(engine, out, dist, monitor)
 
@@ -109,7 +118,8 @@ def run(run: RunConfig, ctx: Context, out: Path) -> bool:
             td = time.perf_counter()
             batch = data.next()
             data_s += time.perf_counter() - td
-            outputs = engine(**_model_inputs(batch, engine.device, dtype))
+            with autocast:
+                outputs = engine(**_model_inputs(batch, engine.device, dtype))
             engine.backward(outputs.loss)
             engine.step()
             stats.add(outputs, batch)

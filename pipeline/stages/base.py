@@ -1,0 +1,157 @@
+"""Stage `base` (the embedded default only): the tiny LLaVA that stands in for LLaVA-1.5.
+
+No pretrained weights can be downloaded here, so this stage trains `model.scratch` (HF
+CLIPVisionModel + projector + Llama, real classes) from scratch on its own synthetic train
+shards, with the sft loop (pipeline.stages.sft.train) and pruning off, and writes the parts
+in LLaVA-1.5's release layout, which the `projector` stage then reads with `source: parts`:
+
+    run_dir/base/llama/              LlamaForCausalLM + the word tokenizer
+    run_dir/base/clip/               CLIPVisionModel + CLIPImageProcessor
+    run_dir/base/mm_projector.bin    keys model.mm_projector.{0,2}.{weight,bias}
+
+With `base.weights` set (embedded/base, committed) the parts are copied after checking
+that they are the architecture `model.scratch` describes; training them anew is
+`python -m pipeline run pipeline/configs/base.yaml` (embedded/README.md).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+from omegaconf import OmegaConf
+
+from pipeline import build, checkpoint
+from pipeline.config import RunConfig
+from pipeline.distributed import use_cuda
+from pipeline.ds import build_ds_config
+from pipeline.stages import DONE, Context
+from pipeline.stages import sft
+
+log = logging.getLogger(__name__)
+PARTS = ("llama", "clip", "mm_projector.bin")
+
+
+def run(run: RunConfig, ctx: Context, out: Path) -> bool:
+    if run.base.weights:
+        if ctx.dist.rank == 0:
+            copy_committed(run, Path(run.base.weights), out)
+        _barrier()
+        return True
+    base = base_run(run, out)
+    if ctx.dist.rank == 0 and not (out / "shards" / "sizes.json").exists():
+        from shards import synthetic
+
+        s = run.synthetic
+        opt = synthetic.Options(image_size=run.model.scratch.image_size)
+        synthetic.write(str(out / "shards"), "train", run.base.train_samples, run.base.seed, opt, s.maxcount)
+    _barrier()
+    init = out / "init"
+    if not (init / DONE).exists():
+        _build_init(base, ctx, init)
+    if not sft.train(base, ctx, out / "train", init, tb_dir=Path(run.run_dir) / "tb" / "base"):
+        return False
+    if ctx.dist.rank == 0:
+        write_parts(out / "train" / checkpoint.DIRNAME, init, out)
+    _barrier()
+    return True
+
+
+def base_run(run: RunConfig, out: Path) -> RunConfig:
+    """The run config of the base training: a scratch model, nothing frozen, no pruning,
+    its own shards, then `base.overrides` (batch size, lr, steps, precision)."""
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(run),
+        {"model": {"source": "scratch", "freeze_vision": False, "freeze_lm": False},
+         "atp": {"pruning": "none"},
+         "data": {"shards": str(out / "shards")}},
+        run.base.overrides)
+    return OmegaConf.to_object(cfg)
+
+
+def _build_init(base: RunConfig, ctx: Context, init: Path) -> None:
+    from transformers import set_seed
+
+    set_seed(base.seed)
+    config, tokenizer, image_processor, tensors = build.source_parts(base)
+    ds = build_ds_config(base, world_size=ctx.dist.world_size, total_steps=1,
+                         hidden_size=config.text_config.hidden_size, cuda=use_cuda())
+    model = build.instantiate(config, tensors, ds, torch.float32)
+    build.save_pretrained_dir(model, tokenizer, image_processor, init)
+    if ctx.dist.rank == 0:
+        (init / DONE).write_text("")
+    _barrier()
+
+
+def write_parts(ckpt_dir: Path, init: Path, out: Path) -> None:
+    """The trained LLaVA as LLaVA-1.5's three parts (fp32 safetensors + the projector .bin)."""
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPVisionModel, LlamaForCausalLM
+
+    from model import AtpLlavaConfig
+
+    state = checkpoint.consolidated_state_dict(ckpt_dir)
+    config = AtpLlavaConfig.from_pretrained(init)
+    parts = {"llama": {}, "clip": {}, "projector": {}}
+    for key, value in state.items():
+        if key.startswith("model.language_model."):
+            parts["llama"]["model." + key[len("model.language_model."):]] = value
+        elif key.startswith("lm_head."):
+            parts["llama"][key] = value
+        elif key.startswith("model.vision_tower."):
+            parts["clip"][key[len("model.vision_tower."):]] = value
+        elif key.startswith("model.multi_modal_projector."):
+            name = key[len("model.multi_modal_projector."):]
+            layer = {"linear_1": "0", "linear_2": "2"}[name.split(".")[0]]
+            parts["projector"][f"model.mm_projector.{layer}.{name.split('.', 1)[1]}"] = value
+    tmp = out / "parts.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name, cls, sub in (("llama", LlamaForCausalLM, config.text_config),
+                           ("clip", CLIPVisionModel, config.vision_config)):
+        model = cls(sub)
+        missing, unexpected = model.load_state_dict(parts[name], strict=False)
+        missing = [k for k in missing if "rotary" not in k]
+        if missing or unexpected:
+            raise RuntimeError(f"base {name}: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        model.save_pretrained(tmp / name, safe_serialization=True)
+    AutoTokenizer.from_pretrained(init).save_pretrained(tmp / "llama")
+    AutoImageProcessor.from_pretrained(init).save_pretrained(tmp / "clip")
+    torch.save(parts["projector"], tmp / "mm_projector.bin")
+    for name in PARTS:  # replace the previous parts only once the new ones are complete
+        dest = out / name
+        if dest.is_dir():
+            shutil.rmtree(dest)
+        (tmp / name).rename(dest)
+    tmp.rmdir()
+    log.info("base parts written to %s", out)
+
+
+def copy_committed(run: RunConfig, src: Path, out: Path) -> None:
+    """Copy committed parts, refusing ones that are not the configured architecture."""
+    s = run.model.scratch
+    want = {"llama": {"hidden_size": s.hidden_size, "num_hidden_layers": s.num_layers,
+                      "num_attention_heads": s.num_heads, "num_key_value_heads": s.num_kv_heads,
+                      "intermediate_size": s.intermediate_size},
+            "clip": {"hidden_size": s.vision_hidden_size, "num_hidden_layers": s.vision_layers,
+                     "image_size": s.image_size, "patch_size": s.patch_size}}
+    for part, fields in want.items():
+        path = src / part / "config.json"
+        if not path.exists():
+            raise FileNotFoundError(f"config error at 'base.weights': {path} missing (expected {PARTS} in {src})")
+        have = json.loads(path.read_text())
+        diff = {k: (v, have.get(k)) for k, v in fields.items() if have.get(k) != v}
+        if diff:
+            raise ValueError(f"config error at 'base.weights': {src / part} is not model.scratch "
+                             f"(field: (configured, committed)) {diff}; train a new base with base.weights=null")
+    for name in PARTS:
+        dest = out / name
+        if dest.is_dir():
+            shutil.rmtree(dest)
+        (shutil.copytree if (src / name).is_dir() else shutil.copy2)(src / name, dest)
+
+
+def _barrier() -> None:
+    if tdist.is_initialized():
+        tdist.barrier()
