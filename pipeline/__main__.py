@@ -3,6 +3,8 @@
     python -m pipeline run [CONFIG] [key=value ...]          # the config's stages, in order
     python -m pipeline stage NAME [CONFIG] [key=value ...]   # one stage
     python -m pipeline config [CONFIG] [key=value ...]       # print the resolved config
+    python -m pipeline eval --checkpoint DIR --shards DIR --out DIR ...   # pipeline/evaluate.py
+    python -m pipeline bench [...]                           # pipeline/bench.py: prefill time vs FLOPs
 
 CONFIG defaults to the embedded default (pipeline/configs/default.yaml). Launch the same
 command under `torchrun`, `deepspeed --module pipeline ...` or `srun`; pipeline.distributed
@@ -46,8 +48,17 @@ def parse(argv):
     return args
 
 
+TOOLS = {"eval": "pipeline.evaluate", "bench": "pipeline.bench"}  # commands with their own options
+
+
 def main(argv=None) -> int:
-    args = parse(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in TOOLS:
+        import importlib
+
+        rc = importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
+        return rc if isinstance(rc, int) else 0
+    args = parse(argv)
     try:
         run = load_config(args.config, args.rest)
         if args.cmd == "stage":

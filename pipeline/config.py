@@ -30,7 +30,9 @@ DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 # A field whose value is an input path carries this metadata; `check_paths` visits them,
 # and the path fields of schemas owned elsewhere (pipeline.data) listed here.
 PATH = {"path": True}
-OTHER_PATHS = ("data.shards",)
+# `${repo:embedded/base}` in a YAML: a path inside this checkout, whatever the working dir
+OmegaConf.register_new_resolver("repo", lambda rel: str(REPO_ROOT / rel), replace=True)
+OTHER_PATHS = ("data.shards", "eval.shards")
 
 
 class ConfigError(ValueError):
@@ -148,6 +150,27 @@ class BaseConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Stages `variants` and `eval` (pipeline/evaluate.py): every method at matched budgets."""
+
+    shards: str = "${run_dir}/shards/eval"
+    budgets: list[float] = field(default_factory=lambda: [0.25, 0.15, 0.11])  # N_bar / Lv
+    methods: list[str] = field(default_factory=lambda: [
+        "atp", "fixed", "fastv", "prumerge", "prumerge+", "sparsevlm", "visionzip", "uniform", "random"])
+    # `variants` trains these per budget (sft + export into run_dir/variants/METHOD-PCT);
+    # the main sft's model is `atp` at the budget of atp.target_tokens
+    trained: list[str] = field(default_factory=lambda: ["atp", "fixed"])
+    variant_overrides: dict[str, Any] = field(default_factory=dict)  # run-config keys for every variant
+    limit: Optional[int] = None  # eval samples (None: all)
+    batch_size: int = 32
+    max_new_tokens: int = 4
+    timing_batch: int = 8
+    timing_repeats: int = 5
+    decode_tokens: int = 8
+    overlay_images: int = 4
+
+
+@dataclass
 class ExportConfig:
     dtype: str = "bfloat16"  # float32 | bfloat16 | float16
     pruning: str = "atp"  # what generate() of the exported model does
@@ -164,6 +187,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     base: BaseConfig = field(default_factory=BaseConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
 

@@ -18,6 +18,8 @@ STAGES = {
     "projector": "pipeline.stages.projector:run",
     "sft": "pipeline.stages.sft:run",
     "export": "pipeline.stages.export:run",
+    "variants": "pipeline.stages.variants:run",  # the trained comparison models of `eval`
+    "eval": "pipeline.stages.eval:run",
 }
 DONE = "DONE"
 

@@ -39,12 +39,13 @@ def run(run: RunConfig, ctx: Context, out: Path) -> bool:
     return True
 
 
-def export(run: RunConfig, out: Path) -> None:
+def export(run: RunConfig, out: Path, start: Path | None = None, ckpt_dir: Path | None = None) -> None:
+    """sft's latest checkpoint (or `ckpt_dir`'s) on the model dir it started from (`start`)."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
     run_dir = Path(run.run_dir)
-    start = run_dir / "projector"
-    ckpt_dir = run_dir / "sft" / checkpoint.DIRNAME
+    start = start or run_dir / "projector"
+    ckpt_dir = ckpt_dir or run_dir / "sft" / checkpoint.DIRNAME
     state = checkpoint.consolidated_state_dict(ckpt_dir)
 
     config = apply_atp_fields(AtpLlavaConfig.from_pretrained(start), run)

@@ -1,0 +1,36 @@
+"""Stage `eval`: the run's models and the training-free baselines on the eval shards,
+at every budget of `eval.budgets`, into `run_dir/eval/report.{json,md}` and PNG plots
+(pipeline/evaluate.py). Rank 0 evaluates; the other ranks wait."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.distributed as tdist
+
+from pipeline.config import RunConfig
+from pipeline.stages import Context
+
+
+def run(run: RunConfig, ctx: Context, out: Path) -> bool:
+    if ctx.dist.rank == 0:
+        from model import AtpLlavaConfig
+        from pipeline import evaluate
+        from pipeline.stages.variants import main_budget, variant_name
+
+        run_dir = Path(run.run_dir)
+        lv = AtpLlavaConfig.from_pretrained(run_dir / "projector").num_visual_tokens
+        models = {"unpruned": run_dir / "projector"}
+        for method in run.eval.trained:
+            for b in run.eval.budgets:
+                models[(method, b)] = run_dir / "variants" / variant_name(method, b) / "export"
+        b = main_budget(run, lv)
+        if b is not None and run.export.pruning == "atp":
+            models[("atp", b)] = run_dir / "export"
+        e = run.eval
+        evaluate.evaluate_checkpoints(
+            models, e.shards, out, budgets=e.budgets, methods=e.methods, limit=e.limit, batch_size=e.batch_size,
+            max_new_tokens=e.max_new_tokens, timing_batch=e.timing_batch, timing_repeats=e.timing_repeats,
+            decode_tokens=e.decode_tokens, overlay_images=e.overlay_images, title=str(run_dir))
+    if tdist.is_initialized():
+        tdist.barrier()
+    return True

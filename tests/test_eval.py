@@ -1,0 +1,101 @@
+"""The main job, shrunk: base from scratch -> projector -> ATP sft -> export -> variants ->
+eval, one process, a 4-layer model on 64 px images (16 visual tokens), then the report's
+schema and that its numbers are measured, not constants. Also `python -m pipeline eval`."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ["atp", "fixed", "fastv", "prumerge", "prumerge+", "sparsevlm", "visionzip", "uniform", "random"]
+BUDGETS = [0.5, 0.3]  # 4 layers, ATP from layer 1: N_bar >= Lv / 4
+LV = 16
+FIELDS = ["method", "budget", "accuracy", "accuracy_by_family", "accuracy_by_qtype", "n_bar", "n_bar_share",
+          "tokens_per_layer", "tokens_per_layer_by_family", "flops_paper", "flops_exact", "kv_cache_bytes",
+          "prefill_ms", "decode_ms_per_token", "describe"]
+RATIOS = ["retention", "flops_exact_ratio", "kv_cache_bytes_ratio", "prefill_ms_ratio", "decode_ms_per_token_ratio"]
+
+TINY = [
+    "synthetic.train_samples=64", "synthetic.eval_samples=24", "synthetic.image_size=64", "synthetic.maxcount=32",
+    "model.scratch.patch_size=16", "model.scratch.vision_hidden_size=32", "model.scratch.vision_layers=1",
+    "model.scratch.vision_heads=2", "model.scratch.vision_intermediate_size=64", "model.scratch.hidden_size=32",
+    "model.scratch.num_layers=4", "model.scratch.num_heads=2", "model.scratch.num_kv_heads=2",
+    "model.scratch.intermediate_size=64",
+    "base.weights=null", "base.train_samples=32", "base.overrides.train.max_steps=3",
+    "base.overrides.data.batch_size=8", "base.overrides.data.num_workers=0",
+    "atp.atp_layers=[1,2,3]", "atp.target_tokens=8", "atp.threshold_hidden=8", "atp.spatial_strides=[2]",
+    "data.batch_size=4", "data.num_workers=0", "train.max_steps=2", "train.checkpoint_every=2",
+    f"eval.budgets={BUDGETS}", "eval.limit=16", "eval.timing_repeats=1", "eval.decode_tokens=2",
+    "eval.batch_size=8", "eval.overlay_images=2", "eval.variant_overrides.train.max_steps=1",
+]
+
+
+def _run(args, timeout=900):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
+    p = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=timeout)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return p
+
+
+@pytest.fixture(scope="module")
+def main_job(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("main") / "run"
+    _run(["run", "pipeline/configs/default.yaml", f"run_dir={run_dir}", *TINY])
+    return run_dir
+
+
+def test_report_schema_and_measured_numbers(main_job):
+    report = json.loads((main_job / "eval" / "report.json").read_text())
+    recs = report["records"]
+    by = {(r["method"], r["budget"]): r for r in recs}
+    assert set(by) == {("unpruned", None)} | {(m, b) for m in METHODS for b in BUDGETS}
+    ref = by[("unpruned", None)]
+    assert ref["n_bar"] == pytest.approx(LV)
+    for r in recs:
+        for f in FIELDS:
+            assert f in r, (r["method"], f)
+        assert 0 <= r["accuracy"] <= 1
+        assert r["prefill_ms"] > 0 and r["decode_ms_per_token"] > 0
+        assert set(r["accuracy_by_family"]) <= {"coarse", "fine"}
+        if r["method"] == "unpruned":
+            continue
+        for f in RATIOS:
+            assert f in r, (r["method"], f)
+        assert r["retention"] == pytest.approx(r["accuracy"] / ref["accuracy"]) if ref["accuracy"] else True
+        # FLOPs and KV follow the tokens each method kept (computed, not copied from the reference)
+        assert r["flops_exact_ratio"] < 1 and r["kv_cache_bytes_ratio"] < 1
+        assert r["n_bar"] == pytest.approx(sum(r["tokens_per_layer"]) / len(r["tokens_per_layer"]))
+        if r["method"] not in ("atp",):  # budgets are matched by construction; ATP's is learned
+            assert abs(r["n_bar"] - r["budget"] * LV) <= 1.0, (r["method"], r["budget"], r["n_bar"])
+    # smaller budget -> fewer FLOPs for the policies
+    for m in METHODS[1:]:
+        assert by[(m, 0.3)]["flops_exact"] < by[(m, 0.5)]["flops_exact"], m
+    atp = by[("atp", 0.5)]
+    assert set(atp["kept_at_atp_layers_by_family"]) and all(len(v) == 3 for v in atp["kept_at_atp_layers_by_family"].values())
+    assert report["summary"]["budgets"]["0.5"]["best_training_free"] in METHODS[2:]
+    assert report["meta"]["prior_accuracy"]["all"] >= 0
+    for png in ("accuracy_vs_nbar.png", "kept_tokens_per_layer.png", "kept_tokens_overlay.png"):
+        assert (main_job / "eval" / png).stat().st_size > 1000, png
+    md = (main_job / "eval" / "report.md").read_text()
+    assert all(f"| {m} |" in md for m in METHODS)
+
+
+def test_base_parts_and_variants(main_job):
+    for part in ("llama/config.json", "clip/config.json", "mm_projector.bin"):
+        assert (main_job / "base" / part).exists(), part
+    names = sorted(p.name for p in (main_job / "variants").iterdir() if p.is_dir())
+    assert names == ["atp-30", "fixed-30", "fixed-50"]  # atp-50 is the main sft (target 8 of 16)
+    fixed = json.loads((main_job / "variants" / "fixed-30" / "export" / "config.json").read_text())
+    assert fixed["pruning"] == "fixed" and len(fixed["fixed_counts"]) == 3
+
+
+def test_eval_cli_on_an_export(main_job, tmp_path):
+    _run(["eval", "--checkpoint", str(main_job / "export"), "--shards", str(main_job / "shards" / "eval"),
+          "--out", str(tmp_path), "--methods", "atp", "uniform", "--budgets", "0.5", "--limit", "8",
+          "--timing-repeats", "1"])
+    recs = json.loads((tmp_path / "report.json").read_text())["records"]
+    assert [(r["method"], r["budget"]) for r in recs] == [("unpruned", None), ("atp", 0.5), ("uniform", 0.5)]
