@@ -112,6 +112,8 @@ class TrainConfig:
     # optimizer, bf16 matmuls under torch.autocast (about 1.7x faster than fp32 on this CPU)
     precision: str = "auto"
     ds_config: str = field(default=str(REPO_ROOT / "ds_config.json"), metadata=PATH)
+    # atp runs: start theta_r at the target share measured on the first batch (model/calibration.py)
+    calibrate_thresholds: bool = True
     checkpoint_every: int = 500  # optimizer steps
     keep_checkpoints: int = 2
     log_every: int = 1  # TensorBoard scalars

@@ -84,6 +84,9 @@ def train(run: RunConfig, ctx: Context, out: Path, start: Path, tb_dir: Path | N
     with zero3_enabled(ds):
         model = AtpLlavaForConditionalGeneration.from_pretrained(start, config=config, dtype=dtype)
     model.config.use_cache = False
+    ckpt_dir = out / checkpoint.DIRNAME
+    if run.train.calibrate_thresholds and config.pruning == "atp" and checkpoint.latest_tag(ckpt_dir) is None:
+        _calibrate(model, data, ds, autocast, dtype)
     groups = _param_groups(model, run)
     if run.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -91,7 +94,6 @@ def train(run: RunConfig, ctx: Context, out: Path, start: Path, tb_dir: Path | N
                                            lr_scheduler=lr_schedule(run, total_steps))
     group_names = [g["name"] for g in groups]
 
-    ckpt_dir = out / checkpoint.DIRNAME
     client = checkpoint.load(engine, ckpt_dir)
     step = 0
     if client is not None:
@@ -288,6 +290,25 @@ def _denormalise(sample, image_processor):
 
 
 # ------------------------------------------------------------------ model set-up
+
+def _calibrate(model, data, ds: dict, autocast, dtype) -> None:
+    """Start the thresholds at this run's target share, measured on the first batch
+    (model/calibration.py); rank 0's values win. Under ZeRO-3 the parameters are gathered
+    for that one forward (all ranks take part)."""
+    import deepspeed
+
+    from model.calibration import calibrate_thresholds
+
+    batch = next(iter(data.make(0)))
+    zero3 = ds.get("zero_optimization", {}).get("stage") == 3
+    gather = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0, enabled=zero3)
+    device = next(model.parameters()).device
+    with gather, autocast:
+        inputs = _model_inputs(batch, device, dtype)
+        inputs.pop("labels")
+        thetas = calibrate_thresholds(model, **inputs)
+    log.info("thresholds calibrated on %d samples: theta_r %s", len(batch["keys"]), [round(t, 4) for t in thetas])
+
 
 def _param_groups(model, run: RunConfig) -> list[dict]:
     """Vision tower frozen; LM + projector at lr_lm (unless frozen); ATP at lr_atp."""

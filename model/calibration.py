@@ -1,0 +1,74 @@
+"""Data-calibrated threshold start (METHOD sec 3: "the first step keeps about the target share").
+
+The analytic start (theta_r = 1 - q, `AtpLlavaForConditionalGeneration._init_weights`)
+assumes min-max normalised redundancy scores spread evenly over [0, 1]; real ones are
+skewed towards 0 (a few tokens draw most attention), so a module keeps far fewer than q of
+its tokens and N_bar starts well under the target (measured on the embedded default: 17 of
+144 tokens kept at the first module where q = 37% asks for 53, N_bar 21 for a target of 36).
+With Adam moving a head's bias by about lr per step, a short SFT never recovers from that.
+
+`calibrate_thresholds(model, batch)` runs the hard (inference) path on one batch and, module
+by module, sets theta_r's bias to the score at which the module keeps a share q of its live
+tokens (q from `keep_share_per_module`, so N_bar ~ target), given theta_s and the tokens
+earlier modules kept. Forward hooks replace each module's thresholds during that pass, so
+later modules see exactly the tokens the calibrated earlier ones keep. Nothing else changes.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .atp_module import keep_share_per_module
+
+
+@torch.no_grad()
+def calibrate_thresholds(model, **inputs) -> list[float]:
+    """Set each ATP module's theta_r bias from `inputs` (a batch with images); returns the
+    calibrated theta_r per module. A no-op (empty list) when pruning is not `atp` or the
+    batch holds no image."""
+    cfg = model.config
+    if cfg.pruning != "atp" or not cfg.atp_layers or getattr(model, "pruning_policy", None) is not None:
+        return []
+    q = keep_share_per_module(cfg.atp_layers, cfg.text_config.num_hidden_layers, cfg.num_visual_tokens,
+                              cfg.target_tokens)
+    state = {"live": None, "theta": []}
+
+    def hook(module, args, output):
+        s_red, s_spa = args
+        theta_r, theta_s = output
+        live = state["live"]
+        if live is None:  # first module: every token of an image sample (text-only rows are all 0)
+            live = ((s_red != 0) | (s_spa != 0)).any(-1, keepdim=True).expand_as(s_red)
+        rows = live.any(-1)
+        if not rows.any():
+            state["theta"].append(None)
+            return output
+        spatial = (s_spa > theta_s[:, None]) & live
+        want = (q * live.sum(-1).float()).round()
+        need = (want - spatial.sum(-1)).clamp_min(0).long()
+        cand = torch.where(live & ~spatial, s_red.float(), float("-inf")).sort(-1, descending=True).values
+        n = cand.shape[-1]
+        upper = cand.gather(-1, (need - 1).clamp(0, n - 1)[:, None]).squeeze(-1)  # the last kept
+        lower = cand.gather(-1, need.clamp(0, n - 1)[:, None]).squeeze(-1)  # the first dropped
+        per_row = torch.where(need > 0, (upper + lower.clamp_min(0)) / 2, upper + 1e-3)
+        per_row = torch.where(torch.isfinite(per_row), per_row, torch.ones_like(per_row))
+        theta = float(per_row[rows].median().clamp(1e-3, 1 - 1e-3))
+        state["theta"].append(theta)
+        new_r = torch.full_like(theta_r, theta)
+        state["live"] = live & ((s_red > theta) | spatial)
+        return new_r, theta_s
+
+    was_training = model.training
+    handles = [m.register_forward_hook(hook) for m in model.atp_modules]
+    model.eval()
+    try:
+        model(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    for module, theta in zip(model.atp_modules, state["theta"]):
+        if theta is not None:
+            module.head_r.bias.fill_(math.log(theta / (1 - theta)))
+    return [t for t in state["theta"] if t is not None]

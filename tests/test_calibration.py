@@ -1,0 +1,43 @@
+"""model/calibration.py: the thresholds start at the target share measured on a batch."""
+import torch
+
+from model.atp_module import keep_share_per_module
+from model.calibration import calibrate_thresholds
+from tests.tiny_models import LV, make_batch, tiny_atp
+
+
+def _kept(model, batch):
+    model.eval()
+    with torch.no_grad():
+        out = model(**batch)
+    return out.atp_info["keep"].sum(-1), out.visual_tokens.mean(1)  # [B, K], [B]
+
+
+def test_first_pass_keeps_the_target_share():
+    _, m = tiny_atp(atp_layers=(2, 4), target_tokens=8.0)
+    batch = make_batch([3] * 6, [5] * 6, seed=1)
+    batch.pop("labels")
+    cfg = m.config
+    q = keep_share_per_module(cfg.atp_layers, cfg.text_config.num_hidden_layers, LV, cfg.target_tokens)
+    m.train()
+    thetas = calibrate_thresholds(m, **batch)
+    assert len(thetas) == 2 and all(0 < t < 1 for t in thetas)
+    assert m.training  # mode restored
+    for mod, t in zip(m.atp_modules, thetas):  # the heads' bias now encodes the calibrated theta_r
+        assert abs(torch.sigmoid(mod.head_r.bias).item() - t) < 1e-5
+    kept, n_bar = _kept(m, batch)
+    # each module keeps about q of what reaches it (thresholds are per batch, counts per image)
+    assert abs(kept[:, 0].float().mean().item() - q * LV) <= 1.0, (kept, q * LV)  # analytic start: 8 vs 5.9
+    assert abs(kept[:, 1].float().mean().item() - q * q * LV) <= 2.0, (kept, q * q * LV)
+    assert abs(n_bar.mean().item() - cfg.target_tokens) <= 1.0, n_bar  # analytic start: 9.5
+
+
+def test_no_images_or_no_atp_is_a_no_op():
+    _, m = tiny_atp(atp_layers=(2, 4))
+    before = [mod.head_r.bias.clone() for mod in m.atp_modules]
+    batch = make_batch([3, 4], [5, 5], text_only=(0, 1))
+    batch.pop("labels")
+    assert calibrate_thresholds(m, **batch) == []
+    m.config.pruning = "none"
+    assert calibrate_thresholds(m, **make_batch([3], [5])) == []
+    assert all(torch.equal(b, mod.head_r.bias) for b, mod in zip(before, m.atp_modules))
