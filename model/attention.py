@@ -12,6 +12,7 @@ and the q/k are already rotated here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from transformers import AttentionInterface
@@ -32,6 +33,9 @@ class ScoreRequest:
     q_index: torch.Tensor  # [B, Q] query-text rows
     q_valid: torch.Tensor  # [B, Q]
     result: tuple | None = None
+    # what to compute from the layer's q/k (same arguments as `scores.redundancy_scores`, the default);
+    # training-free baselines ask for `scores.visual_attention` instead
+    compute: Callable | None = None
 
 
 def atp_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, atp_scores=None, atp_keys=None,
@@ -39,7 +43,8 @@ def atp_attention(module, query, key, value, attention_mask, dropout=0.0, scalin
     kernel = "sdpa" if atp_keys is None else atp_keys.kernel
     if atp_scores is not None:
         bias = attention_mask if attention_mask is not None else atp_keys.score_bias()
-        atp_scores.result = redundancy_scores(
+        compute = atp_scores.compute if atp_scores.compute is not None else redundancy_scores
+        atp_scores.result = compute(
             query, key, bias, scaling,
             atp_scores.vis_index, atp_scores.vis_weight, atp_scores.q_index, atp_scores.q_valid,
         )

@@ -11,10 +11,16 @@ ATP modules (docs/METHOD.md is the contract for every formula):
   hidden states and the KV cache of every later layer; positions stay the original ones and
   decoding continues from the unpruned length (sec 5).
 
+`model.pruning_policy` (eval only; `baselines.py`) replaces the ATP modules by a training-free
+policy on the same hard path: before each of `policy.layers` (0 = before the first decoder layer)
+it returns a keep mask over the original Lv positions (and optionally new features for the kept
+tokens), optionally from the attention of the layer before (`policy.attention_compute`).
+
 This file is copied into exported checkpoints (trust_remote_code): relative imports only.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +55,22 @@ class AtpLlavaOutput(ModelOutput):
 
 
 @dataclass
+class PruneContext:
+    """What a training-free pruning policy sees before decoder layer `layer` (original Lv positions)."""
+
+    model: object
+    layer: int
+    live: torch.Tensor  # [B, Lv] bool: visual tokens still in the sequence (False for text-only samples)
+    hidden: torch.Tensor  # [B, Lv, D] their hidden states entering `layer` (garbage where not live)
+    embeds: torch.Tensor  # [B, L, D] the decoder's input embeddings, caller's layout
+    vis_orig: torch.Tensor  # [B, Lv] where each visual token sits in the caller's layout (0 for text-only samples)
+    has_img: torch.Tensor  # [B] bool
+    attention: torch.Tensor | None = None  # what `policy.attention_compute` returned for layer - 1
+    q_orig: torch.Tensor | None = None  # [B, Q] its query rows, as indices into the caller's input_ids
+    q_valid: torch.Tensor | None = None  # [B, Q] bool
+
+
+@dataclass
 class _Seq:
     """Per-token metadata that travels with the hidden states (and is gathered with them)."""
 
@@ -75,6 +97,7 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         self.atp_modules = nn.ModuleList(AtpModule(lv, config.threshold_hidden) for _ in config.atp_layers)
         self._spatial = None  # S_spatial, fixed per image size; built on first use (not a buffer:
         # a non-persistent buffer is left uninitialised when transformers loads on the meta device)
+        self.pruning_policy = None  # a training-free baseline (baselines.py); eval mode only, not in config
         self.post_init()
 
     # -- construction -------------------------------------------------------------
@@ -237,7 +260,11 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         B, L = input_ids.shape
         dev = input_ids.device
         hard = not self.training
-        embeds, vis_mask, has_img, image_features = self._embed(input_ids, pixel_values, inputs_embeds)
+        policy = getattr(self, "pruning_policy", None) if hard else None
+        if policy is not None and atp_masks is not None:
+            raise ValueError("atp_masks and model.pruning_policy both choose the kept tokens: set one of them")
+        with policy.vision_tap(self) if policy is not None else contextlib.nullcontext():
+            embeds, vis_mask, has_img, image_features = self._embed(input_ids, pixel_values, inputs_embeds)
         live = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         pos1 = (live.long().cumsum(-1) - 1).clamp_min(0) if position_ids is None else position_ids.expand(B, L)
         vis = torch.where(vis_mask, vis_mask.long().cumsum(-1) - 1, -1)
@@ -247,19 +274,32 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
         lv = cfg.num_visual_tokens
         n_layers = cfg.text_config.num_hidden_layers
-        active = self.pruning_active
+        active = self.pruning_active and policy is None
         module_at = {i: k for k, i in enumerate(cfg.atp_layers)} if active else {}
+        policy_at = {} if policy is None else {i: k for k, i in enumerate(policy.layers)}
+        prune_layers = list(cfg.atp_layers) if active else list(policy_at)
         C = has_img[:, None].to(embeds.dtype).expand(B, lv).clone()  # cumulative mask, original positions
         counts = [C.sum(-1)]  # visual tokens seen by each group of layers
         group_live = [seq.live]  # key-padding mask of each group's KV cache
         thresholds, keeps, m_sums = [], [], []
 
         hidden = embeds
+        vis_orig = None if policy is None else self._visual_slots(seq, lv)[0]
+        if 0 in policy_at:  # before the first decoder layer
+            hidden, seq, qmask, C = self._policy_step(policy, 0, hidden, seq, qmask, C, None, embeds, vis_orig, has_img)
+            keeps.append(C)
+            group_live.append(seq.live)
+            counts.append(C.sum(-1))
         keys = self._keys(seq.live, None, hidden.dtype)
         rope = self._rope(hidden, seq.pos)
         for j, layer in enumerate(self.model.language_model.layers):
             k = module_at.get(j + 1)
-            request = None if k is None else self._score_request(seq, C, qmask)
+            pk = policy_at.get(j + 1)
+            request = None
+            if k is not None:
+                request = self._score_request(seq, C, qmask)
+            elif pk is not None and policy.attention_compute(pk) is not None:
+                request = self._score_request(seq, C, qmask, compute=policy.attention_compute(pk))
             hidden = layer(
                 hidden,
                 attention_mask=keys.dense,
@@ -269,6 +309,14 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 atp_scores=request,
                 atp_keys=keys,
             )
+            if pk is not None:
+                hidden, seq, qmask, C = self._policy_step(policy, j + 1, hidden, seq, qmask, C, request, embeds, vis_orig,
+                                                          has_img)
+                keeps.append(C)
+                keys = self._keys(seq.live, None, hidden.dtype)
+                rope = self._rope(hidden, seq.pos)
+                group_live.append(seq.live)
+                counts.append(C.sum(-1))
             if k is None:
                 continue
             override = None if atp_masks is None else atp_masks[k]
@@ -289,7 +337,7 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         hidden = self.model.language_model.norm(hidden)
         logits = self._logits(hidden, seq, B, L, hard, logits_to_keep)
 
-        visual_tokens = visual_tokens_per_layer(counts, cfg.atp_layers if active else [], n_layers)
+        visual_tokens = visual_tokens_per_layer(counts, prune_layers, n_layers)
         ntp = None
         if labels is not None:
             ntp = self.loss_function(logits=logits, labels=labels, vocab_size=cfg.text_config.vocab_size)
@@ -298,12 +346,14 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             nxt = torch.where(seq.live, seq.pos.amax(0), -1).amax(1) + 1
             cache.atp_state = {
                 "group_live": group_live,
-                "group_of_layer": [sum(1 for i in (cfg.atp_layers if active else []) if i <= j) for j in range(n_layers)],
+                "group_of_layer": [sum(1 for i in prune_layers if i <= j) for j in range(n_layers)],
                 "next_pos": nxt,
             }
         info = None
         if thresholds:
             info = {"thresholds": torch.stack(thresholds, 1).detach(), "keep": torch.stack(keeps, 1).detach()}
+        elif policy is not None and keeps:
+            info = {"keep": torch.stack(keeps, 1).detach(), "policy": policy.name}
         return AtpLlavaOutput(
             loss=loss,
             logits=logits,
@@ -314,19 +364,54 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             image_hidden_states=image_features,
         )
 
-    def _score_request(self, seq, C, qmask):
-        B, lv = C.shape
-        L = seq.live.shape[1]
-        idx = torch.arange(L, device=C.device).expand(B, L)
-        # where each original visual token sits now (0 and weight 0 if it is gone)
+    @staticmethod
+    def _visual_slots(seq, lv):
+        """[B, Lv] index of each original visual token in the current sequence (0 if it is gone), and
+        [B, Lv] whether it is still there."""
+        B, L = seq.live.shape
+        idx = torch.arange(L, device=seq.live.device).expand(B, L)
         slot = torch.where(seq.vis >= 0, seq.vis, lv)  # text and padding go to a spare slot lv
-        vis_index = torch.zeros(B, lv + 1, dtype=torch.long, device=C.device).scatter_(1, slot, idx)[:, :lv]
-        present = torch.zeros(B, lv + 1, dtype=torch.bool, device=C.device).scatter_(1, slot, seq.live)
-        weight = C.detach() * present[:, :lv]
+        vis_index = torch.zeros(B, lv + 1, dtype=torch.long, device=idx.device).scatter_(1, slot, idx)[:, :lv]
+        present = torch.zeros(B, lv + 1, dtype=torch.bool, device=idx.device).scatter_(1, slot, seq.live)
+        return vis_index, present[:, :lv]
+
+    def _score_request(self, seq, C, qmask, compute=None):
+        vis_index, present = self._visual_slots(seq, C.shape[1])
+        weight = C.detach() * present
         nq = max(int(qmask.sum(1).max()), 1)
         order = torch.sort((~qmask).to(torch.int8), dim=1, stable=True).indices[:, :nq]
         q_valid = qmask.gather(1, order)
-        return ScoreRequest(vis_index=vis_index, vis_weight=weight, q_index=order, q_valid=q_valid)
+        return ScoreRequest(vis_index=vis_index, vis_weight=weight, q_index=order, q_valid=q_valid, compute=compute)
+
+    @torch.no_grad()
+    def _policy_step(self, policy, layer, hidden, seq, qmask, C, request, embeds, vis_orig, has_img):
+        """A training-free policy's pruning before decoder layer `layer` (hard path): ask it for the
+        kept visual tokens (and optional new features for them), then drop the rest as ATP does."""
+        B, lv = C.shape
+        vis_index, present = self._visual_slots(seq, lv)
+        D = hidden.shape[-1]
+        live = (C > 0.5) & present & has_img[:, None]
+        ctx = PruneContext(
+            model=self,
+            layer=layer,
+            live=live,
+            hidden=hidden.gather(1, vis_index[..., None].expand(-1, -1, D)),
+            embeds=embeds,
+            vis_orig=vis_orig,
+            has_img=has_img,
+            attention=None if request is None else request.result,
+            q_orig=None if request is None else seq.orig.gather(1, request.q_index),
+            q_valid=None if request is None else request.q_valid,
+        )
+        keep, features = policy.select(ctx)
+        keep = keep.bool() & live
+        if features is not None:  # merging policies: new features for (some of) the kept tokens
+            at = seq.vis.clamp_min(0)
+            on = (seq.vis >= 0) & keep.gather(1, at)
+            new = features.to(hidden.dtype).gather(1, at[..., None].expand(-1, -1, D))
+            hidden = torch.where(on[..., None], new, hidden)
+        hidden, seq, qmask = self._gather(hidden, seq, qmask, keep)
+        return hidden, seq, qmask, keep.to(C.dtype)
 
     def _atp_step(self, k, scores, C, has_img, override, hard):
         """Masks of module k at the original Lv positions, and its thresholds [B, 2]."""

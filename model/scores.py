@@ -68,10 +68,32 @@ def redundancy_scores(query, key, bias, scaling, vis_index, vis_weight, q_index,
     s_self = (qw * logits).sum(1) / qw.sum(1).clamp_min(1e-6)
 
     # S_cross[n]: mean over query-text rows of the masked softmax probability on key n
-    qt = query.gather(2, q_index[:, None, :, None].expand(B, H, -1, d))
-    rows = bias.float().expand(B, 1, -1, -1).gather(2, q_index[:, None, :, None].expand(B, 1, -1, bias.shape[-1]))
-    probs = torch.softmax(torch.matmul(qt, key.transpose(-1, -2)) * scaling + rows, dim=-1).mean(1)  # [B, Q, Lk]
+    probs = _row_probs(query, key, bias, scaling, q_index)  # [B, Q, Lk]
     probs = probs.gather(2, vis_index[:, None, :].expand(B, probs.shape[1], -1))
     qv_w = q_valid.float()[:, :, None]
     s_cross = (probs * qv_w).sum(1) / qv_w.sum(1).clamp_min(1.0)
     return s_self, s_cross
+
+
+def _row_probs(query, key, bias, scaling, q_index):
+    """Head-mean softmax probabilities [B, Q, Lk] of the rows q_index, under the layer's own mask.
+    query [B, H, L, d] and key [B, H, Lk, d] float, kv heads already repeated."""
+    B, H, _, d = query.shape
+    qt = query.gather(2, q_index[:, None, :, None].expand(B, H, -1, d))
+    rows = bias.float().expand(B, 1, -1, -1).gather(2, q_index[:, None, :, None].expand(B, 1, -1, bias.shape[-1]))
+    return torch.softmax(torch.matmul(qt, key.transpose(-1, -2)) * scaling + rows, dim=-1).mean(1)
+
+
+@torch.no_grad()
+def visual_attention(query, key, bias, scaling, vis_index, vis_weight, q_index, q_valid):
+    """[B, Q, Lv]: the head-mean attention probability from each query row to each original visual
+    token, as the layer computes it (0 for tokens already gone and for invalid rows). A drop-in
+    `ScoreRequest.compute` for training-free baselines (FastV, SparseVLM) that rank visual tokens
+    by the attention text gives them; same arguments as `redundancy_scores`."""
+    B, H = query.shape[:2]
+    query, key = query.float(), key.float()
+    if H // key.shape[1] > 1:
+        key = key.repeat_interleave(H // key.shape[1], dim=1)
+    probs = _row_probs(query, key, bias, scaling, q_index)
+    probs = probs.gather(2, vis_index[:, None, :].expand(B, probs.shape[1], -1))
+    return probs * (vis_weight > 0)[:, None, :] * q_valid[:, :, None]
