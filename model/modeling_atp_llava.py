@@ -277,6 +277,11 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         active = self.pruning_active and policy is None
         module_at = {i: k for k, i in enumerate(cfg.atp_layers)} if active else {}
         policy_at = {} if policy is None else {i: k for k, i in enumerate(policy.layers)}
+        if policy is not None and ((getattr(policy, "lv", lv), getattr(policy, "num_layers", n_layers)) != (lv, n_layers)
+                                   or any(not 0 <= i < n_layers for i in policy_at)):
+            raise ValueError(f"pruning_policy {getattr(policy, 'name', policy)!r} was made for another model "
+                             f"(Lv {getattr(policy, 'lv', '?')}, {getattr(policy, 'num_layers', '?')} layers, pruning at "
+                             f"{list(policy_at)}); this one has Lv {lv} and {n_layers} layers")
         prune_layers = list(cfg.atp_layers) if active else list(policy_at)
         C = has_img[:, None].to(embeds.dtype).expand(B, lv).clone()  # cumulative mask, original positions
         counts = [C.sum(-1)]  # visual tokens seen by each group of layers

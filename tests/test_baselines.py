@@ -222,6 +222,12 @@ def test_policy_none_restores_atp_and_training_ignores_the_policy():
     m.pruning_policy = None
     m.eval()
     assert torch.equal(soft.logits, soft_policy.logits)
+    m.pruning_policy = make_policy("uniform", tiny_model(layers=6, atp_layers=[1, 3])[1].config, 0.25)  # another model's
+    try:
+        with pytest.raises(ValueError, match="another model"):
+            m(**b)
+    finally:
+        m.pruning_policy = None
     with pytest.raises(ValueError, match="atp_masks"):
         m.pruning_policy = make_policy("uniform", m.config, 0.11)
         try:
