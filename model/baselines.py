@@ -530,7 +530,8 @@ class SparseVLM(Policy):
         self.recycle_share = recycle_share
         self.cluster_per = cluster_per
         if not self.layers or self.layers[0] < 1:
-            raise ValueError(f"sparsevlm: layers={self.layers}: each pruning point reads the attention of the layer before (>= 1)")
+            raise ValueError(f"sparsevlm: layers={self.layers}: each pruning point reads the attention "
+                             "of the layer before (>= 1)")
         self.recycled_seen = [0, 0]  # recycled tokens: sum, pruning steps (for the report)
 
     def attention_compute(self, layer):
@@ -567,7 +568,8 @@ class SparseVLM(Policy):
             c = min(cand // self.cluster_per + 1, n - 1)
             kept = top_n(score[b : b + 1], live[None], n - c)[0]
             deleted = live & ~kept
-            pool = top_n(score[b : b + 1], deleted[None], min(int(int(deleted.sum()) * self.recycle_share) + 1, int(deleted.sum())))[0]
+            n_del = int(deleted.sum())
+            pool = top_n(score[b : b + 1], deleted[None], min(int(n_del * self.recycle_share) + 1, n_del))[0]
             pool_idx = torch.nonzero(pool).flatten()
             c = min(c, pool_idx.numel())
             keep[b] = kept
