@@ -51,8 +51,12 @@ def test_unknown_stage_and_missing_config(tmp_path):
 
 def test_shipped_configs(tmp_path):
     run = load_config(DEFAULT_CONFIG)
-    assert run.stages == ["shards", "projector", "sft", "export"]
+    assert run.stages == ["shards", "base", "projector", "sft", "export", "variants", "eval"]
     assert run.data.shards == "runs/default/shards/train"  # interpolated from run_dir
+    assert run.model.llama_dir == "runs/default/base/llama" and run.eval.shards == "runs/default/shards/eval"
+    # the committed base is the architecture the config describes (the base stage checks it too)
+    llama = json.loads((REPO / run.base.weights / "llama" / "config.json").read_text())
+    assert (llama["num_hidden_layers"], llama["hidden_size"]) == (run.model.scratch.num_layers, run.model.scratch.hidden_size)
     # the paper's setup: only its external paths are missing here
     with pytest.raises(ConfigError, match="'model.llama_dir'"):
         load_config(CONFIGS / "llava15_7b.yaml")
