@@ -31,7 +31,7 @@ DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 # and the path fields of schemas owned elsewhere (pipeline.data) listed here.
 PATH = {"path": True}
 # `${repo:embedded/base}` in a YAML: a path inside this checkout, whatever the working dir
-OmegaConf.register_new_resolver("repo", lambda rel: str(REPO_ROOT / rel), replace=True)
+OmegaConf.register_resolver("repo", lambda rel: str(REPO_ROOT / rel), replace=True)
 OTHER_PATHS = ("data.shards", "eval.shards")
 
 
