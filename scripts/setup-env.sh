@@ -11,6 +11,8 @@ want=$(sha256sum setup.cfg | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q torch==2.13.0
-  .venv/bin/pip install -q -e '.[test]'
+  .venv/bin/pip install -q -e '.[test,eval]'
+  # lmms-eval without its declared dependencies: setup.cfg's `eval` extra lists what it needs
+  .venv/bin/pip install -q --no-deps 'lmms-eval>=0.7,<0.8'
   echo "$want" > "$stamp"
 fi

@@ -1,0 +1,5 @@
+import sys
+
+from pipeline.lmms.cli import main
+
+sys.exit(main())
