@@ -130,7 +130,7 @@ def _loglikelihood_output(pair: tuple[float, bool]):
 
 # ------------------------------------------------------------------ the model
 
-def _first_image(visuals, context: str):
+def _pick_image(visuals, context: str):
     """The image for a request: None (text-only), the only one, or the middle one of several
     (video frames: LLaVA-1.5 answers SEED-Bench's video questions from the middle frame)."""
     from PIL import Image
@@ -205,7 +205,7 @@ class AtpLlavaLmms(lmms):
 
     def _prompt_image(self, context: str, doc_to_visual, task, split, doc_id):
         visuals = doc_to_visual(self._doc(task, split, doc_id)) if doc_to_visual is not None else None
-        image = _first_image(visuals, context)
+        image = _pick_image(visuals, context)
         return answers.prompt_for(context, image=image is not None), image
 
     def _chunks(self, indices: list[int]):
