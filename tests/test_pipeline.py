@@ -1,7 +1,8 @@
 """The staged pipeline under 2-process DeepSpeed ZeRO-3 on CPU (gloo, fp32), tiny parts.
 
 One session fixture builds LLaVA-1.5-style parts (a Llama dir with the word tokenizer, a
-CLIP dir, `mm_projector.bin` in LLaVA's key names) and tiny synthetic shards, then runs
+CLIP dir, `mm_projector.bin` in LLaVA's key names) and tiny synthetic shards
+(tests/tiny_pipeline.py, shared with tests/test_slurm.py), then runs
 projector -> sft -> export once under `torchrun --nproc_per_node 2`; the tests read that
 run and start further runs from its projector output.
 """
@@ -14,101 +15,18 @@ import signal
 import subprocess
 import sys
 import sysconfig
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-       "PYTHONWARNINGS": "ignore"}
-LAYERS, IMAGE, PATCH = 8, 32, 8
-LV = (IMAGE // PATCH) ** 2  # 16 visual tokens
-STEPS = 6
-
-
-def launch(args, nproc=2, timeout=300, check=True):
-    """`torchrun --standalone --nproc_per_node N -m pipeline ARGS` (1: plain python)."""
-    runner = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
-    cmd = [sys.executable, *runner, "-m", "pipeline", *map(str, args)]
-    p = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
-    return p
-
-
-def make_parts(root: Path) -> dict:
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
-
-    from pipeline.tokenizer import build_word_tokenizer
-
-    torch.manual_seed(0)
-    tok = build_word_tokenizer()
-    llama = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
-    llama.save_pretrained(root / "llama")
-    tok.save_pretrained(root / "llama")
-    clip = CLIPVisionModel(CLIPVisionConfig(image_size=IMAGE, patch_size=PATCH, hidden_size=32, intermediate_size=64,
-                                            num_hidden_layers=2, num_attention_heads=2))
-    clip.save_pretrained(root / "clip")
-    CLIPImageProcessor(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE}).save_pretrained(root / "clip")
-    projector = {"model.mm_projector.0.weight": torch.randn(64, 32) * 0.1, "model.mm_projector.0.bias": torch.randn(64) * 0.1,
-                 "model.mm_projector.2.weight": torch.randn(64, 64) * 0.1, "model.mm_projector.2.bias": torch.randn(64) * 0.1}
-    torch.save(projector, root / "mm_projector.bin")
-    return {"llama": root / "llama", "clip": root / "clip", "mm_projector": root / "mm_projector.bin"}
-
-
-def write_config(root: Path, parts: dict, shards: Path) -> Path:
-    cfg = root / "tiny.yaml"
-    cfg.write_text(textwrap.dedent(f"""\
-        run_dir: {root}/run
-        seed: 0
-        stages: [projector, sft, export]
-        model:
-          source: parts
-          llama_dir: {parts['llama']}
-          clip_dir: {parts['clip']}
-          mm_projector: {parts['mm_projector']}
-          vision_feature_layer: -2
-          freeze_vision: true
-        atp:
-          atp_layers: [1, 3]
-          spatial_strides: [2, 3]
-          target_tokens: {LV * 0.5}
-          threshold_hidden: 32
-        data:
-          shards: {shards}
-          batch_size: 4
-          num_workers: 0
-          shuffle_buffer: 16
-          max_length: 256
-        train:
-          max_steps: {STEPS}
-          lr_lm: 1.0e-3
-          lr_atp: 1.0e-2
-          warmup_ratio: 0.2
-          checkpoint_every: 2
-          image_every: 3
-        export:
-          dtype: float32
-        """))
-    return cfg
+from tiny_pipeline import ENV, LAYERS, LV, REPO, STEPS, build, launch
 
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
-    from shards import synthetic
-
-    root = tmp_path_factory.mktemp("pipeline")
-    parts = make_parts(root)
-    opt = synthetic.Options(image_size=64, turns=2)  # the processor resizes to IMAGE
-    synthetic.write(str(root / "shards"), "train", 64, 0, opt, maxcount=16, progress=False)
-    cfg = write_config(root, parts, root / "shards")
-    return {"root": root, "parts": parts, "config": cfg}
+    return build(tmp_path_factory.mktemp("pipeline"))
 
 
 @pytest.fixture(scope="session")
