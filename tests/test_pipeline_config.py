@@ -88,7 +88,9 @@ def test_deepspeed_config_filled_from_the_run(tmp_path):
     z = ds["zero_optimization"]
     assert z["stage"] == 3 and z["overlap_comm"] and z["stage3_gather_16bit_weights_on_model_save"]
     assert "auto" not in json.dumps(ds)
-    assert build_ds_config(run, world_size=1, total_steps=1, hidden_size=64, cuda=True)["bf16"]["enabled"] is True
+    auto = load_config(DEFAULT_CONFIG, ["train.precision=auto"])  # the default's own is bf16-autocast
+    assert build_ds_config(auto, world_size=1, total_steps=1, hidden_size=64, cuda=True)["bf16"]["enabled"] is True
+    assert build_ds_config(run, world_size=1, total_steps=1, hidden_size=64, cuda=True)["bf16"]["enabled"] is False
     # ds_config.json may not set what the YAML owns
     bad = tmp_path / "ds.json"
     bad.write_text(json.dumps({**load_ds_json(run.train.ds_config), "train_batch_size": 64}))
