@@ -158,6 +158,13 @@ class TokenStats:
         total = vt.sum(0).double()
         self.per_layer = total if self.per_layer is None else self.per_layer + total
 
+    def merge(self, other: "TokenStats") -> None:
+        """Add another collection's samples (e.g. per-family stats into an overall one)."""
+        self.samples += other.samples
+        self.text_only += other.text_only
+        if other.per_layer is not None:
+            self.per_layer = other.per_layer.clone() if self.per_layer is None else self.per_layer + other.per_layer
+
     def summary(self) -> dict:
         """{image_samples, text_only_samples, n_bar, tokens_per_layer}; N_bar = the mean over
         layers of the per-layer average (METHOD sec 7). None without image samples."""

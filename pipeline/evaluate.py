@@ -94,18 +94,11 @@ def run_method(model, processor, samples: list[Sample], *, batch_size: int, max_
         for i, p in zip(idx, preds):
             correct[i] = is_correct(p, samples[i].answer)
         stats[family] = st.summary()
-        _merge(overall, st)
+        overall.merge(st)
     stats["all"] = overall.summary()
     tokenizer, _ = split_processor(processor)
     text_len = statistics.mean(len(tokenizer(prompt_for(s.question))["input_ids"]) for s in samples)
     return Result(correct=correct, tokens=stats, text_len=text_len)
-
-
-def _merge(into: TokenStats, other: TokenStats) -> None:
-    into.samples += other.samples
-    into.text_only += other.text_only
-    if other.per_layer is not None:
-        into.per_layer = other.per_layer.clone() if into.per_layer is None else into.per_layer + other.per_layer
 
 
 @torch.no_grad()
@@ -476,9 +469,8 @@ def main(argv=None) -> int:
 
 
 def _fixed_n_bar(cfg) -> float:
-    n = cfg.text_config.num_hidden_layers
-    bounds = list(cfg.atp_layers) + [n]
-    total = bounds[0] * cfg.num_visual_tokens
-    for k, c in enumerate(cfg.fixed_counts):
-        total += (bounds[k + 1] - bounds[k]) * c
-    return total / n
+    """N_bar (METHOD sec 7) of a `fixed` model's counts."""
+    from model.modeling_atp_llava import visual_tokens_per_layer
+
+    counts = [torch.tensor([float(c)]) for c in [cfg.num_visual_tokens, *cfg.fixed_counts]]
+    return float(visual_tokens_per_layer(counts, cfg.atp_layers, cfg.text_config.num_hidden_layers).mean())
