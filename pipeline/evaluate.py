@@ -107,13 +107,8 @@ def time_model(model, processor, samples: list[Sample], *, repeats: int, decode_
     (pruned KV cache), over `repeats` after one warm-up."""
     from transformers import DynamicCache
 
-    from pipeline.answers import _model_inputs, encode_prompt
-
-    tokenizer, image_processor = split_processor(processor)
     cfg = model.config
-    rows = [encode_prompt(prompt_for(s.question), tokenizer, image_token_id=cfg.image_token_id,
-                          num_image_tokens=cfg.num_visual_tokens) for s in samples]
-    inputs = _model_inputs(model, tokenizer, image_processor, rows, [s.image for s in samples])
+    inputs = _prompt_inputs(model, processor, samples)
     prefill, decode = [], []
     for r in range(repeats + 1):
         cache = DynamicCache(config=cfg.text_config)
@@ -130,6 +125,17 @@ def time_model(model, processor, samples: list[Sample], *, repeats: int, decode_
             decode.append((t2 - t1) / decode_tokens)
     return {"prefill_ms": 1e3 * statistics.median(prefill), "decode_ms_per_token": 1e3 * statistics.median(decode),
             "timing_batch": len(samples), "timing_repeats": repeats}
+
+
+def _prompt_inputs(model, processor, samples: list[Sample]) -> dict:
+    """Model inputs of the samples' questions, prompted and tokenised as pipeline/answers.py does."""
+    from pipeline.answers import _model_inputs, encode_prompt
+
+    tokenizer, image_processor = split_processor(processor)
+    cfg = model.config
+    rows = [encode_prompt(prompt_for(s.question), tokenizer, image_token_id=cfg.image_token_id,
+                          num_image_tokens=cfg.num_visual_tokens) for s in samples]
+    return _model_inputs(model, tokenizer, image_processor, rows, [s.image for s in samples])
 
 
 # ------------------------------------------------------------------ records and the report
@@ -340,16 +346,11 @@ def load_model(path, pruning: str | None = None, dtype=torch.float32):
 
 def overlay_data(model, processor, samples: list[Sample]) -> list[dict]:
     """Kept-token masks after each ATP module (hard path) for a few images: paper Fig. 4."""
-    from pipeline.answers import _model_inputs, encode_prompt
-
-    tokenizer, image_processor = split_processor(processor)
     cfg = model.config
     out = []
     with torch.no_grad():
         for s in samples:
-            row = encode_prompt(prompt_for(s.question), tokenizer, image_token_id=cfg.image_token_id,
-                                num_image_tokens=cfg.num_visual_tokens)
-            res = model(**_model_inputs(model, tokenizer, image_processor, [row], [s.image]))
+            res = model(**_prompt_inputs(model, processor, [s]))
             if res.atp_info is None:
                 continue
             out.append({"image": s.image, "keep": res.atp_info["keep"][0].float().cpu(), "grid": cfg.grid_size,

@@ -119,12 +119,8 @@ def write_parts(ckpt_dir: Path, init: Path, out: Path) -> None:
     AutoTokenizer.from_pretrained(init).save_pretrained(tmp / "llama")
     AutoImageProcessor.from_pretrained(init).save_pretrained(tmp / "clip")
     torch.save(parts["projector"], tmp / "mm_projector.bin")
-    for name in PARTS:  # replace the previous parts only once the new ones are complete
-        dest = out / name
-        if dest.is_dir():
-            shutil.rmtree(dest)
-        (tmp / name).rename(dest)
-    tmp.rmdir()
+    _put_parts(tmp, out)  # the previous parts are replaced only once the new ones are complete
+    shutil.rmtree(tmp)
     log.info("base parts written to %s", out)
 
 
@@ -145,6 +141,11 @@ def copy_committed(run: RunConfig, src: Path, out: Path) -> None:
         if diff:
             raise ValueError(f"config error at 'base.weights': {src / part} is not model.scratch "
                              f"(field: (configured, committed)) {diff}; train a new base with base.weights=null")
+    _put_parts(src, out)
+
+
+def _put_parts(src: Path, out: Path) -> None:
+    """Copy the three parts from `src` into `out`, replacing what is there."""
     for name in PARTS:
         dest = out / name
         if dest.is_dir():
