@@ -143,10 +143,16 @@ class BaseConfig:
     llama/, clip/, mm_projector.bin), where LLaVA-1.5's pretrain + projector stages would be."""
 
     # Committed parts (embedded/base): copied instead of retrained when set. Train anew with
-    # `base.weights=null` (pipeline/configs/base.yaml).
+    # `base.weights=null` (embedded/README.md).
     weights: Optional[str] = field(default=None, metadata=PATH)
+    # Parts (llama/, clip/, mm_projector.bin) to continue training from instead of a
+    # scratch init: a second round on fresh shards with a new schedule.
+    init: Optional[str] = field(default=None, metadata=PATH)
     train_samples: int = 20000
     seed: int = 1000  # its shards differ from the sft/eval shards (synthetic.seed)
+    # shards.synthetic.Options fields for its shards (e.g. turns, fine_share); image_size
+    # always comes from model.scratch
+    synthetic: dict[str, Any] = field(default_factory=dict)
     # run-config keys for the base training only, merged onto this config (train.*, data.*)
     overrides: dict[str, Any] = field(default_factory=dict)
 

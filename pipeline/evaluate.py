@@ -237,6 +237,8 @@ def write_report(out: Path, records: list[dict], meta: dict, overlays: list | No
 
     out.mkdir(parents=True, exist_ok=True)
     report = {"meta": meta, "records": records, "summary": summary(records)}
+    if meta.get("prior_accuracy"):
+        report["summary"]["base"] = base_goals(records, meta["prior_accuracy"])
     tmp = out / "report.json.tmp"
     tmp.write_text(json.dumps(report, indent=1))
     tmp.replace(out / "report.json")
@@ -276,6 +278,30 @@ def summary(records: list[dict]) -> dict:
             if atp.get("atp_flops") and atp.get("flops_exact"):
                 row["atp_module_flops_share"] = atp["atp_flops"] / atp["flops_exact"]
         out["budgets"][str(b)] = row
+    return out
+
+
+def base_goals(records: list[dict], prior: dict) -> dict:
+    """The embedded base's bar (issue 6): unpruned coarse >= 0.95 and fine >= 0.85, every
+    question type above its no-image prior, and random pruning at the smallest budget losing
+    >= 10 points on fine and less on coarse (else the benchmark does not discriminate)."""
+    ref = next((r for r in records if r["method"] == "unpruned"), None)
+    if ref is None:
+        return {}
+    fam, qt = ref["accuracy_by_family"], ref["accuracy_by_qtype"]
+    out = {"coarse": fam.get("coarse"), "fine": fam.get("fine"),
+           "qtype_margin_over_prior": {q: a - prior["qtype"][q] for q, a in qt.items() if q in prior["qtype"]}}
+    out["every_qtype_above_prior"] = all(m > 0 for m in out["qtype_margin_over_prior"].values())
+    randoms = [r for r in records if r["method"] == "random" and r["budget"] is not None]
+    if randoms:
+        r = min(randoms, key=lambda r: r["budget"])
+        drop = {f: fam[f] - a for f, a in r["accuracy_by_family"].items() if f in fam}
+        out["random_budget"] = r["budget"]
+        out["random_drop"] = drop
+        if "fine" in drop and "coarse" in drop:
+            out["discriminates"] = drop["fine"] >= 0.10 and drop["coarse"] < drop["fine"]
+    out["met"] = bool((out["coarse"] or 0) >= 0.95 and (out["fine"] or 0) >= 0.85
+                      and out["every_qtype_above_prior"] and out.get("discriminates", False))
     return out
 
 

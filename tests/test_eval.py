@@ -87,6 +87,15 @@ def test_report_schema_and_measured_numbers(main_job):
 def test_base_parts_and_variants(main_job):
     for part in ("llama/config.json", "clip/config.json", "mm_projector.bin"):
         assert (main_job / "base" / part).exists(), part
+    # the base scored itself against its bar on the same eval questions as the eval stage
+    base_model = json.loads((main_job / "base" / "model" / "config.json").read_text())
+    assert base_model["pruning"] == "none"
+    base_report = json.loads((main_job / "base" / "eval" / "report.json").read_text())
+    assert [(r["method"], r["budget"]) for r in base_report["records"]] == [("unpruned", None), ("random", 0.3)]
+    goals = base_report["summary"]["base"]
+    assert {"coarse", "fine", "qtype_margin_over_prior", "every_qtype_above_prior", "random_drop", "met"} <= set(goals)
+    main_ref = json.loads((main_job / "eval" / "report.json").read_text())["records"][0]
+    assert base_report["records"][0]["accuracy_by_qtype"] == main_ref["accuracy_by_qtype"]
     names = sorted(p.name for p in (main_job / "variants").iterdir() if p.is_dir())
     assert names == ["atp-30", "fixed-30", "fixed-50"]  # atp-50 is the main sft (target 8 of 16)
     fixed = json.loads((main_job / "variants" / "fixed-30" / "export" / "config.json").read_text())
@@ -99,3 +108,27 @@ def test_eval_cli_on_an_export(main_job, tmp_path):
           "--timing-repeats", "1"])
     recs = json.loads((tmp_path / "report.json").read_text())["records"]
     assert [(r["method"], r["budget"]) for r in recs] == [("unpruned", None), ("atp", 0.5), ("uniform", 0.5)]
+
+
+def _rec(method, budget, coarse, fine, qtypes):
+    return {"method": method, "budget": budget, "accuracy_by_family": {"coarse": coarse, "fine": fine},
+            "accuracy_by_qtype": qtypes}
+
+
+def test_base_goals():
+    from pipeline.evaluate import base_goals
+
+    prior = {"qtype": {"background": 0.3, "count_total": 0.25}}
+    good = [_rec("unpruned", None, 0.96, 0.86, {"background": 0.96, "count_total": 0.86}),
+            _rec("random", 0.25, 0.95, 0.80, {}), _rec("random", 0.11, 0.93, 0.70, {})]
+    g = base_goals(good, prior)
+    assert g["met"] and g["random_budget"] == 0.11  # the smallest budget's drop counts
+    assert g["random_drop"]["fine"] == pytest.approx(0.16) and g["discriminates"]
+    assert g["qtype_margin_over_prior"]["count_total"] == pytest.approx(0.61)
+    weak_fine = [_rec("unpruned", None, 0.96, 0.84, {"background": 0.96, "count_total": 0.84}), good[2]]
+    assert not base_goals(weak_fine, prior)["met"]
+    at_prior = [_rec("unpruned", None, 0.96, 0.86, {"background": 0.96, "count_total": 0.25}), good[2]]
+    g = base_goals(at_prior, prior)
+    assert not g["every_qtype_above_prior"] and not g["met"]
+    no_discrimination = [good[0], _rec("random", 0.11, 0.90, 0.80, {})]  # fine loses 6 points only
+    assert not base_goals(no_discrimination, prior)["met"]

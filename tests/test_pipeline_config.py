@@ -118,3 +118,21 @@ def test_lr_schedule_warmup_then_cosine_per_group():
     assert all(a >= b for a, b in zip(first[1:], first[2:]))  # then non-increasing
     assert 0.1 < first[-1] < 0.3
     assert [lr[1] for lr in lrs] == pytest.approx([10 * f for f in first])
+
+
+def test_base_round_from_parts_on_its_own_shards(tmp_path):
+    """`base.init` continues from committed parts; `base.synthetic` sets its shards' options."""
+    from pipeline.stages.base import base_run, shard_options
+
+    run = load_config(DEFAULT_CONFIG, [f"run_dir={tmp_path}", "base.weights=null", f"base.init={REPO / 'embedded/base'}",
+                                       "base.synthetic.turns=8", "base.synthetic.fine_share=0.6"])
+    opt = shard_options(run)
+    assert (opt.turns, opt.fine_share, opt.image_size) == (8, 0.6, run.model.scratch.image_size)
+    b = base_run(run, tmp_path / "base")
+    assert b.model.source == "parts" and b.model.llama_dir == str(REPO / "embedded/base/llama")
+    assert b.data.shards == str(tmp_path / "base" / "shards") and b.atp.pruning == "none"
+    assert base_run(load_config(DEFAULT_CONFIG, ["base.weights=null"]), tmp_path).model.source == "scratch"
+    with pytest.raises(ValueError, match="'base.synthetic'.*tunrs"):
+        shard_options(load_config(DEFAULT_CONFIG, ["base.synthetic.tunrs=8"]))
+    with pytest.raises(FileNotFoundError, match="'base.init'"):
+        base_run(load_config(DEFAULT_CONFIG, [f"base.init={tmp_path}"]), tmp_path)

@@ -10,8 +10,9 @@ in LLaVA-1.5's release layout, which the `projector` stage then reads with `sour
     run_dir/base/mm_projector.bin    keys model.mm_projector.{0,2}.{weight,bias}
 
 With `base.weights` set (embedded/base, committed) the parts are copied after checking
-that they are the architecture `model.scratch` describes; training them anew is
-`python -m pipeline run pipeline/configs/base.yaml` (embedded/README.md).
+that they are the architecture `model.scratch` describes. With `base.init` set, training
+starts from those parts instead of a scratch init (a further round on fresh shards).
+Commands: embedded/README.md.
 """
 from __future__ import annotations
 
@@ -45,9 +46,8 @@ def run(run: RunConfig, ctx: Context, out: Path) -> bool:
     if ctx.dist.rank == 0 and not (out / "shards" / "sizes.json").exists():
         from shards import synthetic
 
-        s = run.synthetic
-        opt = synthetic.Options(image_size=run.model.scratch.image_size)
-        synthetic.write(str(out / "shards"), "train", run.base.train_samples, run.base.seed, opt, s.maxcount)
+        synthetic.write(str(out / "shards"), "train", run.base.train_samples, run.base.seed,
+                        shard_options(run), run.synthetic.maxcount)
     _barrier()
     init = out / "init"
     if not (init / DONE).exists():
@@ -55,17 +55,46 @@ def run(run: RunConfig, ctx: Context, out: Path) -> bool:
     if not sft.train(base, ctx, out / "train", init, tb_dir=Path(run.run_dir) / "tb" / "base"):
         return False
     if ctx.dist.rank == 0:
-        write_parts(out / "train" / checkpoint.DIRNAME, init, out)
+        state = checkpoint.consolidated_state_dict(out / "train" / checkpoint.DIRNAME)
+        write_parts(state, init, out)
+        write_model_dir(state, init, out / "model")
+        evaluate_base(run, out)
     _barrier()
     return True
 
 
+def shard_options(run: RunConfig):
+    """shards.synthetic.Options of the base's shards: `base.synthetic` at the scratch image size."""
+    import dataclasses
+
+    from shards import synthetic
+
+    known = {f.name for f in dataclasses.fields(synthetic.Options)} - {"image_size"}
+    unknown = set(run.base.synthetic) - known
+    if unknown:
+        raise ValueError(f"config error at 'base.synthetic': unknown {sorted(unknown)}; known {sorted(known)}")
+    opts = dict(run.base.synthetic)
+    if "qtypes" in opts:
+        opts["qtypes"] = tuple(opts["qtypes"])
+    return synthetic.Options(image_size=run.model.scratch.image_size, **opts)
+
+
 def base_run(run: RunConfig, out: Path) -> RunConfig:
-    """The run config of the base training: a scratch model, nothing frozen, no pruning,
-    its own shards, then `base.overrides` (batch size, lr, steps, precision)."""
+    """The run config of the base training: a scratch model (or the `base.init` parts),
+    nothing frozen, no pruning, its own shards, then `base.overrides` (batch size, lr,
+    steps, precision)."""
+    if run.base.init:
+        init = Path(run.base.init)
+        missing = [p for p in PARTS if not (init / p).exists()]
+        if missing:
+            raise FileNotFoundError(f"config error at 'base.init': {init} lacks {missing}")
+        source = {"source": "parts", "llama_dir": str(init / "llama"), "clip_dir": str(init / "clip"),
+                  "mm_projector": str(init / "mm_projector.bin")}
+    else:
+        source = {"source": "scratch"}
     cfg = OmegaConf.merge(
         OmegaConf.structured(run),
-        {"model": {"source": "scratch", "freeze_vision": False, "freeze_lm": False},
+        {"model": {**source, "freeze_vision": False, "freeze_lm": False},
          "atp": {"pruning": "none"},
          "data": {"shards": str(out / "shards")}},
         run.base.overrides)
@@ -86,13 +115,55 @@ def _build_init(base: RunConfig, ctx: Context, init: Path) -> None:
     _barrier()
 
 
-def write_parts(ckpt_dir: Path, init: Path, out: Path) -> None:
+def write_model_dir(state: dict, init: Path, out: Path) -> None:
+    """The trained base as one unpruned AtpLlava dir, for `python -m pipeline eval`."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from model import AtpLlavaConfig, AtpLlavaForConditionalGeneration
+
+    config = AtpLlavaConfig.from_pretrained(init)
+    config.pruning = "none"
+    model = AtpLlavaForConditionalGeneration(config)
+    # the base trains without pruning: its ATP modules are untrained and not saved
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("atp_modules.") and "rotary" not in k]
+    if missing or unexpected:
+        raise RuntimeError(f"base model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    build.save_pretrained_dir(model, AutoTokenizer.from_pretrained(init), AutoImageProcessor.from_pretrained(init), out)
+
+
+def evaluate_base(run: RunConfig, out: Path) -> dict | None:
+    """Score the base against its bar (evaluate.base_goals): unpruned and random pruning at
+    the smallest eval budget, on the eval shards, into out/eval/report.{json,md}."""
+    from pipeline.data import list_shards
+    from pipeline.evaluate import evaluate_checkpoints
+
+    e = run.eval
+    try:
+        found = all(Path(u).exists() for u in list_shards(e.shards))
+    except (FileNotFoundError, ValueError):
+        found = False
+    if not found:
+        log.warning("no eval shards at %s: base not evaluated (run the shards stage first)", e.shards)
+        return None
+    report = evaluate_checkpoints({"unpruned": str(out / "model")}, e.shards, out / "eval",
+                                  budgets=[min(e.budgets)], methods=["random"], limit=e.limit,
+                                  batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
+                                  timing_repeats=1, overlay_images=0, title="base")
+    goals = report["summary"]["base"]
+    log.info("base: coarse %.3f fine %.3f, every qtype above prior: %s, random %.0f%% drop %s; bar met: %s",
+             goals["coarse"] or 0, goals["fine"] or 0, goals["every_qtype_above_prior"],
+             100 * goals.get("random_budget", 0), {k: round(v, 3) for k, v in goals.get("random_drop", {}).items()},
+             goals["met"])
+    return goals
+
+
+def write_parts(state: dict, init: Path, out: Path) -> None:
     """The trained LLaVA as LLaVA-1.5's three parts (fp32 safetensors + the projector .bin)."""
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPVisionModel, LlamaForCausalLM
 
     from model import AtpLlavaConfig
 
-    state = checkpoint.consolidated_state_dict(ckpt_dir)
     config = AtpLlavaConfig.from_pretrained(init)
     parts = {"llama": {}, "clip": {}, "projector": {}}
     for key, value in state.items():
