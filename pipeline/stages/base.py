@@ -124,7 +124,7 @@ def write_model_dir(state: dict, init: Path, out: Path) -> None:
     config = AtpLlavaConfig.from_pretrained(init)
     config.pruning = "none"
     model = AtpLlavaForConditionalGeneration(config)
-    # the base trains without pruning: its ATP modules are untrained and not saved
+    # the base trains without pruning: its ATP modules keep their init (unused at pruning=none)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("atp_modules.") and "rotary" not in k]
     if missing or unexpected:
