@@ -95,19 +95,28 @@ def test_synthetic_deterministic(tmp_path):
     assert shard_inspect.inspect(str(a), show=0, out=io.StringIO()) == 0
 
 
-@pytest.mark.parametrize("fine_share", [0.5, 0.25])
-def test_synthetic_balance(tmp_path, fine_share):
-    turns, n = 3, 200
-    out = _write(tmp_path, "s", n=n, maxcount=1000, opt={"turns": turns, "fine_share": fine_share})
+SIX = ("background", "big_color", "big_is_color", "count_total", "count_color", "cell_color")
+
+
+@pytest.mark.parametrize("qtypes,turns,fine_share", [(tuple(synthetic.DEFAULT_QTYPES), 2, 0.5),
+                                                     (tuple(synthetic.DEFAULT_QTYPES), 2, 0.25),
+                                                     (SIX, 3, 0.5)])
+def test_synthetic_balance(tmp_path, qtypes, turns, fine_share):
+    n = 200
+    out = _write(tmp_path, "s", n=n, maxcount=1000, opt={"turns": turns, "fine_share": fine_share, "qtypes": qtypes})
     import webdataset as wds
     metas = [json.loads(s["json"]) for s in wds.WebDataset(str(out / "train-000000.tar"), shardshuffle=False)]
     questions = [q for m in metas for q in m["questions"]]
     fams = collections.Counter(q["family"] for q in questions)
     assert fams["fine"] == round(n * turns * fine_share) and sum(fams.values()) == n * turns
-    qtypes = collections.Counter(q["qtype"] for q in questions)
-    assert set(qtypes) == set(synthetic.DEFAULT_QTYPES)
+    per_image = {sum(q["family"] == "fine" for q in m["questions"]) for m in metas}  # spread evenly
+    assert per_image <= {int(turns * fine_share), int(turns * fine_share) + 1}
+    counted = collections.Counter(len(m["scene"]["small"]) for m in metas)  # 1-5 whatever is asked
+    assert set(counted) == {1, 2, 3, 4, 5} and min(counted.values()) > n / 5 / 2
+    by_type = collections.Counter(q["qtype"] for q in questions)
+    assert set(by_type) == set(qtypes)
     for fam in ("fine", "coarse"):  # qtypes equal within their family (decks: within a few)
-        counts = [qtypes[q] for q in synthetic.DEFAULT_QTYPES if synthetic.FAMILY_OF[q] == fam]
+        counts = [by_type[q] for q in qtypes if synthetic.FAMILY_OF[q] == fam]
         assert max(counts) - min(counts) <= 0.1 * fams[fam] + 2
     yes_no = collections.Counter(q["answer"] for q in questions if q["qtype"] == "big_is_color")
     assert abs(yes_no["yes"] - yes_no["no"]) <= 2
