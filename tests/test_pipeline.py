@@ -32,7 +32,9 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="session")
 def zero3_run(tiny):
     """projector -> sft -> export under 2-process ZeRO-3: the run the other tests compare to."""
+    shm = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     launch(["run", tiny["config"]])
+    tiny["shm_left"] = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - shm
     return tiny["root"] / "run"
 
 
@@ -52,7 +54,8 @@ def consolidated(run: Path) -> dict:
 
 # ------------------------------------------------------------------------------------- tests
 
-def test_zero3_pipeline_end_to_end(zero3_run):
+def test_zero3_pipeline_end_to_end(zero3_run, tiny):
+    assert not tiny["shm_left"]  # DeepSpeed's CPU all-reduce files are unlinked (distributed.py)
     for stage in ("projector", "sft", "export"):
         assert (zero3_run / stage / "DONE").exists()
     metrics = [json.loads(line) for line in (zero3_run / "sft" / "metrics.jsonl").read_text().splitlines()]
