@@ -173,8 +173,9 @@ def render_scene(scene, opt: Options, rng: random.Random, np_rng: np.random.Gene
 # ---------------------------------------------------------------- questions
 
 class Planner:
-    """Exact family shares over the split, spread evenly over the images; qtypes drawn from per-family decks (balanced to
-    within one deck); yes/no answers alternate per qtype (balanced by construction)."""
+    """Exact family shares over the split, spread evenly over the images; qtypes drawn from
+    per-family decks (balanced to within one deck); yes/no answers alternate per qtype
+    (balanced by construction)."""
 
     def __init__(self, rng: random.Random, opt: Options, n_samples: int):
         self.rng, self.opt = rng, opt
@@ -274,11 +275,12 @@ def make_sample(index: int, split: str, seed: int, opt: Options, planner: Planne
     for t, qtype in enumerate(qtypes):
         before = set(asked)
         question, answer = ask(qtype, scene, rng, planner, asked, opt.grid)
-        for alt in planner.by_family[FAMILY_OF[qtype]]:  # a repeat (a second cell question on
-            if question not in before:                   # a one-shape image): another qtype
+        # a repeat (e.g. a second cell question on a one-shape image): another qtype of the family
+        for alt in planner.by_family[FAMILY_OF[qtype]]:
+            if question not in before:
                 break
-            question, answer = ask(alt, scene, rng, planner, asked, opt.grid)
             qtype = alt
+            question, answer = ask(alt, scene, rng, planner, asked, opt.grid)
         conversations += [{"from": "human", "value": ("<image>\n" if t == 0 else "") + question},
                           {"from": "gpt", "value": answer}]
         questions.append(dict(family=FAMILY_OF[qtype], qtype=qtype, answer=answer))
