@@ -258,7 +258,6 @@ def ask(qtype: str, scene, rng: random.Random, planner: Planner, asked: set, g: 
             raise ValueError(qtype)
         if out[0] not in asked:
             break
-    asked.add(out[0])
     return out
 
 
@@ -273,14 +272,14 @@ def make_sample(index: int, split: str, seed: int, opt: Options, planner: Planne
     key = f"{split}-{index:08d}"
     asked, conversations, questions = set(), [], []
     for t, qtype in enumerate(qtypes):
-        before = set(asked)
         question, answer = ask(qtype, scene, rng, planner, asked, opt.grid)
         # a repeat (e.g. a second cell question on a one-shape image): another qtype of the family
         for alt in planner.by_family[FAMILY_OF[qtype]]:
-            if question not in before:
+            if question not in asked:
                 break
             qtype = alt
             question, answer = ask(alt, scene, rng, planner, asked, opt.grid)
+        asked.add(question)
         conversations += [{"from": "human", "value": ("<image>\n" if t == 0 else "") + question},
                           {"from": "gpt", "value": answer}]
         questions.append(dict(family=FAMILY_OF[qtype], qtype=qtype, answer=answer))
