@@ -1,9 +1,10 @@
 """ATP-LLaVA: adaptive visual-token pruning modules inside LLaVA's Llama (docs/METHOD.md)."""
 from .configuration_atp_llava import AtpLlavaConfig
-from .modeling_atp_llava import AtpLlavaForConditionalGeneration, AtpLlavaOutput
+from .modeling_atp_llava import CACHE_KW, AtpLlavaForConditionalGeneration, AtpLlavaOutput
 from .cost import model_costs, layer_flops_paper, layer_flops_exact
 
 __all__ = [
+    "CACHE_KW",
     "AtpLlavaConfig",
     "AtpLlavaForConditionalGeneration",
     "AtpLlavaOutput",

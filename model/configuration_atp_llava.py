@@ -13,6 +13,11 @@ SCORE_NORMS = ("minmax", "none")
 ATTN_KERNELS = ("sdpa", "flash", "flex", "auto")  # model/kernels.py, docs/GPU.md
 
 
+# Float fields are annotated `int | float` and cast below: huggingface_hub's strict validation
+# (2.x) rejects an int for a `float` field, and `target_tokens=36` is what users write.
+FLOAT_FIELDS = ("mask_temperature", "lambda_sample", "lambda_atp", "lambda_target", "target_tokens", "mask_eps")
+
+
 @strict
 class AtpLlavaConfig(LlavaConfig):
     model_type = "atp_llava"
@@ -20,22 +25,24 @@ class AtpLlavaConfig(LlavaConfig):
     atp_layers: list[int] | tuple[int, ...] = (4, 14, 24)
     pruning: str = "atp"  # none | atp | fixed
     spatial_strides: list[int] | tuple[int, ...] = (2, 3, 4, 6, 8, 12)
-    mask_temperature: float = 50.0
-    lambda_sample: float = 3.0
-    lambda_atp: float = 0.05
-    lambda_target: float = 0.2
-    target_tokens: float = 144.0
+    mask_temperature: int | float = 50.0
+    lambda_sample: int | float = 3.0
+    lambda_atp: int | float = 0.05
+    lambda_target: int | float = 0.2
+    target_tokens: int | float = 144.0
     position_mode: str = "preserve"  # preserve | rope2d
     score_norm: str = "minmax"  # minmax | none
     threshold_hidden: int = 256
     fixed_counts: list[int] | tuple[int, ...] | None = None
-    mask_eps: float = 1e-6
+    mask_eps: int | float = 1e-6
     attn_kernel: str = "sdpa"  # sdpa | flash | flex | auto (auto: flash / FlexAttention on CUDA when installed)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         self.atp_layers = [int(i) for i in self.atp_layers]
         self.spatial_strides = [int(s) for s in self.spatial_strides]
+        for name in FLOAT_FIELDS:
+            setattr(self, name, float(getattr(self, name)))
         if self.fixed_counts is not None:
             self.fixed_counts = [int(c) for c in self.fixed_counts]
 

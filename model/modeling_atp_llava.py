@@ -21,11 +21,13 @@ This file is copied into exported checkpoints (trust_remote_code): relative impo
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText, LlavaForConditionalGeneration
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from transformers.utils import ModelOutput
 
 from .atp_module import AtpModule, keep_share_per_module
@@ -43,11 +45,20 @@ def visual_tokens_per_layer(group_counts, atp_layers, num_layers):
     return torch.cat(cols, 1)
 
 
+# transformers 5.24 renamed `past_key_values` to `cache` (forward keyword and model outputs) and
+# keeps the old name as a deprecated alias until 5.40: speak whichever name the installed
+# version declares, so neither side warns or breaks. forward() takes both.
+CACHE_KW = "cache" if "cache" in inspect.signature(LlamaDecoderLayer.forward).parameters else "past_key_values"
+
+
 @dataclass
 class AtpLlavaOutput(ModelOutput):
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    past_key_values: object | None = None
+    if CACHE_KW == "cache":
+        cache: object | None = None
+    else:
+        past_key_values: object | None = None
     visual_tokens: torch.FloatTensor | None = None  # [B, num_hidden_layers]
     atp_losses: dict | None = None  # detached scalars for logging
     atp_info: dict | None = None  # thresholds [B, K, 2], keep [B, K, Lv]
@@ -243,17 +254,19 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         pixel_values=None,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds=None,
         labels=None,
         query_mask=None,
         atp_masks=None,
         use_cache=None,
         logits_to_keep=0,
+        past_key_values=None,  # the name before transformers 5.24 (CACHE_KW)
         **kwargs,
     ):
-        if past_key_values is not None and getattr(past_key_values, "atp_state", None) is not None:
-            return self._decode_step(input_ids, inputs_embeds, past_key_values, logits_to_keep)
+        cache = past_key_values if cache is None else cache
+        if cache is not None and getattr(cache, "atp_state", None) is not None:
+            return self._decode_step(input_ids, inputs_embeds, cache, logits_to_keep)
         if input_ids is None:
             raise ValueError("AtpLlava needs input_ids: the image token positions come from them")
         cfg = self.config
@@ -270,7 +283,7 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         vis = torch.where(vis_mask, vis_mask.long().cumsum(-1) - 1, -1)
         seq = _Seq(live=live, pos=self._positions(pos1, vis, has_img), vis=vis, orig=torch.arange(L, device=dev).expand(B, L))
         qmask = self._query_mask(seq, has_img, labels, query_mask)
-        cache = past_key_values if hard else None
+        cache = cache if hard else None
 
         lv = cfg.num_visual_tokens
         n_layers = cfg.text_config.num_hidden_layers
@@ -309,8 +322,8 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 hidden,
                 attention_mask=keys.dense,
                 position_embeddings=rope,
-                past_key_values=cache,
                 use_cache=cache is not None,
+                **{CACHE_KW: cache},
                 atp_scores=request,
                 atp_keys=keys,
             )
@@ -362,11 +375,11 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         return AtpLlavaOutput(
             loss=loss,
             logits=logits,
-            past_key_values=cache,
             visual_tokens=visual_tokens,
             atp_losses=atp_losses,
             atp_info=info,
             image_hidden_states=image_features,
+            **{CACHE_KW: cache},
         )
 
     @staticmethod
@@ -506,14 +519,14 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 hidden,
                 attention_mask=keys[g].dense,
                 position_embeddings=rope,
-                past_key_values=cache,
                 use_cache=True,
+                **{CACHE_KW: cache},
                 atp_keys=keys[g],
             )
         state["next_pos"] = state["next_pos"] + q
         hidden = self.model.language_model.norm(hidden)
         keep = logits_to_keep if isinstance(logits_to_keep, int) and logits_to_keep > 0 else q
-        return AtpLlavaOutput(logits=self.lm_head(hidden[:, -keep:]), past_key_values=cache)
+        return AtpLlavaOutput(logits=self.lm_head(hidden[:, -keep:]), **{CACHE_KW: cache})
 
     def generate(self, *args, **kwargs):
         if self.training:

@@ -107,17 +107,19 @@ def time_model(model, processor, samples: list[Sample], *, repeats: int, decode_
     (pruned KV cache), over `repeats` after one warm-up."""
     from transformers import DynamicCache
 
+    from model import CACHE_KW
+
     cfg = model.config
     inputs = _prompt_inputs(model, processor, samples)
     prefill, decode = [], []
     for r in range(repeats + 1):
         cache = DynamicCache(config=cfg.text_config)
         t0 = time.perf_counter()
-        out = model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(**inputs, **{CACHE_KW: cache}, use_cache=True, logits_to_keep=1)
         t1 = time.perf_counter()
         tok = out.logits[:, -1:].argmax(-1)
         for _ in range(decode_tokens):
-            out = model(input_ids=tok, past_key_values=out.past_key_values, use_cache=True)
+            out = model(input_ids=tok, **{CACHE_KW: cache}, use_cache=True)
             tok = out.logits[:, -1:].argmax(-1)
         t2 = time.perf_counter()
         if r:  # the first pass warms up allocators and kernels

@@ -305,6 +305,44 @@ def bench_prefill(have_flash, batch_sizes=(1, 8)):
     return rows
 
 
+def profile_prefill(have_flash, batch_size=1, top=25):
+    """Where the hard path's prefill time goes at batch 1 (the bench's odd case: pruned slower than
+    unpruned): torch.profiler over a few forwards of each mode, the top ops by self CPU and self
+    CUDA time, and the event-timed median with a long warm-up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    atp_layers = PREFILL_MODEL["atp_layers"]
+    cfg = llava_config(**PREFILL_MODEL, pruning="fixed", fixed_counts=[1] * len(atp_layers))
+    m = build(cfg).to(torch.bfloat16)
+    lv, n_layers = cfg.num_visual_tokens, PREFILL_MODEL["layers"]
+    q = keep_share_per_module(atp_layers, n_layers, lv, 0.25 * lv)
+    counts = [max(1, round(lv * q ** (k + 1))) for k in range(len(atp_layers))]
+    b = batch(cfg, [64] * batch_size)
+    b.pop("labels")
+    rows = []
+    for pruning in ("none", "fixed"):
+        m.config.pruning, m.config.fixed_counts = pruning, counts
+        with torch.no_grad():
+            ms = cuda_ms(lambda: m(**b, logits_to_keep=1), iters=20, warmup=20)
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    m(**b, logits_to_keep=1)
+                torch.cuda.synchronize()
+        ka = prof.key_averages()
+        table = lambda key: [  # noqa: E731
+            {"op": e.key, "count": e.count, "self_cpu_ms": e.self_cpu_time_total / 5e3,
+             "self_cuda_ms": getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) / 5e3}
+            for e in sorted(ka, key=key, reverse=True)[:top]]
+        rows.append({"pruning": pruning, "batch": batch_size, "median_ms": ms,
+                     "by_cpu": table(lambda e: e.self_cpu_time_total),
+                     "by_cuda": table(lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)))})
+        print(f"profile B={batch_size} pruning={pruning}: median {ms:.1f} ms (20 warm-up)")
+        print(ka.table(sort_by="self_cpu_time_total", row_limit=15))
+    del m
+    torch.cuda.empty_cache()
+    return rows
+
+
 # -- report ---------------------------------------------------------------------------------------
 def print_tables(res):
     for r in res.get("kernels", []):
@@ -342,7 +380,8 @@ def main(argv=None):
         res["env"]["flash_attn"] = flash_attn.__version__
     else:
         print("flash-attn not installed (pip install '.[gpu]'): flash checks skipped, benchmarks use SDPA's own flash backend")
-    parts = {"kernels": check_kernels, "model": check_model, "bench_attn": bench_attn, "bench_prefill": bench_prefill}
+    parts = {"kernels": check_kernels, "model": check_model, "bench_attn": bench_attn, "bench_prefill": bench_prefill,
+             "profile_prefill": profile_prefill}
     for part in args.parts.split(","):
         t = time.perf_counter()
         res[part] = parts[part](have_flash)

@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
-# Creates .venv and installs the project into it, from nothing. Idempotent: reinstalls
-# only when setup.cfg changed. torch is installed first and pinned so that nothing
-# pulls a CUDA build (torch==2.13.0 resolves to the local CPU wheel on the project machine).
+# Creates .venv and installs the project into it, from nothing, with exactly the package set of
+# requirements.lock (the set CI tests; refresh it with scripts/lock.sh). Idempotent: reinstalls
+# only when setup.cfg, the lock or this script changed. The lock pins torch==2.13.0+cpu, the local
+# CPU wheel, so nothing pulls a CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# lmms-eval goes in without its declared dependencies: they pull torchvision (transformers' image
+# processors then switch backend), opencv, wandb and a CUDA torch. setup.cfg's `eval` extra
+# declares what its imports need.
+LMMS_EVAL=lmms-eval==0.7.3
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 stamp=.venv/.atp-installed
-want=$(sha256sum setup.cfg | cut -d' ' -f1)
+want=$(cat setup.cfg requirements.lock scripts/setup-env.sh | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q torch==2.13.0
-  .venv/bin/pip install -q -e '.[test,eval]'
-  # lmms-eval without its declared dependencies: setup.cfg's `eval` extra lists what it needs
-  .venv/bin/pip install -q --no-deps 'lmms-eval>=0.7,<0.8'
+  .venv/bin/pip install -q -r requirements.lock
+  .venv/bin/pip install -q --no-deps -e .
+  .venv/bin/pip install -q --no-deps "$LMMS_EVAL"
   echo "$want" > "$stamp"
 fi

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-from model import AtpLlavaForConditionalGeneration
+from model import CACHE_KW, AtpLlavaForConditionalGeneration
 from model.baselines import (
     POLICIES, VisionTap, counts_for_budget, default_ratios, grid_indices, make_policy, n_bar, top_n,
 )
@@ -150,7 +150,7 @@ def test_generate_uses_the_pruned_cache_and_matches_uncached_recompute(model, na
 
         cache = DynamicCache(config=model.config.get_text_config())
         with torch.no_grad():
-            out = model(**prompt, past_key_values=cache, use_cache=True)
+            out = model(**prompt, **{CACHE_KW: cache}, use_cache=True)
         text = (b["attention_mask"].bool() & (b["input_ids"] != IMAGE_TOKEN)).sum(1)
         state = cache.atp_state
         for j in range(LAYERS):

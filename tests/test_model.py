@@ -4,7 +4,7 @@ import torch
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb
 
-from model import AtpLlavaConfig, AtpLlavaForConditionalGeneration, layer_flops_exact, layer_flops_paper, model_costs
+from model import CACHE_KW, AtpLlavaConfig, AtpLlavaForConditionalGeneration, layer_flops_exact, layer_flops_paper, model_costs
 from model.attention import atp_attention
 from model.kernels import dense_bias
 from model.modeling_atp_llava import visual_tokens_per_layer
@@ -32,6 +32,23 @@ def test_pruning_none_equals_source_llava(padding):
         assert (ref.logits - out.logits)[live].abs().max() <= 1e-5, mode
         assert torch.allclose(ref.loss, out.loss, atol=1e-6)
         assert torch.equal(out.visual_tokens, torch.full((3, 6), float(LV)))
+
+
+def test_config_fields_take_natural_types(tmp_path):
+    """A token count or weight written as an int is what users type: every numeric field takes
+    one (huggingface_hub's strict dataclass validation rejects an int for a bare `float`), keeps
+    its float type, and survives a save / load."""
+    from tiny_models import tiny_llava
+
+    m = AtpLlavaForConditionalGeneration.from_llava(tiny_llava(), atp_layers=[1, 3], pruning="atp", target_tokens=6,
+                                                    lambda_atp=1, lambda_target=0, lambda_sample=3, mask_temperature=50,
+                                                    mask_eps=0)
+    c = m.config
+    for name in ("target_tokens", "lambda_atp", "lambda_target", "lambda_sample", "mask_temperature", "mask_eps"):
+        assert type(getattr(c, name)) is float, name
+    c.save_pretrained(tmp_path)
+    back = AtpLlavaConfig.from_pretrained(tmp_path)
+    assert (back.target_tokens, back.atp_layers, back.lambda_atp) == (6.0, [1, 3], 1.0)
 
 
 @pytest.mark.parametrize("position_mode", ["preserve", "rope2d"])
@@ -160,7 +177,7 @@ def test_generate_matches_uncached_pruned_recompute_and_cache_is_pruned():
     # after prefill, each layer's cache holds the text and the kept visual tokens only
     cache = DynamicCache(config=m.config.get_text_config())
     with torch.no_grad():
-        out = m(**prompt, past_key_values=cache, use_cache=True)
+        out = m(**prompt, **{CACHE_KW: cache}, use_cache=True)
     text = text_positions(b).sum(1)
     state = cache.atp_state
     for j in range(m.config.text_config.num_hidden_layers):

@@ -32,9 +32,13 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="session")
 def zero3_run(tiny):
     """projector -> sft -> export under 2-process ZeRO-3: the run the other tests compare to."""
-    shm = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
-    launch(["run", tiny["config"]])
-    tiny["shm_left"] = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - shm
+    from pipeline.distributed import free_port
+
+    # DeepSpeed names its CPU all-reduce files .._{uid}_{MASTER_ADDR}_{MASTER_PORT}_{rank}: a fixed
+    # port picks out this run's own files, whatever other DeepSpeed runs share the machine
+    port = free_port()
+    launch(["run", tiny["config"]], master_port=port)
+    tiny["shm_left"] = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*"))
     return tiny["root"] / "run"
 
 

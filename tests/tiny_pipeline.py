@@ -24,9 +24,12 @@ SAMPLES, BATCH = 64, 4      # 64 / (2 ranks x 4) = 8 steps per epoch at world si
 STEPS = 6
 
 
-def launch(args, nproc=2, timeout=300, check=True):
-    """`torchrun --standalone --nproc_per_node N -m pipeline ARGS` (1: plain python)."""
-    runner = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+def launch(args, nproc=2, timeout=300, check=True, master_port=None):
+    """`torchrun --standalone --nproc_per_node N -m pipeline ARGS` (1: plain python); with
+    `master_port`, a static single-node rendezvous on 127.0.0.1:master_port instead."""
+    where = ["--standalone"] if master_port is None else ["--nnodes=1", "--master_addr=127.0.0.1",
+                                                          f"--master_port={master_port}"]
+    runner = ["-m", "torch.distributed.run", *where, f"--nproc_per_node={nproc}"] if nproc > 1 else []
     cmd = [sys.executable, *runner, "-m", "pipeline", *map(str, args)]
     p = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
