@@ -13,6 +13,8 @@
   with a dense bias, side by side, at L = 640 and 2048 (goal: flex <= 1.5x flash).
 - bench_prefill: hard-path prefill of a LLaVA-7B-shaped Llama (random weights, bf16) at
   N_bar = 25% vs unpruned, per kernel, against the FLOPs ratio.
+- profile_prefill (by name only): torch.profiler over the batch-1 prefill, unpruned and pruned:
+  the top ops by host and by GPU time (batch 1 is launch-bound).
 
 Writes DIR/gpu_checks.json and prints tables. Exit status 1 if a correctness check fails, 2 without
 CUDA. Needs only the model/ package (no tests, no pipeline).
@@ -292,7 +294,7 @@ def bench_prefill(have_flash, batch_sizes=(1, 8)):
             for budget, pruning in (("unpruned", "none"), ("nbar25", "fixed")):
                 m.config.pruning, m.config.fixed_counts = pruning, counts
                 with torch.no_grad():
-                    ms = cuda_ms(run, iters=10, warmup=3)
+                    ms = cuda_ms(run, iters=20, warmup=20)  # B = 1 is launch-bound: short warm-ups scatter it
                     out = run()
                 res[budget] = (ms, model_costs(out.visual_tokens[0].tolist(), text, m.config))
             (t0, c0), (t1, c1) = res["unpruned"], res["nbar25"]
