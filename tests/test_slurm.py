@@ -11,6 +11,7 @@ and run `stage sft`, so all of them train the same model from the same start.
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -83,7 +84,10 @@ class LocalCluster:
         return dict(os.environ, SLURM_CONF=str(self.dir / "etc" / "slurm.conf"))
 
     def start(self):
-        env = dict(os.environ, ATP_SLURM_CTLD_PORT=str(_free_port()), ATP_SLURM_D_PORT=str(_free_port()))
+        # a random first job id: jobs' MASTER_PORTs (15000 + id % 20000) then differ from those of
+        # another test session's cluster on this machine
+        env = dict(os.environ, ATP_SLURM_CTLD_PORT=str(_free_port()), ATP_SLURM_D_PORT=str(_free_port()),
+                   ATP_SLURM_FIRST_JOB_ID=str(random.randrange(1, 19000)))
         try:
             subprocess.run([CLUSTER / "start.sh", self.dir], env=env, check=True, timeout=120)
         finally:  # record the PIDs even if start.sh failed halfway: stop() kills them

@@ -2,13 +2,16 @@
 # Starts a real single-node SLURM cluster (munged, slurmctld, slurmd) whose config, key,
 # state, logs and pidfiles all live in one scratch folder; waits until the node is idle.
 #   slurm/local-cluster/start.sh [DIR]        DIR: $ATP_SLURM_DIR, default /tmp/atp-slurm
-# Ports: $ATP_SLURM_CTLD_PORT (6817) and $ATP_SLURM_D_PORT (6818); pick others to run a
-# second cluster beside this one. Prints the export clients need (also in DIR/env.sh).
+# Ports: $ATP_SLURM_CTLD_PORT (6817) and $ATP_SLURM_D_PORT (6818); to run a second cluster
+# beside this one pick others, and a first job id ($ATP_SLURM_FIRST_JOB_ID, 1) far from this
+# one's: a job's MASTER_PORT is 15000 + job id % 20000 (slurm/launch.sh), so two clusters that
+# both number from 1 give their jobs the same port. Prints the export clients need (also in DIR/env.sh).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 D=${1:-${ATP_SLURM_DIR:-/tmp/atp-slurm}}
 ctld_port=${ATP_SLURM_CTLD_PORT:-6817}
 d_port=${ATP_SLURM_D_PORT:-6818}
+first_job_id=${ATP_SLURM_FIRST_JOB_ID:-1}
 [ "$(id -u)" = 0 ] || { echo "start.sh: needs root (SlurmUser=root, munged)" >&2; exit 1; }
 
 # A previous cluster in DIR: stop it; then start from empty state (slurmctld would
@@ -37,6 +40,7 @@ ClusterName=atp-local
 SlurmctldHost=$host(127.0.0.1)
 SlurmctldPort=$ctld_port
 SlurmdPort=$d_port
+FirstJobId=$first_job_id
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
