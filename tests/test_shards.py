@@ -170,3 +170,45 @@ def test_inspect_reports_corrupt_shard(tmp_path):
     buf = io.StringIO()
     assert shard_inspect.inspect(str(out), show=0, out=buf) == 1
     assert "sizes.json says 10" in buf.getvalue()
+
+
+@pytest.mark.parametrize("grid", [12, 16])
+def test_object_map_matches_the_rendered_image(grid):
+    """The object map derived from a sample's recorded scene agrees with its pixels: patches it
+    calls background hold only the background colour, every small shape covers a SMALL patch, BIG
+    patches lie under the big shape's box and fill a big square."""
+    import numpy as np
+
+    from shards.objects import BACKGROUND, BIG, SMALL, object_map
+
+    opt = synthetic.Options()
+    planner = synthetic.Planner(synthetic.random.Random("plan"), opt, 40)
+    S, edges = opt.image_size, np.linspace(0, opt.image_size, grid + 1).round().astype(int)
+    for i in range(40):
+        sample = synthetic.make_sample(i, "eval", 3, opt, planner)
+        scene = json.loads(sample["json"])["scene"]
+        px = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("RGB")).astype(int)
+        touched = object_map(scene, S, grid, min_cover=1e-9)  # any shape pixel at all
+        colours, counts = np.unique(px.reshape(-1, 3), axis=0, return_counts=True)
+        bg = colours[counts.argmax()]
+        for p in np.flatnonzero(touched == BACKGROUND):
+            r, c = divmod(p, grid)
+            patch = px[edges[r]:edges[r + 1], edges[c]:edges[c + 1]]
+            assert (patch == bg).all(), (i, p)
+        m = object_map(scene, S, grid)
+
+        def span(box):  # patches a box overlaps
+            x0, y0, x1, y1 = box
+            cols = np.flatnonzero((edges[1:] > x0) & (edges[:-1] < x1))
+            rows = np.flatnonzero((edges[1:] > y0) & (edges[:-1] < y1))
+            return {r * grid + c for r in rows for c in cols}
+
+        for s in scene["small"]:
+            assert any(m[p] == SMALL for p in span(s["box"])), (i, s)
+        big = scene["big"]
+        assert set(np.flatnonzero(m == BIG)) <= span(big["box"]), i
+        if big["kind"] == "square":  # patches wholly inside the square are its own
+            x0, y0, x1, y1 = big["box"]
+            inside = {r * grid + c for r in range(grid) for c in range(grid)
+                      if edges[c] >= x0 and edges[c + 1] <= x1 and edges[r] >= y0 and edges[r + 1] <= y1}
+            assert inside and all(m[p] == BIG for p in inside), i
