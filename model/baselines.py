@@ -1,7 +1,7 @@
 """Training-free visual-token pruning baselines on ATP's hard path, at matched budgets (METHOD sec 9).
 
 ```python
-from model.baselines import POLICIES, make_policy, counts_for_budget
+from model.baselines import POLICIES, make_policy
 model.eval()
 model.pruning_policy = make_policy("fastv", model.config, share=0.11)   # None: back to ATP / none
 out = model(input_ids=..., pixel_values=..., attention_mask=...)       # or model.generate(...)
@@ -11,7 +11,7 @@ model.pruning_policy.describe()                                         # paper,
 
 A budget is a share of Lv: N_bar (METHOD sec 7: visual tokens per decoder layer, averaged over
 all N layers, Lv for the layers before the first pruning point) = share * Lv, as close as integer
-counts allow (`counts_for_budget`). Every policy keeps exactly its counts per image: the papers'
+counts allow (`model/budget.py` `counts_for_budget`). Every policy keeps exactly its counts per image: the papers'
 adaptive counts (PruMerge's IQR outliers, SparseVLM's rank-based deletion) are replaced by the
 budget, which is what a matched comparison needs.
 
@@ -26,8 +26,9 @@ vision forward (`vision_tap`): q/k of that layer (CLS attention, keys) and its o
 
 Common deviations from the papers, for every policy: positions of kept tokens are their original
 ones (METHOD sec 5 `preserve`; the papers re-number the shortened sequence), and tokens made by
-merging sit at the position of one of their members. This file is copied into exported
-checkpoints with the model: it imports only torch, transformers and relative modules.
+merging sit at the position of one of their members. This file is not copied into exported
+checkpoints (the model file does not import it), so an export runs a policy only with this repo
+importable; it imports only torch and relative modules all the same.
 """
 from __future__ import annotations
 
@@ -37,98 +38,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .budget import counts_for_budget, n_bar
 from .scores import visual_attention
 
 POLICIES = ("fastv", "prumerge", "prumerge+", "sparsevlm", "visionzip", "uniform", "random")
-
-# paper Table 2: ATP-LLaVA keeps [126, 88, 20] of 576 at I = [4, 14, 24] (N_bar 143.9)
-TABLE2_RATIOS = (126.0, 88.0, 20.0)
-
-
-# -- budgets ----------------------------------------------------------------------------------
-def default_ratios(k: int) -> list[float]:
-    """Relative counts for k pruning points: paper Table 2's decreasing shape 126 / 88 / 20,
-    read as a piecewise-linear curve over [0, 1] (126 at 0, 88 at 1/2, 20 at 1) sampled at k
-    evenly spaced points: k = 3 gives 126 / 88 / 20 exactly, k = 2 gives 126 / 20, k = 1 gives 1."""
-    if k == 1:
-        return [1.0]
-    a, b, c = TABLE2_RATIOS
-    out = []
-    for i in range(k):
-        t = i / (k - 1)
-        out.append(a + (b - a) * 2 * t if t <= 0.5 else b + (c - b) * (2 * t - 1))
-    return out
-
-
-def n_bar(layers, counts, num_layers: int, lv: int) -> float:
-    """METHOD sec 7: visual tokens per decoder layer, averaged over all layers (Lv before layers[0])."""
-    bounds = list(layers) + [num_layers]
-    total = layers[0] * lv + sum((bounds[k + 1] - bounds[k]) * c for k, c in enumerate(counts))
-    return total / num_layers
-
-
-def counts_for_budget(layers, num_layers: int, lv: int, share: float, ratios=None) -> list[int]:
-    """Kept visual tokens after each pruning point in `layers` (0 = before the first decoder
-    layer, i = before layer i) such that N_bar (METHOD sec 7) is as close to share * Lv as integer
-    counts allow. Counts follow `ratios` (relative counts between the pruning points; default
-    `default_ratios`: paper Table 2's 126 / 88 / 20 shape), each in [1, Lv] and non-increasing (a
-    pruned token never comes back). The scale is solved continuously, rounded, then single counts
-    are moved by +-1 while that brings N_bar closer, so |N_bar - target| <= (shortest group's
-    span) / (2 N) <= 0.5 token unless a bound is hit.
-
-    counts_for_budget([4, 14, 24], 32, 576, 143.875 / 576, [126, 88, 20]) == [126, 88, 20].
-    Raises ValueError if the budget cannot be met: the layers before layers[0] see all Lv tokens.
-    """
-    layers = [int(i) for i in layers]
-    if not layers or layers != sorted(set(layers)) or layers[0] < 0 or layers[-1] >= num_layers:
-        raise ValueError(f"layers={layers}: need strictly increasing indexes in [0, {num_layers - 1}]")
-    if not 0.0 < share <= 1.0:
-        raise ValueError(f"share={share}: need 0 < share <= 1 (target N_bar / Lv)")
-    ratios = default_ratios(len(layers)) if ratios is None else [float(r) for r in ratios]
-    if len(ratios) != len(layers) or min(ratios) <= 0:
-        raise ValueError(f"ratios={ratios}: need one positive ratio per pruning layer {layers}")
-    if any(b > a for a, b in zip(ratios, ratios[1:])):
-        raise ValueError(f"ratios={ratios}: must not increase (a pruned token never comes back)")
-    spans = [b - a for a, b in zip(layers, layers[1:] + [num_layers])]
-    target = share * lv * num_layers  # visual-token-layers
-    budget = target - layers[0] * lv
-    if budget < sum(spans) - 0.5 * min(spans):
-        floor = n_bar(layers, [1] * len(layers), num_layers, lv)
-        raise ValueError(
-            f"share={share} (N_bar {share * lv:.2f} of Lv {lv}) is out of reach with pruning at {layers}: "
-            f"the {layers[0]} layers before the first pruning point alone give N_bar >= {floor:.2f}"
-        )
-    top = ratios[0]
-    rel = [r / top for r in ratios]
-
-    def cont(scale):
-        return [min(max(scale * r, 1.0), float(lv)) for r in rel]
-
-    lo, hi = 0.0, float(lv) / rel[-1]
-    for _ in range(100):  # sum(span * clamp(scale * r)) is monotone in scale
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if sum(s * x for s, x in zip(spans, cont(mid))) < budget else (lo, mid)
-    real = cont((lo + hi) / 2)
-    counts = [min(max(round(x), 1), lv) for x in real]
-    for k in range(1, len(counts)):
-        counts[k] = min(counts[k], counts[k - 1])
-
-    def err(c):
-        return abs(budget - sum(s * x for s, x in zip(spans, c)))
-
-    while True:  # integer refinement: one count +-1 at a time, while N_bar gets closer
-        moves = []
-        for k in range(len(counts)):
-            for d in (-1, 1):
-                c = list(counts)
-                c[k] += d
-                if 1 <= c[k] <= lv and not (k and c[k] > c[k - 1]) and not (k + 1 < len(c) and c[k + 1] > c[k]):
-                    moves.append((err(c), abs(c[k] - real[k]) / max(real[k], 1.0), c))
-        best = min(moves, default=None, key=lambda m: m[:2])
-        if best is None or best[0] >= err(counts) - 1e-9:
-            return counts
-        counts = best[2]
-
 
 def scale_layers(layers_of_32, num_layers: int) -> list[int]:
     """Pruning points given for a 32-layer LLM (LLaVA-1.5 7B) moved proportionally to num_layers,
@@ -631,6 +544,8 @@ _CLASSES = {
     "uniform": Uniform,
     "random": Random,
 }
+
+POLICIES = tuple(_CLASSES)  # the policy names; everything else reads them from here
 
 
 def make_policy(name: str, config, share: float, **options):

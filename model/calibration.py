@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from .atp_module import keep_share_per_module
+from .budget import keep_share_per_module
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from model import AtpLlavaForConditionalGeneration, model_costs
 from model import modeling_atp_llava as modeling
-from model.atp_module import keep_share_per_module
+from model.budget import counts_for_budget
 
 
 def build(args, seed=0):
@@ -35,12 +35,6 @@ def build(args, seed=0):
     m = AtpLlavaForConditionalGeneration.from_llava(llava, atp_layers=args.atp_layers, spatial_strides=[2, 3, 4, 6],
                                                     pruning="fixed", fixed_counts=[1] * len(args.atp_layers))
     return m.to(getattr(torch, args.dtype)).eval()
-
-
-def counts_for(share, lv, atp_layers, n_layers):
-    """Per-module kept counts, one geometric share per module, giving N_bar = share * Lv."""
-    q = keep_share_per_module(atp_layers, n_layers, lv, share * lv)
-    return [max(1, round(lv * q ** (k + 1))) for k in range(len(atp_layers))]
 
 
 def timed(fn, repeats):
@@ -100,7 +94,7 @@ def main(argv=None):
     rows = []
     m.config.pruning = "fixed"
     for share in (0.25, 0.15, 0.11):
-        m.config.fixed_counts = counts_for(share, lv, args.atp_layers, n)
+        m.config.fixed_counts = counts_for_budget(args.atp_layers, n, lv, share)
         t, out = timed(run, args.repeats)
         cost = model_costs(out.visual_tokens[0].tolist(), args.text, m.config)
         rows.append({

@@ -78,7 +78,9 @@ class ModelConfig:
 
 @dataclass
 class AtpConfig:
-    """AtpLlavaConfig's ATP fields (docs/METHOD.md); copied into the model config as-is."""
+    """AtpLlavaConfig's ATP fields (docs/METHOD.md); copied into the model config as-is. Written out
+    rather than imported (this module must not import transformers); tests/test_pipeline_config.py
+    holds it to AtpLlavaConfig field for field, names, defaults and choices."""
 
     atp_layers: list[int] = field(default_factory=lambda: [4, 14, 24])
     pruning: str = "atp"
@@ -92,6 +94,8 @@ class AtpConfig:
     score_norm: str = "minmax"
     threshold_hidden: int = 256
     fixed_counts: Optional[list[int]] = None
+    mask_eps: float = 1e-6
+    attn_kernel: str = "sdpa"  # sdpa | flash | flex | auto (model/kernels.py, docs/GPU.md)
 
 
 @dataclass
@@ -163,8 +167,8 @@ class EvalConfig:
 
     shards: str = "${run_dir}/shards/eval"
     budgets: list[float] = field(default_factory=lambda: [0.25, 0.15, 0.11])  # N_bar / Lv
-    methods: list[str] = field(default_factory=lambda: [
-        "atp", "fixed", "fastv", "prumerge", "prumerge+", "sparsevlm", "visionzip", "uniform", "random"])
+    # None: every method, `atp`, `fixed` and each policy of model.baselines.POLICIES (its registry)
+    methods: Optional[list[str]] = None
     # `variants` trains these per budget (sft + export into run_dir/variants/METHOD-PCT);
     # the main sft's model is `atp` at the budget of atp.target_tokens
     trained: list[str] = field(default_factory=lambda: ["atp", "fixed"])
@@ -205,6 +209,7 @@ CHOICES = {
     "atp.pruning": ("none", "atp", "fixed"),
     "atp.position_mode": ("preserve", "rope2d"),
     "atp.score_norm": ("minmax", "none"),
+    "atp.attn_kernel": ("sdpa", "flash", "flex", "auto"),
     "train.precision": ("auto", "bf16", "fp32", "bf16-autocast"),
     "train.zero_stage": (0, 1, 2, 3),
     "export.dtype": ("float32", "bfloat16", "float16"),

@@ -9,8 +9,8 @@ visual tokens per decoder layer per family, analytic FLOPs and KV-cache bytes
 (model/cost.py), and prefill / per-token decode time measured in this process (median of
 repeats) next to the unpruned model's. Methods:
 - `atp`, `fixed`: trained models (exported checkpoints; the `variants` stage trains one per budget);
-- `fastv`, `prumerge`, `prumerge+`, `sparsevlm`, `visionzip`, `uniform`, `random`: training-free
-  policies (model/baselines.py) applied to the unpruned model.
+- the training-free policies of model/baselines.py (`POLICIES`: fastv, prumerge, ...), applied
+  to the unpruned model.
 Writes report.json (one record per method x budget), report.md and PNG plots (pipeline/plots.py).
 Scoring is pipeline/answers.py's, shared with the lmms-eval plugin.
 """
@@ -28,12 +28,13 @@ from pathlib import Path
 
 import torch
 
+from model.baselines import POLICIES, make_policy
+from model.budget import n_bar
 from pipeline.answers import TokenStats, greedy_answers, is_correct, prompt_for, split_processor
 
 log = logging.getLogger(__name__)
 TRAINED = ("atp", "fixed")
-POLICY_METHODS = ("fastv", "prumerge", "prumerge+", "sparsevlm", "visionzip", "uniform", "random")
-ALL_METHODS = TRAINED + POLICY_METHODS
+ALL_METHODS = TRAINED + POLICIES
 
 
 @dataclass
@@ -261,7 +262,7 @@ def summary(records: list[dict]) -> dict:
     for b in budgets:
         row = {}
         atp = by.get(("atp", b))
-        free = [r for r in records if r["budget"] == b and r["method"] in POLICY_METHODS]
+        free = [r for r in records if r["budget"] == b and r["method"] in POLICIES]
         best_free = max(free, key=lambda r: r["accuracy"]) if free else None
         if atp is not None:
             row["atp_retention"] = atp.get("retention")
@@ -390,9 +391,10 @@ def evaluate_checkpoints(models: dict, shards: str, out: Path, *, budgets, metho
                          max_new_tokens=4, timing_batch=8, timing_repeats=5, decode_tokens=8,
                          overlay_images=4, title="") -> dict:
     """models: "unpruned" -> dir, ("atp"|"fixed", budget) -> dir (missing ones are skipped
-    with a warning). Policies run on the unpruned model."""
+    with a warning). Policies run on the unpruned model. methods None: ALL_METHODS."""
     from tqdm import tqdm
 
+    methods = ALL_METHODS if methods is None else methods
     samples = load_samples(shards, limit)
     ev = Evaluator(samples, batch_size=batch_size, max_new_tokens=max_new_tokens, timing_batch=timing_batch,
                    timing_repeats=timing_repeats, decode_tokens=decode_tokens)
@@ -415,8 +417,6 @@ def evaluate_checkpoints(models: dict, shards: str, out: Path, *, budgets, metho
                         overlays = overlay_data(model, p, _overlay_samples(samples, overlay_images))
                     del model
             else:
-                from model.baselines import make_policy
-
                 base.pruning_policy = make_policy(method, base.config, budget)
                 try:
                     ev.add(method, budget, base, proc, describe=base.pruning_policy.describe())
@@ -499,7 +499,4 @@ def main(argv=None) -> int:
 
 def _fixed_n_bar(cfg) -> float:
     """N_bar (METHOD sec 7) of a `fixed` model's counts."""
-    from model.modeling_atp_llava import visual_tokens_per_layer
-
-    counts = [torch.tensor([float(c)]) for c in [cfg.num_visual_tokens, *cfg.fixed_counts]]
-    return float(visual_tokens_per_layer(counts, cfg.atp_layers, cfg.text_config.num_hidden_layers).mean())
+    return n_bar(cfg.atp_layers, cfg.fixed_counts, cfg.text_config.num_hidden_layers, cfg.num_visual_tokens)

@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from model import AtpLlavaConfig, AtpLlavaForConditionalGeneration, model_costs  # noqa: E402
 from model import kernels as K  # noqa: E402
-from model.atp_module import keep_share_per_module  # noqa: E402
+from model.budget import keep_share_per_module  # noqa: E402
 
 # bf16 tolerances, relative L2 error ||x - ref|| / ||ref|| over live rows, ref = fp32 SDPA
 TOL_OUT = 1e-2  # kernel outputs

@@ -10,9 +10,8 @@ import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from model import CACHE_KW, AtpLlavaForConditionalGeneration
-from model.baselines import (
-    POLICIES, VisionTap, counts_for_budget, default_ratios, grid_indices, make_policy, n_bar, top_n,
-)
+from model.baselines import POLICIES, VisionTap, grid_indices, make_policy, top_n
+from model.budget import n_bar
 
 VOCAB, IMAGE_TOKEN, GRID = 120, 119, 12
 LV = GRID * GRID
@@ -58,30 +57,6 @@ def batch(prefixes, suffixes, seed=0, text_only=()):
 @pytest.fixture(scope="module")
 def model():
     return tiny_model()[1]
-
-
-# -- budgets --------------------------------------------------------------------------------------
-def test_counts_for_budget_method_sec7_and_the_budgets():
-    # METHOD sec 7 / paper Table 2: I = [4, 14, 24] keeping [126, 88, 20] of 576 over 32 layers: N_bar 143.9
-    counts = counts_for_budget([4, 14, 24], 32, 576, 143.875 / 576, ratios=[126, 88, 20])
-    assert counts == [126, 88, 20]
-    assert round(n_bar([4, 14, 24], counts, 32, 576), 1) == 143.9
-    assert counts_for_budget([4, 14, 24], 32, 576, 0.25) == [126, 88, 20]  # the default shape is Table 2's
-    assert default_ratios(3) == [126.0, 88.0, 20.0] and default_ratios(1) == [1.0]
-    cases = [([1, 5, 9], 12, 144), ([0], 12, 144), ([1], 12, 144), ([2], 12, 144), ([1, 2, 6], 12, 144),
-             ([1, 13, 25], 32, 576), ([0], 32, 576), ([2], 32, 576), ([2, 6, 15], 32, 576), ([3, 7, 11, 20], 32, 576)]
-    for layers, N, lv in cases:
-        for share in SHARES:
-            if layers[0] * lv > share * lv * N:
-                continue
-            c = counts_for_budget(layers, N, lv, share)
-            assert all(1 <= x <= lv for x in c) and c == sorted(c, reverse=True), (layers, share, c)
-            assert abs(n_bar(layers, c, N, lv) - share * lv) <= 0.5, (layers, N, share, c)
-    # the full layers before the first pruning point cost Lv each: ATP's [4, 14, 24] cannot reach 11% of 576
-    with pytest.raises(ValueError, match="out of reach"):
-        counts_for_budget([4, 14, 24], 32, 576, 0.11)
-    with pytest.raises(ValueError, match="must not increase"):
-        counts_for_budget([1, 5], 12, 144, 0.25, ratios=[1, 2])
 
 
 def test_grid_and_top_n_helpers():

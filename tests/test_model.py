@@ -7,7 +7,7 @@ from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotar
 from model import CACHE_KW, AtpLlavaConfig, AtpLlavaForConditionalGeneration, layer_flops_exact, layer_flops_paper, model_costs
 from model.attention import atp_attention
 from model.kernels import dense_bias
-from model.modeling_atp_llava import visual_tokens_per_layer
+from model.budget import tokens_per_layer
 from model.scores import spatial_scores
 from tiny_models import IMAGE_TOKEN, LV, make_batch, tiny_atp, tiny_llava_config
 
@@ -195,7 +195,7 @@ def test_generate_matches_uncached_pruned_recompute_and_cache_is_pruned():
 
 def test_method_sec7_nbar_and_eq15_flops():
     counts = [torch.tensor([576.0]), torch.tensor([126.0]), torch.tensor([88.0]), torch.tensor([20.0])]
-    per_layer = visual_tokens_per_layer(counts, [4, 14, 24], 32)
+    per_layer = tokens_per_layer(counts, [4, 14, 24], 32)
     assert per_layer.shape == (1, 32)
     assert round(per_layer.mean().item(), 1) == 143.9
     L, d, m = 640, 4096, 11008

@@ -136,3 +136,27 @@ def test_base_round_from_parts_on_its_own_shards(tmp_path):
         shard_options(load_config(DEFAULT_CONFIG, ["base.synthetic.tunrs=8"]))
     with pytest.raises(FileNotFoundError, match="'base.init'"):
         base_run(load_config(DEFAULT_CONFIG, [f"base.init={tmp_path}"]), tmp_path)
+
+
+def test_atp_section_mirrors_the_model_config_field_for_field(tmp_path):
+    """pipeline.config.AtpConfig is AtpLlavaConfig's own fields, same names, defaults and choices."""
+    import dataclasses
+
+    from model import configuration_atp_llava as mc
+    from pipeline.config import CHOICES, AtpConfig
+
+    own = {k for k in mc.AtpLlavaConfig.__annotations__ if not k.startswith("_") and k != "model_type"}
+    pipe = {f.name: f for f in dataclasses.fields(AtpConfig)}
+    assert set(pipe) == own
+    model_defaults = mc.AtpLlavaConfig()
+    for name, f in pipe.items():
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        ours = list(default) if isinstance(default, (list, tuple)) else default
+        theirs = getattr(model_defaults, name)
+        assert ours == (list(theirs) if isinstance(theirs, (list, tuple)) else theirs), name
+    assert CHOICES["atp.pruning"] == mc.PRUNING_MODES
+    assert CHOICES["atp.position_mode"] == mc.POSITION_MODES
+    assert CHOICES["atp.score_norm"] == mc.SCORE_NORMS
+    assert CHOICES["atp.attn_kernel"] == mc.ATTN_KERNELS
+    run = load_config(DEFAULT_CONFIG, [f"run_dir={tmp_path}", "atp.attn_kernel=flex", "atp.mask_eps=1e-5"])
+    assert (run.atp.attn_kernel, run.atp.mask_eps) == ("flex", 1e-5)

@@ -6,7 +6,7 @@ same SFT recipe from `run_dir/projector` and exports it, into `run_dir/variants/
 (NAME = METHOD-PCT, e.g. atp-11, fixed-15):
 - atp: `atp.target_tokens` = budget x Lv;
 - fixed (paper Table 2): `atp.pruning=fixed` with per-layer counts from
-  model.baselines.counts_for_budget, whose N_bar (METHOD sec 7) matches the budget.
+  model.budget.counts_for_budget, whose N_bar (METHOD sec 7) matches the budget.
 `eval.variant_overrides` applies to every variant (e.g. fewer steps). Each finished piece
 leaves a DONE marker, so a rerun after a crash or a signal continues where it stopped.
 """
@@ -37,7 +37,7 @@ def main_budget(run: RunConfig, lv: int) -> float | None:
 
 def planned(run: RunConfig, config) -> dict[str, dict]:
     """NAME -> run-config overrides of each variant."""
-    from model.baselines import counts_for_budget
+    from model.budget import counts_for_budget
 
     lv, n_layers = config.num_visual_tokens, config.text_config.num_hidden_layers
     skip = main_budget(run, lv) if run.atp.pruning == "atp" else None
