@@ -16,6 +16,9 @@ policy on the same hard path: before each of `policy.layers` (0 = before the fir
 it returns a keep mask over the original Lv positions (and optionally new features for the kept
 tokens), optionally from the attention of the layer before (`policy.attention_compute`).
 
+Both speak one interface (`pruning.py`: pruning points, a score request for the layer before
+each, the masks), and what follows every pruning point is one method here (`_prune`).
+
 This file is copied into exported checkpoints (trust_remote_code): relative imports only.
 """
 from __future__ import annotations
@@ -270,12 +273,7 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         with policy.vision_tap(self) if policy is not None else contextlib.nullcontext():
             embeds, vis_mask, has_img, image_features = self._embed(input_ids, pixel_values, inputs_embeds)
         flow = self._start(embeds, input_ids, vis_mask, has_img, attention_mask, position_ids, labels, query_mask)
-        if policy is not None:
-            pruning = PolicyPruning(self, policy, flow, embeds, has_img)
-        elif self.pruning_active:
-            pruning = AtpPruning(self, has_img, atp_masks, hard)
-        else:
-            pruning = None
+        pruning = self._pruning(policy, flow, embeds, has_img, atp_masks, hard)
         points = {} if pruning is None else {i: k for k, i in enumerate(pruning.layers)}
 
         request = None  # filled by the layer before a pruning point, from its own attention
@@ -318,6 +316,12 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             image_hidden_states=image_features,
             **{CACHE_KW: cache},
         )
+
+    def _pruning(self, policy, flow, embeds, has_img, atp_masks, hard):
+        """Who selects the kept tokens (`pruning.py`): the policy, the ATP modules, or no one."""
+        if policy is not None:
+            return PolicyPruning(self, policy, flow, embeds, has_img)
+        return AtpPruning(self, has_img, atp_masks, hard) if self.pruning_active else None
 
     def _start(self, embeds, input_ids, vis_mask, has_img, attention_mask, position_ids, labels, query_mask):
         """The flow entering the first decoder layer: every token, all of C, one KV group."""
