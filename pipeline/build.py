@@ -17,22 +17,26 @@ from __future__ import annotations
 
 import glob
 import os
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed as tdist
 
 from model import AtpLlavaConfig, AtpLlavaForConditionalGeneration
-from model.loading import IMAGE_TOKEN, load_projector_state, tokenizer_with_image_token
+from model.loading import (
+    IMAGE_TOKEN,
+    PROJECTOR,
+    PROJECTOR_KEYS,
+    load_projector_state,
+    part_to_model,
+    tokenizer_with_image_token,
+)
 from pipeline.config import RunConfig, as_dict
+from pipeline.distributed import rank
 from pipeline.ds import zero3_enabled
 
 Tensors = dict[str, Callable[[], torch.Tensor]]  # model key -> lazy reader
-
-
-def _rank() -> int:
-    return tdist.get_rank() if tdist.is_initialized() else 0
 
 
 def is_zero3(model: torch.nn.Module) -> bool:
@@ -77,23 +81,6 @@ def _read_safetensor(path: str, key: str) -> torch.Tensor:
         return f.get_tensor(key)
 
 
-def llama_key(key: str) -> str | None:
-    if key.startswith("model."):
-        return "model.language_model." + key[len("model."):]
-    return "lm_head.weight" if key == "lm_head.weight" else None
-
-
-CLIP_TEXT_SIDE = ("text_model.", "visual_projection.", "text_projection.", "logit_scale")
-
-
-def clip_key(key: str) -> str | None:
-    """A CLIP dir (transformers 4's `vision_model.*`, 5's flat keys, or a whole CLIPModel,
-    whose text side is not ours) -> transformers 5's `model.vision_tower.*`."""
-    if key.startswith(CLIP_TEXT_SIDE):
-        return None
-    return "model.vision_tower." + key.removeprefix("vision_model.")
-
-
 def llava_key(key: str) -> str | None:
     """llava-hf's older layout (and transformers 4's CLIP prefix) -> transformers 5's."""
     for old, new in (("language_model.model.", "model.language_model."),
@@ -118,7 +105,7 @@ def load_gathered(model: torch.nn.Module, tensors: Tensors) -> list[str]:
     import deepspeed
 
     zero3 = is_zero3(model)
-    writer = not zero3 or _rank() == 0
+    writer = not zero3 or rank() == 0
     missing = []
     for prefix, module in model.named_modules():
         named = [(f"{prefix}.{n}" if prefix else n, p) for n, p in module.named_parameters(recurse=False)]
@@ -153,8 +140,7 @@ def gathered_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None
     import deepspeed
 
     zero3 = is_zero3(model)
-    rank = _rank()
-    out = {} if (rank == 0 or not zero3) else None
+    out = {} if (rank() == 0 or not zero3) else None
     for prefix, module in model.named_modules():
         params = list(module.named_parameters(recurse=False))
         with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None, enabled=zero3):
@@ -240,12 +226,12 @@ def _release_parts(run: RunConfig):
         image_seq_length=(vision.image_size // vision.patch_size) ** 2,
         projector_hidden_act="gelu", pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=text.tie_word_embeddings, **atp_fields(run))
-    tensors = checkpoint_tensors(m.llama_dir, llama_key)
-    tensors.update(checkpoint_tensors(m.clip_dir, clip_key))
-    projector = load_projector_state(m.mm_projector) if _rank() == 0 else None
-    for name in ("linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"):
+    tensors = checkpoint_tensors(m.llama_dir, partial(part_to_model, "llama"))
+    tensors.update(checkpoint_tensors(m.clip_dir, partial(part_to_model, "clip")))
+    projector = load_projector_state(m.mm_projector) if rank() == 0 else None
+    for name in PROJECTOR_KEYS.values():
         # only rank 0 reads (ZeRO-3 broadcasts); other ranks only need the key
-        tensors[f"model.multi_modal_projector.{name}"] = lambda name=name: projector[name]
+        tensors[PROJECTOR + name] = lambda name=name: projector[name]
     return config, tokenizer, CLIPImageProcessor.from_pretrained(m.clip_dir), tensors
 
 
@@ -307,7 +293,7 @@ def save_pretrained_dir(model, tokenizer, image_processor, out_dir: str | Path, 
     """Rank 0 writes an HF dir (config, safetensors, tokenizer, image processor,
     processor). Collective under ZeRO-3 (every rank must call)."""
     state = gathered_state_dict(model, dtype)
-    if _rank() != 0:
+    if rank() != 0:
         return
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

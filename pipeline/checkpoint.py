@@ -19,7 +19,7 @@ import re
 import shutil
 from pathlib import Path
 
-import torch.distributed as tdist
+from pipeline.distributed import barrier, rank
 
 DIRNAME = "checkpoints"
 LATEST = "latest"
@@ -44,11 +44,11 @@ def save(engine, ckpt_dir: str | os.PathLike, step: int, client_state: dict, kee
     tag = tag_for(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     _fsync_tree(ckpt_dir / tag)  # each rank's own files are on disk before it checks in
-    _barrier()
-    if _rank() == 0:
+    barrier()
+    if rank() == 0:
         _write_atomic(ckpt_dir / LATEST, tag)
         _prune(ckpt_dir, keep=max(keep, 1), current=tag)
-    _barrier()
+    barrier()
     return tag
 
 
@@ -122,10 +122,3 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _rank() -> int:
-    return tdist.get_rank() if tdist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if tdist.is_initialized():
-        tdist.barrier()

@@ -278,15 +278,22 @@ class StopSignal:
         return {0: None, 1: "SIGUSR1", 2: "SIGTERM"}[self.agreed]
 
 
-def _rank() -> int:
-    return tdist.get_rank() if tdist.is_initialized() else int(os.environ.get("RANK", 0))
+def rank() -> int:
+    """This process's rank: the process group's, else the launcher's RANK, else 0."""
+    return tdist.getrank() if tdist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def barrier() -> None:
+    """All ranks meet here; a no-op without a process group (single process, tests)."""
+    if tdist.is_initialized():
+        tdist.barrier()
 
 
 def requeue_self() -> bool:
     """Rank 0 runs `scontrol requeue $SLURM_JOB_ID` (needs a job submitted with
     --requeue). Returns True if it ran and succeeded."""
     job = os.environ.get("SLURM_JOB_ID")
-    if not job or _rank() != 0:
+    if not job or rank() != 0:
         return False
     return subprocess.run(["scontrol", "requeue", job], check=False).returncode == 0
 
@@ -295,7 +302,7 @@ def mark_preempted(run_dir: str | os.PathLike) -> None:
     """Call after the checkpoint is saved, on all ranks, when stop.preempted and training
     is not finished. Rank 0 writes `${run_dir}/.preempted`; unless slurm/train.sbatch
     requeues (ATP_REQUEUE_BY=sbatch), rank 0 also requeues the job itself."""
-    if _rank() == 0:
+    if rank() == 0:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         (Path(run_dir) / PREEMPTED_MARKER).write_text(os.environ.get("SLURM_JOB_ID", "") + "\n")
         if os.environ.get("ATP_REQUEUE_BY") != "sbatch":

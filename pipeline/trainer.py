@@ -1,4 +1,5 @@
-"""Stage `sft`: visual instruction tuning with the ATP budget losses under a DeepSpeed engine.
+"""The trainer: visual instruction tuning with the ATP budget losses under a DeepSpeed engine.
+Stages `sft`, `base` and `variants` call `train` (pipeline/stages/).
 
 - Model: `run_dir/projector` loaded by transformers under ZeRO-3 (partitioned at build,
   weights rank 0 -> partitions); vision tower frozen; two param groups, LM + projector at
@@ -39,23 +40,15 @@ from pipeline.data import build_loader
 from pipeline.distributed import mark_preempted, use_cuda
 from pipeline.ds import build_ds_config, lr_schedule, use_bf16, zero3_enabled
 from pipeline.monitor import Monitor
-from pipeline.stages import DONE, Context
 
 log = logging.getLogger(__name__)
 LOSS_TERMS = ("total", "ntp", "atp", "target")
 REPAIRED = ("truncated", "converted_image")  # counted by the loader, but kept, not skipped
 
 
-def run(run: RunConfig, ctx: Context, out: Path) -> bool:
-    start = Path(run.run_dir) / "projector"
-    if not (start / DONE).exists():
-        raise FileNotFoundError(f"sft starts from {start}, which is not complete: run the projector stage first")
-    return train(run, ctx, out, start)
-
-
-def train(run: RunConfig, ctx: Context, out: Path, start: Path, tb_dir: Path | None = None) -> bool:
-    """The training loop (also the `base` stage's): from the HF dir `start` into `out`,
-    TensorBoard scalars into `tb_dir` (default run_dir/tb)."""
+def train(run: RunConfig, ctx, out: Path, start: Path, tb_dir: Path | None = None) -> bool:
+    """The training loop: from the HF dir `start` into `out`, TensorBoard scalars into `tb_dir`
+    (default run_dir/tb). ctx: a stage's Context (dist, stop). False: stopped on a signal."""
     import deepspeed
     from transformers import AutoImageProcessor, AutoTokenizer
 

@@ -116,7 +116,7 @@ def _rec(method, budget, coarse, fine, qtypes):
 
 
 def test_base_goals():
-    from pipeline.evaluate import base_goals
+    from pipeline.stages.base import base_goals
 
     prior = {"qtype": {"background": 0.3, "count_total": 0.25}}
     good = [_rec("unpruned", None, 0.96, 0.86, {"background": 0.96, "count_total": 0.86}),

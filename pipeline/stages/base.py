@@ -2,7 +2,7 @@
 
 No pretrained weights can be downloaded here, so this stage trains `model.scratch` (HF
 CLIPVisionModel + projector + Llama, real classes) from scratch on its own synthetic train
-shards, with the sft loop (pipeline.stages.sft.train) and pruning off, and writes the parts
+shards, with the sft loop (pipeline.trainer.train) and pruning off, and writes the parts
 in LLaVA-1.5's release layout, which the `projector` stage then reads with `source: parts`:
 
     run_dir/base/llama/              LlamaForCausalLM + the word tokenizer
@@ -22,15 +22,13 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as tdist
 from omegaconf import OmegaConf
 
-from pipeline import build, checkpoint
+from pipeline import build, checkpoint, trainer
 from pipeline.config import RunConfig
-from pipeline.distributed import use_cuda
+from pipeline.distributed import barrier, use_cuda
 from pipeline.ds import build_ds_config
-from pipeline.stages import DONE, Context
-from pipeline.stages import sft
+from pipeline.stages import Context, is_done, mark_done
 
 log = logging.getLogger(__name__)
 PARTS = ("llama", "clip", "mm_projector.bin")
@@ -40,7 +38,7 @@ def run(run: RunConfig, ctx: Context, out: Path) -> bool:
     if run.base.weights:
         if ctx.dist.rank == 0:
             copy_committed(run, Path(run.base.weights), out)
-        _barrier()
+        barrier()
         return True
     base = base_run(run, out)
     if ctx.dist.rank == 0 and not (out / "shards" / "sizes.json").exists():
@@ -48,18 +46,18 @@ def run(run: RunConfig, ctx: Context, out: Path) -> bool:
 
         synthetic.write(str(out / "shards"), "train", run.base.train_samples, run.base.seed,
                         shard_options(run), run.synthetic.maxcount)
-    _barrier()
+    barrier()
     init = out / "init"
-    if not (init / DONE).exists():
+    if not is_done(init):
         _build_init(base, ctx, init)
-    if not sft.train(base, ctx, out / "train", init, tb_dir=Path(run.run_dir) / "tb" / "base"):
+    if not trainer.train(base, ctx, out / "train", init, tb_dir=Path(run.run_dir) / "tb" / "base"):
         return False
     if ctx.dist.rank == 0:
         state = checkpoint.consolidated_state_dict(out / "train" / checkpoint.DIRNAME)
         write_parts(state, init, out)
         write_model_dir(state, init, out / "model")
         evaluate_base(run, out)
-    _barrier()
+    barrier()
     return True
 
 
@@ -110,9 +108,8 @@ def _build_init(base: RunConfig, ctx: Context, init: Path) -> None:
                          hidden_size=config.text_config.hidden_size, cuda=use_cuda())
     model = build.instantiate(config, tensors, ds, torch.float32)
     build.save_pretrained_dir(model, tokenizer, image_processor, init)
-    if ctx.dist.rank == 0:
-        (init / DONE).write_text("")
-    _barrier()
+    mark_done(init)
+    barrier()
 
 
 def write_model_dir(state: dict, init: Path, out: Path) -> None:
@@ -133,7 +130,7 @@ def write_model_dir(state: dict, init: Path, out: Path) -> None:
 
 
 def evaluate_base(run: RunConfig, out: Path) -> dict | None:
-    """Score the base against its bar (evaluate.base_goals): unpruned and random pruning at
+    """Score the base against its bar (base_goals): unpruned and random pruning at
     the smallest eval budget, on the eval shards, into out/eval/report.{json,md}."""
     from pipeline.data import list_shards
     from pipeline.evaluate import evaluate_checkpoints
@@ -149,7 +146,7 @@ def evaluate_base(run: RunConfig, out: Path) -> dict | None:
     report = evaluate_checkpoints({"unpruned": str(out / "model")}, e.shards, out / "eval",
                                   budgets=[min(e.budgets)], methods=["random"], limit=e.limit,
                                   batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
-                                  timing_repeats=1, overlay_images=0, title="base")
+                                  timing_repeats=1, overlay_images=0, title="base", bar=base_goals)
     goals = report["summary"]["base"]
     log.info("base: coarse %.3f fine %.3f, every qtype above prior: %s, random %.0f%% drop %s; bar met: %s",
              goals["coarse"] or 0, goals["fine"] or 0, goals["every_qtype_above_prior"],
@@ -158,25 +155,43 @@ def evaluate_base(run: RunConfig, out: Path) -> dict | None:
     return goals
 
 
+def base_goals(records: list[dict], prior: dict) -> dict:
+    """The embedded base's bar: unpruned coarse >= 0.95 and fine >= 0.85, every
+    question type above its no-image prior, and random pruning at the smallest budget losing
+    >= 10 points on fine and less on coarse (else the benchmark does not discriminate)."""
+    ref = next((r for r in records if r["method"] == "unpruned"), None)
+    if ref is None:
+        return {}
+    fam, qt = ref["accuracy_by_family"], ref["accuracy_by_qtype"]
+    out = {"coarse": fam.get("coarse"), "fine": fam.get("fine"),
+           "qtype_margin_over_prior": {q: a - prior["qtype"][q] for q, a in qt.items() if q in prior["qtype"]}}
+    out["every_qtype_above_prior"] = all(m > 0 for m in out["qtype_margin_over_prior"].values())
+    randoms = [r for r in records if r["method"] == "random" and r["budget"] is not None]
+    if randoms:
+        r = min(randoms, key=lambda r: r["budget"])
+        drop = {f: fam[f] - a for f, a in r["accuracy_by_family"].items() if f in fam}
+        out["random_budget"] = r["budget"]
+        out["random_drop"] = drop
+        if "fine" in drop and "coarse" in drop:
+            out["discriminates"] = drop["fine"] >= 0.10 and drop["coarse"] < drop["fine"]
+    out["met"] = bool((out["coarse"] or 0) >= 0.95 and (out["fine"] or 0) >= 0.85
+                      and out["every_qtype_above_prior"] and out.get("discriminates", False))
+    return out
+
+
 def write_parts(state: dict, init: Path, out: Path) -> None:
     """The trained LLaVA as LLaVA-1.5's three parts (fp32 safetensors + the projector .bin)."""
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPVisionModel, LlamaForCausalLM
 
     from model import AtpLlavaConfig
+    from model.loading import model_to_part
 
     config = AtpLlavaConfig.from_pretrained(init)
     parts = {"llama": {}, "clip": {}, "projector": {}}
     for key, value in state.items():
-        if key.startswith("model.language_model."):
-            parts["llama"]["model." + key[len("model.language_model."):]] = value
-        elif key.startswith("lm_head."):
-            parts["llama"][key] = value
-        elif key.startswith("model.vision_tower."):
-            parts["clip"][key[len("model.vision_tower."):]] = value
-        elif key.startswith("model.multi_modal_projector."):
-            name = key[len("model.multi_modal_projector."):]
-            layer = {"linear_1": "0", "linear_2": "2"}[name.split(".")[0]]
-            parts["projector"][f"model.mm_projector.{layer}.{name.split('.', 1)[1]}"] = value
+        where = model_to_part(key)
+        if where is not None:
+            parts[where[0]][where[1]] = value
     tmp = out / "parts.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     for name, cls, sub in (("llama", LlamaForCausalLM, config.text_config),
@@ -224,6 +239,3 @@ def _put_parts(src: Path, out: Path) -> None:
         (shutil.copytree if (src / name).is_dir() else shutil.copy2)(src / name, dest)
 
 
-def _barrier() -> None:
-    if tdist.is_initialized():
-        tdist.barrier()

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch.distributed as tdist
 
 from pipeline.config import RunConfig
+from pipeline.distributed import barrier
 from pipeline.stages import Context
 
 
@@ -31,6 +31,5 @@ def run(run: RunConfig, ctx: Context, out: Path) -> bool:
             models, e.shards, out, budgets=e.budgets, methods=e.methods, limit=e.limit, batch_size=e.batch_size,
             max_new_tokens=e.max_new_tokens, timing_batch=e.timing_batch, timing_repeats=e.timing_repeats,
             decode_tokens=e.decode_tokens, overlay_images=e.overlay_images, title=str(run_dir))
-    if tdist.is_initialized():
-        tdist.barrier()
+    barrier()
     return True

@@ -19,12 +19,12 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as tdist
 
 from model import AtpLlavaConfig, AtpLlavaForConditionalGeneration
 from pipeline import checkpoint
 from pipeline.build import apply_atp_fields, make_processor
 from pipeline.config import RunConfig
+from pipeline.distributed import barrier
 from pipeline.stages import Context
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -34,8 +34,7 @@ def run(run: RunConfig, ctx: Context, out: Path) -> bool:
     dist = ctx.dist
     if dist.rank == 0:
         export(run, out)
-    if tdist.is_initialized():
-        tdist.barrier()
+    barrier()
     return True
 
 

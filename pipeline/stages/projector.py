@@ -10,11 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.distributed as tdist
 
 from pipeline import build
 from pipeline.config import RunConfig
-from pipeline.distributed import use_cuda
+from pipeline.distributed import barrier, use_cuda
 from pipeline.stages import Context
 from pipeline.ds import build_ds_config, use_bf16
 
@@ -31,6 +30,5 @@ def run(run: RunConfig, ctx: Context, out: Path) -> bool:
     dtype = torch.bfloat16 if use_bf16(run, cuda) else torch.float32
     model = build.instantiate(config, tensors, ds, dtype)
     build.save_pretrained_dir(model, tokenizer, image_processor, out)
-    if tdist.is_initialized():
-        tdist.barrier()
+    barrier()
     return True

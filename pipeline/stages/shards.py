@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch.distributed as tdist
 
 from pipeline.config import RunConfig
+from pipeline.distributed import barrier
 from pipeline.stages import Context
 
 
@@ -20,6 +20,5 @@ def run(run: RunConfig, ctx: Context, out: Path) -> bool:
             synthetic.main(["--out", str(out / split), "--split", split, "--samples", str(n),
                             "--seed", str(s.seed), "--image-size", str(s.image_size),
                             "--maxcount", str(s.maxcount), *s.args])
-    if tdist.is_initialized():
-        tdist.barrier()
+    barrier()
     return True

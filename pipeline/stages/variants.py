@@ -15,11 +15,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch.distributed as tdist
 from omegaconf import OmegaConf
 
 from pipeline.config import RunConfig
-from pipeline.stages import DONE, Context
+from pipeline.distributed import barrier
+from pipeline.stages import Context, is_done, mark_done, require_done
 
 log = logging.getLogger(__name__)
 
@@ -64,21 +64,20 @@ def variant_run(run: RunConfig, name: str, overrides: dict) -> RunConfig:
 
 def run(run: RunConfig, ctx: Context, out: Path) -> bool:
     from model import AtpLlavaConfig
-    from pipeline.stages import export, sft
+    from pipeline import trainer
+    from pipeline.stages import export
 
-    start = Path(run.run_dir) / "projector"
-    if not (start / DONE).exists():
-        raise FileNotFoundError(f"variants start from {start}, which is not complete: run the projector stage first")
+    start = require_done(Path(run.run_dir) / "projector", "variants")
     plan = planned(run, AtpLlavaConfig.from_pretrained(start))
     for i, (name, overrides) in enumerate(plan.items()):
         vrun = variant_run(run, name, overrides)
         vdir = Path(vrun.run_dir)
         log.info("variant %d/%d %s: %s", i + 1, len(plan), name, overrides["atp"])
-        if not (vdir / "sft" / DONE).exists():
-            if not sft.train(vrun, ctx, vdir / "sft", start):
+        if not is_done(vdir / "sft"):
+            if not trainer.train(vrun, ctx, vdir / "sft", start):
                 return False  # stopped on a signal after saving; a rerun resumes this variant
             _mark(ctx, vdir / "sft")
-        if not (vdir / "export" / DONE).exists():
+        if not is_done(vdir / "export"):
             if ctx.dist.rank == 0:
                 export.export(vrun, vdir / "export", start=start)
             _mark(ctx, vdir / "export")
@@ -86,8 +85,5 @@ def run(run: RunConfig, ctx: Context, out: Path) -> bool:
 
 
 def _mark(ctx: Context, d: Path) -> None:
-    if tdist.is_initialized():
-        tdist.barrier()
-    if ctx.dist.rank == 0:
-        d.mkdir(parents=True, exist_ok=True)
-        (d / DONE).write_text("")
+    barrier()
+    mark_done(d)
