@@ -47,7 +47,8 @@ def build_ds_config(run: RunConfig, *, world_size: int, total_steps: int, hidden
     ds["train_batch_size"] = run.data.batch_size * t.grad_accum * world_size
     ds["gradient_clipping"] = t.grad_clip
     # The lr here is the LM group's; the ATP group carries its own lr in its param group
-    # (`param_groups`), which DeepSpeed's optimizer and WarmupCosineLR both respect.
+    # (pipeline/trainer.py `_param_groups`), which DeepSpeed's optimizer and the client LambdaLR
+    # (`lr_schedule`) both respect.
     ds["optimizer"] = {"type": "AdamW", "params": {
         "lr": t.lr_lm, "betas": list(t.betas), "eps": t.eps, "weight_decay": t.weight_decay,
         # fused/CPU-Adam kernels are GPU or JIT-compiled builds; CPU runs use torch's AdamW

@@ -1,4 +1,4 @@
-"""All GPU checks and benchmarks of issue 7 in one command (docs/GPU.md):
+"""All GPU checks and benchmarks of the attention kernels in one command (docs/GPU.md):
 
     python scripts/gpu_checks.py --out DIR [--parts kernels,model,bench_attn,bench_prefill]
 

@@ -1,4 +1,4 @@
-"""Attention kernels (issue 7), CPU part: dispatch, fallbacks, varlen packing, and the flex / flash
+"""Attention kernels (model/kernels.py), CPU part: dispatch, fallbacks, varlen packing, and the flex / flash
 wrappers against the SDPA reference. CUDA-only checks are marked `gpu`; the full GPU checks and
 benchmarks are `python scripts/gpu_checks.py` (docs/GPU.md)."""
 import sys

@@ -1,4 +1,4 @@
-"""Model core (issue 2): the properties training, inference and export rely on. Tiny, CPU, fp32."""
+"""Model core: the properties training, inference and export rely on. Tiny, CPU, fp32."""
 import pytest
 import torch
 from transformers import DynamicCache
