@@ -11,8 +11,8 @@ and the q/k are already rotated here.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from transformers import AttentionInterface

@@ -280,7 +280,10 @@ class FastV(Policy):
 
 class PruMerge(Policy):
     name = "prumerge"
-    paper = "LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal Models (Shang et al., 2024, arXiv 2403.15388)"
+    paper = (
+        "LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal Models "
+        "(Shang et al., 2024, arXiv 2403.15388)"
+    )
 
     def __init__(self, config, share, k_neighbors: int | None = None):
         super().__init__(config, share)
@@ -428,7 +431,10 @@ class VisionZip(Policy):
 
 class SparseVLM(Policy):
     name = "sparsevlm"
-    paper = "SparseVLM: Visual Token Sparsification for Efficient Vision-Language Model Inference (Zhang et al., 2024, arXiv 2410.04417)"
+    paper = (
+        "SparseVLM: Visual Token Sparsification for Efficient Vision-Language Model Inference "
+        "(Zhang et al., 2024, arXiv 2410.04417)"
+    )
     # SparseVLM's released schedules for LLaVA-1.5 (kept tokens at its 3 pruning layers) and the share they aim at
     SCHEDULES = {192 / 576: (300, 200, 110), 128 / 576: (303, 110, 36), 64 / 576: (66, 30, 17)}
 

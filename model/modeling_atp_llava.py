@@ -41,7 +41,6 @@ from .kernels import KeyMask, check_requested
 from .pruning import AtpPruning, PolicyPruning
 from .scores import minmax, spatial_scores
 
-
 # transformers 5.24 renamed `past_key_values` to `cache` (forward keyword and model outputs) and
 # keeps the old name as a deprecated alias until 5.40: speak whichever name the installed
 # version declares, so neither side warns or breaks. forward() takes both.

@@ -158,7 +158,7 @@ class TokenStats:
         total = vt.sum(0).double()
         self.per_layer = total if self.per_layer is None else self.per_layer + total
 
-    def merge(self, other: "TokenStats") -> None:
+    def merge(self, other: TokenStats) -> None:
         """Add another collection's samples (e.g. per-family stats into an overall one)."""
         self.samples += other.samples
         self.text_only += other.text_only

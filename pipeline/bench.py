@@ -138,11 +138,13 @@ def main(argv=None):
         "atp_share_of_prefill_flops": atp_cost["atp_flops"] / atp_cost["flops_exact"],
         "atp_n_bar_share_at_init": atp_cost["n_bar"] / lv,
     }
-    print(f"unpruned prefill: {t_full * 1e3:.1f} ms  ({args.layers} layers x {args.hidden}, {lv} visual + {args.text} text, {args.dtype})")
+    print(f"unpruned prefill: {t_full * 1e3:.1f} ms  ({args.layers} layers x {args.hidden}, "
+          f"{lv} visual + {args.text} text, {args.dtype})")
     print(f"{'N_bar':>7} {'time':>9} {'time ratio':>11} {'FLOPs ratio':>12} {'KV ratio':>9}  reduction time/FLOPs")
     for r in rows:
         red = (1 - r["time_ratio"]) / max(1 - r["flops_ratio_exact"], 1e-9)
-        print(f"{r['n_bar_share']:>7.1%} {r['prefill_s'] * 1e3:>7.1f}ms {r['time_ratio']:>11.3f} {r['flops_ratio_exact']:>12.3f} {r['kv_ratio']:>9.3f}  {red:.2f}")
+        print(f"{r['n_bar_share']:>7.1%} {r['prefill_s'] * 1e3:>7.1f}ms {r['time_ratio']:>11.3f} "
+              f"{r['flops_ratio_exact']:>12.3f} {r['kv_ratio']:>9.3f}  {red:.2f}")
     print(f"ATP modules: {result['atp_share_of_prefill_time']:.2%} of an ATP prefill's time, "
           f"{result['atp_share_of_prefill_flops']:.2%} of its FLOPs")
     if args.json:

@@ -35,7 +35,6 @@ import glob
 import io
 import json
 import logging
-import math
 import os
 import re
 import time

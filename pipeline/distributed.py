@@ -46,9 +46,9 @@ import re
 import signal
 import socket
 import subprocess
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
 
 import torch
 import torch.distributed as tdist

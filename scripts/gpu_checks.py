@@ -285,7 +285,7 @@ def bench_prefill(have_flash, batch_sizes=(1, 8)):
     for B in batch_sizes:
         b = batch(cfg, [text] * B)
         b.pop("labels")
-        run = lambda: m(**b, logits_to_keep=1)  # noqa: E731
+        run = lambda: m(**b, logits_to_keep=1)  # noqa: E731, F821 (m is deleted after its last use)
         for kernel in kernels:
             m.config.attn_kernel = kernel
             res = {}
@@ -323,7 +323,7 @@ def profile_prefill(have_flash, batch_size=1, top=25):
     for pruning in ("none", "fixed"):
         m.config.pruning, m.config.fixed_counts = pruning, counts
         with torch.no_grad():
-            ms = cuda_ms(lambda: m(**b, logits_to_keep=1), iters=20, warmup=20)
+            ms = cuda_ms(lambda: m(**b, logits_to_keep=1), iters=20, warmup=20)  # noqa: F821 (deleted after)
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 for _ in range(5):
                     m(**b, logits_to_keep=1)
@@ -379,7 +379,8 @@ def main(argv=None):
 
         res["env"]["flash_attn"] = flash_attn.__version__
     else:
-        print("flash-attn not installed (pip install '.[gpu]'): flash checks skipped, benchmarks use SDPA's own flash backend")
+        print("flash-attn not installed (pip install '.[gpu]'): flash checks skipped, "
+              "benchmarks use SDPA's own flash backend")
     parts = {"kernels": check_kernels, "model": check_model, "bench_attn": bench_attn, "bench_prefill": bench_prefill,
              "profile_prefill": profile_prefill}
     for part in args.parts.split(","):

@@ -1,6 +1,5 @@
 """The streaming loader: template and label masking, splitting, resampling, bad input."""
 
-import collections
 import io
 import json
 import logging

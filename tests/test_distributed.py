@@ -9,8 +9,7 @@ import time
 
 import pytest
 
-from pipeline.distributed import (expand_nodelist, expand_tasks_per_node, first_host,
-                                  map_env, port_from_job_id)
+from pipeline.distributed import expand_nodelist, expand_tasks_per_node, first_host, map_env, port_from_job_id
 
 
 def port():

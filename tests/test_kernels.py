@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import AtpLlavaConfig, AtpLlavaForConditionalGeneration
+from model import AtpLlavaConfig
 from model import kernels as K
 from model.attention import atp_attention
-from tiny_models import LV, make_batch, tiny_atp
+
+from tiny_models import make_batch, tiny_atp
 
 torch.set_grad_enabled(True)
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")

@@ -111,8 +111,8 @@ def make_benchmark_standins(root: Path) -> None:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from shards import synthetic
     from pipeline.lmms.synthetic import convert
+    from shards import synthetic
 
     root = tmp_path_factory.mktemp("lmms")
     make_export(root / "export")
@@ -186,7 +186,7 @@ def test_loglikelihood_survives_unwrap_generation_output():
 def test_generation_task_scores_equal_answers_module(run, direct):
     got = {s["doc_id"]: s for s in run["samples"]["synthetic_vqa"]}
     assert sorted(got) == list(range(SAMPLES))
-    for i, doc in enumerate(direct["docs"]):
+    for i in range(len(direct["docs"])):
         resp = got[i]["filtered_resps"]  # lmms-eval logs a single response unwrapped
         assert (resp if isinstance(resp, str) else resp[0]) == direct["preds"][i], i
     want = sum(answers.is_correct(p, d["answer"]) for p, d in zip(direct["preds"], direct["docs"])) / SAMPLES

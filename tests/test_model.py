@@ -4,11 +4,19 @@ import torch
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb
 
-from model import CACHE_KW, AtpLlavaConfig, AtpLlavaForConditionalGeneration, layer_flops_exact, layer_flops_paper, model_costs
+from model import (
+    CACHE_KW,
+    AtpLlavaConfig,
+    AtpLlavaForConditionalGeneration,
+    layer_flops_exact,
+    layer_flops_paper,
+    model_costs,
+)
 from model.attention import atp_attention
-from model.kernels import dense_bias
 from model.budget import tokens_per_layer
+from model.kernels import dense_bias
 from model.scores import spatial_scores
+
 from tiny_models import IMAGE_TOKEN, LV, make_batch, tiny_atp, tiny_llava_config
 
 torch.set_grad_enabled(True)

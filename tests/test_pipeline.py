@@ -100,7 +100,8 @@ inputs = proc(images=Image.new("RGB", (40, 40), (200, 30, 30)),
 with torch.no_grad():
     out = m(**inputs)
     gen = m.generate(**inputs, max_new_tokens=4, do_sample=False)
-print(json.dumps({"visual_tokens": out.visual_tokens[0].tolist(), "new_tokens": gen.shape[1] - inputs["input_ids"].shape[1],
+print(json.dumps({"visual_tokens": out.visual_tokens[0].tolist(),
+                  "new_tokens": gen.shape[1] - inputs["input_ids"].shape[1],
                   "image_tokens": int((inputs["input_ids"] == m.config.image_token_id).sum())}))
 """
 

@@ -42,15 +42,14 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
-from loguru import logger as eval_logger
-from tqdm import tqdm
-
 from lmms_eval.api.instance import GenerationResult, unwrap_generation_output
 from lmms_eval.api.model import lmms
+from loguru import logger as eval_logger
+from tqdm import tqdm
 
 from model.baselines import POLICIES, make_policy
 from pipeline import answers

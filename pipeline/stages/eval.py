@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from pipeline.config import RunConfig
 from pipeline.distributed import barrier
 from pipeline.stages import Context

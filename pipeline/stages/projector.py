@@ -14,8 +14,8 @@ import torch
 from pipeline import build
 from pipeline.config import RunConfig
 from pipeline.distributed import barrier, use_cuda
-from pipeline.stages import Context
 from pipeline.ds import build_ds_config, use_bf16
+from pipeline.stages import Context
 
 
 def run(run: RunConfig, ctx: Context, out: Path) -> bool:
