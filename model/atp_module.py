@@ -1,4 +1,5 @@
 """The ATP module (METHOD sec 3): a tiny MLP that predicts two thresholds per image."""
+
 from __future__ import annotations
 
 import math
@@ -32,4 +33,3 @@ class AtpModule(nn.Module):
         x = torch.cat([s_red, s_spa], dim=-1).to(self.fc.weight.dtype)
         z = self.act(self.fc(x))
         return torch.sigmoid(self.head_r(z)).squeeze(-1), torch.sigmoid(self.head_s(z)).squeeze(-1)
-

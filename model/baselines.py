@@ -30,6 +30,7 @@ merging sit at the position of one of their members. This file is not copied int
 checkpoints (the model file does not import it), so an export runs a policy only with this repo
 importable; it imports only torch and relative modules all the same.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,6 +43,7 @@ from .budget import counts_for_budget, n_bar
 from .scores import visual_attention
 
 POLICIES = ("fastv", "prumerge", "prumerge+", "sparsevlm", "visionzip", "uniform", "random")
+
 
 def scale_layers(layers_of_32, num_layers: int) -> list[int]:
     """Pruning points given for a 32-layer LLM (LLaVA-1.5 7B) moved proportionally to num_layers,
@@ -61,7 +63,9 @@ def top_n(score, live, n):
     tokens if fewer); ties go to the lower index."""
     masked = torch.where(live, score.float(), torch.tensor(-math.inf, device=score.device))
     order = torch.sort(masked, dim=1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+    )
     n = torch.as_tensor(n, device=score.device)
     n = n[:, None] if n.dim() == 1 else n
     return (rank < n) & live
@@ -125,11 +129,15 @@ class VisionTap:
         def grab(name):
             def hook(module, args, output):
                 self.out[name] = (output[0] if isinstance(output, tuple) else output).detach()
+
             return hook
 
         attn = self.layer.self_attn
-        self._handles = [attn.q_proj.register_forward_hook(grab("q")), attn.k_proj.register_forward_hook(grab("k")),
-                         self.layer.register_forward_hook(grab("h"))]
+        self._handles = [
+            attn.q_proj.register_forward_hook(grab("q")),
+            attn.k_proj.register_forward_hook(grab("k")),
+            self.layer.register_forward_hook(grab("h")),
+        ]
         return self
 
     def __exit__(self, *exc):
@@ -148,13 +156,13 @@ class VisionTap:
     def cls_attention(self):
         q, k = self._heads(self.out["q"]), self._heads(self.out["k"])
         logits = torch.einsum("nhd,nthd->nht", q[:, 0], k) * q.shape[-1] ** -0.5
-        return logits.softmax(-1).mean(1)[:, self.drop:]  # [n_img, Lv]
+        return logits.softmax(-1).mean(1)[:, self.drop :]  # [n_img, Lv]
 
     def keys(self):
-        return self._heads(self.out["k"])[:, self.drop:]
+        return self._heads(self.out["k"])[:, self.drop :]
 
     def features(self):
-        return self.out["h"][:, self.drop:]
+        return self.out["h"][:, self.drop :]
 
 
 # -- policies -----------------------------------------------------------------------------------
@@ -200,7 +208,8 @@ class Policy:
             "num_layers": self.num_layers,
             "n_bar": n_bar(self.layers, self.counts, self.num_layers, self.lv),
             "target_n_bar": self.share * self.lv,
-            "differs": list(self.differs) + [
+            "differs": list(self.differs)
+            + [
                 "kept tokens keep their original positions (the paper re-numbers the shortened sequence)",
             ],
         }
@@ -213,7 +222,9 @@ class Uniform(Policy):
 
     def select(self, ctx):
         keep = torch.zeros_like(ctx.live)
-        idx = torch.tensor(grid_indices(self.config.grid_size, self.counts[0]), dtype=torch.long) + _patch_offset(self.config)
+        idx = torch.tensor(grid_indices(self.config.grid_size, self.counts[0]), dtype=torch.long) + _patch_offset(
+            self.config
+        )
         keep[:, idx.to(keep.device)] = True
         return keep & ctx.live, None
 
@@ -221,8 +232,10 @@ class Uniform(Policy):
 class Random(Policy):
     name = "random"
     paper = "random token dropping (sanity baseline)"
-    differs = ("before the LLM: n tokens uniformly at random; every forward re-seeds a CPU generator with `seed`, "
-               "rows drawn in batch order (reproducible for the same batch)",)
+    differs = (
+        "before the LLM: n tokens uniformly at random; every forward re-seeds a CPU generator with `seed`, "
+        "rows drawn in batch order (reproducible for the same batch)",
+    )
 
     def __init__(self, config, share, seed: int = 0):
         super().__init__(config, share)
@@ -248,8 +261,10 @@ class FastV(Policy):
         target = self.share * lv * N
         feasible = [K for K in range(1, min(self.k_requested, N - 1) + 1) if K * lv + (N - K) <= target + 0.5 * (N - K)]
         if not feasible:
-            raise ValueError(f"fastv: share={share} is out of reach even when pruning before layer 1 "
-                             f"(N_bar >= {(lv + N - 1) / N:.2f}, target {self.share * lv:.2f})")
+            raise ValueError(
+                f"fastv: share={share} is out of reach even when pruning before layer 1 "
+                f"(N_bar >= {(lv + N - 1) / N:.2f}, target {self.share * lv:.2f})"
+            )
         self.K = max(feasible)
         self.layers = [self.K]
         self.counts = counts_for_budget(self.layers, N, lv, self.share)
@@ -271,9 +286,12 @@ class FastV(Policy):
             "R set by the budget (FastV: R = 50% / 75%)",
         ] + d["differs"]
         if self.K != self.k_requested:
-            d["differs"].insert(0, f"K={self.k_requested} (FastV's default) cannot reach N_bar "
-                                   f"{self.share * self.lv:.2f}: the {self.k_requested} full layers alone cost more; "
-                                   f"K={self.K} is the largest that can")
+            d["differs"].insert(
+                0,
+                f"K={self.k_requested} (FastV's default) cannot reach N_bar "
+                f"{self.share * self.lv:.2f}: the {self.k_requested} full layers alone cost more; "
+                f"K={self.K} is the largest that can",
+            )
         d["k"] = self.K
         return d
 
@@ -304,7 +322,9 @@ class PruMerge(Policy):
             return torch.zeros_like(ctx.live), None
         tap = self._tap
         if tap is None or not tap.captured:
-            raise RuntimeError(f"{self.name}: the vision tower's layer was not captured (set the policy before the forward)")
+            raise RuntimeError(
+                f"{self.name}: the vision tower's layer was not captured (set the policy before the forward)"
+            )
         attn_img = tap.cls_attention()  # [n_img, Lv]
         q1, q3 = torch.quantile(attn_img, 0.25, dim=1), torch.quantile(attn_img, 0.75, dim=1)
         self.iqr_seen[0] += int((attn_img > (q3 + 1.5 * (q3 - q1))[:, None]).sum())
@@ -355,7 +375,9 @@ class PruMergePlus(PruMerge):
 
     def _chosen(self, attn, live):
         grid = torch.zeros_like(live)
-        idx = torch.tensor(grid_indices(self.config.grid_size, self.n_uniform), dtype=torch.long) + _patch_offset(self.config)
+        idx = torch.tensor(grid_indices(self.config.grid_size, self.n_uniform), dtype=torch.long) + _patch_offset(
+            self.config
+        )
         grid[:, idx.to(grid.device)] = True
         grid &= live
         rest = top_n(attn, live & ~grid, self.counts[0] - grid.sum(1))
@@ -364,15 +386,20 @@ class PruMergePlus(PruMerge):
     def describe(self):
         d = super().describe()
         d["n_uniform"] = self.n_uniform
-        d["differs"].insert(1, f"+: {self.n_uniform} of the n tokens form an evenly spaced grid (`grid_indices`), "
-                               "the rest are the top CLS-attention tokens outside it (PruMerge+'s code adds a 1-D "
-                               "arithmetic sequence of about 3x the outliers, so ~3/4 of the total)")
+        d["differs"].insert(
+            1,
+            f"+: {self.n_uniform} of the n tokens form an evenly spaced grid (`grid_indices`), "
+            "the rest are the top CLS-attention tokens outside it (PruMerge+'s code adds a 1-D "
+            "arithmetic sequence of about 3x the outliers, so ~3/4 of the total)",
+        )
         return d
 
 
 class VisionZip(Policy):
     name = "visionzip"
-    paper = "VisionZip: Longer is Better but Not Necessary in Vision Language Models (Yang et al., 2024, arXiv 2412.04467)"
+    paper = (
+        "VisionZip: Longer is Better but Not Necessary in Vision Language Models (Yang et al., 2024, arXiv 2412.04467)"
+    )
 
     def __init__(self, config, share, contextual_share: float = 10 / 64):
         super().__init__(config, share)
@@ -390,7 +417,9 @@ class VisionZip(Policy):
             return torch.zeros_like(ctx.live), None
         tap = self._tap
         if tap is None or not tap.captured:
-            raise RuntimeError("visionzip: the vision tower's layer was not captured (set the policy before the forward)")
+            raise RuntimeError(
+                "visionzip: the vision tower's layer was not captured (set the policy before the forward)"
+            )
         attn = _rows(tap.cls_attention(), ctx.has_img)
         dominant = top_n(attn, ctx.live, self.n_dominant)
         x = tap.features().float()
@@ -449,8 +478,9 @@ class SparseVLM(Policy):
         self.recycle_share = recycle_share
         self.cluster_per = cluster_per
         if not self.layers or self.layers[0] < 1:
-            raise ValueError(f"sparsevlm: layers={self.layers}: each pruning point reads the attention "
-                             "of the layer before (>= 1)")
+            raise ValueError(
+                f"sparsevlm: layers={self.layers}: each pruning point reads the attention of the layer before (>= 1)"
+            )
         self.recycled_seen = [0, 0]  # recycled tokens: sum, pruning steps (for the report)
 
     def attention_compute(self, layer):

@@ -58,6 +58,8 @@ def default_ratios(k: int) -> list[float]:
         t = i / (k - 1)
         out.append(a + (b - a) * 2 * t if t <= 0.5 else b + (c - b) * (2 * t - 1))
     return out
+
+
 def counts_for_budget(layers, num_layers: int, lv: int, share: float, ratios=None) -> list[int]:
     """Kept visual tokens after each pruning point in `layers` (0 = before the first decoder
     layer, i = before layer i) such that N_bar (METHOD sec 7) is as close to share * Lv as integer
@@ -119,4 +121,3 @@ def counts_for_budget(layers, num_layers: int, lv: int, share: float, ratios=Non
         if best is None or best[0] >= err(counts) - 1e-9:
             return counts
         counts = best[2]
-

@@ -5,6 +5,7 @@ A Vicuna/Llama dir (HF format), a CLIP dir (CLIPModel or CLIPVisionModel) and th
 projector `mm_projector.bin`, whose keys are `model.mm_projector.0.weight` etc. (a
 Linear-GELU-Linear Sequential; indices 0 and 2 map to llava-hf's linear_1 / linear_2).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,10 +14,20 @@ import torch
 from transformers import AutoTokenizer, CLIPVisionModel, LlamaForCausalLM
 
 IMAGE_TOKEN = "<image>"
-PROJECTOR_KEYS = {"0.weight": "linear_1.weight", "0.bias": "linear_1.bias", "2.weight": "linear_2.weight", "2.bias": "linear_2.bias"}
+PROJECTOR_KEYS = {
+    "0.weight": "linear_1.weight",
+    "0.bias": "linear_1.bias",
+    "2.weight": "linear_2.weight",
+    "2.bias": "linear_2.bias",
+}
 CLIP_TEXT_SIDE = ("text_model.", "visual_projection.", "text_projection.", "logit_scale")
 # this model's prefix of each part (transformers 5's LLaVA names)
-LM, LM_HEAD, VISION, PROJECTOR = "model.language_model.", "lm_head.", "model.vision_tower.", "model.multi_modal_projector."
+LM, LM_HEAD, VISION, PROJECTOR = (
+    "model.language_model.",
+    "lm_head.",
+    "model.vision_tower.",
+    "model.multi_modal_projector.",
+)
 
 
 def part_to_model(part: str, key: str) -> str | None:
@@ -61,7 +72,9 @@ def load_projector_state(path) -> dict:
     for key, value in raw.items():
         name = part_to_model("projector", key)
         if name is None:
-            raise ValueError(f"{path}: unexpected projector key {key!r} (expected model.mm_projector.{{0,2}}.{{weight,bias}})")
+            raise ValueError(
+                f"{path}: unexpected projector key {key!r} (expected model.mm_projector.{{0,2}}.{{weight,bias}})"
+            )
         out[name[len(PROJECTOR) :]] = value
     return out
 
@@ -76,8 +89,16 @@ def tokenizer_with_image_token(llama_dir, tokenizer=None):
     return tokenizer
 
 
-def build_from_parts(cls, llama_dir, clip_dir, mm_projector, tokenizer=None, vision_feature_layer=-2,
-                     vision_feature_select_strategy="default", **atp_fields):
+def build_from_parts(
+    cls,
+    llama_dir,
+    clip_dir,
+    mm_projector,
+    tokenizer=None,
+    vision_feature_layer=-2,
+    vision_feature_select_strategy="default",
+    **atp_fields,
+):
     for name, p in (("llama_dir", llama_dir), ("clip_dir", clip_dir)):
         if not Path(p).is_dir():
             raise FileNotFoundError(f"{name}: no directory at {p}")

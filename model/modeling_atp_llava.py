@@ -21,6 +21,7 @@ each, the masks), and what follows every pruning point is one method here (`_pru
 
 This file is copied into exported checkpoints (trust_remote_code): relative imports only.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -74,7 +75,9 @@ class _Seq:
         def g(t):
             return t.gather(-1, idx if t.dim() == 2 else idx.expand(t.shape[0], *idx.shape))
 
-        return _Seq(live=g(self.live) & valid, pos=g(self.pos), vis=torch.where(valid, g(self.vis), -1), orig=g(self.orig))
+        return _Seq(
+            live=g(self.live) & valid, pos=g(self.pos), vis=torch.where(valid, g(self.vis), -1), orig=g(self.orig)
+        )
 
 
 @dataclass
@@ -110,7 +113,9 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def _init_weights(self, module):
         if isinstance(module, AtpModule):
             c = self.config
-            q = keep_share_per_module(c.atp_layers, c.text_config.num_hidden_layers, c.num_visual_tokens, c.target_tokens)
+            q = keep_share_per_module(
+                c.atp_layers, c.text_config.num_hidden_layers, c.num_visual_tokens, c.target_tokens
+            )
             # Scores are min-max normalised to [0, 1], so theta_r = 1 - q keeps about a share q of
             # roughly uniform scores; theta_s starts just under the sparsest grid's score, keeping
             # that grid only, with its masks inside the sigmoid's slope so theta_s gets gradient.
@@ -132,7 +137,9 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         missing, unexpected = model.load_state_dict(llava.state_dict(), strict=False)
         missing = [k for k in missing if not k.startswith("atp_modules.")]
         if missing or unexpected:
-            raise ValueError(f"weights do not match the LLaVA layout: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise ValueError(
+                f"weights do not match the LLaVA layout: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
         return model
 
     @classmethod

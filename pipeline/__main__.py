@@ -12,6 +12,7 @@ maps whichever environment it finds. A stage whose `run_dir/NAME/DONE` exists is
 (`--force` reruns it); a rerun after a crash resumes sft from its latest checkpoint.
 Exit status: 0 done or stopped on SIGTERM/SIGUSR1 after saving, 2 bad config, 1 failure.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -118,8 +119,11 @@ def _run_stages(run, names, dist, stop, force: bool) -> None:
 
 
 def _setup_logging(rank: int) -> None:
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

@@ -13,6 +13,7 @@ files and copies, DeepSpeed re-partitions on exit. Copying into a partitioned pa
 directly is what fails with "size mismatch ... torch.Size([0])". Without ZeRO-3 the same
 code copies straight into the full parameters.
 """
+
 from __future__ import annotations
 
 import glob
@@ -44,6 +45,7 @@ def is_zero3(model: torch.nn.Module) -> bool:
 
 
 # ------------------------------------------------------------------ reading checkpoints
+
 
 def checkpoint_tensors(directory: str, rename: Callable[[str], str | None]) -> Tensors:
     """Lazy readers for every tensor in an HF dir (safetensors, else .bin), under the
@@ -83,18 +85,21 @@ def _read_safetensor(path: str, key: str) -> torch.Tensor:
 
 def llava_key(key: str) -> str | None:
     """llava-hf's older layout (and transformers 4's CLIP prefix) -> transformers 5's."""
-    for old, new in (("language_model.model.", "model.language_model."),
-                     ("language_model.lm_head.", "lm_head."),
-                     ("vision_tower.vision_model.", "model.vision_tower."),
-                     ("model.vision_tower.vision_model.", "model.vision_tower."),
-                     ("vision_tower.", "model.vision_tower."),
-                     ("multi_modal_projector.", "model.multi_modal_projector.")):
+    for old, new in (
+        ("language_model.model.", "model.language_model."),
+        ("language_model.lm_head.", "lm_head."),
+        ("vision_tower.vision_model.", "model.vision_tower."),
+        ("model.vision_tower.vision_model.", "model.vision_tower."),
+        ("vision_tower.", "model.vision_tower."),
+        ("multi_modal_projector.", "model.multi_modal_projector."),
+    ):
         if key.startswith(old):
-            return new + key[len(old):]
+            return new + key[len(old) :]
     return key
 
 
 # ------------------------------------------------------------------ writing into the model
+
 
 @torch.no_grad()
 def load_gathered(model: torch.nn.Module, tensors: Tensors) -> list[str]:
@@ -158,6 +163,7 @@ def gathered_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None
 
 # ------------------------------------------------------------------ the three sources
 
+
 def atp_fields(run: RunConfig) -> dict:
     fields = as_dict(run.atp)
     fields["vision_feature_layer"] = run.model.vision_feature_layer
@@ -173,10 +179,13 @@ def apply_atp_fields(config: AtpLlavaConfig, run: RunConfig) -> AtpLlavaConfig:
     (target, lambdas, temperature, pruning) take effect; shape-giving fields must match."""
     for key, value in as_dict(run.atp).items():
         old = getattr(config, key)
-        if key in STRUCTURAL and list(old if isinstance(old, (list, tuple)) else [old]) != \
-                list(value if isinstance(value, (list, tuple)) else [value]):
-            raise ValueError(f"config error at 'atp.{key}': {value} differs from the model's {old} "
-                             "(set at the projector stage; rerun it with --force to change it)")
+        if key in STRUCTURAL and list(old if isinstance(old, (list, tuple)) else [old]) != list(
+            value if isinstance(value, (list, tuple)) else [value]
+        ):
+            raise ValueError(
+                f"config error at 'atp.{key}': {value} differs from the model's {old} "
+                "(set at the projector stage; rerun it with --force to change it)"
+            )
         setattr(config, key, value)
     config.validate_atp()
     return config
@@ -221,11 +230,15 @@ def _release_parts(run: RunConfig):
     text_dict = text.to_dict()
     text_dict["vocab_size"] = max(len(tokenizer), text.vocab_size)
     config = AtpLlavaConfig(
-        vision_config=vision.to_dict(), text_config=text_dict,
+        vision_config=vision.to_dict(),
+        text_config=text_dict,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         image_seq_length=(vision.image_size // vision.patch_size) ** 2,
-        projector_hidden_act="gelu", pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=text.tie_word_embeddings, **atp_fields(run))
+        projector_hidden_act="gelu",
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=text.tie_word_embeddings,
+        **atp_fields(run),
+    )
     tensors = checkpoint_tensors(m.llama_dir, partial(part_to_model, "llama"))
     tensors.update(checkpoint_tensors(m.clip_dir, partial(part_to_model, "clip")))
     projector = load_projector_state(m.mm_projector) if rank() == 0 else None
@@ -258,20 +271,40 @@ def _scratch_parts(run: RunConfig):
     s = run.model.scratch
     tokenizer = build_word_tokenizer()
     grid = s.image_size // s.patch_size
-    vision = dict(model_type="clip_vision_model", hidden_size=s.vision_hidden_size,
-                  intermediate_size=s.vision_intermediate_size, num_hidden_layers=s.vision_layers,
-                  num_attention_heads=s.vision_heads, image_size=s.image_size, patch_size=s.patch_size,
-                  projection_dim=s.hidden_size)
-    text = dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=s.hidden_size,
-                intermediate_size=s.intermediate_size, num_hidden_layers=s.num_layers,
-                num_attention_heads=s.num_heads, num_key_value_heads=s.num_kv_heads,
-                max_position_embeddings=s.max_position_embeddings, tie_word_embeddings=False,
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id)
+    vision = dict(
+        model_type="clip_vision_model",
+        hidden_size=s.vision_hidden_size,
+        intermediate_size=s.vision_intermediate_size,
+        num_hidden_layers=s.vision_layers,
+        num_attention_heads=s.vision_heads,
+        image_size=s.image_size,
+        patch_size=s.patch_size,
+        projection_dim=s.hidden_size,
+    )
+    text = dict(
+        model_type="llama",
+        vocab_size=len(tokenizer),
+        hidden_size=s.hidden_size,
+        intermediate_size=s.intermediate_size,
+        num_hidden_layers=s.num_layers,
+        num_attention_heads=s.num_heads,
+        num_key_value_heads=s.num_kv_heads,
+        max_position_embeddings=s.max_position_embeddings,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     config = AtpLlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=grid * grid, projector_hidden_act="gelu", pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False, **atp_fields(run))
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=grid * grid,
+        projector_hidden_act="gelu",
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        **atp_fields(run),
+    )
     size = {"shortest_edge": s.image_size}
     image_processor = CLIPImageProcessor(size=size, crop_size={"height": s.image_size, "width": s.image_size})
     return config, tokenizer, image_processor
@@ -283,10 +316,13 @@ def make_processor(tokenizer, image_processor, config):
     from transformers import LlavaProcessor
 
     return LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
         patch_size=config.vision_config.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
-        image_token=IMAGE_TOKEN, num_additional_image_tokens=1)
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1,
+    )
 
 
 def save_pretrained_dir(model, tokenizer, image_processor, out_dir: str | Path, dtype=None) -> None:

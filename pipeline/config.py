@@ -9,6 +9,7 @@ are stage outputs and are checked by the stage that reads them.
 Kept light on purpose (omegaconf + the data schema only): `python -m pipeline` must be
 able to reject a bad config in well under 5 s, before torch, DeepSpeed or a model load.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -230,8 +231,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     if not path.is_file():
         raise ConfigError(f"config error: config file {str(path)!r} does not exist")
     cfg = OmegaConf.structured(RunConfig)
-    for source, layer in ((str(path), lambda: OmegaConf.load(path)),
-                          ("overrides", lambda: OmegaConf.from_dotlist(list(overrides)))):
+    for source, layer in (
+        (str(path), lambda: OmegaConf.load(path)),
+        ("overrides", lambda: OmegaConf.from_dotlist(list(overrides))),
+    ):
         try:
             cfg = OmegaConf.merge(cfg, layer())
         except OmegaConfBaseException as e:
@@ -279,8 +282,7 @@ def _path_fields(obj: Any, prefix: str = ""):
         if dataclasses.is_dataclass(value):
             yield from _path_fields(value, key + ".")
         elif f.metadata.get("path"):
-            yield from ((f"{key}[{i}]", v) for i, v in enumerate(value)) if isinstance(value, list) \
-                else [(key, value)]
+            yield from ((f"{key}[{i}]", v) for i, v in enumerate(value)) if isinstance(value, list) else [(key, value)]
 
 
 def _exists(value: str) -> bool:

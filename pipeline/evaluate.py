@@ -14,6 +14,7 @@ repeats) next to the unpruned model's. Methods:
 Writes report.json (one record per method x budget), report.md and PNG plots (pipeline/report.py).
 Scoring is pipeline/answers.py's, shared with the lmms-eval plugin.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,9 +61,16 @@ def load_samples(shards: str, limit: int | None = None) -> list[Sample]:
         meta = json.loads(sample["json"])
         image_key = next(k for k in ("png", "jpg", "jpeg") if k in sample)
         conv = meta["conversations"]
-        out.append(Sample(key=sample["__key__"], image=Image.open(io.BytesIO(sample[image_key])).convert("RGB"),
-                          question=conv[0]["value"].replace("<image>", "").strip(), answer=conv[1]["value"],
-                          qtype=meta["qtype"], family=meta["family"]))
+        out.append(
+            Sample(
+                key=sample["__key__"],
+                image=Image.open(io.BytesIO(sample[image_key])).convert("RGB"),
+                question=conv[0]["value"].replace("<image>", "").strip(),
+                answer=conv[1]["value"],
+                qtype=meta["qtype"],
+                family=meta["family"],
+            )
+        )
         if limit and len(out) >= limit:
             break
     if not out:
@@ -71,6 +79,7 @@ def load_samples(shards: str, limit: int | None = None) -> list[Sample]:
 
 
 # ------------------------------------------------------------------ one model, one method
+
 
 @dataclass
 class Result:
@@ -90,9 +99,15 @@ def run_method(model, processor, samples: list[Sample], *, batch_size: int, max_
     overall = TokenStats()
     for family, idx in sorted(by_family.items()):
         st = TokenStats()
-        preds = greedy_answers(model, processor, [prompt_for(samples[i].question) for i in idx],
-                               [samples[i].image for i in idx], max_new_tokens=max_new_tokens,
-                               batch_size=batch_size, stats=st)
+        preds = greedy_answers(
+            model,
+            processor,
+            [prompt_for(samples[i].question) for i in idx],
+            [samples[i].image for i in idx],
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            stats=st,
+        )
         for i, p in zip(idx, preds):
             correct[i] = is_correct(p, samples[i].answer)
         stats[family] = st.summary()
@@ -127,8 +142,12 @@ def time_model(model, processor, samples: list[Sample], *, repeats: int, decode_
         if r:  # the first pass warms up allocators and kernels
             prefill.append(t1 - t0)
             decode.append((t2 - t1) / decode_tokens)
-    return {"prefill_ms": 1e3 * statistics.median(prefill), "decode_ms_per_token": 1e3 * statistics.median(decode),
-            "timing_batch": len(samples), "timing_repeats": repeats}
+    return {
+        "prefill_ms": 1e3 * statistics.median(prefill),
+        "decode_ms_per_token": 1e3 * statistics.median(decode),
+        "timing_batch": len(samples),
+        "timing_repeats": repeats,
+    }
 
 
 def _prompt_inputs(model, processor, samples: list[Sample]) -> dict:
@@ -137,16 +156,29 @@ def _prompt_inputs(model, processor, samples: list[Sample]) -> dict:
 
     tokenizer, image_processor = split_processor(processor)
     cfg = model.config
-    rows = [encode_prompt(prompt_for(s.question), tokenizer, image_token_id=cfg.image_token_id,
-                          num_image_tokens=cfg.num_visual_tokens) for s in samples]
+    rows = [
+        encode_prompt(
+            prompt_for(s.question), tokenizer, image_token_id=cfg.image_token_id, num_image_tokens=cfg.num_visual_tokens
+        )
+        for s in samples
+    ]
     return _model_inputs(model, tokenizer, image_processor, rows, [s.image for s in samples])
 
 
 class Evaluator:
     """Runs methods on shared samples and collects records; `reference` is the unpruned one."""
 
-    def __init__(self, samples: list[Sample], *, batch_size: int, max_new_tokens: int, timing_batch: int,
-                 timing_repeats: int, decode_tokens: int, progress: bool = True):
+    def __init__(
+        self,
+        samples: list[Sample],
+        *,
+        batch_size: int,
+        max_new_tokens: int,
+        timing_batch: int,
+        timing_repeats: int,
+        decode_tokens: int,
+        progress: bool = True,
+    ):
         self.samples = samples
         self.kw = dict(batch_size=batch_size, max_new_tokens=max_new_tokens)
         self.timing = dict(repeats=timing_repeats, decode_tokens=decode_tokens)
@@ -164,12 +196,19 @@ class Evaluator:
         if method == "unpruned":
             self.reference = rec
         self.records.append(rec)
-        log.info("%-10s budget %-5s acc %.3f n_bar %s (%.0f s)", method, budget, rec["accuracy"],
-                 "-" if rec["n_bar"] is None else f"{rec['n_bar']:.1f}", rec["eval_seconds"])
+        log.info(
+            "%-10s budget %-5s acc %.3f n_bar %s (%.0f s)",
+            method,
+            budget,
+            rec["accuracy"],
+            "-" if rec["n_bar"] is None else f"{rec['n_bar']:.1f}",
+            rec["eval_seconds"],
+        )
         return rec
 
 
 # ------------------------------------------------------------------ models
+
 
 def load_model(path, pruning: str | None = None, dtype=torch.float32):
     """An exported (or any saved AtpLlava) dir in eval mode, with its processor pair."""
@@ -193,22 +232,49 @@ def overlay_data(model, processor, samples: list[Sample]) -> list[dict]:
             res = model(**_prompt_inputs(model, processor, [s]))
             if res.atp_info is None:
                 continue
-            out.append({"image": s.image, "keep": res.atp_info["keep"][0].float().cpu(), "grid": cfg.grid_size,
-                        "title": f"{s.family}: {s.question}", "layers": list(cfg.atp_layers)})
+            out.append(
+                {
+                    "image": s.image,
+                    "keep": res.atp_info["keep"][0].float().cpu(),
+                    "grid": cfg.grid_size,
+                    "title": f"{s.family}: {s.question}",
+                    "layers": list(cfg.atp_layers),
+                }
+            )
     return out
 
 
-def evaluate_checkpoints(models: dict, shards: str, out: Path, *, budgets, methods, limit=None, batch_size=32,
-                         max_new_tokens=4, timing_batch=8, timing_repeats=5, decode_tokens=8,
-                         overlay_images=4, title="", bar=None) -> dict:
+def evaluate_checkpoints(
+    models: dict,
+    shards: str,
+    out: Path,
+    *,
+    budgets,
+    methods,
+    limit=None,
+    batch_size=32,
+    max_new_tokens=4,
+    timing_batch=8,
+    timing_repeats=5,
+    decode_tokens=8,
+    overlay_images=4,
+    title="",
+    bar=None,
+) -> dict:
     """models: "unpruned" -> dir, ("atp"|"fixed", budget) -> dir (missing ones are skipped
     with a warning). Policies run on the unpruned model. methods None: ALL_METHODS."""
     from tqdm import tqdm
 
     methods = ALL_METHODS if methods is None else methods
     samples = load_samples(shards, limit)
-    ev = Evaluator(samples, batch_size=batch_size, max_new_tokens=max_new_tokens, timing_batch=timing_batch,
-                   timing_repeats=timing_repeats, decode_tokens=decode_tokens)
+    ev = Evaluator(
+        samples,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        timing_batch=timing_batch,
+        timing_repeats=timing_repeats,
+        decode_tokens=decode_tokens,
+    )
     base, proc = load_model(models["unpruned"], pruning="none")
     jobs = [("unpruned", None)] + [(m, b) for b in budgets for m in methods]
     overlays = []
@@ -235,22 +301,41 @@ def evaluate_checkpoints(models: dict, shards: str, out: Path, *, budgets, metho
                     base.pruning_policy = None
             bar.update()
     cfg = base.config
-    meta = {"title": title, "shards": str(shards), "samples": len(samples), "lv": cfg.num_visual_tokens,
-            "num_layers": cfg.text_config.num_hidden_layers, "atp_layers": list(cfg.atp_layers),
-            "budgets": list(budgets), "methods": list(methods), "models": {str(k): str(v) for k, v in models.items()},
-            "prior_accuracy": prior_accuracy(samples), "device": _device(), "date": time.strftime("%Y-%m-%d"),
-            "timing_batch": len(ev.timing_samples), "timing_repeats": timing_repeats,
-            "torch_threads": torch.get_num_threads()}
+    meta = {
+        "title": title,
+        "shards": str(shards),
+        "samples": len(samples),
+        "lv": cfg.num_visual_tokens,
+        "num_layers": cfg.text_config.num_hidden_layers,
+        "atp_layers": list(cfg.atp_layers),
+        "budgets": list(budgets),
+        "methods": list(methods),
+        "models": {str(k): str(v) for k, v in models.items()},
+        "prior_accuracy": prior_accuracy(samples),
+        "device": _device(),
+        "date": time.strftime("%Y-%m-%d"),
+        "timing_batch": len(ev.timing_samples),
+        "timing_repeats": timing_repeats,
+        "torch_threads": torch.get_num_threads(),
+    }
     return write_report(out, ev.records, meta, overlays, bar=bar)
 
 
 def _trained_describe(config) -> dict:
     if config.pruning == "fixed":
-        return {"name": "fixed", "paper": "ATP-LLaVA Table 2 (pre-defined counts)",
-                "layers": list(config.atp_layers), "counts": list(config.fixed_counts),
-                "differs": "ranked by S_redundant, trained with the same SFT recipe"}
-    return {"name": "atp", "paper": "ATP-LLaVA (arXiv 2412.00447)", "layers": list(config.atp_layers),
-            "target_tokens": config.target_tokens}
+        return {
+            "name": "fixed",
+            "paper": "ATP-LLaVA Table 2 (pre-defined counts)",
+            "layers": list(config.atp_layers),
+            "counts": list(config.fixed_counts),
+            "differs": "ranked by S_redundant, trained with the same SFT recipe",
+        }
+    return {
+        "name": "atp",
+        "paper": "ATP-LLaVA (arXiv 2412.00447)",
+        "layers": list(config.atp_layers),
+        "target_tokens": config.target_tokens,
+    }
 
 
 def _overlay_samples(samples, n):
@@ -275,16 +360,26 @@ def _device() -> str:
 
 # ------------------------------------------------------------------ the CLI
 
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline eval", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="exported (or any saved AtpLlava) dir: the unpruned "
-                   "reference runs it with pruning=none, `atp`/`fixed` with its own pruning")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="exported (or any saved AtpLlava) dir: the unpruned "
+        "reference runs it with pruning=none, `atp`/`fixed` with its own pruning",
+    )
     p.add_argument("--shards", required=True, help="eval shards (folder or brace pattern)")
     p.add_argument("--out", required=True)
     p.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS)
     p.add_argument("--budgets", nargs="+", type=float, default=[0.25, 0.15, 0.11])
-    p.add_argument("--trained", nargs="*", default=[], metavar="METHOD:BUDGET=DIR",
-                   help="more trained checkpoints, e.g. atp:0.11=runs/x/variants/atp-11/export")
+    p.add_argument(
+        "--trained",
+        nargs="*",
+        default=[],
+        metavar="METHOD:BUDGET=DIR",
+        help="more trained checkpoints, e.g. atp:0.11=runs/x/variants/atp-11/export",
+    )
     p.add_argument("--limit", type=int)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--timing-repeats", type=int, default=5)
@@ -302,8 +397,17 @@ def main(argv=None) -> int:
         key, path = spec.split("=", 1)
         method, budget = key.split(":")
         models[(method, float(budget))] = path
-    evaluate_checkpoints(models, a.shards, Path(a.out), budgets=a.budgets, methods=a.methods, limit=a.limit,
-                         batch_size=a.batch_size, timing_repeats=a.timing_repeats, title=a.checkpoint)
+    evaluate_checkpoints(
+        models,
+        a.shards,
+        Path(a.out),
+        budgets=a.budgets,
+        methods=a.methods,
+        limit=a.limit,
+        batch_size=a.batch_size,
+        timing_repeats=a.timing_repeats,
+        title=a.checkpoint,
+    )
     print(f"report: {Path(a.out) / 'report.md'}")
     return 0
 

@@ -1,5 +1,6 @@
 """Evaluation reporting: records of a method's results, the summary of the goals, report.json,
 report.md and the plots (pipeline/plots.py). The running is pipeline/evaluate.py's."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,15 @@ if TYPE_CHECKING:
     from pipeline.evaluate import Result, Sample
 
 
-def record(method: str, budget: float | None, result: Result, samples: list[Sample], config,
-           reference: dict | None, describe: dict | None = None) -> dict:
+def record(
+    method: str,
+    budget: float | None,
+    result: Result,
+    samples: list[Sample],
+    config,
+    reference: dict | None,
+    describe: dict | None = None,
+) -> dict:
     from model.cost import model_costs
 
     lv = config.num_visual_tokens
@@ -35,8 +43,11 @@ def record(method: str, budget: float | None, result: Result, samples: list[Samp
         "tokens_per_layer": per_layer,
         "tokens_per_layer_by_family": {f: s["tokens_per_layer"] for f, s in result.tokens.items() if f != "all"},
         # tokens kept after each ATP module (= attended by layer i_k), per family: the adaptivity claim
-        "kept_at_atp_layers_by_family": {f: [s["tokens_per_layer"][i] for i in atp_layers]
-                                         for f, s in result.tokens.items() if f != "all" and s["tokens_per_layer"]},
+        "kept_at_atp_layers_by_family": {
+            f: [s["tokens_per_layer"][i] for i in atp_layers]
+            for f, s in result.tokens.items()
+            if f != "all" and s["tokens_per_layer"]
+        },
         "flops_paper": costs["flops_paper"],
         "flops_exact": costs["flops_exact"],
         "kv_cache_bytes": costs["kv_cache_bytes"],
@@ -47,9 +58,10 @@ def record(method: str, budget: float | None, result: Result, samples: list[Samp
     }
     if reference is not None:
         rec["retention"] = rec["accuracy"] / reference["accuracy"] if reference["accuracy"] else None
-        rec["retention_by_family"] = {f: (a / reference["accuracy_by_family"][f]
-                                          if reference["accuracy_by_family"].get(f) else None)
-                                      for f, a in acc["family"].items()}
+        rec["retention_by_family"] = {
+            f: (a / reference["accuracy_by_family"][f] if reference["accuracy_by_family"].get(f) else None)
+            for f, a in acc["family"].items()
+        }
         for key in ("flops_paper", "flops_exact", "kv_cache_bytes", "prefill_ms", "decode_ms_per_token"):
             if key in rec and reference.get(key):
                 rec[f"{key}_ratio"] = rec[key] / reference[key]
@@ -62,8 +74,11 @@ def _accuracy(correct: list[bool], samples: list[Sample]) -> dict:
         fam[s.family].append(c)
         qt[s.qtype].append(c)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    return {"all": mean(correct), "family": {k: mean(v) for k, v in sorted(fam.items())},
-            "qtype": {k: mean(v) for k, v in sorted(qt.items())}}
+    return {
+        "all": mean(correct),
+        "family": {k: mean(v) for k, v in sorted(fam.items())},
+        "qtype": {k: mean(v) for k, v in sorted(qt.items())},
+    }
 
 
 def prior_accuracy(samples: list[Sample]) -> dict:
@@ -135,38 +150,68 @@ def _f(x, fmt="{:.3f}"):
 
 def markdown(report: dict) -> str:
     meta, records = report["meta"], report["records"]
-    lines = [f"# Evaluation: {meta.get('title', '')}", "",
-             f"{meta.get('samples')} eval samples ({meta.get('shards')}), Lv = {meta.get('lv')}, "
-             f"{meta.get('num_layers')} decoder layers, ATP layers {meta.get('atp_layers')}; "
-             f"{meta.get('device')}, {meta.get('date')}. Times: median of {meta.get('timing_repeats')} "
-             f"repeats on a batch of {meta.get('timing_batch')}, same process.", ""]
+    lines = [
+        f"# Evaluation: {meta.get('title', '')}",
+        "",
+        f"{meta.get('samples')} eval samples ({meta.get('shards')}), Lv = {meta.get('lv')}, "
+        f"{meta.get('num_layers')} decoder layers, ATP layers {meta.get('atp_layers')}; "
+        f"{meta.get('device')}, {meta.get('date')}. Times: median of {meta.get('timing_repeats')} "
+        f"repeats on a batch of {meta.get('timing_batch')}, same process.",
+        "",
+    ]
     prior = meta.get("prior_accuracy")
     if prior:
-        lines += ["No-image answer prior (most common answer per question type): "
-                  + ", ".join(f"{k} {v:.3f}" for k, v in prior["family"].items()), ""]
+        lines += [
+            "No-image answer prior (most common answer per question type): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in prior["family"].items()),
+            "",
+        ]
     families = sorted({f for r in records for f in r["accuracy_by_family"]})
     head = ["method", "budget", "N_bar", "N_bar %", "acc", *families, "retention", "FLOPs", "KV", "prefill", "decode"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
-        lines.append("| " + " | ".join([
-            r["method"], _f(r["budget"], "{:.0%}"), _f(r["n_bar"], "{:.1f}"), _f(r["n_bar_share"], "{:.1%}"),
-            _f(r["accuracy"]), *(_f(r["accuracy_by_family"].get(f)) for f in families),
-            _f(r.get("retention"), "{:.1%}"), _f(r.get("flops_exact_ratio"), "{:.3f}"),
-            _f(r.get("kv_cache_bytes_ratio"), "{:.3f}"), _f(r.get("prefill_ms_ratio"), "{:.3f}"),
-            _f(r.get("decode_ms_per_token_ratio"), "{:.3f}")]) + " |")
-    lines += ["", "Ratios are against `unpruned`. FLOPs: exact count (model/cost.py).", "",
-              "## Accuracy per question type", ""]
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["method"],
+                    _f(r["budget"], "{:.0%}"),
+                    _f(r["n_bar"], "{:.1f}"),
+                    _f(r["n_bar_share"], "{:.1%}"),
+                    _f(r["accuracy"]),
+                    *(_f(r["accuracy_by_family"].get(f)) for f in families),
+                    _f(r.get("retention"), "{:.1%}"),
+                    _f(r.get("flops_exact_ratio"), "{:.3f}"),
+                    _f(r.get("kv_cache_bytes_ratio"), "{:.3f}"),
+                    _f(r.get("prefill_ms_ratio"), "{:.3f}"),
+                    _f(r.get("decode_ms_per_token_ratio"), "{:.3f}"),
+                ]
+            )
+            + " |"
+        )
+    lines += [
+        "",
+        "Ratios are against `unpruned`. FLOPs: exact count (model/cost.py).",
+        "",
+        "## Accuracy per question type",
+        "",
+    ]
     qtypes = sorted({q for r in records for q in r["accuracy_by_qtype"]})
     lines += ["| method | budget | " + " | ".join(qtypes) + " |", "|" + "---|" * (len(qtypes) + 2)]
     for r in records:
-        lines.append(f"| {r['method']} | {_f(r['budget'], '{:.0%}')} | "
-                     + " | ".join(_f(r["accuracy_by_qtype"].get(q)) for q in qtypes) + " |")
+        lines.append(
+            f"| {r['method']} | {_f(r['budget'], '{:.0%}')} | "
+            + " | ".join(_f(r["accuracy_by_qtype"].get(q)) for q in qtypes)
+            + " |"
+        )
     lines += ["", "## Tokens kept after each ATP module, per family", ""]
     for r in records:
         if r["method"] == "atp":
             fam = r["kept_at_atp_layers_by_family"]
-            lines.append(f"- atp @ {_f(r['budget'], '{:.0%}')}: " + "; ".join(
-                f"{f} {[round(x, 1) for x in v]}" for f, v in sorted(fam.items())))
+            lines.append(
+                f"- atp @ {_f(r['budget'], '{:.0%}')}: "
+                + "; ".join(f"{f} {[round(x, 1) for x in v]}" for f, v in sorted(fam.items()))
+            )
     lines += ["", "## Goals", "", "```", json.dumps(report["summary"], indent=1), "```", ""]
     lines += ["## Methods", ""]
     seen = set()
@@ -174,6 +219,7 @@ def markdown(report: dict) -> str:
         if r["describe"] and r["method"] not in seen:
             seen.add(r["method"])
             d = dict(r["describe"])
-            lines.append(f"- **{r['method']}**: " + "; ".join(f"{k}: {v}" for k, v in d.items()
-                                                            if k not in ("counts", "layers")))
+            lines.append(
+                f"- **{r['method']}**: " + "; ".join(f"{k}: {v}" for k, v in d.items() if k not in ("counts", "layers"))
+            )
     return "\n".join(lines) + "\n"

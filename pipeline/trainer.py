@@ -18,6 +18,7 @@ Stages `sft`, `base` and `variants` call `train` (pipeline/stages/).
   save, and the stage returns incomplete (exit 0); USR1 before the end also leaves
   `run_dir/.preempted` for the requeue logic.
 """
+
 from __future__ import annotations
 
 import logging
@@ -69,11 +70,13 @@ def train(run: RunConfig, ctx, out: Path, start: Path, tb_dir: Path | None = Non
         total_steps = min(total_steps, run.train.max_steps)
 
     cuda = use_cuda()
-    ds = build_ds_config(run, world_size=dist.world_size, total_steps=total_steps,
-                         hidden_size=config.text_config.hidden_size, cuda=cuda)
+    ds = build_ds_config(
+        run, world_size=dist.world_size, total_steps=total_steps, hidden_size=config.text_config.hidden_size, cuda=cuda
+    )
     dtype = torch.bfloat16 if use_bf16(run, cuda) else torch.float32
-    autocast = torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16,
-                              enabled=run.train.precision == "bf16-autocast")
+    autocast = torch.autocast(
+        "cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=run.train.precision == "bf16-autocast"
+    )
     with zero3_enabled(ds):
         model = AtpLlavaForConditionalGeneration.from_pretrained(start, config=config, dtype=dtype)
     model.config.use_cache = False
@@ -83,8 +86,9 @@ def train(run: RunConfig, ctx, out: Path, start: Path, tb_dir: Path | None = Non
     groups = _param_groups(model, run)
     if run.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds,
-                                           lr_scheduler=lr_schedule(run, total_steps))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=groups, config=ds, lr_scheduler=lr_schedule(run, total_steps)
+    )
     group_names = [g["name"] for g in groups]
 
     client = checkpoint.load(engine, ckpt_dir)
@@ -93,15 +97,26 @@ def train(run: RunConfig, ctx, out: Path, start: Path, tb_dir: Path | None = Non
         step = client["step"]
         data.restore(client["data"])
         _set_rng(client["rng"])
-        log.info("resumed from %s/%s at step %d, data %s", ckpt_dir, checkpoint.latest_tag(ckpt_dir),
-                 step, client["data"])
-    monitor = Monitor(active=dist.rank == 0, tb_dir=tb_dir or run_dir / "tb", metrics_path=out / "metrics.jsonl",
-                      start_step=step, total_steps=total_steps)
+        log.info(
+            "resumed from %s/%s at step %d, data %s", ckpt_dir, checkpoint.latest_tag(ckpt_dir), step, client["data"]
+        )
+    monitor = Monitor(
+        active=dist.rank == 0,
+        tb_dir=tb_dir or run_dir / "tb",
+        metrics_path=out / "metrics.jsonl",
+        start_step=step,
+        total_steps=total_steps,
+    )
     _report_memory(engine, out, dist, monitor)
 
     def save():
-        checkpoint.save(engine, ckpt_dir, step, keep=run.train.keep_checkpoints, client_state={
-            "step": step, "data": data.position(), "rng": _get_rng()})
+        checkpoint.save(
+            engine,
+            ckpt_dir,
+            step,
+            keep=run.train.keep_checkpoints,
+            client_state={"step": step, "data": data.position(), "rng": _get_rng()},
+        )
 
     engine.train()
     saved_at = step
@@ -154,16 +169,26 @@ def train(run: RunConfig, ctx, out: Path, start: Path, tb_dir: Path | None = Non
 
 # ------------------------------------------------------------------ data with a position
 
+
 class DataStream:
     """Batches across epochs for this rank, with a position the checkpoint can hold."""
 
     def __init__(self, run: RunConfig, tokenizer, image_processor, config, dist):
         if not run.data.resampled:
-            raise ValueError("config error at 'data.resampled': sft needs true (every rank must take "
-                             "the same number of steps, or ZeRO-3's collectives hang)")
+            raise ValueError(
+                "config error at 'data.resampled': sft needs true (every rank must take "
+                "the same number of steps, or ZeRO-3's collectives hang)"
+            )
         self.make = lambda epoch: build_loader(
-            run.data, tokenizer, image_processor, image_token_id=config.image_token_id,
-            num_image_tokens=config.num_visual_tokens, rank=dist.rank, world_size=dist.world_size, epoch=epoch)
+            run.data,
+            tokenizer,
+            image_processor,
+            image_token_id=config.image_token_id,
+            num_image_tokens=config.num_visual_tokens,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            epoch=epoch,
+        )
         self.batches_per_epoch = self.make(0).num_batches
         self.epoch, self.batch = 0, 0
         self.skipped = Counter()  # skips of finished epochs (and of the run before a resume)
@@ -214,6 +239,7 @@ def _model_inputs(batch: dict, device, dtype) -> dict:
 
 
 # ------------------------------------------------------------------ metrics of one step
+
 
 class StepStats:
     """Per-step averages over micro-batches and ranks: every loss term, N_bar, tokens kept
@@ -284,6 +310,7 @@ def _denormalise(sample, image_processor):
 
 # ------------------------------------------------------------------ model set-up
 
+
 def _calibrate(model, data, ds: dict, autocast, dtype) -> None:
     """Start the thresholds at this run's target share, measured on the first batch
     (model/calibration.py); rank 0's values win. Under ZeRO-3 the parameters are gathered
@@ -315,8 +342,10 @@ def _param_groups(model, run: RunConfig) -> list[dict]:
     for name, p in model.named_parameters():
         if p.requires_grad:
             (atp if name.startswith("atp_modules.") else lm).append(p)
-    groups = [{"name": "lm", "params": lm, "lr": run.train.lr_lm},
-              {"name": "atp", "params": atp, "lr": run.train.lr_atp}]
+    groups = [
+        {"name": "lm", "params": lm, "lr": run.train.lr_lm},
+        {"name": "atp", "params": atp, "lr": run.train.lr_atp},
+    ]
     return [g for g in groups if g["params"]]
 
 
@@ -333,20 +362,30 @@ def _report_memory(engine, out: Path, dist, monitor: Monitor) -> None:
         param_bytes += held * p.element_size()
         full_bytes += full * p.element_size()
     opt = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    opt_bytes = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
-                    if torch.is_tensor(t))
+    opt_bytes = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
     for flat in getattr(engine.optimizer, "fp32_partitioned_groups_flat", []):
         opt_bytes += flat.numel() * flat.element_size()  # ZeRO-3's fp32 master partitions
-    rec = {"rank": dist.rank, "world_size": dist.world_size, "zero_stage": engine.zero_optimization_stage(),
-           "param_bytes_this_rank": param_bytes, "param_bytes_full_model": full_bytes,
-           "optimizer_bytes_this_rank_before_first_step": opt_bytes}
+    rec = {
+        "rank": dist.rank,
+        "world_size": dist.world_size,
+        "zero_stage": engine.zero_optimization_stage(),
+        "param_bytes_this_rank": param_bytes,
+        "param_bytes_full_model": full_bytes,
+        "optimizer_bytes_this_rank_before_first_step": opt_bytes,
+    }
     (out / f"memory_rank{dist.rank}.json").write_text(json.dumps(rec) + "\n")
-    log.info("parameter memory: %.2f MB on this rank of %.2f MB (world %d, ZeRO %d)", param_bytes / 2**20,
-             full_bytes / 2**20, dist.world_size, rec["zero_stage"])
+    log.info(
+        "parameter memory: %.2f MB on this rank of %.2f MB (world %d, ZeRO %d)",
+        param_bytes / 2**20,
+        full_bytes / 2**20,
+        dist.world_size,
+        rec["zero_stage"],
+    )
     monitor.text("memory/rank0", json.dumps(rec))
 
 
 # ------------------------------------------------------------------ seeds and RNG state
+
 
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -355,8 +394,12 @@ def _seed_everything(seed: int) -> None:
 
 
 def _get_rng() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def _set_rng(state: dict) -> None:

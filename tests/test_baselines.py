@@ -3,6 +3,7 @@
 The tiny model mirrors the embedded one's shape where it matters: 12 decoder layers, a 12 x 12
 grid (Lv = 144), 2 CLIP layers, vision_feature_layer -1, "default" strategy (CLS dropped).
 """
+
 import math
 
 import pytest
@@ -22,11 +23,28 @@ SHARES = (0.25, 0.15, 0.11)
 def tiny_model(seed=0, feature_layer=-1, layers=LAYERS, **atp):
     torch.manual_seed(seed)
     cfg = LlavaConfig(
-        vision_config=dict(model_type="clip_vision_model", image_size=GRID * 8, patch_size=8, hidden_size=32,
-                           intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
-        text_config=dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512),
-        image_token_id=IMAGE_TOKEN, image_seq_length=LV, vision_feature_layer=feature_layer,
+        vision_config=dict(
+            model_type="clip_vision_model",
+            image_size=GRID * 8,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+        ),
+        text_config=dict(
+            model_type="llama",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=VOCAB,
+            max_position_embeddings=512,
+        ),
+        image_token_id=IMAGE_TOKEN,
+        image_seq_length=LV,
+        vision_feature_layer=feature_layer,
     )
     llava = LlavaForConditionalGeneration(cfg).eval()
     atp.setdefault("atp_layers", [1, 5, 9])
@@ -42,13 +60,15 @@ def batch(prefixes, suffixes, seed=0, text_only=()):
     rows = []
     for b, (p, s) in enumerate(zip(prefixes, suffixes)):
         img = [] if b in text_only else [IMAGE_TOKEN] * LV
-        rows.append(torch.randint(1, 100, (p,), generator=g).tolist() + img + torch.randint(1, 100, (s,), generator=g).tolist())
+        rows.append(
+            torch.randint(1, 100, (p,), generator=g).tolist() + img + torch.randint(1, 100, (s,), generator=g).tolist()
+        )
     L = max(map(len, rows))
     ids = torch.zeros(len(rows), L, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for b, r in enumerate(rows):
-        ids[b, L - len(r):] = torch.tensor(r)
-        mask[b, L - len(r):] = 1
+        ids[b, L - len(r) :] = torch.tensor(r)
+        mask[b, L - len(r) :] = 1
     n_img = len(rows) - len(text_only)
     pix = torch.randn(n_img, 3, GRID * 8, GRID * 8, generator=g) if n_img else None
     return dict(input_ids=ids, attention_mask=mask, pixel_values=pix)
@@ -104,9 +124,11 @@ def test_generate_uses_the_pruned_cache_and_matches_uncached_recompute(model, na
     try:
         with torch.no_grad():
             first = model(**prompt).logits[:, -1]
-        gen = model.generate(**prompt, max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        gen = model.generate(
+            **prompt, max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
         assert (gen.logits[0] - first).abs().max() <= 1e-5  # eval forward == generate's first step
-        new = gen.sequences[:, b["input_ids"].shape[1]:]
+        new = gen.sequences[:, b["input_ids"].shape[1] :]
         L0 = b["input_ids"].shape[1]
         # the query text is the prompt's text after the image; generated tokens never join it
         after = torch.arange(L0) > torch.nonzero(b["input_ids"][0] == IMAGE_TOKEN).max()
@@ -118,7 +140,7 @@ def test_generate_uses_the_pruned_cache_and_matches_uncached_recompute(model, na
                 out = model(input_ids=ids, attention_mask=mask, pixel_values=b["pixel_values"], query_mask=qm)
                 assert torch.equal(out.logits[:, -1].argmax(-1), new[:, t]), (name, t)
                 assert (out.logits[:, -1] - gen.logits[t]).abs().max() <= 1e-4, (name, t)
-                ids = torch.cat([ids, new[:, t:t + 1]], 1)
+                ids = torch.cat([ids, new[:, t : t + 1]], 1)
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         # the cache holds the kept visual tokens only, group by group
         from transformers import DynamicCache
@@ -197,7 +219,9 @@ def test_policy_none_restores_atp_and_training_ignores_the_policy():
     m.pruning_policy = None
     m.eval()
     assert torch.equal(soft.logits, soft_policy.logits)
-    m.pruning_policy = make_policy("uniform", tiny_model(layers=6, atp_layers=[1, 3])[1].config, 0.25)  # another model's
+    m.pruning_policy = make_policy(
+        "uniform", tiny_model(layers=6, atp_layers=[1, 3])[1].config, 0.25
+    )  # another model's
     try:
         with pytest.raises(ValueError, match="another model"):
             m(**b)
@@ -242,8 +266,9 @@ def test_vision_tap_reads_the_layer_llava_uses(feature_layer):
     b = batch([2], [3], seed=8)
     tap = VisionTap(m)
     with tap, torch.no_grad():
-        feats = m.model.get_image_features(pixel_values=b["pixel_values"], vision_feature_layer=feature_layer,
-                                           vision_feature_select_strategy="default")
+        feats = m.model.get_image_features(
+            pixel_values=b["pixel_values"], vision_feature_layer=feature_layer, vision_feature_select_strategy="default"
+        )
     proj = m.model.multi_modal_projector(tap.features())
     assert torch.allclose(proj, feats.pooler_output[0][None], atol=1e-6)
     tower = llava.model.vision_tower

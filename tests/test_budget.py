@@ -1,4 +1,5 @@
 """Visual-token budgets (model/budget.py, METHOD sec 7): N_bar, tokens per layer, the solvers."""
+
 import pytest
 import torch
 
@@ -14,8 +15,18 @@ def test_counts_for_budget_method_sec7_and_the_budgets():
     assert round(n_bar([4, 14, 24], counts, 32, 576), 1) == 143.9
     assert counts_for_budget([4, 14, 24], 32, 576, 0.25) == [126, 88, 20]  # the default shape is Table 2's
     assert default_ratios(3) == [126.0, 88.0, 20.0] and default_ratios(1) == [1.0]
-    cases = [([1, 5, 9], 12, 144), ([0], 12, 144), ([1], 12, 144), ([2], 12, 144), ([1, 2, 6], 12, 144),
-             ([1, 13, 25], 32, 576), ([0], 32, 576), ([2], 32, 576), ([2, 6, 15], 32, 576), ([3, 7, 11, 20], 32, 576)]
+    cases = [
+        ([1, 5, 9], 12, 144),
+        ([0], 12, 144),
+        ([1], 12, 144),
+        ([2], 12, 144),
+        ([1, 2, 6], 12, 144),
+        ([1, 13, 25], 32, 576),
+        ([0], 32, 576),
+        ([2], 32, 576),
+        ([2, 6, 15], 32, 576),
+        ([3, 7, 11, 20], 32, 576),
+    ]
     for layers, N, lv in cases:
         for share in SHARES:
             if layers[0] * lv > share * lv * N:

@@ -1,4 +1,5 @@
 """model/calibration.py: the thresholds start at the target share measured on a batch."""
+
 import torch
 
 from model.budget import keep_share_per_module

@@ -7,6 +7,7 @@ every rank, it writes into `out` (= run_dir/NAME) and returns True when its outp
 complete, False when it stopped early on a signal (the runner then exits 0 without the
 later stages). The runner marks a complete stage with `out/DONE` and skips it next time.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

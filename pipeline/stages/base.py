@@ -14,6 +14,7 @@ that they are the architecture `model.scratch` describes. With `base.init` set, 
 starts from those parts instead of a scratch init (a further round on fresh shards).
 Commands: embedded/README.md.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,14 @@ def run(run: RunConfig, ctx: Context, out: Path) -> bool:
     if ctx.dist.rank == 0 and not (out / "shards" / "sizes.json").exists():
         from shards import synthetic
 
-        synthetic.write(str(out / "shards"), "train", run.base.train_samples, run.base.seed,
-                        shard_options(run), run.synthetic.maxcount)
+        synthetic.write(
+            str(out / "shards"),
+            "train",
+            run.base.train_samples,
+            run.base.seed,
+            shard_options(run),
+            run.synthetic.maxcount,
+        )
     barrier()
     init = out / "init"
     if not is_done(init):
@@ -86,16 +93,23 @@ def base_run(run: RunConfig, out: Path) -> RunConfig:
         missing = [p for p in PARTS if not (init / p).exists()]
         if missing:
             raise FileNotFoundError(f"config error at 'base.init': {init} lacks {missing}")
-        source = {"source": "parts", "llama_dir": str(init / "llama"), "clip_dir": str(init / "clip"),
-                  "mm_projector": str(init / "mm_projector.bin")}
+        source = {
+            "source": "parts",
+            "llama_dir": str(init / "llama"),
+            "clip_dir": str(init / "clip"),
+            "mm_projector": str(init / "mm_projector.bin"),
+        }
     else:
         source = {"source": "scratch"}
     cfg = OmegaConf.merge(
         OmegaConf.structured(run),
-        {"model": {**source, "freeze_vision": False, "freeze_lm": False},
-         "atp": {"pruning": "none"},
-         "data": {"shards": str(out / "shards")}},
-        run.base.overrides)
+        {
+            "model": {**source, "freeze_vision": False, "freeze_lm": False},
+            "atp": {"pruning": "none"},
+            "data": {"shards": str(out / "shards")},
+        },
+        run.base.overrides,
+    )
     return OmegaConf.to_object(cfg)
 
 
@@ -104,8 +118,9 @@ def _build_init(base: RunConfig, ctx: Context, init: Path) -> None:
 
     set_seed(base.seed)
     config, tokenizer, image_processor, tensors = build.source_parts(base)
-    ds = build_ds_config(base, world_size=ctx.dist.world_size, total_steps=1,
-                         hidden_size=config.text_config.hidden_size, cuda=use_cuda())
+    ds = build_ds_config(
+        base, world_size=ctx.dist.world_size, total_steps=1, hidden_size=config.text_config.hidden_size, cuda=use_cuda()
+    )
     model = build.instantiate(config, tensors, ds, torch.float32)
     build.save_pretrained_dir(model, tokenizer, image_processor, init)
     mark_done(init)
@@ -143,15 +158,30 @@ def evaluate_base(run: RunConfig, out: Path) -> dict | None:
     if not found:
         log.warning("no eval shards at %s: base not evaluated (run the shards stage first)", e.shards)
         return None
-    report = evaluate_checkpoints({"unpruned": str(out / "model")}, e.shards, out / "eval",
-                                  budgets=[min(e.budgets)], methods=["random"], limit=e.limit,
-                                  batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
-                                  timing_repeats=1, overlay_images=0, title="base", bar=base_goals)
+    report = evaluate_checkpoints(
+        {"unpruned": str(out / "model")},
+        e.shards,
+        out / "eval",
+        budgets=[min(e.budgets)],
+        methods=["random"],
+        limit=e.limit,
+        batch_size=e.batch_size,
+        max_new_tokens=e.max_new_tokens,
+        timing_repeats=1,
+        overlay_images=0,
+        title="base",
+        bar=base_goals,
+    )
     goals = report["summary"]["base"]
-    log.info("base: coarse %.3f fine %.3f, every qtype above prior: %s, random %.0f%% drop %s; bar met: %s",
-             goals["coarse"] or 0, goals["fine"] or 0, goals["every_qtype_above_prior"],
-             100 * goals.get("random_budget", 0), {k: round(v, 3) for k, v in goals.get("random_drop", {}).items()},
-             goals["met"])
+    log.info(
+        "base: coarse %.3f fine %.3f, every qtype above prior: %s, random %.0f%% drop %s; bar met: %s",
+        goals["coarse"] or 0,
+        goals["fine"] or 0,
+        goals["every_qtype_above_prior"],
+        100 * goals.get("random_budget", 0),
+        {k: round(v, 3) for k, v in goals.get("random_drop", {}).items()},
+        goals["met"],
+    )
     return goals
 
 
@@ -163,8 +193,11 @@ def base_goals(records: list[dict], prior: dict) -> dict:
     if ref is None:
         return {}
     fam, qt = ref["accuracy_by_family"], ref["accuracy_by_qtype"]
-    out = {"coarse": fam.get("coarse"), "fine": fam.get("fine"),
-           "qtype_margin_over_prior": {q: a - prior["qtype"][q] for q, a in qt.items() if q in prior["qtype"]}}
+    out = {
+        "coarse": fam.get("coarse"),
+        "fine": fam.get("fine"),
+        "qtype_margin_over_prior": {q: a - prior["qtype"][q] for q, a in qt.items() if q in prior["qtype"]},
+    }
     out["every_qtype_above_prior"] = all(m > 0 for m in out["qtype_margin_over_prior"].values())
     randoms = [r for r in records if r["method"] == "random" and r["budget"] is not None]
     if randoms:
@@ -174,8 +207,12 @@ def base_goals(records: list[dict], prior: dict) -> dict:
         out["random_drop"] = drop
         if "fine" in drop and "coarse" in drop:
             out["discriminates"] = drop["fine"] >= 0.10 and drop["coarse"] < drop["fine"]
-    out["met"] = bool((out["coarse"] or 0) >= 0.95 and (out["fine"] or 0) >= 0.85
-                      and out["every_qtype_above_prior"] and out.get("discriminates", False))
+    out["met"] = bool(
+        (out["coarse"] or 0) >= 0.95
+        and (out["fine"] or 0) >= 0.85
+        and out["every_qtype_above_prior"]
+        and out.get("discriminates", False)
+    )
     return out
 
 
@@ -194,8 +231,10 @@ def write_parts(state: dict, init: Path, out: Path) -> None:
             parts[where[0]][where[1]] = value
     tmp = out / "parts.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    for name, cls, sub in (("llama", LlamaForCausalLM, config.text_config),
-                           ("clip", CLIPVisionModel, config.vision_config)):
+    for name, cls, sub in (
+        ("llama", LlamaForCausalLM, config.text_config),
+        ("clip", CLIPVisionModel, config.vision_config),
+    ):
         model = cls(sub)
         missing, unexpected = model.load_state_dict(parts[name], strict=False)
         missing = [k for k in missing if "rotary" not in k]
@@ -213,11 +252,21 @@ def write_parts(state: dict, init: Path, out: Path) -> None:
 def copy_committed(run: RunConfig, src: Path, out: Path) -> None:
     """Copy committed parts, refusing ones that are not the configured architecture."""
     s = run.model.scratch
-    want = {"llama": {"hidden_size": s.hidden_size, "num_hidden_layers": s.num_layers,
-                      "num_attention_heads": s.num_heads, "num_key_value_heads": s.num_kv_heads,
-                      "intermediate_size": s.intermediate_size},
-            "clip": {"hidden_size": s.vision_hidden_size, "num_hidden_layers": s.vision_layers,
-                     "image_size": s.image_size, "patch_size": s.patch_size}}
+    want = {
+        "llama": {
+            "hidden_size": s.hidden_size,
+            "num_hidden_layers": s.num_layers,
+            "num_attention_heads": s.num_heads,
+            "num_key_value_heads": s.num_kv_heads,
+            "intermediate_size": s.intermediate_size,
+        },
+        "clip": {
+            "hidden_size": s.vision_hidden_size,
+            "num_hidden_layers": s.vision_layers,
+            "image_size": s.image_size,
+            "patch_size": s.patch_size,
+        },
+    }
     for part, fields in want.items():
         path = src / part / "config.json"
         if not path.exists():
@@ -225,8 +274,10 @@ def copy_committed(run: RunConfig, src: Path, out: Path) -> None:
         have = json.loads(path.read_text())
         diff = {k: (v, have.get(k)) for k, v in fields.items() if have.get(k) != v}
         if diff:
-            raise ValueError(f"config error at 'base.weights': {src / part} is not model.scratch "
-                             f"(field: (configured, committed)) {diff}; train a new base with base.weights=null")
+            raise ValueError(
+                f"config error at 'base.weights': {src / part} is not model.scratch "
+                f"(field: (configured, committed)) {diff}; train a new base with base.weights=null"
+            )
     _put_parts(src, out)
 
 
@@ -237,5 +288,3 @@ def _put_parts(src: Path, out: Path) -> None:
         if dest.is_dir():
             shutil.rmtree(dest)
         (shutil.copytree if (src / name).is_dir() else shutil.copy2)(src / name, dest)
-
-

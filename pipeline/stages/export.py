@@ -13,6 +13,7 @@ tokenizer, image processor and a LlavaProcessor. So
 work in a process that cannot import this repo, and `generate()` in eval mode prunes
 for real (METHOD sec 5). Rank 0 works; the other ranks wait.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -54,8 +55,9 @@ def export(run: RunConfig, out: Path, start: Path | None = None, ckpt_dir: Path 
     missing, unexpected = model.load_state_dict(state, strict=False)
     # non-persistent buffers (spatial score, rotary frequencies) are rebuilt by __init__
     if missing or unexpected:
-        raise RuntimeError(f"checkpoint {ckpt_dir} does not fit the model: missing {missing[:4]}, "
-                           f"unexpected {unexpected[:4]}")
+        raise RuntimeError(
+            f"checkpoint {ckpt_dir} does not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}"
+        )
     model = model.to(DTYPES[run.export.dtype]).eval()
     model.config.dtype = DTYPES[run.export.dtype]
 

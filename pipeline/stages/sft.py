@@ -1,4 +1,5 @@
 """Stage `sft`: the trainer (pipeline/trainer.py) from the projector stage's model into run_dir/sft."""
+
 from __future__ import annotations
 
 from pathlib import Path

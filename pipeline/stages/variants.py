@@ -10,6 +10,7 @@ same SFT recipe from `run_dir/projector` and exports it, into `run_dir/variants/
 `eval.variant_overrides` applies to every variant (e.g. fewer steps). Each finished piece
 leaves a DONE marker, so a rerun after a crash or a signal continues where it stopped.
 """
+
 from __future__ import annotations
 
 import logging
@@ -57,8 +58,12 @@ def planned(run: RunConfig, config) -> dict[str, dict]:
 
 
 def variant_run(run: RunConfig, name: str, overrides: dict) -> RunConfig:
-    cfg = OmegaConf.merge(OmegaConf.structured(run), {"run_dir": str(Path(run.run_dir) / "variants" / name)},
-                          overrides, run.eval.variant_overrides)
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(run),
+        {"run_dir": str(Path(run.run_dir) / "variants" / name)},
+        overrides,
+        run.eval.variant_overrides,
+    )
     return OmegaConf.to_object(cfg)
 
 
