@@ -304,7 +304,7 @@ class StopSignal:
 
 def rank() -> int:
     """This process's rank: the process group's, else the launcher's RANK, else 0."""
-    return tdist.getrank() if tdist.is_initialized() else int(os.environ.get("RANK", 0))
+    return tdist.get_rank() if tdist.is_initialized() else int(os.environ.get("RANK", 0))
 
 
 def barrier() -> None:
