@@ -172,6 +172,7 @@ class Policy:
     name = ""
     paper = ""
     differs: tuple = ()
+    reads_vision = False  # True: reads the CLIP layer through `vision_tap` hooks
 
     def __init__(self, config, share: float):
         self.config = config
@@ -188,7 +189,19 @@ class Policy:
         return None
 
     def vision_tap(self, model):
-        return contextlib.nullcontext()
+        """A context around the vision forward: hooks on the CLIP layer for `reads_vision` policies."""
+        if not self.reads_vision:
+            return contextlib.nullcontext()
+        self._tap = VisionTap(model)
+        return self._tap
+
+    def captured_tap(self):
+        """The VisionTap of this forward (`reads_vision` policies)."""
+        if self._tap is None or not self._tap.captured:
+            raise RuntimeError(
+                f"{self.name}: the vision tower's layer was not captured (set the policy before the forward)"
+            )
+        return self._tap
 
     def select(self, ctx):
         """(keep [B, Lv] bool, features [B, Lv, D] for the kept tokens or None) at ctx.layer."""
@@ -298,6 +311,7 @@ class FastV(Policy):
 
 class PruMerge(Policy):
     name = "prumerge"
+    reads_vision = True
     paper = (
         "LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal Models "
         "(Shang et al., 2024, arXiv 2403.15388)"
@@ -310,21 +324,13 @@ class PruMerge(Policy):
         self.k_neighbors = min(self.k_neighbors, self.lv - 1)
         self.iqr_seen = [0, 0]  # IQR outliers the paper would have kept: sum, images (for the report)
 
-    def vision_tap(self, model):
-        self._tap = VisionTap(model)
-        return self._tap
-
     def _chosen(self, attn, live):
         return top_n(attn, live, self.counts[0])
 
     def select(self, ctx):
         if not ctx.has_img.any():  # the vision tower did not run
             return torch.zeros_like(ctx.live), None
-        tap = self._tap
-        if tap is None or not tap.captured:
-            raise RuntimeError(
-                f"{self.name}: the vision tower's layer was not captured (set the policy before the forward)"
-            )
+        tap = self.captured_tap()
         attn_img = tap.cls_attention()  # [n_img, Lv]
         q1, q3 = torch.quantile(attn_img, 0.25, dim=1), torch.quantile(attn_img, 0.75, dim=1)
         self.iqr_seen[0] += int((attn_img > (q3 + 1.5 * (q3 - q1))[:, None]).sum())
@@ -397,6 +403,7 @@ class PruMergePlus(PruMerge):
 
 class VisionZip(Policy):
     name = "visionzip"
+    reads_vision = True
     paper = (
         "VisionZip: Longer is Better but Not Necessary in Vision Language Models (Yang et al., 2024, arXiv 2412.04467)"
     )
@@ -408,18 +415,10 @@ class VisionZip(Policy):
         self.n_contextual = min(max(1, int(n * contextual_share + 0.5)), n - 1) if n > 1 else 0
         self.n_dominant = n - self.n_contextual
 
-    def vision_tap(self, model):
-        self._tap = VisionTap(model)
-        return self._tap
-
     def select(self, ctx):
         if not ctx.has_img.any():  # the vision tower did not run
             return torch.zeros_like(ctx.live), None
-        tap = self._tap
-        if tap is None or not tap.captured:
-            raise RuntimeError(
-                "visionzip: the vision tower's layer was not captured (set the policy before the forward)"
-            )
+        tap = self.captured_tap()
         attn = _rows(tap.cls_attention(), ctx.has_img)
         dominant = top_n(attn, ctx.live, self.n_dominant)
         x = tap.features().float()
