@@ -259,7 +259,7 @@ def evaluate_checkpoints(
     decode_tokens=8,
     overlay_images=4,
     title="",
-    bar=None,
+    base_bar=None,
 ) -> dict:
     """models: "unpruned" -> dir, ("atp"|"fixed", budget) -> dir (missing ones are skipped
     with a warning). Policies run on the unpruned model. methods None: ALL_METHODS."""
@@ -318,7 +318,7 @@ def evaluate_checkpoints(
         "timing_repeats": timing_repeats,
         "torch_threads": torch.get_num_threads(),
     }
-    return write_report(out, ev.records, meta, overlays, bar=bar)
+    return write_report(out, ev.records, meta, overlays, base_bar=base_bar)
 
 
 def _trained_describe(config) -> dict:

@@ -93,15 +93,15 @@ def prior_accuracy(samples: list[Sample]) -> dict:
     return _accuracy([s.answer == best[s.qtype] for s in samples], samples)
 
 
-def write_report(out: Path, records: list[dict], meta: dict, overlays: list | None = None, bar=None) -> dict:
-    """report.json, report.md and the plots. bar(records, prior_accuracy) -> dict: a pass/fail bar
+def write_report(out: Path, records: list[dict], meta: dict, overlays: list | None = None, base_bar=None) -> dict:
+    """report.json, report.md and the plots. base_bar(records, prior_accuracy) -> dict: a pass/fail bar
     of the caller's (the base stage's), kept as summary.base."""
     from pipeline import plots
 
     out.mkdir(parents=True, exist_ok=True)
     report = {"meta": meta, "records": records, "summary": summary(records)}
-    if bar is not None:
-        report["summary"]["base"] = bar(records, meta["prior_accuracy"])
+    if base_bar is not None:
+        report["summary"]["base"] = base_bar(records, meta["prior_accuracy"])
     tmp = out / "report.json.tmp"
     tmp.write_text(json.dumps(report, indent=1))
     tmp.replace(out / "report.json")

@@ -170,7 +170,7 @@ def evaluate_base(run: RunConfig, out: Path) -> dict | None:
         timing_repeats=1,
         overlay_images=0,
         title="base",
-        bar=base_goals,
+        base_bar=base_goals,
     )
     goals = report["summary"]["base"]
     log.info(
