@@ -8,11 +8,13 @@ import math
 
 import pytest
 import torch
-from transformers import LlavaConfig, LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration
 
 from model import CACHE_KW, AtpLlavaForConditionalGeneration
 from model.baselines import POLICIES, VisionTap, grid_indices, make_policy, top_n
 from model.budget import n_bar
+
+from tiny_models import tiny_llava_config
 
 VOCAB, IMAGE_TOKEN, GRID = 120, 119, 12
 LV = GRID * GRID
@@ -22,30 +24,7 @@ SHARES = (0.25, 0.15, 0.11)
 
 def tiny_model(seed=0, feature_layer=-1, layers=LAYERS, **atp):
     torch.manual_seed(seed)
-    cfg = LlavaConfig(
-        vision_config=dict(
-            model_type="clip_vision_model",
-            image_size=GRID * 8,
-            patch_size=8,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-        ),
-        text_config=dict(
-            model_type="llama",
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=VOCAB,
-            max_position_embeddings=512,
-        ),
-        image_token_id=IMAGE_TOKEN,
-        image_seq_length=LV,
-        vision_feature_layer=feature_layer,
-    )
+    cfg = tiny_llava_config(layers=layers, grid=GRID, max_positions=512, vision_feature_layer=feature_layer)
     llava = LlavaForConditionalGeneration(cfg).eval()
     atp.setdefault("atp_layers", [1, 5, 9])
     atp.setdefault("target_tokens", LV * 0.25)

@@ -45,39 +45,22 @@ def _env(tmp: Path) -> dict:
 
 def make_export(out: Path) -> None:
     """A random tiny ATP-LLaVA saved as pipeline/stages/export.py saves one."""
-    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import CLIPImageProcessor, LlavaForConditionalGeneration
 
     from model import AtpLlavaConfig, AtpLlavaForConditionalGeneration
     from pipeline.build import make_processor
     from pipeline.tokenizer import build_word_tokenizer
 
+    from tiny_models import tiny_llava_config
+
     tok = build_word_tokenizer()
     torch.manual_seed(0)
-    cfg = LlavaConfig(
-        vision_config=dict(
-            model_type="clip_vision_model",
-            image_size=32,
-            patch_size=8,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-        ),
-        text_config=dict(
-            model_type="llama",
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=len(tok),
-            max_position_embeddings=512,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        ),
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        image_seq_length=LV,
+    cfg = tiny_llava_config(
+        layers=LAYERS,
+        vocab=len(tok),
+        image_token=tok.convert_tokens_to_ids("<image>"),
+        max_positions=512,
+        text=dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
     )
     model = AtpLlavaForConditionalGeneration.from_llava(
         LlavaForConditionalGeneration(cfg),
@@ -208,25 +191,22 @@ def setup(tmp_path_factory):
     return root
 
 
+def _lmms_eval(setup, tasks, include, out, extra, timeout):
+    """`python -m pipeline.lmms eval` on the export, in a child process, as a user runs it."""
+    cmd = [sys.executable, "-m", "pipeline.lmms", "eval", "--model-dir", setup / "export", "--tasks", tasks]
+    cmd += ["--include-path", include, "--output", out, *extra]
+    return subprocess.run(
+        list(map(str, cmd)), cwd=setup, env=_env(setup), capture_output=True, text=True, timeout=timeout
+    )
+
+
 @pytest.fixture(scope="module")
 def run(setup):
     """The wrapper over all nine tasks, in a child process, as a user runs it."""
     out = setup / "out"
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline.lmms",
-        "eval",
-        "--model-dir",
-        setup / "export",
-        "--tasks",
-        "synthetic_vqa,synthetic_mc,paper7",
-        "--include-path",
-        setup / "synthetic",
+    extra = [
         "--data-root",
         setup / "data",
-        "--output",
-        out,
         "--batch-size",
         "4",
         "--quiet",
@@ -234,7 +214,7 @@ def run(setup):
         "--gen_kwargs",
         f"max_new_tokens={MAX_NEW}",
     ]
-    p = subprocess.run(list(map(str, cmd)), cwd=setup, env=_env(setup), capture_output=True, text=True, timeout=600)
+    p = _lmms_eval(setup, "synthetic_vqa,synthetic_mc,paper7", setup / "synthetic", out, extra, timeout=600)
     assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}\n{(out / 'lmms_eval.log').read_text()[-6000:]}"
     results = [p for p in out.glob("*/*_results.json") if p.parent.name != "submissions"]
     assert len(results) == 1, results
@@ -433,22 +413,7 @@ def test_wrapper_fails_loudly_when_a_task_errors(setup):
         text.replace("task: synthetic_vqa", "task: broken_vqa").replace("synthetic_eval.parquet", "gone.parquet")
     )
     out = setup / "out_broken"
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline.lmms",
-        "eval",
-        "--model-dir",
-        setup / "export",
-        "--tasks",
-        "broken_vqa",
-        "--include-path",
-        broken,
-        "--output",
-        out,
-        "--quiet",
-    ]
-    p = subprocess.run(list(map(str, cmd)), cwd=setup, env=_env(setup), capture_output=True, text=True, timeout=300)
+    p = _lmms_eval(setup, "broken_vqa", broken, out, ["--quiet"], timeout=300)
     assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
     assert "FAILED" in p.stderr and ("no *_results.json" in p.stderr or "broken_vqa" in p.stderr)
     assert "exited with status" not in p.stderr  # lmms-eval itself exited 0: the wrapper caught it

@@ -11,11 +11,14 @@ GRID = 4  # 32 px / patch 8
 LV = GRID * GRID
 
 
-def tiny_llava_config(layers=6, kv_heads=2, **kw):
+def tiny_llava_config(
+    layers=6, kv_heads=2, grid=GRID, vocab=VOCAB, image_token=IMAGE_TOKEN, max_positions=256, text=None, **kw
+):
+    """A tiny LLaVA config: a grid x grid CLIP (patch 8) and a Llama; `text`: more text_config fields."""
     return LlavaConfig(
         vision_config=dict(
             model_type="clip_vision_model",
-            image_size=32,
+            image_size=grid * 8,
             patch_size=8,
             hidden_size=32,
             intermediate_size=64,
@@ -29,11 +32,12 @@ def tiny_llava_config(layers=6, kv_heads=2, **kw):
             num_hidden_layers=layers,
             num_attention_heads=4,
             num_key_value_heads=kv_heads,
-            vocab_size=VOCAB,
-            max_position_embeddings=256,
+            vocab_size=vocab,
+            max_position_embeddings=max_positions,
+            **(text or {}),
         ),
-        image_token_id=IMAGE_TOKEN,
-        image_seq_length=LV,
+        image_token_id=image_token,
+        image_seq_length=grid * grid,
         **kw,
     )
 
