@@ -62,10 +62,9 @@ def main(argv=None) -> int:
     args = parse(argv)
     try:
         run = load_config(args.config, args.rest)
-        from pipeline.stages import check_names  # the registry is a plain dict; cheap
-
-        check_names(run.stages)
         if args.cmd == "stage":
+            from pipeline.stages import check_names  # the registry is a plain dict; cheap
+
             check_names([args.name], key="stage")
     except ConfigError as e:
         print(e, file=sys.stderr)

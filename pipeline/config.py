@@ -249,8 +249,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
 
 
 def check(run: RunConfig) -> None:
-    """Semantics OmegaConf's types cannot express: choices, required paths, existence. (Stage
-    names are the stage registry's to check: pipeline.stages.check_names.)"""
+    """Semantics OmegaConf's types cannot express: choices, stage names, required paths, existence."""
+    from pipeline.stages import check_names  # the stage registry's own check; a plain dict, cheap
+
+    check_names(run.stages)
     for key, allowed in CHOICES.items():
         if get(run, key) not in allowed:
             raise ConfigError(f"config error at '{key}': {get(run, key)!r} is not one of {allowed}")
