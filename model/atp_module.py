@@ -1,4 +1,5 @@
 """The ATP module (METHOD sec 3): a tiny MLP that predicts two thresholds per image."""
+
 from __future__ import annotations
 
 import math
@@ -32,18 +33,3 @@ class AtpModule(nn.Module):
         x = torch.cat([s_red, s_spa], dim=-1).to(self.fc.weight.dtype)
         z = self.act(self.fc(x))
         return torch.sigmoid(self.head_r(z)).squeeze(-1), torch.sigmoid(self.head_s(z)).squeeze(-1)
-
-
-def keep_share_per_module(atp_layers, num_layers: int, num_visual: int, target_tokens: float) -> float:
-    """The share q each module keeps of its input so that N_bar (METHOD sec 7) equals the target
-    when every module keeps the same share: N_bar = Lv (i_0 + sum_k (i_{k+1} - i_k) q^(k+1)) / N."""
-    bounds = list(atp_layers) + [num_layers]
-
-    def n_bar(q):
-        return num_visual * (bounds[0] + sum((bounds[k + 1] - bounds[k]) * q ** (k + 1) for k in range(len(atp_layers)))) / num_layers
-
-    lo, hi = 0.0, 1.0
-    for _ in range(50):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if n_bar(mid) < target_tokens else (lo, mid)
-    return min(max((lo + hi) / 2, 0.02), 0.98)

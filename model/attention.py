@@ -9,10 +9,11 @@ module the function also computes the block-wise redundancy scores from this lay
 (`scores.redundancy_scores`): under ZeRO-3 a layer's weights exist only inside its own forward,
 and the q/k are already rotated here.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from transformers import AttentionInterface
@@ -38,15 +39,22 @@ class ScoreRequest:
     compute: Callable | None = None
 
 
-def atp_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, atp_scores=None, atp_keys=None,
-                  **kwargs):
+def atp_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, atp_scores=None, atp_keys=None, **kwargs
+):
     kernel = "sdpa" if atp_keys is None else atp_keys.kernel
     if atp_scores is not None:
         bias = attention_mask if attention_mask is not None else atp_keys.score_bias()
         compute = atp_scores.compute if atp_scores.compute is not None else redundancy_scores
         atp_scores.result = compute(
-            query, key, bias, scaling,
-            atp_scores.vis_index, atp_scores.vis_weight, atp_scores.q_index, atp_scores.q_valid,
+            query,
+            key,
+            bias,
+            scaling,
+            atp_scores.vis_index,
+            atp_scores.vis_weight,
+            atp_scores.q_index,
+            atp_scores.q_valid,
         )
     if kernel == "flash":
         return kernels.flash_attention(query, key, value, atp_keys.live, scaling, dropout), None

@@ -1,7 +1,7 @@
 """Training-free visual-token pruning baselines on ATP's hard path, at matched budgets (METHOD sec 9).
 
 ```python
-from model.baselines import POLICIES, make_policy, counts_for_budget
+from model.baselines import POLICIES, make_policy
 model.eval()
 model.pruning_policy = make_policy("fastv", model.config, share=0.11)   # None: back to ATP / none
 out = model(input_ids=..., pixel_values=..., attention_mask=...)       # or model.generate(...)
@@ -11,7 +11,7 @@ model.pruning_policy.describe()                                         # paper,
 
 A budget is a share of Lv: N_bar (METHOD sec 7: visual tokens per decoder layer, averaged over
 all N layers, Lv for the layers before the first pruning point) = share * Lv, as close as integer
-counts allow (`counts_for_budget`). Every policy keeps exactly its counts per image: the papers'
+counts allow (`model/budget.py` `counts_for_budget`). Every policy keeps exactly its counts per image: the papers'
 adaptive counts (PruMerge's IQR outliers, SparseVLM's rank-based deletion) are replaced by the
 budget, which is what a matched comparison needs.
 
@@ -26,9 +26,11 @@ vision forward (`vision_tap`): q/k of that layer (CLS attention, keys) and its o
 
 Common deviations from the papers, for every policy: positions of kept tokens are their original
 ones (METHOD sec 5 `preserve`; the papers re-number the shortened sequence), and tokens made by
-merging sit at the position of one of their members. This file is copied into exported
-checkpoints with the model: it imports only torch, transformers and relative modules.
+merging sit at the position of one of their members. This file is not copied into exported
+checkpoints (the model file does not import it), so an export runs a policy only with this repo
+importable; it imports only torch and relative modules all the same.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,97 +39,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .budget import counts_for_budget, n_bar
 from .scores import visual_attention
 
 POLICIES = ("fastv", "prumerge", "prumerge+", "sparsevlm", "visionzip", "uniform", "random")
-
-# paper Table 2: ATP-LLaVA keeps [126, 88, 20] of 576 at I = [4, 14, 24] (N_bar 143.9)
-TABLE2_RATIOS = (126.0, 88.0, 20.0)
-
-
-# -- budgets ----------------------------------------------------------------------------------
-def default_ratios(k: int) -> list[float]:
-    """Relative counts for k pruning points: paper Table 2's decreasing shape 126 / 88 / 20,
-    read as a piecewise-linear curve over [0, 1] (126 at 0, 88 at 1/2, 20 at 1) sampled at k
-    evenly spaced points: k = 3 gives 126 / 88 / 20 exactly, k = 2 gives 126 / 20, k = 1 gives 1."""
-    if k == 1:
-        return [1.0]
-    a, b, c = TABLE2_RATIOS
-    out = []
-    for i in range(k):
-        t = i / (k - 1)
-        out.append(a + (b - a) * 2 * t if t <= 0.5 else b + (c - b) * (2 * t - 1))
-    return out
-
-
-def n_bar(layers, counts, num_layers: int, lv: int) -> float:
-    """METHOD sec 7: visual tokens per decoder layer, averaged over all layers (Lv before layers[0])."""
-    bounds = list(layers) + [num_layers]
-    total = layers[0] * lv + sum((bounds[k + 1] - bounds[k]) * c for k, c in enumerate(counts))
-    return total / num_layers
-
-
-def counts_for_budget(layers, num_layers: int, lv: int, share: float, ratios=None) -> list[int]:
-    """Kept visual tokens after each pruning point in `layers` (0 = before the first decoder
-    layer, i = before layer i) such that N_bar (METHOD sec 7) is as close to share * Lv as integer
-    counts allow. Counts follow `ratios` (relative counts between the pruning points; default
-    `default_ratios`: paper Table 2's 126 / 88 / 20 shape), each in [1, Lv] and non-increasing (a
-    pruned token never comes back). The scale is solved continuously, rounded, then single counts
-    are moved by +-1 while that brings N_bar closer, so |N_bar - target| <= (shortest group's
-    span) / (2 N) <= 0.5 token unless a bound is hit.
-
-    counts_for_budget([4, 14, 24], 32, 576, 143.875 / 576, [126, 88, 20]) == [126, 88, 20].
-    Raises ValueError if the budget cannot be met: the layers before layers[0] see all Lv tokens.
-    """
-    layers = [int(i) for i in layers]
-    if not layers or layers != sorted(set(layers)) or layers[0] < 0 or layers[-1] >= num_layers:
-        raise ValueError(f"layers={layers}: need strictly increasing indexes in [0, {num_layers - 1}]")
-    if not 0.0 < share <= 1.0:
-        raise ValueError(f"share={share}: need 0 < share <= 1 (target N_bar / Lv)")
-    ratios = default_ratios(len(layers)) if ratios is None else [float(r) for r in ratios]
-    if len(ratios) != len(layers) or min(ratios) <= 0:
-        raise ValueError(f"ratios={ratios}: need one positive ratio per pruning layer {layers}")
-    if any(b > a for a, b in zip(ratios, ratios[1:])):
-        raise ValueError(f"ratios={ratios}: must not increase (a pruned token never comes back)")
-    spans = [b - a for a, b in zip(layers, layers[1:] + [num_layers])]
-    target = share * lv * num_layers  # visual-token-layers
-    budget = target - layers[0] * lv
-    if budget < sum(spans) - 0.5 * min(spans):
-        floor = n_bar(layers, [1] * len(layers), num_layers, lv)
-        raise ValueError(
-            f"share={share} (N_bar {share * lv:.2f} of Lv {lv}) is out of reach with pruning at {layers}: "
-            f"the {layers[0]} layers before the first pruning point alone give N_bar >= {floor:.2f}"
-        )
-    top = ratios[0]
-    rel = [r / top for r in ratios]
-
-    def cont(scale):
-        return [min(max(scale * r, 1.0), float(lv)) for r in rel]
-
-    lo, hi = 0.0, float(lv) / rel[-1]
-    for _ in range(100):  # sum(span * clamp(scale * r)) is monotone in scale
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if sum(s * x for s, x in zip(spans, cont(mid))) < budget else (lo, mid)
-    real = cont((lo + hi) / 2)
-    counts = [min(max(round(x), 1), lv) for x in real]
-    for k in range(1, len(counts)):
-        counts[k] = min(counts[k], counts[k - 1])
-
-    def err(c):
-        return abs(budget - sum(s * x for s, x in zip(spans, c)))
-
-    while True:  # integer refinement: one count +-1 at a time, while N_bar gets closer
-        moves = []
-        for k in range(len(counts)):
-            for d in (-1, 1):
-                c = list(counts)
-                c[k] += d
-                if 1 <= c[k] <= lv and not (k and c[k] > c[k - 1]) and not (k + 1 < len(c) and c[k + 1] > c[k]):
-                    moves.append((err(c), abs(c[k] - real[k]) / max(real[k], 1.0), c))
-        best = min(moves, default=None, key=lambda m: m[:2])
-        if best is None or best[0] >= err(counts) - 1e-9:
-            return counts
-        counts = best[2]
 
 
 def scale_layers(layers_of_32, num_layers: int) -> list[int]:
@@ -148,7 +63,9 @@ def top_n(score, live, n):
     tokens if fewer); ties go to the lower index."""
     masked = torch.where(live, score.float(), torch.tensor(-math.inf, device=score.device))
     order = torch.sort(masked, dim=1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+    )
     n = torch.as_tensor(n, device=score.device)
     n = n[:, None] if n.dim() == 1 else n
     return (rank < n) & live
@@ -212,11 +129,15 @@ class VisionTap:
         def grab(name):
             def hook(module, args, output):
                 self.out[name] = (output[0] if isinstance(output, tuple) else output).detach()
+
             return hook
 
         attn = self.layer.self_attn
-        self._handles = [attn.q_proj.register_forward_hook(grab("q")), attn.k_proj.register_forward_hook(grab("k")),
-                         self.layer.register_forward_hook(grab("h"))]
+        self._handles = [
+            attn.q_proj.register_forward_hook(grab("q")),
+            attn.k_proj.register_forward_hook(grab("k")),
+            self.layer.register_forward_hook(grab("h")),
+        ]
         return self
 
     def __exit__(self, *exc):
@@ -235,13 +156,13 @@ class VisionTap:
     def cls_attention(self):
         q, k = self._heads(self.out["q"]), self._heads(self.out["k"])
         logits = torch.einsum("nhd,nthd->nht", q[:, 0], k) * q.shape[-1] ** -0.5
-        return logits.softmax(-1).mean(1)[:, self.drop:]  # [n_img, Lv]
+        return logits.softmax(-1).mean(1)[:, self.drop :]  # [n_img, Lv]
 
     def keys(self):
-        return self._heads(self.out["k"])[:, self.drop:]
+        return self._heads(self.out["k"])[:, self.drop :]
 
     def features(self):
-        return self.out["h"][:, self.drop:]
+        return self.out["h"][:, self.drop :]
 
 
 # -- policies -----------------------------------------------------------------------------------
@@ -251,6 +172,7 @@ class Policy:
     name = ""
     paper = ""
     differs: tuple = ()
+    reads_vision = False  # True: reads the CLIP layer through `vision_tap` hooks
 
     def __init__(self, config, share: float):
         self.config = config
@@ -267,7 +189,19 @@ class Policy:
         return None
 
     def vision_tap(self, model):
-        return contextlib.nullcontext()
+        """A context around the vision forward: hooks on the CLIP layer for `reads_vision` policies."""
+        if not self.reads_vision:
+            return contextlib.nullcontext()
+        self._tap = VisionTap(model)
+        return self._tap
+
+    def captured_tap(self):
+        """The VisionTap of this forward (`reads_vision` policies)."""
+        if self._tap is None or not self._tap.captured:
+            raise RuntimeError(
+                f"{self.name}: the vision tower's layer was not captured (set the policy before the forward)"
+            )
+        return self._tap
 
     def select(self, ctx):
         """(keep [B, Lv] bool, features [B, Lv, D] for the kept tokens or None) at ctx.layer."""
@@ -287,7 +221,8 @@ class Policy:
             "num_layers": self.num_layers,
             "n_bar": n_bar(self.layers, self.counts, self.num_layers, self.lv),
             "target_n_bar": self.share * self.lv,
-            "differs": list(self.differs) + [
+            "differs": list(self.differs)
+            + [
                 "kept tokens keep their original positions (the paper re-numbers the shortened sequence)",
             ],
         }
@@ -300,7 +235,9 @@ class Uniform(Policy):
 
     def select(self, ctx):
         keep = torch.zeros_like(ctx.live)
-        idx = torch.tensor(grid_indices(self.config.grid_size, self.counts[0]), dtype=torch.long) + _patch_offset(self.config)
+        idx = torch.tensor(grid_indices(self.config.grid_size, self.counts[0]), dtype=torch.long) + _patch_offset(
+            self.config
+        )
         keep[:, idx.to(keep.device)] = True
         return keep & ctx.live, None
 
@@ -308,8 +245,10 @@ class Uniform(Policy):
 class Random(Policy):
     name = "random"
     paper = "random token dropping (sanity baseline)"
-    differs = ("before the LLM: n tokens uniformly at random; every forward re-seeds a CPU generator with `seed`, "
-               "rows drawn in batch order (reproducible for the same batch)",)
+    differs = (
+        "before the LLM: n tokens uniformly at random; every forward re-seeds a CPU generator with `seed`, "
+        "rows drawn in batch order (reproducible for the same batch)",
+    )
 
     def __init__(self, config, share, seed: int = 0):
         super().__init__(config, share)
@@ -335,8 +274,10 @@ class FastV(Policy):
         target = self.share * lv * N
         feasible = [K for K in range(1, min(self.k_requested, N - 1) + 1) if K * lv + (N - K) <= target + 0.5 * (N - K)]
         if not feasible:
-            raise ValueError(f"fastv: share={share} is out of reach even when pruning before layer 1 "
-                             f"(N_bar >= {(lv + N - 1) / N:.2f}, target {self.share * lv:.2f})")
+            raise ValueError(
+                f"fastv: share={share} is out of reach even when pruning before layer 1 "
+                f"(N_bar >= {(lv + N - 1) / N:.2f}, target {self.share * lv:.2f})"
+            )
         self.K = max(feasible)
         self.layers = [self.K]
         self.counts = counts_for_budget(self.layers, N, lv, self.share)
@@ -358,16 +299,23 @@ class FastV(Policy):
             "R set by the budget (FastV: R = 50% / 75%)",
         ] + d["differs"]
         if self.K != self.k_requested:
-            d["differs"].insert(0, f"K={self.k_requested} (FastV's default) cannot reach N_bar "
-                                   f"{self.share * self.lv:.2f}: the {self.k_requested} full layers alone cost more; "
-                                   f"K={self.K} is the largest that can")
+            d["differs"].insert(
+                0,
+                f"K={self.k_requested} (FastV's default) cannot reach N_bar "
+                f"{self.share * self.lv:.2f}: the {self.k_requested} full layers alone cost more; "
+                f"K={self.K} is the largest that can",
+            )
         d["k"] = self.K
         return d
 
 
 class PruMerge(Policy):
     name = "prumerge"
-    paper = "LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal Models (Shang et al., 2024, arXiv 2403.15388)"
+    reads_vision = True
+    paper = (
+        "LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal Models "
+        "(Shang et al., 2024, arXiv 2403.15388)"
+    )
 
     def __init__(self, config, share, k_neighbors: int | None = None):
         super().__init__(config, share)
@@ -376,19 +324,13 @@ class PruMerge(Policy):
         self.k_neighbors = min(self.k_neighbors, self.lv - 1)
         self.iqr_seen = [0, 0]  # IQR outliers the paper would have kept: sum, images (for the report)
 
-    def vision_tap(self, model):
-        self._tap = VisionTap(model)
-        return self._tap
-
     def _chosen(self, attn, live):
         return top_n(attn, live, self.counts[0])
 
     def select(self, ctx):
         if not ctx.has_img.any():  # the vision tower did not run
             return torch.zeros_like(ctx.live), None
-        tap = self._tap
-        if tap is None or not tap.captured:
-            raise RuntimeError(f"{self.name}: the vision tower's layer was not captured (set the policy before the forward)")
+        tap = self.captured_tap()
         attn_img = tap.cls_attention()  # [n_img, Lv]
         q1, q3 = torch.quantile(attn_img, 0.25, dim=1), torch.quantile(attn_img, 0.75, dim=1)
         self.iqr_seen[0] += int((attn_img > (q3 + 1.5 * (q3 - q1))[:, None]).sum())
@@ -439,7 +381,9 @@ class PruMergePlus(PruMerge):
 
     def _chosen(self, attn, live):
         grid = torch.zeros_like(live)
-        idx = torch.tensor(grid_indices(self.config.grid_size, self.n_uniform), dtype=torch.long) + _patch_offset(self.config)
+        idx = torch.tensor(grid_indices(self.config.grid_size, self.n_uniform), dtype=torch.long) + _patch_offset(
+            self.config
+        )
         grid[:, idx.to(grid.device)] = True
         grid &= live
         rest = top_n(attn, live & ~grid, self.counts[0] - grid.sum(1))
@@ -448,15 +392,21 @@ class PruMergePlus(PruMerge):
     def describe(self):
         d = super().describe()
         d["n_uniform"] = self.n_uniform
-        d["differs"].insert(1, f"+: {self.n_uniform} of the n tokens form an evenly spaced grid (`grid_indices`), "
-                               "the rest are the top CLS-attention tokens outside it (PruMerge+'s code adds a 1-D "
-                               "arithmetic sequence of about 3x the outliers, so ~3/4 of the total)")
+        d["differs"].insert(
+            1,
+            f"+: {self.n_uniform} of the n tokens form an evenly spaced grid (`grid_indices`), "
+            "the rest are the top CLS-attention tokens outside it (PruMerge+'s code adds a 1-D "
+            "arithmetic sequence of about 3x the outliers, so ~3/4 of the total)",
+        )
         return d
 
 
 class VisionZip(Policy):
     name = "visionzip"
-    paper = "VisionZip: Longer is Better but Not Necessary in Vision Language Models (Yang et al., 2024, arXiv 2412.04467)"
+    reads_vision = True
+    paper = (
+        "VisionZip: Longer is Better but Not Necessary in Vision Language Models (Yang et al., 2024, arXiv 2412.04467)"
+    )
 
     def __init__(self, config, share, contextual_share: float = 10 / 64):
         super().__init__(config, share)
@@ -465,16 +415,10 @@ class VisionZip(Policy):
         self.n_contextual = min(max(1, int(n * contextual_share + 0.5)), n - 1) if n > 1 else 0
         self.n_dominant = n - self.n_contextual
 
-    def vision_tap(self, model):
-        self._tap = VisionTap(model)
-        return self._tap
-
     def select(self, ctx):
         if not ctx.has_img.any():  # the vision tower did not run
             return torch.zeros_like(ctx.live), None
-        tap = self._tap
-        if tap is None or not tap.captured:
-            raise RuntimeError("visionzip: the vision tower's layer was not captured (set the policy before the forward)")
+        tap = self.captured_tap()
         attn = _rows(tap.cls_attention(), ctx.has_img)
         dominant = top_n(attn, ctx.live, self.n_dominant)
         x = tap.features().float()
@@ -515,7 +459,10 @@ class VisionZip(Policy):
 
 class SparseVLM(Policy):
     name = "sparsevlm"
-    paper = "SparseVLM: Visual Token Sparsification for Efficient Vision-Language Model Inference (Zhang et al., 2024, arXiv 2410.04417)"
+    paper = (
+        "SparseVLM: Visual Token Sparsification for Efficient Vision-Language Model Inference "
+        "(Zhang et al., 2024, arXiv 2410.04417)"
+    )
     # SparseVLM's released schedules for LLaVA-1.5 (kept tokens at its 3 pruning layers) and the share they aim at
     SCHEDULES = {192 / 576: (300, 200, 110), 128 / 576: (303, 110, 36), 64 / 576: (66, 30, 17)}
 
@@ -530,8 +477,9 @@ class SparseVLM(Policy):
         self.recycle_share = recycle_share
         self.cluster_per = cluster_per
         if not self.layers or self.layers[0] < 1:
-            raise ValueError(f"sparsevlm: layers={self.layers}: each pruning point reads the attention "
-                             "of the layer before (>= 1)")
+            raise ValueError(
+                f"sparsevlm: layers={self.layers}: each pruning point reads the attention of the layer before (>= 1)"
+            )
         self.recycled_seen = [0, 0]  # recycled tokens: sum, pruning steps (for the report)
 
     def attention_compute(self, layer):
@@ -631,6 +579,8 @@ _CLASSES = {
     "uniform": Uniform,
     "random": Random,
 }
+
+POLICIES = tuple(_CLASSES)  # the policy names; everything else reads them from here
 
 
 def make_policy(name: str, config, share: float, **options):

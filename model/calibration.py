@@ -13,13 +13,14 @@ tokens (q from `keep_share_per_module`, so N_bar ~ target), given theta_s and th
 earlier modules kept. Forward hooks replace each module's thresholds during that pass, so
 later modules see exactly the tokens the calibrated earlier ones keep. Nothing else changes.
 """
+
 from __future__ import annotations
 
 import math
 
 import torch
 
-from .atp_module import keep_share_per_module
+from .budget import keep_share_per_module
 
 
 @torch.no_grad()
@@ -30,8 +31,9 @@ def calibrate_thresholds(model, **inputs) -> list[float]:
     cfg = model.config
     if cfg.pruning != "atp" or not cfg.atp_layers or getattr(model, "pruning_policy", None) is not None:
         return []
-    q = keep_share_per_module(cfg.atp_layers, cfg.text_config.num_hidden_layers, cfg.num_visual_tokens,
-                              cfg.target_tokens)
+    q = keep_share_per_module(
+        cfg.atp_layers, cfg.text_config.num_hidden_layers, cfg.num_visual_tokens, cfg.target_tokens
+    )
     state = {"live": None, "theta": []}
 
     def hook(module, args, output):

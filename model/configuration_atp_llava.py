@@ -4,6 +4,7 @@ Every choice the paper leaves open is a field here with METHOD's default, so tra
 inference and export read one object. This file is copied into exported checkpoints
 (trust_remote_code), so it imports only transformers.
 """
+
 from huggingface_hub.dataclasses import strict
 from transformers import LlavaConfig
 
@@ -86,4 +87,6 @@ class AtpLlavaConfig(LlavaConfig):
                     f"fixed_counts={self.fixed_counts}: pruning='fixed' needs one count per ATP layer {layers}"
                 )
         if self.vision_feature_select_strategy == "full" and self.position_mode == "rope2d":
-            raise ValueError("position_mode='rope2d' needs a square token grid (vision_feature_select_strategy='default')")
+            raise ValueError(
+                "position_mode='rope2d' needs a square token grid (vision_feature_select_strategy='default')"
+            )

@@ -3,6 +3,7 @@
 `model_costs(visual_per_layer, text_len, config)` turns per-layer visual-token counts (what
 `out.visual_tokens` reports) into the numbers the report compares against the unpruned model.
 """
+
 from __future__ import annotations
 
 
@@ -38,7 +39,8 @@ def model_costs(visual_per_layer, text_len: float, config, kv_bytes_per_value: i
     lv = config.num_visual_tokens
     atp = sum(
         atp_module_flops(visual_per_layer[i - 1], text_len, lengths[i - 1], heads, hd, config.threshold_hidden)
-        for i in atp_layers if getattr(config, "pruning", "none") != "none"
+        for i in atp_layers
+        if getattr(config, "pruning", "none") != "none"
     )
     return {
         "flops_paper": sum(layer_flops_paper(L, d, m) for L in lengths),

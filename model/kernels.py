@@ -12,6 +12,7 @@ also picks the kernel (`select_kernel`) and prepares only what that kernel needs
 flash-attn is an optional extra (`pip install '.[gpu]'`): it is imported inside functions only,
 so this file (copied into exported checkpoints) never needs it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -61,10 +62,15 @@ def check_requested(requested: str) -> None:
             "pip install '.[gpu]' -- or use attn_kernel='auto' to fall back to SDPA"
         )
     if requested == "flex" and not flex_available(True):
-        raise ImportError(f"attn_kernel='flex' needs torch >= 2.6 (FlexAttention with mask gradients); found {torch.__version__}")
+        raise ImportError(
+            f"attn_kernel='flex' needs torch >= 2.6 (FlexAttention with mask gradients); found {torch.__version__}"
+        )
     if requested == "auto" and torch.cuda.is_available() and not flash_available():
-        warnings.warn("attn_kernel='auto': flash-attn is not installed, unmasked and hard-pruned layers use SDPA "
-                      "(pip install '.[gpu]' for flash-attn)", stacklevel=2)
+        warnings.warn(
+            "attn_kernel='auto': flash-attn is not installed, unmasked and hard-pruned layers use SDPA "
+            "(pip install '.[gpu]' for flash-attn)",
+            stacklevel=2,
+        )
 
 
 @functools.cache
@@ -92,8 +98,10 @@ def select_kernel(requested: str, device, dtype: torch.dtype, masked: bool, trai
         if requested in ("auto", "flex") and flex_available(training):
             return "flex"
         if requested == "flash":
-            _warn_once("attn_kernel='flash': flash-attn has no soft-mask bias; masked layers use SDPA "
-                       "(attn_kernel='auto' uses FlexAttention there)")
+            _warn_once(
+                "attn_kernel='flash': flash-attn has no soft-mask bias; masked layers use SDPA "
+                "(attn_kernel='auto' uses FlexAttention there)"
+            )
         return "sdpa"
     if requested == "flex":
         return "flex" if flex_available(training) else "sdpa"
@@ -186,12 +194,13 @@ def flash_attention(q, k, v, live, scaling, dropout=0.0):
     # causal=True aligns bottom-right (flash-attn >= 2.1): query i sees keys <= Lk - Lq + i
     if bool(live.all()):
         return flash_attn_func(q, k, v, dropout_p=dropout, softmax_scale=scaling, causal=True)
-    q_live = live[:, Lk - Lq:]
+    q_live = live[:, Lk - Lq :]
     qp, cu_q, max_q, idx_q = unpad(q, q_live)
     kp, cu_k, max_k, _ = unpad(k, live)
     vp = unpad(v, live)[0]
-    out = flash_attn_varlen_func(qp, kp, vp, cu_q, cu_k, max_q, max_k, dropout_p=dropout,
-                                 softmax_scale=scaling, causal=True)
+    out = flash_attn_varlen_func(
+        qp, kp, vp, cu_q, cu_k, max_q, max_k, dropout_p=dropout, softmax_scale=scaling, causal=True
+    )
     return repad(out, idx_q, B, Lq)
 
 
@@ -247,6 +256,7 @@ def flex_masked_attention(q, k, v, block_mask, log_m_pad, scaling, compiled=None
     k, v = F.pad(k, (0, 0, 0, Pk - Lk)), F.pad(v, (0, 0, 0, Pk - Lk))
     score_mod = None
     if log_m_pad is not None:
+
         def score_mod(score, b, h, qi, ki):
             return score + log_m_pad[b, ki]
 

@@ -16,13 +16,17 @@ policy on the same hard path: before each of `policy.layers` (0 = before the fir
 it returns a keep mask over the original Lv positions (and optionally new features for the kept
 tokens), optionally from the attention of the layer before (`policy.attention_compute`).
 
+Both speak one interface (`pruning.py`: pruning points, a score request for the layer before
+each, the masks), and what follows every pruning point is one method here (`_prune`).
+
 This file is copied into exported checkpoints (trust_remote_code): relative imports only.
 """
+
 from __future__ import annotations
 
 import contextlib
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -30,20 +34,13 @@ from transformers import AutoConfig, AutoModelForImageTextToText, LlavaForCondit
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from transformers.utils import ModelOutput
 
-from .atp_module import AtpModule, keep_share_per_module
+from .atp_module import AtpModule
 from .attention import ATTN_IMPLEMENTATION, ScoreRequest
+from .budget import keep_share_per_module, tokens_per_layer
 from .configuration_atp_llava import AtpLlavaConfig
 from .kernels import KeyMask, check_requested
+from .pruning import AtpPruning, PolicyPruning
 from .scores import minmax, spatial_scores
-
-
-def visual_tokens_per_layer(group_counts, atp_layers, num_layers):
-    """[B, N] visual tokens each decoder layer attends over (METHOD sec 7): group g spans layers
-    [i_{g-1}, i_g) and sees group_counts[g] tokens (Lv before the first module)."""
-    bounds = [0] + list(atp_layers) + [num_layers]
-    cols = [group_counts[g][:, None].expand(-1, bounds[g + 1] - bounds[g]) for g in range(len(bounds) - 1)]
-    return torch.cat(cols, 1)
-
 
 # transformers 5.24 renamed `past_key_values` to `cache` (forward keyword and model outputs) and
 # keeps the old name as a deprecated alias until 5.40: speak whichever name the installed
@@ -66,22 +63,6 @@ class AtpLlavaOutput(ModelOutput):
 
 
 @dataclass
-class PruneContext:
-    """What a training-free pruning policy sees before decoder layer `layer` (original Lv positions)."""
-
-    model: object
-    layer: int
-    live: torch.Tensor  # [B, Lv] bool: visual tokens still in the sequence (False for text-only samples)
-    hidden: torch.Tensor  # [B, Lv, D] their hidden states entering `layer` (garbage where not live)
-    embeds: torch.Tensor  # [B, L, D] the decoder's input embeddings, caller's layout
-    vis_orig: torch.Tensor  # [B, Lv] where each visual token sits in the caller's layout (0 for text-only samples)
-    has_img: torch.Tensor  # [B] bool
-    attention: torch.Tensor | None = None  # what `policy.attention_compute` returned for layer - 1
-    q_orig: torch.Tensor | None = None  # [B, Q] its query rows, as indices into the caller's input_ids
-    q_valid: torch.Tensor | None = None  # [B, Q] bool
-
-
-@dataclass
 class _Seq:
     """Per-token metadata that travels with the hidden states (and is gathered with them)."""
 
@@ -94,7 +75,24 @@ class _Seq:
         def g(t):
             return t.gather(-1, idx if t.dim() == 2 else idx.expand(t.shape[0], *idx.shape))
 
-        return _Seq(live=g(self.live) & valid, pos=g(self.pos), vis=torch.where(valid, g(self.vis), -1), orig=g(self.orig))
+        return _Seq(
+            live=g(self.live) & valid, pos=g(self.pos), vis=torch.where(valid, g(self.vis), -1), orig=g(self.orig)
+        )
+
+
+@dataclass
+class _Flow:
+    """What the decoder loop carries from layer to layer; a pruning point changes it (`_prune`)."""
+
+    hidden: torch.Tensor  # [B, L, D]
+    seq: _Seq
+    qmask: torch.Tensor  # [B, L] bool: the query tokens (METHOD sec 1)
+    C: torch.Tensor  # [B, Lv] cumulative keep mask at the original visual positions
+    keys: KeyMask  # what the next layers attend over
+    rope: tuple  # (cos, sin) of seq.pos
+    counts: list  # [B] visual tokens seen by each group of layers
+    group_live: list  # key-padding mask of each group's KV cache
+    keeps: list = field(default_factory=list)  # C after each pruning point
 
 
 class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
@@ -115,7 +113,9 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def _init_weights(self, module):
         if isinstance(module, AtpModule):
             c = self.config
-            q = keep_share_per_module(c.atp_layers, c.text_config.num_hidden_layers, c.num_visual_tokens, c.target_tokens)
+            q = keep_share_per_module(
+                c.atp_layers, c.text_config.num_hidden_layers, c.num_visual_tokens, c.target_tokens
+            )
             # Scores are min-max normalised to [0, 1], so theta_r = 1 - q keeps about a share q of
             # roughly uniform scores; theta_s starts just under the sparsest grid's score, keeping
             # that grid only, with its masks inside the sigmoid's slope so theta_s gets gradient.
@@ -137,7 +137,9 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         missing, unexpected = model.load_state_dict(llava.state_dict(), strict=False)
         missing = [k for k in missing if not k.startswith("atp_modules.")]
         if missing or unexpected:
-            raise ValueError(f"weights do not match the LLaVA layout: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise ValueError(
+                f"weights do not match the LLaVA layout: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
         return model
 
     @classmethod
@@ -269,118 +271,103 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             return self._decode_step(input_ids, inputs_embeds, cache, logits_to_keep)
         if input_ids is None:
             raise ValueError("AtpLlava needs input_ids: the image token positions come from them")
-        cfg = self.config
-        B, L = input_ids.shape
-        dev = input_ids.device
         hard = not self.training
+        cache = cache if hard else None
         policy = getattr(self, "pruning_policy", None) if hard else None
         if policy is not None and atp_masks is not None:
             raise ValueError("atp_masks and model.pruning_policy both choose the kept tokens: set one of them")
         with policy.vision_tap(self) if policy is not None else contextlib.nullcontext():
             embeds, vis_mask, has_img, image_features = self._embed(input_ids, pixel_values, inputs_embeds)
-        live = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        pos1 = (live.long().cumsum(-1) - 1).clamp_min(0) if position_ids is None else position_ids.expand(B, L)
-        vis = torch.where(vis_mask, vis_mask.long().cumsum(-1) - 1, -1)
-        seq = _Seq(live=live, pos=self._positions(pos1, vis, has_img), vis=vis, orig=torch.arange(L, device=dev).expand(B, L))
-        qmask = self._query_mask(seq, has_img, labels, query_mask)
-        cache = cache if hard else None
+        flow = self._start(embeds, input_ids, vis_mask, has_img, attention_mask, position_ids, labels, query_mask)
+        pruning = self._pruning(policy, flow, embeds, has_img, atp_masks, hard)
+        points = {} if pruning is None else {i: k for k, i in enumerate(pruning.layers)}
 
-        lv = cfg.num_visual_tokens
-        n_layers = cfg.text_config.num_hidden_layers
-        active = self.pruning_active and policy is None
-        module_at = {i: k for k, i in enumerate(cfg.atp_layers)} if active else {}
-        policy_at = {} if policy is None else {i: k for k, i in enumerate(policy.layers)}
-        if policy is not None and ((getattr(policy, "lv", lv), getattr(policy, "num_layers", n_layers)) != (lv, n_layers)
-                                   or any(not 0 <= i < n_layers for i in policy_at)):
-            raise ValueError(f"pruning_policy {getattr(policy, 'name', policy)!r} was made for another model "
-                             f"(Lv {getattr(policy, 'lv', '?')}, {getattr(policy, 'num_layers', '?')} layers, pruning at "
-                             f"{list(policy_at)}); this one has Lv {lv} and {n_layers} layers")
-        prune_layers = list(cfg.atp_layers) if active else list(policy_at)
-        C = has_img[:, None].to(embeds.dtype).expand(B, lv).clone()  # cumulative mask, original positions
-        counts = [C.sum(-1)]  # visual tokens seen by each group of layers
-        group_live = [seq.live]  # key-padding mask of each group's KV cache
-        thresholds, keeps, m_sums = [], [], []
-
-        hidden = embeds
-        vis_orig = None if policy is None else self._visual_slots(seq, lv)[0]
-        if 0 in policy_at:  # before the first decoder layer
-            hidden, seq, qmask, C = self._policy_step(policy, 0, hidden, seq, qmask, C, None, embeds, vis_orig, has_img)
-            keeps.append(C)
-            group_live.append(seq.live)
-            counts.append(C.sum(-1))
-        keys = self._keys(seq.live, None, hidden.dtype)
-        rope = self._rope(hidden, seq.pos)
-        for j, layer in enumerate(self.model.language_model.layers):
-            k = module_at.get(j + 1)
-            pk = policy_at.get(j + 1)
-            request = None
-            if k is not None:
-                request = self._score_request(seq, C, qmask)
-            elif pk is not None and policy.attention_compute(pk) is not None:
-                request = self._score_request(seq, C, qmask, compute=policy.attention_compute(pk))
-            hidden = layer(
-                hidden,
-                attention_mask=keys.dense,
-                position_embeddings=rope,
+        request = None  # filled by the layer before a pruning point, from its own attention
+        for i, layer in enumerate(self.model.language_model.layers):
+            if i in points:
+                self._prune(flow, *pruning.select(points[i], flow, request), hard)
+            request = pruning.request(points[i + 1], flow) if i + 1 in points else None
+            flow.hidden = layer(
+                flow.hidden,
+                attention_mask=flow.keys.dense,
+                position_embeddings=flow.rope,
                 use_cache=cache is not None,
                 **{CACHE_KW: cache},
                 atp_scores=request,
-                atp_keys=keys,
+                atp_keys=flow.keys,
             )
-            if pk is not None:
-                hidden, seq, qmask, C = self._policy_step(policy, j + 1, hidden, seq, qmask, C, request, embeds, vis_orig,
-                                                          has_img)
-                keeps.append(C)
-                keys = self._keys(seq.live, None, hidden.dtype)
-                rope = self._rope(hidden, seq.pos)
-                group_live.append(seq.live)
-                counts.append(C.sum(-1))
-            if k is None:
-                continue
-            override = None if atp_masks is None else atp_masks[k]
-            M, theta = self._atp_step(k, request.result, C, has_img, override, hard)
-            thresholds.append(theta)
-            m_sums.append(M.sum(-1))
-            C = C * M
-            keeps.append(C)
-            if hard:
-                hidden, seq, qmask = self._gather(hidden, seq, qmask, C > 0.5)
-                keys = self._keys(seq.live, None, hidden.dtype)
-                rope = self._rope(hidden, seq.pos)
-                group_live.append(seq.live)
-            else:
-                keys = self._keys(seq.live, self._key_log_mask(seq, C), hidden.dtype)
-            counts.append(C.sum(-1))
+        hidden = self.model.language_model.norm(flow.hidden)
+        logits = self._logits(hidden, flow.seq, *input_ids.shape, hard, logits_to_keep)
 
-        hidden = self.model.language_model.norm(hidden)
-        logits = self._logits(hidden, seq, B, L, hard, logits_to_keep)
-
-        visual_tokens = visual_tokens_per_layer(counts, prune_layers, n_layers)
+        n_layers = self.config.text_config.num_hidden_layers
+        prune_layers = list(points)
+        visual_tokens = tokens_per_layer(flow.counts, prune_layers, n_layers)
         ntp = None
         if labels is not None:
-            ntp = self.loss_function(logits=logits, labels=labels, vocab_size=cfg.text_config.vocab_size)
-        loss, atp_losses = self._losses(ntp, visual_tokens, m_sums, has_img)
+            ntp = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+        loss, atp_losses = self._losses(ntp, visual_tokens, [] if pruning is None else pruning.m_sums, has_img)
         if cache is not None:
-            nxt = torch.where(seq.live, seq.pos.amax(0), -1).amax(1) + 1
+            seq = flow.seq
             cache.atp_state = {
-                "group_live": group_live,
+                "group_live": flow.group_live,
                 "group_of_layer": [sum(1 for i in prune_layers if i <= j) for j in range(n_layers)],
-                "next_pos": nxt,
+                "next_pos": torch.where(seq.live, seq.pos.amax(0), -1).amax(1) + 1,
             }
-        info = None
-        if thresholds:
-            info = {"thresholds": torch.stack(thresholds, 1).detach(), "keep": torch.stack(keeps, 1).detach()}
-        elif policy is not None and keeps:
-            info = {"keep": torch.stack(keeps, 1).detach(), "policy": policy.name}
         return AtpLlavaOutput(
             loss=loss,
             logits=logits,
             visual_tokens=visual_tokens,
             atp_losses=atp_losses,
-            atp_info=info,
+            atp_info=pruning.info(flow.keeps) if pruning is not None and flow.keeps else None,
             image_hidden_states=image_features,
             **{CACHE_KW: cache},
         )
+
+    def _pruning(self, policy, flow, embeds, has_img, atp_masks, hard):
+        """Who selects the kept tokens (`pruning.py`): the policy, the ATP modules, or no one."""
+        if policy is not None:
+            return PolicyPruning(self, policy, flow, embeds, has_img)
+        return AtpPruning(self, has_img, atp_masks, hard) if self.pruning_active else None
+
+    def _start(self, embeds, input_ids, vis_mask, has_img, attention_mask, position_ids, labels, query_mask):
+        """The flow entering the first decoder layer: every token, all of C, one KV group."""
+        B, L = input_ids.shape
+        live = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        pos1 = (live.long().cumsum(-1) - 1).clamp_min(0) if position_ids is None else position_ids.expand(B, L)
+        vis = torch.where(vis_mask, vis_mask.long().cumsum(-1) - 1, -1)
+        orig = torch.arange(L, device=input_ids.device).expand(B, L)
+        seq = _Seq(live=live, pos=self._positions(pos1, vis, has_img), vis=vis, orig=orig)
+        C = has_img[:, None].to(embeds.dtype).expand(B, self.config.num_visual_tokens).clone()
+        return _Flow(
+            hidden=embeds,
+            seq=seq,
+            qmask=self._query_mask(seq, has_img, labels, query_mask),
+            C=C,
+            keys=self._keys(seq.live, None, embeds.dtype),
+            rope=self._rope(embeds, seq.pos),
+            counts=[C.sum(-1)],
+            group_live=[seq.live],
+        )
+
+    def _prune(self, flow, M, features, hard):
+        """After a pruning point, whoever chose M: the cumulative mask C, then (hard) merged features,
+        the kept tokens alone with their rope and a new KV group, or (soft) log C on the visual keys."""
+        flow.C = flow.C * M
+        flow.keeps.append(flow.C)
+        flow.counts.append(flow.C.sum(-1))
+        if not hard:
+            flow.keys = self._keys(flow.seq.live, self._key_log_mask(flow.seq, flow.C), flow.hidden.dtype)
+            return
+        keep = flow.C > 0.5
+        if features is not None:  # merging: new features for (some of) the kept tokens
+            at = flow.seq.vis.clamp_min(0)
+            on = (flow.seq.vis >= 0) & keep.gather(1, at)
+            new = features.to(flow.hidden.dtype).gather(1, at[..., None].expand(-1, -1, flow.hidden.shape[-1]))
+            flow.hidden = torch.where(on[..., None], new, flow.hidden)
+        flow.hidden, flow.seq, flow.qmask = self._gather(flow.hidden, flow.seq, flow.qmask, keep)
+        flow.keys = self._keys(flow.seq.live, None, flow.hidden.dtype)
+        flow.rope = self._rope(flow.hidden, flow.seq.pos)
+        flow.group_live.append(flow.seq.live)
 
     @staticmethod
     def _visual_slots(seq, lv):
@@ -400,36 +387,6 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         order = torch.sort((~qmask).to(torch.int8), dim=1, stable=True).indices[:, :nq]
         q_valid = qmask.gather(1, order)
         return ScoreRequest(vis_index=vis_index, vis_weight=weight, q_index=order, q_valid=q_valid, compute=compute)
-
-    @torch.no_grad()
-    def _policy_step(self, policy, layer, hidden, seq, qmask, C, request, embeds, vis_orig, has_img):
-        """A training-free policy's pruning before decoder layer `layer` (hard path): ask it for the
-        kept visual tokens (and optional new features for them), then drop the rest as ATP does."""
-        B, lv = C.shape
-        vis_index, present = self._visual_slots(seq, lv)
-        D = hidden.shape[-1]
-        live = (C > 0.5) & present & has_img[:, None]
-        ctx = PruneContext(
-            model=self,
-            layer=layer,
-            live=live,
-            hidden=hidden.gather(1, vis_index[..., None].expand(-1, -1, D)),
-            embeds=embeds,
-            vis_orig=vis_orig,
-            has_img=has_img,
-            attention=None if request is None else request.result,
-            q_orig=None if request is None else seq.orig.gather(1, request.q_index),
-            q_valid=None if request is None else request.q_valid,
-        )
-        keep, features = policy.select(ctx)
-        keep = keep.bool() & live
-        if features is not None:  # merging policies: new features for (some of) the kept tokens
-            at = seq.vis.clamp_min(0)
-            on = (seq.vis >= 0) & keep.gather(1, at)
-            new = features.to(hidden.dtype).gather(1, at[..., None].expand(-1, -1, D))
-            hidden = torch.where(on[..., None], new, hidden)
-        hidden, seq, qmask = self._gather(hidden, seq, qmask, keep)
-        return hidden, seq, qmask, keep.to(C.dtype)
 
     def _atp_step(self, k, scores, C, has_img, override, hard):
         """Masks of module k at the original Lv positions, and its thresholds [B, 2]."""

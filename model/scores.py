@@ -6,6 +6,7 @@ query-text x all keys, recomputed from the q/k of layer i_k - 1 inside its atten
 SDPA / flash kernels stay usable. Scores are features for the threshold MLP: they are
 computed without gradient (the gradient reaches the thresholds through the masks).
 """
+
 from __future__ import annotations
 
 import torch

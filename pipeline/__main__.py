@@ -12,6 +12,7 @@ maps whichever environment it finds. A stage whose `run_dir/NAME/DONE` exists is
 (`--force` reruns it); a rerun after a crash resumes sft from its latest checkpoint.
 Exit status: 0 done or stopped on SIGTERM/SIGUSR1 after saving, 2 bad config, 1 failure.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,10 +63,9 @@ def main(argv=None) -> int:
     try:
         run = load_config(args.config, args.rest)
         if args.cmd == "stage":
-            from pipeline.stages import STAGES
+            from pipeline.stages import check_names  # the registry is a plain dict; cheap
 
-            if args.name not in STAGES:
-                raise ConfigError(f"config error: unknown stage {args.name!r}; known: {sorted(STAGES)}")
+            check_names([args.name], key="stage")
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
@@ -96,7 +96,7 @@ def _run_stages(run, names, dist, stop, force: bool) -> None:
     for name in names:
         out = run_dir / name
         done = out / stages.DONE
-        if done.exists() and not force:
+        if stages.is_done(out) and not force:
             log.info("stage %s: complete (%s), skipped", name, done)
             continue
         if dist.rank == 0:
@@ -110,8 +110,7 @@ def _run_stages(run, names, dist, stop, force: bool) -> None:
         if not complete:
             log.info("stage %s: stopped on %s after saving; rerun to resume", name, stop.signal_name)
             return
-        if dist.rank == 0:
-            done.write_text(json.dumps({"seconds": round(time.time() - t0, 1), "world_size": dist.world_size}) + "\n")
+        stages.mark_done(out, json.dumps({"seconds": round(time.time() - t0, 1), "world_size": dist.world_size}) + "\n")
         log.info("stage %s: done in %.1f s", name, time.time() - t0)
         if name != names[-1] and stop.should_stop():  # collective; a signal during a stage without a loop
             log.info("%s: stopping before the next stage; rerun to continue", stop.signal_name)
@@ -119,8 +118,11 @@ def _run_stages(run, names, dist, stop, force: bool) -> None:
 
 
 def _setup_logging(rank: int) -> None:
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

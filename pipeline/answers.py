@@ -21,6 +21,7 @@ or a `(tokenizer, image_processor)` pair. Images are PIL images (None: a text-on
 and are padded to a square with the mean colour, then CLIP-preprocessed (LLaVA-1.5's
 `image_aspect_ratio: pad`, `pipeline.template.preprocess_image`).
 """
+
 from __future__ import annotations
 
 import re
@@ -34,6 +35,7 @@ _TRAILING = string.punctuation + " \t"
 
 
 # ------------------------------------------------------------------ scoring
+
 
 def normalize_answer(text) -> str:
     """First non-empty line, stripped, lower case, trailing punctuation removed."""
@@ -49,6 +51,7 @@ def is_correct(pred, gold) -> bool:
 
 
 # ------------------------------------------------------------------ prompts
+
 
 def prompt_for(question: str, image: bool = True) -> str:
     """LLaVA-1.5's (vicuna_v1) prompt for one question: system line, `USER: <image>\\n{q}
@@ -100,13 +103,14 @@ def _model_inputs(model, tokenizer, image_processor, rows: list[list[int]], imag
         attention_mask[i, off:] = 1
         has_image = cfg.image_token_id in row
         if has_image != (img is not None):
-            raise ValueError(f"prompt {i}: {'an' if has_image else 'no'} image marker but "
-                             f"{'no' if img is None else 'an'} image")
+            raise ValueError(
+                f"prompt {i}: {'an' if has_image else 'no'} image marker but {'no' if img is None else 'an'} image"
+            )
         if img is not None:
             pixels.append(preprocess_image(img, image_processor))
         if query_mask is not None and has_image:
             last_img = len(row) - 1 - row[::-1].index(cfg.image_token_id)
-            query_mask[i, off + last_img + 1:off + query_ends[i]] = True
+            query_mask[i, off + last_img + 1 : off + query_ends[i]] = True
     dev = model.device
     out = dict(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev))
     if pixels:
@@ -120,7 +124,7 @@ def _batches(lengths: list[int], batch_size: int):
     """Index batches, longest prompts first (less padding; the caller's order is restored)."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     for s in range(0, len(order), max(1, batch_size)):
-        yield order[s:s + batch_size]
+        yield order[s : s + batch_size]
 
 
 class _Capture:
@@ -158,7 +162,7 @@ class TokenStats:
         total = vt.sum(0).double()
         self.per_layer = total if self.per_layer is None else self.per_layer + total
 
-    def merge(self, other: "TokenStats") -> None:
+    def merge(self, other: TokenStats) -> None:
         """Add another collection's samples (e.g. per-family stats into an overall one)."""
         self.samples += other.samples
         self.text_only += other.text_only
@@ -171,15 +175,27 @@ class TokenStats:
         if not self.samples:
             return dict(image_samples=0, text_only_samples=self.text_only, n_bar=None, tokens_per_layer=None)
         per_layer = (self.per_layer / self.samples).tolist()
-        return dict(image_samples=self.samples, text_only_samples=self.text_only,
-                    n_bar=sum(per_layer) / len(per_layer), tokens_per_layer=per_layer)
+        return dict(
+            image_samples=self.samples,
+            text_only_samples=self.text_only,
+            n_bar=sum(per_layer) / len(per_layer),
+            tokens_per_layer=per_layer,
+        )
 
 
 # ------------------------------------------------------------------ generation
 
+
 @torch.no_grad()
-def greedy_answers(model, processor, prompts: list[str], images: list, max_new_tokens: int = 8,
-                   batch_size: int = 8, stats: TokenStats | None = None) -> list[str]:
+def greedy_answers(
+    model,
+    processor,
+    prompts: list[str],
+    images: list,
+    max_new_tokens: int = 8,
+    batch_size: int = 8,
+    stats: TokenStats | None = None,
+) -> list[str]:
     """Greedy answers to rendered prompts (`prompt_for`, or any prompt holding at most one
     `<image>`), batched, left-padded; only the new tokens are decoded (special tokens
     skipped). In eval mode the model prunes for real; `stats` collects the tokens it kept."""
@@ -187,20 +203,28 @@ def greedy_answers(model, processor, prompts: list[str], images: list, max_new_t
         raise RuntimeError("call model.eval() first: eval mode is what prunes for real")
     tokenizer, image_processor = split_processor(processor)
     cfg = model.config
-    rows = [encode_prompt(p, tokenizer, image_token_id=cfg.image_token_id, num_image_tokens=cfg.num_visual_tokens)
-            for p in prompts]
+    rows = [
+        encode_prompt(p, tokenizer, image_token_id=cfg.image_token_id, num_image_tokens=cfg.num_visual_tokens)
+        for p in prompts
+    ]
     out: list[str | None] = [None] * len(rows)
     for idx in _batches([len(r) for r in rows], batch_size):
         inputs = _model_inputs(model, tokenizer, image_processor, [rows[i] for i in idx], [images[i] for i in idx])
         capture = _Capture(model)
         try:
-            gen = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                 pad_token_id=_pad_id(tokenizer), eos_token_id=tokenizer.eos_token_id)
+            gen = model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=_pad_id(tokenizer),
+                eos_token_id=tokenizer.eos_token_id,
+            )
         finally:
             capture.close()
         if stats is not None:
             stats.add(capture.value, [images[i] is not None for i in idx])
-        new = gen[:, inputs["input_ids"].shape[1]:]
+        new = gen[:, inputs["input_ids"].shape[1] :]
         for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
             out[i] = text.strip()
     return out
@@ -208,22 +232,31 @@ def greedy_answers(model, processor, prompts: list[str], images: list, max_new_t
 
 # ------------------------------------------------------------------ likelihoods
 
-def encode_continuation(prompt: str, continuation: str, tokenizer, *, image_token_id: int,
-                        num_image_tokens: int) -> tuple[list[int], list[int]]:
+
+def encode_continuation(
+    prompt: str, continuation: str, tokenizer, *, image_token_id: int, num_image_tokens: int
+) -> tuple[list[int], list[int]]:
     """(prompt ids, continuation ids): the continuation's tokens are those of `prompt +
     continuation` past the prompt's when the prompt's ids are a prefix (the usual case),
     else the continuation tokenised on its own."""
     kw = dict(image_token_id=image_token_id, num_image_tokens=num_image_tokens)
     ctx = encode_prompt(prompt, tokenizer, **kw)
     whole = encode_prompt(prompt + continuation, tokenizer, **kw)
-    if whole[:len(ctx)] == ctx and len(whole) > len(ctx):
-        return ctx, whole[len(ctx):]
+    if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
+        return ctx, whole[len(ctx) :]
     return ctx, tokenizer(continuation, add_special_tokens=False)["input_ids"]
 
 
 @torch.no_grad()
-def choice_loglikelihoods(model, processor, prompts: list[str], images: list, continuations: list[str],
-                          batch_size: int = 8, stats: TokenStats | None = None) -> list[tuple[float, bool]]:
+def choice_loglikelihoods(
+    model,
+    processor,
+    prompts: list[str],
+    images: list,
+    continuations: list[str],
+    batch_size: int = 8,
+    stats: TokenStats | None = None,
+) -> list[tuple[float, bool]]:
     """(sum of log P(continuation tokens | prompt), whether every continuation token is the
     argmax) for each (prompt, image, continuation), batched, left-padded, with hard pruning.
 
@@ -237,8 +270,10 @@ def choice_loglikelihoods(model, processor, prompts: list[str], images: list, co
         raise RuntimeError("call model.eval() first: eval mode is what prunes for real")
     tokenizer, image_processor = split_processor(processor)
     cfg = model.config
-    pairs = [encode_continuation(p, c, tokenizer, image_token_id=cfg.image_token_id,
-                                 num_image_tokens=cfg.num_visual_tokens) for p, c in zip(prompts, continuations)]
+    pairs = [
+        encode_continuation(p, c, tokenizer, image_token_id=cfg.image_token_id, num_image_tokens=cfg.num_visual_tokens)
+        for p, c in zip(prompts, continuations)
+    ]
     for i, (_, cont) in enumerate(pairs):
         if not cont:
             raise ValueError(f"continuation {i} ({continuations[i]!r}) has no tokens")
@@ -246,8 +281,14 @@ def choice_loglikelihoods(model, processor, prompts: list[str], images: list, co
     out: list[tuple[float, bool] | None] = [None] * len(rows)
     for idx in _batches([len(r) for r in rows], batch_size):
         batch_rows = [rows[i] for i in idx]
-        inputs = _model_inputs(model, tokenizer, image_processor, batch_rows, [images[i] for i in idx],
-                               query_ends=[len(pairs[i][0]) for i in idx])
+        inputs = _model_inputs(
+            model,
+            tokenizer,
+            image_processor,
+            batch_rows,
+            [images[i] for i in idx],
+            query_ends=[len(pairs[i][0]) for i in idx],
+        )
         res = model(**inputs, use_cache=False)
         if stats is not None:
             stats.add(res.visual_tokens, [images[i] is not None for i in idx])
@@ -256,8 +297,8 @@ def choice_loglikelihoods(model, processor, prompts: list[str], images: list, co
         for b, i in enumerate(idx):
             n_cont = len(pairs[i][1])
             # the logits at position t predict token t + 1; the continuation is the last n_cont tokens
-            pred = logprobs[b, L - n_cont - 1:L - 1]
-            target = inputs["input_ids"][b, L - n_cont:]
+            pred = logprobs[b, L - n_cont - 1 : L - 1]
+            target = inputs["input_ids"][b, L - n_cont :]
             ll = pred.gather(-1, target[:, None]).sum().item()
             greedy = bool((pred.argmax(-1) == target).all())
             out[i] = (ll, greedy)

@@ -5,6 +5,7 @@ keep counts that give N_bar = 25% / 15% / 11% of the visual tokens; the analytic
 of each (METHOD sec 8); and the ATP modules' own share of an ATP prefill (scores, threshold
 MLP, gather), timed by wrapping those functions. Medians of repeats.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,30 +18,44 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from model import AtpLlavaForConditionalGeneration, model_costs
 from model import modeling_atp_llava as modeling
-from model.atp_module import keep_share_per_module
+from model.budget import counts_for_budget
 
 
 def build(args, seed=0):
     torch.manual_seed(seed)
     grid = args.grid
     cfg = LlavaConfig(
-        vision_config=dict(model_type="clip_vision_model", image_size=grid * 4, patch_size=4, hidden_size=64,
-                           intermediate_size=128, num_hidden_layers=1, num_attention_heads=2),
-        text_config=dict(model_type="llama", hidden_size=args.hidden, intermediate_size=args.ffn,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.kv_heads, vocab_size=1000, max_position_embeddings=4096),
-        image_token_id=999, image_seq_length=grid * grid,
+        vision_config=dict(
+            model_type="clip_vision_model",
+            image_size=grid * 4,
+            patch_size=4,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+        ),
+        text_config=dict(
+            model_type="llama",
+            hidden_size=args.hidden,
+            intermediate_size=args.ffn,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.heads,
+            num_key_value_heads=args.kv_heads,
+            vocab_size=1000,
+            max_position_embeddings=4096,
+        ),
+        image_token_id=999,
+        image_seq_length=grid * grid,
     )
     llava = LlavaForConditionalGeneration(cfg)
-    m = AtpLlavaForConditionalGeneration.from_llava(llava, atp_layers=args.atp_layers, spatial_strides=[2, 3, 4, 6],
-                                                    pruning="fixed", fixed_counts=[1] * len(args.atp_layers))
+    m = AtpLlavaForConditionalGeneration.from_llava(
+        llava,
+        atp_layers=args.atp_layers,
+        spatial_strides=[2, 3, 4, 6],
+        pruning="fixed",
+        fixed_counts=[1] * len(args.atp_layers),
+    )
     return m.to(getattr(torch, args.dtype)).eval()
-
-
-def counts_for(share, lv, atp_layers, n_layers):
-    """Per-module kept counts, one geometric share per module, giving N_bar = share * Lv."""
-    q = keep_share_per_module(atp_layers, n_layers, lv, share * lv)
-    return [max(1, round(lv * q ** (k + 1))) for k in range(len(atp_layers))]
 
 
 def timed(fn, repeats):
@@ -66,6 +81,7 @@ class _Clock:
                 return fn(*a, **k)
             finally:
                 self.total += time.perf_counter() - t
+
         return inner
 
 
@@ -100,18 +116,20 @@ def main(argv=None):
     rows = []
     m.config.pruning = "fixed"
     for share in (0.25, 0.15, 0.11):
-        m.config.fixed_counts = counts_for(share, lv, args.atp_layers, n)
+        m.config.fixed_counts = counts_for_budget(args.atp_layers, n, lv, share)
         t, out = timed(run, args.repeats)
         cost = model_costs(out.visual_tokens[0].tolist(), args.text, m.config)
-        rows.append({
-            "n_bar_share": round(cost["n_bar"] / lv, 4),
-            "kept_counts": m.config.fixed_counts,
-            "prefill_s": t,
-            "time_ratio": t / t_full,
-            "flops_ratio_paper": cost["flops_paper"] / cost_full["flops_paper"],
-            "flops_ratio_exact": cost["flops_exact"] / cost_full["flops_exact"],
-            "kv_ratio": cost["kv_cache_bytes"] / cost_full["kv_cache_bytes"],
-        })
+        rows.append(
+            {
+                "n_bar_share": round(cost["n_bar"] / lv, 4),
+                "kept_counts": m.config.fixed_counts,
+                "prefill_s": t,
+                "time_ratio": t / t_full,
+                "flops_ratio_paper": cost["flops_paper"] / cost_full["flops_paper"],
+                "flops_ratio_exact": cost["flops_exact"] / cost_full["flops_exact"],
+                "kv_ratio": cost["kv_cache_bytes"] / cost_full["kv_cache_bytes"],
+            }
+        )
 
     # the ATP modules' own share of an ATP prefill: score blocks, threshold MLP, gather
     m.config.pruning = "atp"
@@ -136,7 +154,10 @@ def main(argv=None):
         attention.redundancy_scores = saved_red
     atp_cost = model_costs(out.visual_tokens[0].tolist(), args.text, m.config)
     result = {
-        "model": {k: getattr(args, k) for k in ("layers", "hidden", "ffn", "heads", "kv_heads", "grid", "text", "atp_layers", "dtype")},
+        "model": {
+            k: getattr(args, k)
+            for k in ("layers", "hidden", "ffn", "heads", "kv_heads", "grid", "text", "atp_layers", "dtype")
+        },
         "torch_threads": torch.get_num_threads(),
         "unpruned_prefill_s": t_full,
         "budgets": rows,
@@ -144,13 +165,21 @@ def main(argv=None):
         "atp_share_of_prefill_flops": atp_cost["atp_flops"] / atp_cost["flops_exact"],
         "atp_n_bar_share_at_init": atp_cost["n_bar"] / lv,
     }
-    print(f"unpruned prefill: {t_full * 1e3:.1f} ms  ({args.layers} layers x {args.hidden}, {lv} visual + {args.text} text, {args.dtype})")
+    print(
+        f"unpruned prefill: {t_full * 1e3:.1f} ms  ({args.layers} layers x {args.hidden}, "
+        f"{lv} visual + {args.text} text, {args.dtype})"
+    )
     print(f"{'N_bar':>7} {'time':>9} {'time ratio':>11} {'FLOPs ratio':>12} {'KV ratio':>9}  reduction time/FLOPs")
     for r in rows:
         red = (1 - r["time_ratio"]) / max(1 - r["flops_ratio_exact"], 1e-9)
-        print(f"{r['n_bar_share']:>7.1%} {r['prefill_s'] * 1e3:>7.1f}ms {r['time_ratio']:>11.3f} {r['flops_ratio_exact']:>12.3f} {r['kv_ratio']:>9.3f}  {red:.2f}")
-    print(f"ATP modules: {result['atp_share_of_prefill_time']:.2%} of an ATP prefill's time, "
-          f"{result['atp_share_of_prefill_flops']:.2%} of its FLOPs")
+        print(
+            f"{r['n_bar_share']:>7.1%} {r['prefill_s'] * 1e3:>7.1f}ms {r['time_ratio']:>11.3f} "
+            f"{r['flops_ratio_exact']:>12.3f} {r['kv_ratio']:>9.3f}  {red:.2f}"
+        )
+    print(
+        f"ATP modules: {result['atp_share_of_prefill_time']:.2%} of an ATP prefill's time, "
+        f"{result['atp_share_of_prefill_flops']:.2%} of its FLOPs"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -13,26 +13,31 @@ files and copies, DeepSpeed re-partitions on exit. Copying into a partitioned pa
 directly is what fails with "size mismatch ... torch.Size([0])". Without ZeRO-3 the same
 code copies straight into the full parameters.
 """
+
 from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import torch
-import torch.distributed as tdist
 
 from model import AtpLlavaConfig, AtpLlavaForConditionalGeneration
-from model.loading import IMAGE_TOKEN, load_projector_state, tokenizer_with_image_token
+from model.loading import (
+    IMAGE_TOKEN,
+    PROJECTOR,
+    PROJECTOR_KEYS,
+    load_projector_state,
+    part_to_model,
+    tokenizer_with_image_token,
+)
 from pipeline.config import RunConfig, as_dict
+from pipeline.distributed import rank
 from pipeline.ds import zero3_enabled
 
 Tensors = dict[str, Callable[[], torch.Tensor]]  # model key -> lazy reader
-
-
-def _rank() -> int:
-    return tdist.get_rank() if tdist.is_initialized() else 0
 
 
 def is_zero3(model: torch.nn.Module) -> bool:
@@ -40,6 +45,7 @@ def is_zero3(model: torch.nn.Module) -> bool:
 
 
 # ------------------------------------------------------------------ reading checkpoints
+
 
 def checkpoint_tensors(directory: str, rename: Callable[[str], str | None]) -> Tensors:
     """Lazy readers for every tensor in an HF dir (safetensors, else .bin), under the
@@ -77,37 +83,23 @@ def _read_safetensor(path: str, key: str) -> torch.Tensor:
         return f.get_tensor(key)
 
 
-def llama_key(key: str) -> str | None:
-    if key.startswith("model."):
-        return "model.language_model." + key[len("model."):]
-    return "lm_head.weight" if key == "lm_head.weight" else None
-
-
-CLIP_TEXT_SIDE = ("text_model.", "visual_projection.", "text_projection.", "logit_scale")
-
-
-def clip_key(key: str) -> str | None:
-    """A CLIP dir (transformers 4's `vision_model.*`, 5's flat keys, or a whole CLIPModel,
-    whose text side is not ours) -> transformers 5's `model.vision_tower.*`."""
-    if key.startswith(CLIP_TEXT_SIDE):
-        return None
-    return "model.vision_tower." + key.removeprefix("vision_model.")
-
-
 def llava_key(key: str) -> str | None:
     """llava-hf's older layout (and transformers 4's CLIP prefix) -> transformers 5's."""
-    for old, new in (("language_model.model.", "model.language_model."),
-                     ("language_model.lm_head.", "lm_head."),
-                     ("vision_tower.vision_model.", "model.vision_tower."),
-                     ("model.vision_tower.vision_model.", "model.vision_tower."),
-                     ("vision_tower.", "model.vision_tower."),
-                     ("multi_modal_projector.", "model.multi_modal_projector.")):
+    for old, new in (
+        ("language_model.model.", "model.language_model."),
+        ("language_model.lm_head.", "lm_head."),
+        ("vision_tower.vision_model.", "model.vision_tower."),
+        ("model.vision_tower.vision_model.", "model.vision_tower."),
+        ("vision_tower.", "model.vision_tower."),
+        ("multi_modal_projector.", "model.multi_modal_projector."),
+    ):
         if key.startswith(old):
-            return new + key[len(old):]
+            return new + key[len(old) :]
     return key
 
 
 # ------------------------------------------------------------------ writing into the model
+
 
 @torch.no_grad()
 def load_gathered(model: torch.nn.Module, tensors: Tensors) -> list[str]:
@@ -118,7 +110,7 @@ def load_gathered(model: torch.nn.Module, tensors: Tensors) -> list[str]:
     import deepspeed
 
     zero3 = is_zero3(model)
-    writer = not zero3 or _rank() == 0
+    writer = not zero3 or rank() == 0
     missing = []
     for prefix, module in model.named_modules():
         named = [(f"{prefix}.{n}" if prefix else n, p) for n, p in module.named_parameters(recurse=False)]
@@ -153,8 +145,7 @@ def gathered_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None
     import deepspeed
 
     zero3 = is_zero3(model)
-    rank = _rank()
-    out = {} if (rank == 0 or not zero3) else None
+    out = {} if (rank() == 0 or not zero3) else None
     for prefix, module in model.named_modules():
         params = list(module.named_parameters(recurse=False))
         with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None, enabled=zero3):
@@ -172,6 +163,7 @@ def gathered_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None
 
 # ------------------------------------------------------------------ the three sources
 
+
 def atp_fields(run: RunConfig) -> dict:
     fields = as_dict(run.atp)
     fields["vision_feature_layer"] = run.model.vision_feature_layer
@@ -187,10 +179,13 @@ def apply_atp_fields(config: AtpLlavaConfig, run: RunConfig) -> AtpLlavaConfig:
     (target, lambdas, temperature, pruning) take effect; shape-giving fields must match."""
     for key, value in as_dict(run.atp).items():
         old = getattr(config, key)
-        if key in STRUCTURAL and list(old if isinstance(old, (list, tuple)) else [old]) != \
-                list(value if isinstance(value, (list, tuple)) else [value]):
-            raise ValueError(f"config error at 'atp.{key}': {value} differs from the model's {old} "
-                             "(set at the projector stage; rerun it with --force to change it)")
+        if key in STRUCTURAL and list(old if isinstance(old, (list, tuple)) else [old]) != list(
+            value if isinstance(value, (list, tuple)) else [value]
+        ):
+            raise ValueError(
+                f"config error at 'atp.{key}': {value} differs from the model's {old} "
+                "(set at the projector stage; rerun it with --force to change it)"
+            )
         setattr(config, key, value)
     config.validate_atp()
     return config
@@ -235,17 +230,21 @@ def _release_parts(run: RunConfig):
     text_dict = text.to_dict()
     text_dict["vocab_size"] = max(len(tokenizer), text.vocab_size)
     config = AtpLlavaConfig(
-        vision_config=vision.to_dict(), text_config=text_dict,
+        vision_config=vision.to_dict(),
+        text_config=text_dict,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         image_seq_length=(vision.image_size // vision.patch_size) ** 2,
-        projector_hidden_act="gelu", pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=text.tie_word_embeddings, **atp_fields(run))
-    tensors = checkpoint_tensors(m.llama_dir, llama_key)
-    tensors.update(checkpoint_tensors(m.clip_dir, clip_key))
-    projector = load_projector_state(m.mm_projector) if _rank() == 0 else None
-    for name in ("linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"):
+        projector_hidden_act="gelu",
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=text.tie_word_embeddings,
+        **atp_fields(run),
+    )
+    tensors = checkpoint_tensors(m.llama_dir, partial(part_to_model, "llama"))
+    tensors.update(checkpoint_tensors(m.clip_dir, partial(part_to_model, "clip")))
+    projector = load_projector_state(m.mm_projector) if rank() == 0 else None
+    for name in PROJECTOR_KEYS.values():
         # only rank 0 reads (ZeRO-3 broadcasts); other ranks only need the key
-        tensors[f"model.multi_modal_projector.{name}"] = lambda name=name: projector[name]
+        tensors[PROJECTOR + name] = lambda name=name: projector[name]
     return config, tokenizer, CLIPImageProcessor.from_pretrained(m.clip_dir), tensors
 
 
@@ -272,20 +271,40 @@ def _scratch_parts(run: RunConfig):
     s = run.model.scratch
     tokenizer = build_word_tokenizer()
     grid = s.image_size // s.patch_size
-    vision = dict(model_type="clip_vision_model", hidden_size=s.vision_hidden_size,
-                  intermediate_size=s.vision_intermediate_size, num_hidden_layers=s.vision_layers,
-                  num_attention_heads=s.vision_heads, image_size=s.image_size, patch_size=s.patch_size,
-                  projection_dim=s.hidden_size)
-    text = dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=s.hidden_size,
-                intermediate_size=s.intermediate_size, num_hidden_layers=s.num_layers,
-                num_attention_heads=s.num_heads, num_key_value_heads=s.num_kv_heads,
-                max_position_embeddings=s.max_position_embeddings, tie_word_embeddings=False,
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id)
+    vision = dict(
+        model_type="clip_vision_model",
+        hidden_size=s.vision_hidden_size,
+        intermediate_size=s.vision_intermediate_size,
+        num_hidden_layers=s.vision_layers,
+        num_attention_heads=s.vision_heads,
+        image_size=s.image_size,
+        patch_size=s.patch_size,
+        projection_dim=s.hidden_size,
+    )
+    text = dict(
+        model_type="llama",
+        vocab_size=len(tokenizer),
+        hidden_size=s.hidden_size,
+        intermediate_size=s.intermediate_size,
+        num_hidden_layers=s.num_layers,
+        num_attention_heads=s.num_heads,
+        num_key_value_heads=s.num_kv_heads,
+        max_position_embeddings=s.max_position_embeddings,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     config = AtpLlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=grid * grid, projector_hidden_act="gelu", pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False, **atp_fields(run))
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=grid * grid,
+        projector_hidden_act="gelu",
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        **atp_fields(run),
+    )
     size = {"shortest_edge": s.image_size}
     image_processor = CLIPImageProcessor(size=size, crop_size={"height": s.image_size, "width": s.image_size})
     return config, tokenizer, image_processor
@@ -297,17 +316,20 @@ def make_processor(tokenizer, image_processor, config):
     from transformers import LlavaProcessor
 
     return LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
         patch_size=config.vision_config.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
-        image_token=IMAGE_TOKEN, num_additional_image_tokens=1)
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1,
+    )
 
 
 def save_pretrained_dir(model, tokenizer, image_processor, out_dir: str | Path, dtype=None) -> None:
     """Rank 0 writes an HF dir (config, safetensors, tokenizer, image processor,
     processor). Collective under ZeRO-3 (every rank must call)."""
     state = gathered_state_dict(model, dtype)
-    if _rank() != 0:
+    if rank() != 0:
         return
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ simply overwritten by the next save with that name.
 `latest` keeps DeepSpeed's format (the tag as text), so `engine.load_checkpoint(dir)`
 and DeepSpeed's `zero_to_fp32` read it as they always do.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,7 +20,7 @@ import re
 import shutil
 from pathlib import Path
 
-import torch.distributed as tdist
+from pipeline.distributed import barrier, rank
 
 DIRNAME = "checkpoints"
 LATEST = "latest"
@@ -44,11 +45,11 @@ def save(engine, ckpt_dir: str | os.PathLike, step: int, client_state: dict, kee
     tag = tag_for(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     _fsync_tree(ckpt_dir / tag)  # each rank's own files are on disk before it checks in
-    _barrier()
-    if _rank() == 0:
+    barrier()
+    if rank() == 0:
         _write_atomic(ckpt_dir / LATEST, tag)
         _prune(ckpt_dir, keep=max(keep, 1), current=tag)
-    _barrier()
+    barrier()
     return tag
 
 
@@ -58,8 +59,9 @@ def load(engine, ckpt_dir: str | os.PathLike) -> dict | None:
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
-    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag,
-                                                load_optimizer_states=True, load_lr_scheduler_states=True)
+    path, client_state = engine.load_checkpoint(
+        str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
     if path is None:
         raise RuntimeError(f"{ckpt_dir}/{tag}: DeepSpeed could not load it")
     return client_state
@@ -82,8 +84,7 @@ def consolidated_state_dict(ckpt_dir: str | os.PathLike) -> dict:
 
 
 def _prune(ckpt_dir: Path, keep: int, current: str) -> None:
-    tags = sorted((int(m.group(1)), p.name) for p in ckpt_dir.iterdir()
-                  if p.is_dir() and (m := TAG_RE.match(p.name)))
+    tags = sorted((int(m.group(1)), p.name) for p in ckpt_dir.iterdir() if p.is_dir() and (m := TAG_RE.match(p.name)))
     current_step = int(TAG_RE.match(current).group(1))
     older = [name for step, name in tags if step < current_step]
     newer = [name for step, name in tags if step > current_step]  # partial leftovers of a crash
@@ -120,12 +121,3 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _rank() -> int:
-    return tdist.get_rank() if tdist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if tdist.is_initialized():
-        tdist.barrier()

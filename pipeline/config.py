@@ -9,6 +9,7 @@ are stage outputs and are checked by the stage that reads them.
 Kept light on purpose (omegaconf + the data schema only): `python -m pipeline` must be
 able to reject a bad config in well under 5 s, before torch, DeepSpeed or a model load.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -78,7 +79,9 @@ class ModelConfig:
 
 @dataclass
 class AtpConfig:
-    """AtpLlavaConfig's ATP fields (docs/METHOD.md); copied into the model config as-is."""
+    """AtpLlavaConfig's ATP fields (docs/METHOD.md); copied into the model config as-is. Written out
+    rather than imported (this module must not import transformers); tests/test_pipeline_config.py
+    holds it to AtpLlavaConfig field for field, names, defaults and choices."""
 
     atp_layers: list[int] = field(default_factory=lambda: [4, 14, 24])
     pruning: str = "atp"
@@ -92,6 +95,8 @@ class AtpConfig:
     score_norm: str = "minmax"
     threshold_hidden: int = 256
     fixed_counts: Optional[list[int]] = None
+    mask_eps: float = 1e-6
+    attn_kernel: str = "sdpa"  # sdpa | flash | flex | auto (model/kernels.py, docs/GPU.md)
 
 
 @dataclass
@@ -163,8 +168,8 @@ class EvalConfig:
 
     shards: str = "${run_dir}/shards/eval"
     budgets: list[float] = field(default_factory=lambda: [0.25, 0.15, 0.11])  # N_bar / Lv
-    methods: list[str] = field(default_factory=lambda: [
-        "atp", "fixed", "fastv", "prumerge", "prumerge+", "sparsevlm", "visionzip", "uniform", "random"])
+    # None: every method, `atp`, `fixed` and each policy of model.baselines.POLICIES (its registry)
+    methods: Optional[list[str]] = None
     # `variants` trains these per budget (sft + export into run_dir/variants/METHOD-PCT);
     # the main sft's model is `atp` at the budget of atp.target_tokens
     trained: list[str] = field(default_factory=lambda: ["atp", "fixed"])
@@ -205,6 +210,7 @@ CHOICES = {
     "atp.pruning": ("none", "atp", "fixed"),
     "atp.position_mode": ("preserve", "rope2d"),
     "atp.score_norm": ("minmax", "none"),
+    "atp.attn_kernel": ("sdpa", "flash", "flex", "auto"),
     "train.precision": ("auto", "bf16", "fp32", "bf16-autocast"),
     "train.zero_stage": (0, 1, 2, 3),
     "export.dtype": ("float32", "bfloat16", "float16"),
@@ -225,8 +231,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     if not path.is_file():
         raise ConfigError(f"config error: config file {str(path)!r} does not exist")
     cfg = OmegaConf.structured(RunConfig)
-    for source, layer in ((str(path), lambda: OmegaConf.load(path)),
-                          ("overrides", lambda: OmegaConf.from_dotlist(list(overrides)))):
+    for source, layer in (
+        (str(path), lambda: OmegaConf.load(path)),
+        ("overrides", lambda: OmegaConf.from_dotlist(list(overrides))),
+    ):
         try:
             cfg = OmegaConf.merge(cfg, layer())
         except OmegaConfBaseException as e:
@@ -241,15 +249,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
 
 
 def check(run: RunConfig) -> None:
-    """Semantics OmegaConf's types cannot express: choices, required paths, existence."""
-    from pipeline.stages import STAGES  # the registry is a plain dict; cheap
+    """Semantics OmegaConf's types cannot express: choices, stage names, required paths, existence."""
+    from pipeline.stages import check_names  # the stage registry's own check; a plain dict, cheap
 
+    check_names(run.stages)
     for key, allowed in CHOICES.items():
         if get(run, key) not in allowed:
             raise ConfigError(f"config error at '{key}': {get(run, key)!r} is not one of {allowed}")
-    for i, name in enumerate(run.stages):
-        if name not in STAGES:
-            raise ConfigError(f"config error at 'stages[{i}]': unknown stage {name!r}; known: {sorted(STAGES)}")
     for name in SOURCE_NEEDS[run.model.source]:
         if get(run, f"model.{name}") is None:
             raise ConfigError(f"config error at 'model.{name}': required when model.source={run.model.source!r}")
@@ -278,8 +284,7 @@ def _path_fields(obj: Any, prefix: str = ""):
         if dataclasses.is_dataclass(value):
             yield from _path_fields(value, key + ".")
         elif f.metadata.get("path"):
-            yield from ((f"{key}[{i}]", v) for i, v in enumerate(value)) if isinstance(value, list) \
-                else [(key, value)]
+            yield from ((f"{key}[{i}]", v) for i, v in enumerate(value)) if isinstance(value, list) else [(key, value)]
 
 
 def _exists(value: str) -> bool:

@@ -35,7 +35,6 @@ import glob
 import io
 import json
 import logging
-import math
 import os
 import re
 import time
@@ -71,6 +70,7 @@ class DataConfig:
 
 
 # ---------------------------------------------------------------- shard list
+
 
 def list_shards(spec: str) -> list[str]:
     """A folder's *.tar (sorted) or a brace pattern's expansion."""
@@ -121,6 +121,7 @@ def _shuffle(src, bufsize: int, seed: int, epoch: int, rank: int):
 
 # ---------------------------------------------------------------- bad samples
 
+
 class SkipCounter:
     """The `handler=` of every stage: counts by kind, logs each skipped sample once, continues."""
 
@@ -147,7 +148,9 @@ class SkipCounter:
         else:  # raised while opening or reading a tar: corrupt / truncated shard
             # webdataset appends the url to args at the shard level; inside a tar only the
             # stream's repr names the file. One count per shard, however many errors it raises.
-            url = next((a for a in reversed(exn.args) if isinstance(a, str) and not a.startswith(str(exn.args[0]))), None)
+            url = next(
+                (a for a in reversed(exn.args) if isinstance(a, str) and not a.startswith(str(exn.args[0]))), None
+            )
             found = re.search(r"name='([^']+)'", str(exn))
             where = url or (found.group(1) if found else "?")
             if where not in self.bad_shards:
@@ -171,6 +174,7 @@ def _attach_stats(src, stats: SkipCounter):
 
 # ---------------------------------------------------------------- decode and prepare
 
+
 def decode_member(key: str, data: bytes):
     """Decoder handler: images to PIL (any mode; converted later), json to dict."""
     ext = key.rsplit(".", 1)[-1].lower()
@@ -186,11 +190,25 @@ def decode_member(key: str, data: bytes):
 class Prepare:
     """Decoded sample -> tokenised, label-masked, preprocessed sample (or BadSample)."""
 
-    def __init__(self, tokenizer, image_processor, *, image_token_id, num_image_tokens, max_length,
-                 overlong="truncate", generation=False, stats: SkipCounter | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        image_processor,
+        *,
+        image_token_id,
+        num_image_tokens,
+        max_length,
+        overlong="truncate",
+        generation=False,
+        stats: SkipCounter | None = None,
+    ):
         self.tokenizer, self.image_processor = tokenizer, image_processor
-        self.kw = dict(image_token_id=image_token_id, num_image_tokens=num_image_tokens, max_length=max_length,
-                       overlong="drop" if generation else overlong)
+        self.kw = dict(
+            image_token_id=image_token_id,
+            num_image_tokens=num_image_tokens,
+            max_length=max_length,
+            overlong="drop" if generation else overlong,
+        )
         self.generation, self.stats = generation, stats or SkipCounter()
 
     def __call__(self, sample: dict) -> dict:
@@ -211,8 +229,9 @@ class Prepare:
         wants_image = bool(meta.get("image")) or IMAGE_MARKER in json.dumps(conversations)
         if image is None and wants_image:
             raise BadSample("missing_image", key, f"no image member (json image: {meta.get('image')!r})")
-        turns, reference = parse_conversation(conversations, has_image=image is not None, key=key,
-                                              generation=self.generation)
+        turns, reference = parse_conversation(
+            conversations, has_image=image is not None, key=key, generation=self.generation
+        )
         enc = encode(turns, self.tokenizer, key=key, **self.kw)
         if enc["truncated"]:
             self.stats.count("truncated")
@@ -222,8 +241,16 @@ class Prepare:
                 self.stats.count("converted_image")
             pixel_values = preprocess_image(image, self.image_processor)
         info = {k: meta[k] for k in ("id", "family", "qtype", "answer") if k in meta}
-        return dict(__key__=key, input_ids=enc["input_ids"], labels=enc["labels"], query_mask=enc["query_mask"],
-                    image_start=enc["image_start"], pixel_values=pixel_values, meta=info, reference=reference)
+        return dict(
+            __key__=key,
+            input_ids=enc["input_ids"],
+            labels=enc["labels"],
+            query_mask=enc["query_mask"],
+            image_start=enc["image_start"],
+            pixel_values=pixel_values,
+            meta=info,
+            reference=reference,
+        )
 
 
 def collate(samples: list[dict], pad_token_id: int, padding_side: str = "right") -> dict:
@@ -245,15 +272,21 @@ def collate(samples: list[dict], pad_token_id: int, padding_side: str = "right")
             image_start[i] = s["image_start"] + at.start
     images = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
     return dict(
-        input_ids=input_ids, attention_mask=attention_mask, labels=labels, query_mask=query_mask,
-        image_start=image_start, has_image=image_start >= 0,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        labels=labels,
+        query_mask=query_mask,
+        image_start=image_start,
+        has_image=image_start >= 0,
         pixel_values=torch.stack(images) if images else None,
-        keys=[s["__key__"] for s in samples], meta=[s["meta"] for s in samples],
+        keys=[s["__key__"] for s in samples],
+        meta=[s["meta"] for s in samples],
         answers=[s["reference"] for s in samples],
     )
 
 
 # ---------------------------------------------------------------- loader
+
 
 class Loader:
     """Iterable of batches over a `wds.WebLoader`; `stats` accumulates skip counts by kind.
@@ -277,44 +310,99 @@ class Loader:
                 return
 
 
-def build_pipeline(cfg: DataConfig, tokenizer, image_processor, *, image_token_id: int, num_image_tokens: int,
-                   rank: int = 0, world_size: int = 1, epoch: int = 0, generation: bool = False) -> wds.DataPipeline:
+def build_pipeline(
+    cfg: DataConfig,
+    tokenizer,
+    image_processor,
+    *,
+    image_token_id: int,
+    num_image_tokens: int,
+    rank: int = 0,
+    world_size: int = 1,
+    epoch: int = 0,
+    generation: bool = False,
+) -> wds.DataPipeline:
     urls = list_shards(cfg.shards)
     stats = SkipCounter()
     if cfg.resampled:
-        source = [wds.ResampledShards(urls, seed=make_seed(cfg.seed, epoch), deterministic=True,
-                                      worker_seed=partial(_worker_seed, rank))]
+        source = [
+            wds.ResampledShards(
+                urls, seed=make_seed(cfg.seed, epoch), deterministic=True, worker_seed=partial(_worker_seed, rank)
+            )
+        ]
     else:
         workers = max(cfg.num_workers, 1)
         if len(urls) % (world_size * workers):
-            log.warning("exact mode: %d shards over %d ranks x %d workers: ranks get different batch counts",
-                        len(urls), world_size, workers)
-        source = [wds.SimpleShardList(urls, seed=make_seed(cfg.seed, epoch)),  # same order on every rank
-                  partial(_split_by_node, rank=rank, world_size=world_size), wds.split_by_worker]
-    prepare = Prepare(tokenizer, image_processor, image_token_id=image_token_id, num_image_tokens=num_image_tokens,
-                      max_length=cfg.max_length, overlong=cfg.overlong, generation=generation, stats=stats)
+            log.warning(
+                "exact mode: %d shards over %d ranks x %d workers: ranks get different batch counts",
+                len(urls),
+                world_size,
+                workers,
+            )
+        source = [
+            wds.SimpleShardList(urls, seed=make_seed(cfg.seed, epoch)),  # same order on every rank
+            partial(_split_by_node, rank=rank, world_size=world_size),
+            wds.split_by_worker,
+        ]
+    prepare = Prepare(
+        tokenizer,
+        image_processor,
+        image_token_id=image_token_id,
+        num_image_tokens=num_image_tokens,
+        max_length=cfg.max_length,
+        overlong=cfg.overlong,
+        generation=generation,
+        stats=stats,
+    )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return wds.DataPipeline(
         *source,
         wds.tarfile_to_samples(handler=stats.handler),
         partial(_shuffle, bufsize=cfg.shuffle_buffer, seed=cfg.seed, epoch=epoch, rank=rank)
-        if cfg.shuffle_buffer > 1 else None,
+        if cfg.shuffle_buffer > 1
+        else None,
         wds.decode(decode_member, handler=stats.handler),
         wds.map(prepare, handler=stats.handler),
-        wds.batched(cfg.batch_size, partial=True,
-                    collation_fn=partial(collate, pad_token_id=pad_id, padding_side="left" if generation else "right")),
+        wds.batched(
+            cfg.batch_size,
+            partial=True,
+            collation_fn=partial(collate, pad_token_id=pad_id, padding_side="left" if generation else "right"),
+        ),
         partial(_attach_stats, stats=stats),
     )
 
 
-def build_loader(cfg: DataConfig, tokenizer, image_processor, *, image_token_id: int, num_image_tokens: int,
-                 rank: int = 0, world_size: int = 1, epoch: int = 0, generation: bool = False) -> Loader:
+def build_loader(
+    cfg: DataConfig,
+    tokenizer,
+    image_processor,
+    *,
+    image_token_id: int,
+    num_image_tokens: int,
+    rank: int = 0,
+    world_size: int = 1,
+    epoch: int = 0,
+    generation: bool = False,
+) -> Loader:
     """Batches for one rank. Resampled: exactly `num_batches` per epoch on every rank."""
-    pipeline = build_pipeline(cfg, tokenizer, image_processor, image_token_id=image_token_id,
-                              num_image_tokens=num_image_tokens, rank=rank, world_size=world_size,
-                              epoch=epoch, generation=generation)
-    webloader = wds.WebLoader(pipeline, batch_size=None, num_workers=cfg.num_workers,
-                              persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
+    pipeline = build_pipeline(
+        cfg,
+        tokenizer,
+        image_processor,
+        image_token_id=image_token_id,
+        num_image_tokens=num_image_tokens,
+        rank=rank,
+        world_size=world_size,
+        epoch=epoch,
+        generation=generation,
+    )
+    webloader = wds.WebLoader(
+        pipeline,
+        batch_size=None,
+        num_workers=cfg.num_workers,
+        persistent_workers=False,
+        prefetch_factor=4 if cfg.num_workers else None,
+    )
     num_batches = None
     if cfg.resampled:
         total = cfg.epoch_samples or dataset_size(list_shards(cfg.shards))
@@ -324,20 +412,36 @@ def build_loader(cfg: DataConfig, tokenizer, image_processor, *, image_token_id:
     return Loader(webloader, num_batches)
 
 
-def build_prompt_batch(samples: list[dict], tokenizer, image_processor, *, image_token_id: int,
-                       num_image_tokens: int, max_length: int = 4096, padding_side: str = "left") -> dict:
+def build_prompt_batch(
+    samples: list[dict],
+    tokenizer,
+    image_processor,
+    *,
+    image_token_id: int,
+    num_image_tokens: int,
+    max_length: int = 4096,
+    padding_side: str = "left",
+) -> dict:
     """Generation prompts from samples as the shards hold them ({__key__, json, png|jpg}, raw
     bytes or decoded): the conversation up to the last "ASSISTANT:", the last answer cut off
     and returned in `answers`. Raises BadSample for a bad sample (no skipping here)."""
-    prepare = Prepare(tokenizer, image_processor, image_token_id=image_token_id, num_image_tokens=num_image_tokens,
-                      max_length=max_length, generation=True)
-    decoded = [{k: decode_member("." + k, v) or v if isinstance(v, bytes) else v for k, v in s.items()}
-               for s in samples]
+    prepare = Prepare(
+        tokenizer,
+        image_processor,
+        image_token_id=image_token_id,
+        num_image_tokens=num_image_tokens,
+        max_length=max_length,
+        generation=True,
+    )
+    decoded = [
+        {k: decode_member("." + k, v) or v if isinstance(v, bytes) else v for k, v in s.items()} for s in samples
+    ]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return collate([prepare(s) for s in decoded], pad_id, padding_side)
 
 
 # ---------------------------------------------------------------- benchmark
+
 
 def bench(argv=None):
     """python -m pipeline.data bench --shards DIR [--workers 0,1,2] [--batches 30] ...
@@ -359,12 +463,19 @@ def bench(argv=None):
     p.add_argument("--max-length", type=int, default=512)
     a = p.parse_args(argv)
     tok = build_word_tokenizer()
-    proc = CLIPImageProcessor(size={"shortest_edge": a.image_size},
-                              crop_size={"height": a.image_size, "width": a.image_size})
+    proc = CLIPImageProcessor(
+        size={"shortest_edge": a.image_size}, crop_size={"height": a.image_size, "width": a.image_size}
+    )
     image_token_id = tok.convert_tokens_to_ids(IMAGE_MARKER)
     for w in (int(x) for x in a.workers.split(",")):
-        cfg = DataConfig(shards=a.shards, batch_size=a.batch_size, num_workers=w, resampled=True,
-                         epoch_samples=(a.batches + a.warmup) * a.batch_size, max_length=a.max_length)
+        cfg = DataConfig(
+            shards=a.shards,
+            batch_size=a.batch_size,
+            num_workers=w,
+            resampled=True,
+            epoch_samples=(a.batches + a.warmup) * a.batch_size,
+            max_length=a.max_length,
+        )
         loader = build_loader(cfg, tok, proc, image_token_id=image_token_id, num_image_tokens=a.num_image_tokens)
         n, t0 = 0, None
         for i, batch in enumerate(loader):
@@ -373,8 +484,11 @@ def bench(argv=None):
             if i >= a.warmup:
                 n += len(batch["keys"])
         dt = time.perf_counter() - t0
-        print(f"workers={w} batch={a.batch_size}: {n / dt:.1f} samples/s ({n} samples in {dt:.2f} s)"
-              f" skipped={dict(loader.stats)}", flush=True)
+        print(
+            f"workers={w} batch={a.batch_size}: {n / dt:.1f} samples/s ({n} samples in {dt:.2f} s)"
+            f" skipped={dict(loader.stats)}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ Stop / preemption contract (followed by slurm/train.sbatch; see slurm/README.md)
 - The requeued job (same job id, SLURM_RESTART_COUNT>0) resumes from `latest` like any
   rerun of the same command.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,9 +47,9 @@ import re
 import signal
 import socket
 import subprocess
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
 
 import torch
 import torch.distributed as tdist
@@ -72,6 +73,7 @@ class DistInfo:
 
 
 # ---------------------------------------------------------------- pure mapping helpers
+
 
 def _split_top(s: str, sep: str = ",") -> list[str]:
     """Split on `sep` outside brackets: "a[1-2],b" -> ["a[1-2]", "b"]."""
@@ -108,7 +110,7 @@ def expand_nodelist(nodelist: str) -> list[str]:
         if not m:
             hosts.append(item)
             continue
-        head, tail = item[: m.start()], item[m.end():]
+        head, tail = item[: m.start()], item[m.end() :]
         for mid in _expand_range(m.group(1)):
             hosts += expand_nodelist(head + mid + tail)  # tail may hold more brackets
     return hosts
@@ -152,9 +154,14 @@ def map_env(env: Mapping[str, str], pick_port: Callable[[], int] = free_port) ->
             launcher = "env"
         world = int(env["WORLD_SIZE"])
         local_size = env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or world
-        out = dict(RANK=env["RANK"], WORLD_SIZE=world, LOCAL_RANK=env.get("LOCAL_RANK", 0),
-                   LOCAL_SIZE=local_size, MASTER_ADDR=env.get("MASTER_ADDR", "127.0.0.1"),
-                   MASTER_PORT=env.get("MASTER_PORT") or pick_port())
+        out = dict(
+            RANK=env["RANK"],
+            WORLD_SIZE=world,
+            LOCAL_RANK=env.get("LOCAL_RANK", 0),
+            LOCAL_SIZE=local_size,
+            MASTER_ADDR=env.get("MASTER_ADDR", "127.0.0.1"),
+            MASTER_PORT=env.get("MASTER_PORT") or pick_port(),
+        )
     elif "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
         # SLURM_STEP_ID: inside an srun step. The batch shell also has SLURM_PROCID=0 and
         # the allocation's SLURM_NTASKS; treating it as rank 0 of N would hang.
@@ -167,15 +174,24 @@ def map_env(env: Mapping[str, str], pick_port: Callable[[], int] = free_port) ->
             local_size = expand_tasks_per_node(spec)[int(env.get("SLURM_NODEID", 0))]
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
         job_id = env.get("SLURM_JOB_ID", "0")
-        out = dict(RANK=env["SLURM_PROCID"], WORLD_SIZE=world,
-                   LOCAL_RANK=env.get("SLURM_LOCALID", 0), LOCAL_SIZE=local_size,
-                   MASTER_ADDR=env.get("MASTER_ADDR") or first_host(nodelist),
-                   MASTER_PORT=env.get("MASTER_PORT") or port_from_job_id(job_id))
+        out = dict(
+            RANK=env["SLURM_PROCID"],
+            WORLD_SIZE=world,
+            LOCAL_RANK=env.get("SLURM_LOCALID", 0),
+            LOCAL_SIZE=local_size,
+            MASTER_ADDR=env.get("MASTER_ADDR") or first_host(nodelist),
+            MASTER_PORT=env.get("MASTER_PORT") or port_from_job_id(job_id),
+        )
     else:
         launcher = "single"
-        out = dict(RANK=0, WORLD_SIZE=1, LOCAL_RANK=0, LOCAL_SIZE=1,
-                   MASTER_ADDR=env.get("MASTER_ADDR", "127.0.0.1"),
-                   MASTER_PORT=env.get("MASTER_PORT") or pick_port())
+        out = dict(
+            RANK=0,
+            WORLD_SIZE=1,
+            LOCAL_RANK=0,
+            LOCAL_SIZE=1,
+            MASTER_ADDR=env.get("MASTER_ADDR", "127.0.0.1"),
+            MASTER_PORT=env.get("MASTER_PORT") or pick_port(),
+        )
     out = {k: str(v) for k, v in out.items()}
     out["LAUNCHER"] = launcher
     return out
@@ -206,12 +222,20 @@ def init_distributed(backend: str | None = None) -> DistInfo:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())  # show one GPU per task
     import deepspeed  # late: importing it costs seconds and reads DS_ACCELERATOR
 
-    deepspeed.init_distributed(dist_backend=backend or ("nccl" if cuda else "gloo"),
-                               auto_mpi_discovery=False, verbose=False)
+    deepspeed.init_distributed(
+        dist_backend=backend or ("nccl" if cuda else "gloo"), auto_mpi_discovery=False, verbose=False
+    )
     if not cuda:
         _unlink_shm_buffer(m)
-    _info = DistInfo(int(m["RANK"]), int(m["WORLD_SIZE"]), local_rank, int(m["LOCAL_SIZE"]),
-                     m["MASTER_ADDR"], int(m["MASTER_PORT"]), m["LAUNCHER"])
+    _info = DistInfo(
+        int(m["RANK"]),
+        int(m["WORLD_SIZE"]),
+        local_rank,
+        int(m["LOCAL_SIZE"]),
+        m["MASTER_ADDR"],
+        int(m["MASTER_PORT"]),
+        m["LAUNCHER"],
+    )
     return _info
 
 
@@ -240,6 +264,7 @@ def shutdown() -> None:
 
 # ---------------------------------------------------------------- stop signals
 
+
 class StopSignal:
     """Records SIGUSR1 (preempted: save, requeue) and SIGTERM (save, exit); `should_stop`
     makes all ranks agree. Create it before anything slow."""
@@ -248,8 +273,8 @@ class StopSignal:
     _CODES = {signal.SIGUSR1: 1, signal.SIGTERM: 2}
 
     def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM)):
-        self._local = 0      # strongest signal seen by this process
-        self.agreed = 0      # strongest signal seen by any rank at the last should_stop()
+        self._local = 0  # strongest signal seen by this process
+        self.agreed = 0  # strongest signal seen by any rank at the last should_stop()
         for s in signals:
             signal.signal(s, self._handle)
 
@@ -261,8 +286,7 @@ class StopSignal:
         """Collective when the process group is up: call it on every rank, once per step."""
         flag = self._local
         if tdist.is_initialized() and tdist.get_world_size() > 1:
-            t = torch.tensor([flag], dtype=torch.int32,
-                             device="cuda" if tdist.get_backend() == "nccl" else "cpu")
+            t = torch.tensor([flag], dtype=torch.int32, device="cuda" if tdist.get_backend() == "nccl" else "cpu")
             tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
             flag = int(t.item())
         self.agreed = max(self.agreed, flag)
@@ -278,15 +302,22 @@ class StopSignal:
         return {0: None, 1: "SIGUSR1", 2: "SIGTERM"}[self.agreed]
 
 
-def _rank() -> int:
+def rank() -> int:
+    """This process's rank: the process group's, else the launcher's RANK, else 0."""
     return tdist.get_rank() if tdist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def barrier() -> None:
+    """All ranks meet here; a no-op without a process group (single process, tests)."""
+    if tdist.is_initialized():
+        tdist.barrier()
 
 
 def requeue_self() -> bool:
     """Rank 0 runs `scontrol requeue $SLURM_JOB_ID` (needs a job submitted with
     --requeue). Returns True if it ran and succeeded."""
     job = os.environ.get("SLURM_JOB_ID")
-    if not job or _rank() != 0:
+    if not job or rank() != 0:
         return False
     return subprocess.run(["scontrol", "requeue", job], check=False).returncode == 0
 
@@ -295,7 +326,7 @@ def mark_preempted(run_dir: str | os.PathLike) -> None:
     """Call after the checkpoint is saved, on all ranks, when stop.preempted and training
     is not finished. Rank 0 writes `${run_dir}/.preempted`; unless slurm/train.sbatch
     requeues (ATP_REQUEUE_BY=sbatch), rank 0 also requeues the job itself."""
-    if _rank() == 0:
+    if rank() == 0:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         (Path(run_dir) / PREEMPTED_MARKER).write_text(os.environ.get("SLURM_JOB_ID", "") + "\n")
         if os.environ.get("ATP_REQUEUE_BY") != "sbatch":

@@ -8,6 +8,7 @@ held, `from_pretrained` / `_from_config` build under `deepspeed.zero.Init` and l
 rank 0 -> partitions, which is what LLaVA's own pipeline gets wrong ("size mismatch ...
 torch.Size([0])").
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,8 +19,14 @@ import math
 from pipeline.config import ConfigError, RunConfig
 
 # Filled from the YAML; ds_config.json must leave them "auto" (or out).
-OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-         "gradient_clipping", "optimizer", "scheduler")
+OWNED = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "optimizer",
+    "scheduler",
+)
 
 
 def load_ds_json(path: str) -> dict:
@@ -27,8 +34,10 @@ def load_ds_json(path: str) -> dict:
         ds = json.load(f)
     for key in OWNED:
         if key in ds and ds[key] != "auto":
-            raise ConfigError(f"config error at '{path}:{key}': set it in the run YAML (train.*); "
-                              "ds_config.json must leave it \"auto\"")
+            raise ConfigError(
+                f"config error at '{path}:{key}': set it in the run YAML (train.*); "
+                'ds_config.json must leave it "auto"'
+            )
     return ds
 
 
@@ -37,8 +46,7 @@ def use_bf16(run: RunConfig, cuda: bool) -> bool:
     return run.train.precision == "bf16" or (run.train.precision == "auto" and cuda)
 
 
-def build_ds_config(run: RunConfig, *, world_size: int, total_steps: int, hidden_size: int,
-                    cuda: bool) -> dict:
+def build_ds_config(run: RunConfig, *, world_size: int, total_steps: int, hidden_size: int, cuda: bool) -> dict:
     """The complete DeepSpeed config for this run (no "auto" left)."""
     t = run.train
     ds = copy.deepcopy(load_ds_json(t.ds_config))
@@ -47,11 +55,19 @@ def build_ds_config(run: RunConfig, *, world_size: int, total_steps: int, hidden
     ds["train_batch_size"] = run.data.batch_size * t.grad_accum * world_size
     ds["gradient_clipping"] = t.grad_clip
     # The lr here is the LM group's; the ATP group carries its own lr in its param group
-    # (`param_groups`), which DeepSpeed's optimizer and WarmupCosineLR both respect.
-    ds["optimizer"] = {"type": "AdamW", "params": {
-        "lr": t.lr_lm, "betas": list(t.betas), "eps": t.eps, "weight_decay": t.weight_decay,
-        # fused/CPU-Adam kernels are GPU or JIT-compiled builds; CPU runs use torch's AdamW
-        "torch_adam": not cuda}}
+    # (pipeline/trainer.py `_param_groups`), which DeepSpeed's optimizer and the client LambdaLR
+    # (`lr_schedule`) both respect.
+    ds["optimizer"] = {
+        "type": "AdamW",
+        "params": {
+            "lr": t.lr_lm,
+            "betas": list(t.betas),
+            "eps": t.eps,
+            "weight_decay": t.weight_decay,
+            # fused/CPU-Adam kernels are GPU or JIT-compiled builds; CPU runs use torch's AdamW
+            "torch_adam": not cuda,
+        },
+    }
     # The schedule is the client's (`lr_schedule`, a torch LambdaLR that DeepSpeed steps
     # and checkpoints): DeepSpeed's WarmupCosineLR spends the first two steps at lr 0.
     ds.pop("scheduler", None)
@@ -62,9 +78,11 @@ def build_ds_config(run: RunConfig, *, world_size: int, total_steps: int, hidden
     zero = ds.setdefault("zero_optimization", {})
     zero["stage"] = t.zero_stage
     # The HF-Trainer rule of thumb for the size knobs, from the LM width.
-    auto = {"reduce_bucket_size": hidden_size * hidden_size,
-            "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-            "stage3_param_persistence_threshold": 10 * hidden_size}
+    auto = {
+        "reduce_bucket_size": hidden_size * hidden_size,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "stage3_param_persistence_threshold": 10 * hidden_size,
+    }
     for key, value in auto.items():
         if zero.get(key) == "auto":
             zero[key] = value

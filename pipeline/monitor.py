@@ -5,6 +5,7 @@ Other ranks get a Monitor that does nothing, so the train loop needs no rank che
 On resume, TensorBoard's `purge_step` and a truncated metrics.jsonl drop what the
 crashed run logged after its last checkpoint: the records read as one uninterrupted run.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,9 @@ class Monitor:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps({"step": step, **record}) + "\n")
         self.bar.update(step - self.bar.n)
-        self.bar.set_postfix(loss=f"{record.get('loss/total', float('nan')):.4f}",
-                             n_bar=f"{record.get('atp/n_bar', float('nan')):.1f}")
+        self.bar.set_postfix(
+            loss=f"{record.get('loss/total', float('nan')):.4f}", n_bar=f"{record.get('atp/n_bar', float('nan')):.1f}"
+        )
 
     def kept_tokens_image(self, step: int, image: torch.Tensor, keep: torch.Tensor, grid: int) -> None:
         """`image` [3, H, W] in [0, 1]; `keep` [K, Lv] cumulative masks C_k. One panel per
@@ -45,7 +47,7 @@ class Monitor:
             return
         _, H, W = image.shape
         lv = keep.shape[-1]
-        keep = keep[:, lv - grid * grid:]  # "full" strategy: drop the CLS column
+        keep = keep[:, lv - grid * grid :]  # "full" strategy: drop the CLS column
         masks = keep.float().reshape(-1, 1, grid, grid)
         masks = torch.nn.functional.interpolate(masks, size=(H, W), mode="nearest")
         panels = torch.cat([image[None], image[None] * (0.2 + 0.8 * masks)], 0)

@@ -1,4 +1,5 @@
 """The evaluation report's PNG plots (matplotlib, headless)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,12 +15,20 @@ def pareto(records: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
     ref = next((r for r in records if r["method"] == "unpruned"), None)
     methods = [m for m in dict.fromkeys(r["method"] for r in records) if m != "unpruned"]
-    for ax, (title, get) in zip(axes, (("all", lambda r: r["accuracy"]),
-                                       ("fine", lambda r: r["accuracy_by_family"].get("fine")),
-                                       ("coarse", lambda r: r["accuracy_by_family"].get("coarse")))):
+    for ax, (title, get) in zip(
+        axes,
+        (
+            ("all", lambda r: r["accuracy"]),
+            ("fine", lambda r: r["accuracy_by_family"].get("fine")),
+            ("coarse", lambda r: r["accuracy_by_family"].get("coarse")),
+        ),
+    ):
         for m in methods:
-            pts = sorted((r["n_bar_share"], get(r)) for r in records
-                         if r["method"] == m and r["n_bar_share"] is not None and get(r) is not None)
+            pts = sorted(
+                (r["n_bar_share"], get(r))
+                for r in records
+                if r["method"] == m and r["n_bar_share"] is not None and get(r) is not None
+            )
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=m, lw=2.5 if m == "atp" else 1.2)
         if ref is not None and get(ref) is not None:
@@ -66,7 +75,7 @@ def overlays(items: list[dict], path: Path) -> None:
     for row, it in zip(axes, items):
         img = np.asarray(it["image"], dtype=np.float32) / 255.0
         g = it["grid"]
-        keep = it["keep"][:, -g * g:].numpy().reshape(k, g, g)
+        keep = it["keep"][:, -g * g :].numpy().reshape(k, g, g)
         h, w = img.shape[:2]
         rows, cols = np.arange(h) * g // h, np.arange(w) * g // w  # pixel -> patch
         row[0].imshow(img)

@@ -109,8 +109,16 @@ def render(turns: list[Turn]) -> str:
     return "".join(IMAGE_MARKER if tag == "image" else text for text, tag in _pieces(turns))
 
 
-def encode(turns, tokenizer, *, image_token_id: int, num_image_tokens: int, max_length: int,
-           overlong: str = "truncate", key: str | None = None):
+def encode(
+    turns,
+    tokenizer,
+    *,
+    image_token_id: int,
+    num_image_tokens: int,
+    max_length: int,
+    overlong: str = "truncate",
+    key: str | None = None,
+):
     """Tokenise a parsed conversation. Returns dict(input_ids, labels, query_mask: lists,
     image_start: index of the first image token or -1, truncated: bool).
 
@@ -161,6 +169,7 @@ def encode(turns, tokenizer, *, image_token_id: int, num_image_tokens: int, max_
 
 
 # ---------------------------------------------------------------- images
+
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """RGBA / LA / P-with-transparency are composited on white; L, CMYK, I, ... converted."""

@@ -9,7 +9,7 @@ maps to `<unk>`. It is an ordinary `PreTrainedTokenizerFast` (offsets, `save_pre
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast

@@ -1,4 +1,4 @@
-"""All GPU checks and benchmarks of issue 7 in one command (docs/GPU.md):
+"""All GPU checks and benchmarks of the attention kernels in one command (docs/GPU.md):
 
     python scripts/gpu_checks.py --out DIR [--parts kernels,model,bench_attn,bench_prefill]
 
@@ -19,6 +19,7 @@
 Writes DIR/gpu_checks.json and prints tables. Exit status 1 if a correctness check fails, 2 without
 CUDA. Needs only the model/ package (no tests, no pipeline).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from model import AtpLlavaConfig, AtpLlavaForConditionalGeneration, model_costs  # noqa: E402
 from model import kernels as K  # noqa: E402
-from model.atp_module import keep_share_per_module  # noqa: E402
+from model.budget import keep_share_per_module  # noqa: E402
 
 # bf16 tolerances, relative L2 error ||x - ref|| / ||ref|| over live rows, ref = fp32 SDPA
 TOL_OUT = 1e-2  # kernel outputs
@@ -44,7 +45,9 @@ TOL_GRAD = 2e-2  # kernel gradients (q, k, v, log m)
 MODEL_SLACK = 1.5  # model level: the kernel's error may be at most 1.5x bf16 SDPA's error (+ 1e-3)
 DEV = "cuda"  # module globals, so the plumbing can be dry-run elsewhere on small shapes with stand-in kernels
 ATTN_SHAPES = ((640, 16), (2048, 4))  # (L, batch) of the attention benchmark: 32 heads x 128
-PREFILL_MODEL = dict(layers=32, hidden=4096, ffn=11008, heads=32, kv_heads=32, atp_layers=[4, 14, 24])  # LLaVA-7B's Llama
+PREFILL_MODEL = dict(
+    layers=32, hidden=4096, ffn=11008, heads=32, kv_heads=32, atp_layers=[4, 14, 24]
+)  # LLaVA-7B's Llama
 
 
 def rel(x, ref, rows=None):
@@ -61,7 +64,9 @@ def left_padded(lens, L):
 def sdpa_ref(q, k, v, live, log_m, scaling, q_len=None):
     rep = q.shape[1] // k.shape[1]
     bias = K.dense_bias(live, log_m, q.dtype, q_len)
-    out = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=bias, scale=scaling)
+    out = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=bias, scale=scaling
+    )
     return out.transpose(1, 2)
 
 
@@ -107,8 +112,12 @@ def check_kernels(have_flash):
             if case == "flex":
                 _, again = fwd_bwd(fn, bf, w, live)
                 r["dlog_m_rerun_max_abs_diff"] = float((again[3] - grads[3]).abs().max())  # atomics
-                r["pass"] = r["finite"] and r["out"] <= TOL_OUT and all(r[f"d{n}"] <= TOL_GRAD for n in "qkv") \
+                r["pass"] = (
+                    r["finite"]
+                    and r["out"] <= TOL_OUT
+                    and all(r[f"d{n}"] <= TOL_GRAD for n in "qkv")
                     and r["dlog_m"] <= TOL_GRAD
+                )
             results.append(r)
 
         if not have_flash:
@@ -136,12 +145,29 @@ def check_kernels(have_flash):
 def llava_config(layers, hidden, ffn, heads, kv_heads, atp_layers, vocab=32064, **fields):
     grid = 24  # 576 visual tokens, as LLaVA-1.5; a 1-layer toy vision tower keeps the time in the LLM
     return AtpLlavaConfig(
-        vision_config=dict(model_type="clip_vision_model", image_size=grid * 14, patch_size=14, hidden_size=64,
-                           intermediate_size=128, num_hidden_layers=1, num_attention_heads=2),
-        text_config=dict(model_type="llama", hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
-                         max_position_embeddings=4096),
-        image_token_id=vocab - 1, image_seq_length=grid * grid, atp_layers=atp_layers, **fields,
+        vision_config=dict(
+            model_type="clip_vision_model",
+            image_size=grid * 14,
+            patch_size=14,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+        ),
+        text_config=dict(
+            model_type="llama",
+            hidden_size=hidden,
+            intermediate_size=ffn,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            vocab_size=vocab,
+            max_position_embeddings=4096,
+        ),
+        image_token_id=vocab - 1,
+        image_seq_length=grid * grid,
+        atp_layers=atp_layers,
+        **fields,
     )
 
 
@@ -155,13 +181,21 @@ def batch(cfg, text_lens, seed=0, answer=4):
     """Left-padded samples: 5 text tokens, the image, the rest text; last `answer` tokens supervised."""
     g = torch.Generator().manual_seed(seed)
     lv, img = cfg.num_visual_tokens, cfg.image_token_id
-    rows = [torch.cat([torch.randint(1, 1000, (5,), generator=g), torch.full((lv,), img),
-                       torch.randint(1, 1000, (t - 5,), generator=g)]) for t in text_lens]
+    rows = [
+        torch.cat(
+            [
+                torch.randint(1, 1000, (5,), generator=g),
+                torch.full((lv,), img),
+                torch.randint(1, 1000, (t - 5,), generator=g),
+            ]
+        )
+        for t in text_lens
+    ]
     L = max(len(r) for r in rows)
     ids = torch.zeros(len(rows), L, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for b, r in enumerate(rows):
-        ids[b, L - len(r):], mask[b, L - len(r):] = r, 1
+        ids[b, L - len(r) :], mask[b, L - len(r) :] = r, 1
     labels = torch.where(mask.bool() & (torch.arange(L) >= L - answer), ids, -100)
     pix = torch.randn(len(rows), 3, cfg.vision_config.image_size, cfg.vision_config.image_size, generator=g)
     return {k: v.to(DEV) for k, v in dict(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=pix).items()}
@@ -183,13 +217,17 @@ def check_model(have_flash):
         def fn(*a, **kw):
             calls[name] += 1
             return orig[name](*a, **kw)
+
         return fn
 
     K.flash_attention, K.flex_masked_attention = counted("flash"), counted("flex")
     try:
         runs = {}
-        for tag, dtype, kernel in (("fp32_sdpa", torch.float32, "sdpa"), ("bf16_sdpa", torch.bfloat16, "sdpa"),
-                                   ("bf16_auto", torch.bfloat16, "auto")):
+        for tag, dtype, kernel in (
+            ("fp32_sdpa", torch.float32, "sdpa"),
+            ("bf16_sdpa", torch.bfloat16, "sdpa"),
+            ("bf16_auto", torch.bfloat16, "auto"),
+        ):
             m = m32.to(dtype)
             m.config.attn_kernel = kernel
             with torch.no_grad():
@@ -197,8 +235,9 @@ def check_model(have_flash):
             m.train()
             out = m(**b)  # the learned soft masks: gradient through log m to the thresholds
             out.loss.backward()
-            grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().flatten()
-                               for p in m.atp_parameters()])
+            grads = torch.cat(
+                [(p.grad if p.grad is not None else torch.zeros_like(p)).float().flatten() for p in m.atp_parameters()]
+            )
             m.zero_grad(set_to_none=True)
             runs[tag] = (hard, out.loss.detach().float(), grads)
             m.eval()
@@ -206,14 +245,29 @@ def check_model(have_flash):
         K.flash_attention, K.flex_masked_attention = orig["flash"], orig["flex"]
         m32.to(torch.float32)
     ref = runs["fp32_sdpa"]
-    err = {tag: {"hard_logits": rel(r[0], ref[0], text), "soft_loss": rel(r[1], ref[1]), "threshold_grads": rel(r[2], ref[2])}
-           for tag, r in runs.items() if tag != "fp32_sdpa"}
+    err = {
+        tag: {
+            "hard_logits": rel(r[0], ref[0], text),
+            "soft_loss": rel(r[1], ref[1]),
+            "threshold_grads": rel(r[2], ref[2]),
+        }
+        for tag, r in runs.items()
+        if tag != "fp32_sdpa"
+    }
     base, got = err["bf16_sdpa"], err["bf16_auto"]
     ok = all(got[key] <= MODEL_SLACK * base[key] + 1e-3 for key in got)
     agree = float((runs["bf16_auto"][0].argmax(-1) == runs["bf16_sdpa"][0].argmax(-1))[text].float().mean())
-    return [{"check": "model/auto_vs_sdpa_bf16", "err_vs_fp32": err, "top1_agreement_hard": agree,
-             "kernel_calls": dict(calls), "used_flash": calls["flash"] > 0 or not have_flash,
-             "used_flex": calls["flex"] > 0, "pass": ok and calls["flex"] > 0 and (calls["flash"] > 0 or not have_flash)}]
+    return [
+        {
+            "check": "model/auto_vs_sdpa_bf16",
+            "err_vs_fp32": err,
+            "top1_agreement_hard": agree,
+            "kernel_calls": dict(calls),
+            "used_flash": calls["flash"] > 0 or not have_flash,
+            "used_flex": calls["flex"] > 0,
+            "pass": ok and calls["flex"] > 0 and (calls["flash"] > 0 or not have_flash),
+        }
+    ]
 
 
 # -- benchmarks -----------------------------------------------------------------------------------
@@ -237,11 +291,13 @@ def bench_attn(have_flash):
     H, d, scale = 32, 128, 128**-0.5
     for L, B in ATTN_SHAPES:
         g = torch.Generator(device=DEV).manual_seed(0)
-        q, k, v = (torch.randn(B, H, L, d, device=DEV, dtype=torch.bfloat16, generator=g).requires_grad_() for _ in range(3))
+        q, k, v = (
+            torch.randn(B, H, L, d, device=DEV, dtype=torch.bfloat16, generator=g).requires_grad_() for _ in range(3)
+        )
         live = torch.ones(B, L, dtype=torch.bool, device=DEV)
         log_m = torch.zeros(B, L, device=DEV)
         nv = min(576, L - 64)  # the image's keys carry the soft mask
-        log_m[:, 8:8 + nv] = torch.rand(B, nv, device=DEV, generator=g).clamp_min(0.02).log()
+        log_m[:, 8 : 8 + nv] = torch.rand(B, nv, device=DEV, generator=g).clamp_min(0.02).log()
         log_m.requires_grad_()
         go = torch.randn(B, L, H, d, device=DEV, dtype=torch.bfloat16, generator=g)
         bm, _ = K.flex_prepare(live, None, L)
@@ -261,7 +317,12 @@ def bench_attn(have_flash):
         def sdpa_causal():  # torch's own flash backend: the baseline when flash-attn is absent
             F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).transpose(1, 2).backward(go)
 
-        fns = {"flex_masked": flex_masked, "flex_causal": flex_causal, "sdpa_bias": sdpa_bias, "sdpa_causal": sdpa_causal}
+        fns = {
+            "flex_masked": flex_masked,
+            "flex_causal": flex_causal,
+            "sdpa_bias": sdpa_bias,
+            "sdpa_causal": sdpa_causal,
+        }
         if have_flash:
             fns["flash"] = lambda: K.flash_attention(q, k, v, live, scale).backward(go)
         ms = {}
@@ -269,9 +330,18 @@ def bench_attn(have_flash):
             ms[name] = cuda_ms(fn)
             q.grad = k.grad = v.grad = log_m.grad = None
         base = ms.get("flash", ms["sdpa_causal"])
-        rows.append({"L": L, "B": B, "heads": H, "head_dim": d, "fwd_bwd_ms": ms,
-                     "flex_masked_over_flash": ms["flex_masked"] / base,
-                     "baseline": "flash" if have_flash else "sdpa_causal", "goal_met": ms["flex_masked"] / base <= 1.5})
+        rows.append(
+            {
+                "L": L,
+                "B": B,
+                "heads": H,
+                "head_dim": d,
+                "fwd_bwd_ms": ms,
+                "flex_masked_over_flash": ms["flex_masked"] / base,
+                "baseline": "flash" if have_flash else "sdpa_causal",
+                "goal_met": ms["flex_masked"] / base <= 1.5,
+            }
+        )
     return rows
 
 
@@ -287,7 +357,7 @@ def bench_prefill(have_flash, batch_sizes=(1, 8)):
     for B in batch_sizes:
         b = batch(cfg, [text] * B)
         b.pop("labels")
-        run = lambda: m(**b, logits_to_keep=1)  # noqa: E731
+        run = lambda: m(**b, logits_to_keep=1)  # noqa: E731, F821 (m is deleted after its last use)
         for kernel in kernels:
             m.config.attn_kernel = kernel
             res = {}
@@ -298,10 +368,19 @@ def bench_prefill(have_flash, batch_sizes=(1, 8)):
                     out = run()
                 res[budget] = (ms, model_costs(out.visual_tokens[0].tolist(), text, m.config))
             (t0, c0), (t1, c1) = res["unpruned"], res["nbar25"]
-            rows.append({"batch": B, "kernel": kernel, "kept_counts": counts, "n_bar_share": c1["n_bar"] / lv,
-                         "unpruned_ms": t0, "nbar25_ms": t1, "time_ratio": t1 / t0,
-                         "flops_ratio_exact": c1["flops_exact"] / c0["flops_exact"],
-                         "flops_ratio_paper": c1["flops_paper"] / c0["flops_paper"]})
+            rows.append(
+                {
+                    "batch": B,
+                    "kernel": kernel,
+                    "kept_counts": counts,
+                    "n_bar_share": c1["n_bar"] / lv,
+                    "unpruned_ms": t0,
+                    "nbar25_ms": t1,
+                    "time_ratio": t1 / t0,
+                    "flops_ratio_exact": c1["flops_exact"] / c0["flops_exact"],
+                    "flops_ratio_paper": c1["flops_paper"] / c0["flops_paper"],
+                }
+            )
     del m
     torch.cuda.empty_cache()
     return rows
@@ -325,19 +404,32 @@ def profile_prefill(have_flash, batch_size=1, top=25):
     for pruning in ("none", "fixed"):
         m.config.pruning, m.config.fixed_counts = pruning, counts
         with torch.no_grad():
-            ms = cuda_ms(lambda: m(**b, logits_to_keep=1), iters=20, warmup=20)
+            ms = cuda_ms(lambda: m(**b, logits_to_keep=1), iters=20, warmup=20)  # noqa: F821 (deleted after)
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 for _ in range(5):
                     m(**b, logits_to_keep=1)
                 torch.cuda.synchronize()
         ka = prof.key_averages()
-        table = lambda key: [  # noqa: E731
-            {"op": e.key, "count": e.count, "self_cpu_ms": e.self_cpu_time_total / 5e3,
-             "self_cuda_ms": getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) / 5e3}
-            for e in sorted(ka, key=key, reverse=True)[:top]]
-        rows.append({"pruning": pruning, "batch": batch_size, "median_ms": ms,
-                     "by_cpu": table(lambda e: e.self_cpu_time_total),
-                     "by_cuda": table(lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)))})
+        table = (
+            lambda key: [  # noqa: E731
+                {
+                    "op": e.key,
+                    "count": e.count,
+                    "self_cpu_ms": e.self_cpu_time_total / 5e3,
+                    "self_cuda_ms": getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) / 5e3,
+                }
+                for e in sorted(ka, key=key, reverse=True)[:top]
+            ]
+        )
+        rows.append(
+            {
+                "pruning": pruning,
+                "batch": batch_size,
+                "median_ms": ms,
+                "by_cpu": table(lambda e: e.self_cpu_time_total),
+                "by_cuda": table(lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))),
+            }
+        )
         print(f"profile B={batch_size} pruning={pruning}: median {ms:.1f} ms (20 warm-up)")
         print(ka.table(sort_by="self_cpu_time_total", row_limit=15))
     del m
@@ -348,19 +440,27 @@ def profile_prefill(have_flash, batch_size=1, top=25):
 # -- report ---------------------------------------------------------------------------------------
 def print_tables(res):
     for r in res.get("kernels", []):
-        cols = " ".join(f"{k}={v:.2e}" for k, v in r.items() if k not in ("check", "pass", "finite") and isinstance(v, float))
+        cols = " ".join(
+            f"{k}={v:.2e}" for k, v in r.items() if k not in ("check", "pass", "finite") and isinstance(v, float)
+        )
         print(f"{'PASS' if r.get('pass', True) else 'FAIL'} {r['check']:<28} {cols}")
     for r in res.get("model", []):
-        print(f"{'PASS' if r['pass'] else 'FAIL'} {r['check']}  err vs fp32 {json.dumps(r['err_vs_fp32'])}  "
-              f"top1 {r['top1_agreement_hard']:.3f}  calls {r['kernel_calls']}")
+        print(
+            f"{'PASS' if r['pass'] else 'FAIL'} {r['check']}  err vs fp32 {json.dumps(r['err_vs_fp32'])}  "
+            f"top1 {r['top1_agreement_hard']:.3f}  calls {r['kernel_calls']}"
+        )
     for r in res.get("bench_attn", []):
         ms = "  ".join(f"{k} {v:.2f}" for k, v in r["fwd_bwd_ms"].items())
-        print(f"attn fwd+bwd L={r['L']} B={r['B']}: {ms} ms; flex_masked / {r['baseline']} = "
-              f"{r['flex_masked_over_flash']:.2f} (goal <= 1.5)")
+        print(
+            f"attn fwd+bwd L={r['L']} B={r['B']}: {ms} ms; flex_masked / {r['baseline']} = "
+            f"{r['flex_masked_over_flash']:.2f} (goal <= 1.5)"
+        )
     for r in res.get("bench_prefill", []):
-        print(f"prefill B={r['batch']} {r['kernel']:<5} unpruned {r['unpruned_ms']:.1f} ms, N_bar {r['n_bar_share']:.1%} "
-              f"{r['nbar25_ms']:.1f} ms: time x{r['time_ratio']:.3f} vs FLOPs x{r['flops_ratio_exact']:.3f} "
-              f"(paper convention x{r['flops_ratio_paper']:.3f})")
+        print(
+            f"prefill B={r['batch']} {r['kernel']:<5} unpruned {r['unpruned_ms']:.1f} ms, N_bar {r['n_bar_share']:.1%} "
+            f"{r['nbar25_ms']:.1f} ms: time x{r['time_ratio']:.3f} vs FLOPs x{r['flops_ratio_exact']:.3f} "
+            f"(paper convention x{r['flops_ratio_paper']:.3f})"
+        )
 
 
 def main(argv=None):
@@ -373,17 +473,32 @@ def main(argv=None):
         return 2
     os.makedirs(args.out, exist_ok=True)
     have_flash = K.flash_available()
-    res = {"env": {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(),
-                   "python": platform.python_version(), "flash_attn": None,
-                   "tolerances": {"out": TOL_OUT, "grad": TOL_GRAD, "model_slack": MODEL_SLACK}}}
+    res = {
+        "env": {
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "gpu": torch.cuda.get_device_name(),
+            "python": platform.python_version(),
+            "flash_attn": None,
+            "tolerances": {"out": TOL_OUT, "grad": TOL_GRAD, "model_slack": MODEL_SLACK},
+        }
+    }
     if have_flash:
         import flash_attn
 
         res["env"]["flash_attn"] = flash_attn.__version__
     else:
-        print("flash-attn not installed (pip install '.[gpu]'): flash checks skipped, benchmarks use SDPA's own flash backend")
-    parts = {"kernels": check_kernels, "model": check_model, "bench_attn": bench_attn, "bench_prefill": bench_prefill,
-             "profile_prefill": profile_prefill}
+        print(
+            "flash-attn not installed (pip install '.[gpu]'): flash checks skipped, "
+            "benchmarks use SDPA's own flash backend"
+        )
+    parts = {
+        "kernels": check_kernels,
+        "model": check_model,
+        "bench_attn": bench_attn,
+        "bench_prefill": bench_prefill,
+        "profile_prefill": profile_prefill,
+    }
     for part in args.parts.split(","):
         t = time.perf_counter()
         res[part] = parts[part](have_flash)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Refreshes requirements.lock, the exact package set that scripts/setup-env.sh installs and CI
-# tests: setup.cfg's install_requires plus its `test` and `eval` extras, resolved by pip-tools.
+# tests: setup.cfg's install_requires plus its `test`, `eval` and `lint` extras, resolved by pip-tools.
 # pip-compile keeps the versions already in the lock; pass its flags to move them:
 #   scripts/lock.sh                         # add/remove what setup.cfg changed, keep the rest
 #   scripts/lock.sh --upgrade               # everything to the newest that setup.cfg allows
@@ -13,5 +13,5 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 tools=.lock-venv
 [ -x $tools/bin/pip-compile ] || { "$PY" -m venv $tools && $tools/bin/pip install -q pip-tools==7.6.2; }
-$tools/bin/pip-compile -q --extra test --extra eval --strip-extras --no-emit-index-url \
+$tools/bin/pip-compile -q --extra test --extra eval --extra lint --strip-extras --no-emit-index-url \
   --no-emit-find-links -o requirements.lock "$@" setup.cfg

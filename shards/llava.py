@@ -37,15 +37,30 @@ def read_image(path: str):
     return {"jpeg": "jpg"}.get(ext, ext), data
 
 
-def convert(records: list, image_root: str, out: str, *, maxcount: int = 10000, maxsize: float = 1e9,
-            prefix: str = "llava", progress: bool = True) -> dict:
+def convert(
+    records: list,
+    image_root: str,
+    out: str,
+    *,
+    maxcount: int = 10000,
+    maxsize: float = 1e9,
+    prefix: str = "llava",
+    progress: bool = True,
+) -> dict:
     import webdataset as wds
     from tqdm import tqdm
 
     os.makedirs(out, exist_ok=True)
     counts, summary, skipped = Counter(), Counter(), []
-    with wds.ShardWriter(os.path.join(out, f"{prefix}-%06d.tar"), maxcount=maxcount, maxsize=maxsize,
-                         verbose=0, mtime=TAR_MTIME, user="llava", group="llava") as sink:
+    with wds.ShardWriter(
+        os.path.join(out, f"{prefix}-%06d.tar"),
+        maxcount=maxcount,
+        maxsize=maxsize,
+        verbose=0,
+        mtime=TAR_MTIME,
+        user="llava",
+        group="llava",
+    ) as sink:
         bar = tqdm(records, desc="llava -> shards", unit="sample", disable=not progress)
         for i, rec in enumerate(bar):
             sample, reason = {"__key__": f"{i:09d}"}, None
@@ -65,8 +80,14 @@ def convert(records: list, image_root: str, out: str, *, maxcount: int = 10000, 
                         rec = dict(rec, error=repr(exn)[:200])
             if reason:
                 summary["skipped " + reason] += 1
-                skipped.append({"id": rid, "image": rec.get("image") if isinstance(rec, dict) else None,
-                                "reason": reason, **({"error": rec["error"]} if "error" in rec else {})})
+                skipped.append(
+                    {
+                        "id": rid,
+                        "image": rec.get("image") if isinstance(rec, dict) else None,
+                        "reason": reason,
+                        **({"error": rec["error"]} if "error" in rec else {}),
+                    }
+                )
                 if len(skipped) <= PRINT_SKIPS:
                     bar.write(f"skip {reason}: id={rid} image={skipped[-1]['image']}")
                 continue
@@ -96,9 +117,11 @@ def main(argv=None):
         records = json.load(f)
     s = convert(records, a.image_root, a.out, maxcount=a.maxcount, maxsize=a.maxsize, prefix=a.prefix)
     skips = ", ".join(f"{k[8:]} {v}" for k, v in sorted(s.items()) if k.startswith("skipped ")) or "none"
-    print(f"records {len(records)}: written {s.get('written', 0)} ({s.get('with image', 0)} with image, "
-          f"{s.get('text-only', 0)} text-only) in {s['shards']} shards; skipped: {skips}"
-          f" (ids in {os.path.join(a.out, 'skipped.jsonl')})")
+    print(
+        f"records {len(records)}: written {s.get('written', 0)} ({s.get('with image', 0)} with image, "
+        f"{s.get('text-only', 0)} text-only) in {s['shards']} shards; skipped: {skips}"
+        f" (ids in {os.path.join(a.out, 'skipped.jsonl')})"
+    )
 
 
 if __name__ == "__main__":

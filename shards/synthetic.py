@@ -26,14 +26,29 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 COLORS = {  # shape colours: far apart in RGB, jittered per shape
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 225),
-    "yellow": (240, 215, 40), "purple": (150, 60, 190), "orange": (250, 140, 20),
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 225),
+    "yellow": (240, 215, 40),
+    "purple": (150, 60, 190),
+    "orange": (250, 140, 20),
 }
 BACKGROUNDS = {"white": (235, 235, 235), "gray": (128, 128, 128), "black": (25, 25, 25), "brown": (115, 75, 45)}
 KINDS = ("circle", "square", "triangle")
-CELLS = {2: ["top left", "top right", "bottom left", "bottom right"],
-         3: ["top left", "top middle", "top right", "middle left", "center", "middle right",
-             "bottom left", "bottom middle", "bottom right"]}
+CELLS = {
+    2: ["top left", "top right", "bottom left", "bottom right"],
+    3: [
+        "top left",
+        "top middle",
+        "top right",
+        "middle left",
+        "center",
+        "middle right",
+        "bottom left",
+        "bottom middle",
+        "bottom right",
+    ],
+}
 
 FAMILIES = {
     "coarse": ["background", "big_color", "big_is_color", "big_kind", "has_color"],
@@ -62,8 +77,13 @@ TAR_MTIME = 946684800  # 2000-01-01: fixed so that the same seed gives the same 
 
 def vocabulary(max_shapes: int = 9) -> list[str]:
     """Every word the benchmark writes (questions and answers), lower case, in a fixed order."""
-    texts = [q.format(color=c, kind=k, cell=cell) for q in QUESTIONS.values()
-             for c in COLORS for k in KINDS for cell in CELLS[3]]
+    texts = [
+        q.format(color=c, kind=k, cell=cell)
+        for q in QUESTIONS.values()
+        for c in COLORS
+        for k in KINDS
+        for cell in CELLS[3]
+    ]
     texts += [*COLORS, *BACKGROUNDS, *KINDS, "yes", "no", *map(str, range(max_shapes + 1))]
     seen = {}
     for t in texts:
@@ -85,6 +105,7 @@ class Options:
 
 
 # ---------------------------------------------------------------- scene
+
 
 def _jitter(rng, rgb, amount=15):
     return tuple(int(np.clip(v + rng.randint(-amount, amount), 0, 255)) for v in rgb)
@@ -172,6 +193,7 @@ def render_scene(scene, opt: Options, rng: random.Random, np_rng: np.random.Gene
 
 # ---------------------------------------------------------------- questions
 
+
 class Planner:
     """Exact family shares over the split, spread evenly over the images; qtypes drawn from
     per-family decks (balanced to within one deck); yes/no answers alternate per qtype
@@ -196,7 +218,7 @@ class Planner:
         self.yes_next = {}
 
     def qtypes_for(self, index: int) -> list[str]:
-        fams = self.families[index * self.opt.turns:(index + 1) * self.opt.turns]
+        fams = self.families[index * self.opt.turns : (index + 1) * self.opt.turns]
         chosen = []
         for fam in fams:
             deck = self.decks[fam]
@@ -249,8 +271,9 @@ def ask(qtype: str, scene, rng: random.Random, planner: Planner, asked: set, g: 
             v = rng.choice([v for v in values if counts[v] == answer])
             out = q.format(**{field: v}), str(answer)
         elif qtype in ("cell_color", "cell_kind"):
-            cells = _cell_candidates(small, g) or [s["cell"] for s in small
-                                                  if sum(t["cell"] == s["cell"] for t in small) == 1]
+            cells = _cell_candidates(small, g) or [
+                s["cell"] for s in small if sum(t["cell"] == s["cell"] for t in small) == 1
+            ]
             cell = rng.choice(cells)
             shape = next(s for s in small if s["cell"] == cell)
             out = q.format(cell=CELLS[g][cell]), shape["color" if qtype == "cell_color" else "kind"]
@@ -280,13 +303,19 @@ def make_sample(index: int, split: str, seed: int, opt: Options, planner: Planne
             qtype = alt
             question, answer = ask(alt, scene, rng, planner, asked, opt.grid)
         asked.add(question)
-        conversations += [{"from": "human", "value": ("<image>\n" if t == 0 else "") + question},
-                          {"from": "gpt", "value": answer}]
+        conversations += [
+            {"from": "human", "value": ("<image>\n" if t == 0 else "") + question},
+            {"from": "gpt", "value": answer},
+        ]
         questions.append(dict(family=FAMILY_OF[qtype], qtype=qtype, answer=answer))
-    meta = dict(id=key, image=key + ".png", conversations=conversations, **questions[0],
-                questions=questions, scene=scene)
-    return {"__key__": key, "png": render_scene(scene, opt, rng, np_rng),
-            "json": json.dumps(meta, sort_keys=True).encode()}
+    meta = dict(
+        id=key, image=key + ".png", conversations=conversations, **questions[0], questions=questions, scene=scene
+    )
+    return {
+        "__key__": key,
+        "png": render_scene(scene, opt, rng, np_rng),
+        "json": json.dumps(meta, sort_keys=True).encode(),
+    }
 
 
 def write(out: str, split: str, n: int, seed: int, opt: Options, maxcount: int = 500, progress=True):
@@ -298,8 +327,9 @@ def write(out: str, split: str, n: int, seed: int, opt: Options, maxcount: int =
     pattern = os.path.join(out, f"{split}-%06d.tar")
     # fixed mtime/owner: identical tar bytes for identical arguments
     counts = {}
-    with wds.ShardWriter(pattern, maxcount=maxcount, verbose=0, mtime=TAR_MTIME,
-                         user="synthetic", group="synthetic") as sink:
+    with wds.ShardWriter(
+        pattern, maxcount=maxcount, verbose=0, mtime=TAR_MTIME, user="synthetic", group="synthetic"
+    ) as sink:
         for i in tqdm(range(n), desc=f"synthetic {split}", unit="sample", disable=not progress):
             sink.write(make_sample(i, split, seed, opt, planner))
             name = os.path.basename(sink.fname)
@@ -330,9 +360,16 @@ def main(argv=None):
     unknown = set(qtypes) - set(FAMILY_OF)
     if unknown:
         p.error(f"unknown qtypes {sorted(unknown)}")
-    opt = Options(image_size=a.image_size, min_shapes=a.min_shapes, max_shapes=a.max_shapes, grid=a.grid,
-                  turns=a.turns or (4 if a.split == "train" else 1), fine_share=a.fine_share,
-                  qtypes=qtypes, noise=a.noise)
+    opt = Options(
+        image_size=a.image_size,
+        min_shapes=a.min_shapes,
+        max_shapes=a.max_shapes,
+        grid=a.grid,
+        turns=a.turns or (4 if a.split == "train" else 1),
+        fine_share=a.fine_share,
+        qtypes=qtypes,
+        noise=a.noise,
+    )
     sizes = write(a.out, a.split, a.samples, a.seed, opt, a.maxcount)
     print(f"wrote {sum(sizes.values())} samples in {len(sizes)} shards to {a.out}")
 

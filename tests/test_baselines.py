@@ -3,16 +3,18 @@
 The tiny model mirrors the embedded one's shape where it matters: 12 decoder layers, a 12 x 12
 grid (Lv = 144), 2 CLIP layers, vision_feature_layer -1, "default" strategy (CLS dropped).
 """
+
 import math
 
 import pytest
 import torch
-from transformers import LlavaConfig, LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration
 
 from model import CACHE_KW, AtpLlavaForConditionalGeneration
-from model.baselines import (
-    POLICIES, VisionTap, counts_for_budget, default_ratios, grid_indices, make_policy, n_bar, top_n,
-)
+from model.baselines import POLICIES, VisionTap, grid_indices, make_policy, top_n
+from model.budget import n_bar
+
+from tiny_models import tiny_llava_config
 
 VOCAB, IMAGE_TOKEN, GRID = 120, 119, 12
 LV = GRID * GRID
@@ -22,13 +24,7 @@ SHARES = (0.25, 0.15, 0.11)
 
 def tiny_model(seed=0, feature_layer=-1, layers=LAYERS, **atp):
     torch.manual_seed(seed)
-    cfg = LlavaConfig(
-        vision_config=dict(model_type="clip_vision_model", image_size=GRID * 8, patch_size=8, hidden_size=32,
-                           intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
-        text_config=dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512),
-        image_token_id=IMAGE_TOKEN, image_seq_length=LV, vision_feature_layer=feature_layer,
-    )
+    cfg = tiny_llava_config(layers=layers, grid=GRID, max_positions=512, vision_feature_layer=feature_layer)
     llava = LlavaForConditionalGeneration(cfg).eval()
     atp.setdefault("atp_layers", [1, 5, 9])
     atp.setdefault("target_tokens", LV * 0.25)
@@ -43,13 +39,15 @@ def batch(prefixes, suffixes, seed=0, text_only=()):
     rows = []
     for b, (p, s) in enumerate(zip(prefixes, suffixes)):
         img = [] if b in text_only else [IMAGE_TOKEN] * LV
-        rows.append(torch.randint(1, 100, (p,), generator=g).tolist() + img + torch.randint(1, 100, (s,), generator=g).tolist())
+        rows.append(
+            torch.randint(1, 100, (p,), generator=g).tolist() + img + torch.randint(1, 100, (s,), generator=g).tolist()
+        )
     L = max(map(len, rows))
     ids = torch.zeros(len(rows), L, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for b, r in enumerate(rows):
-        ids[b, L - len(r):] = torch.tensor(r)
-        mask[b, L - len(r):] = 1
+        ids[b, L - len(r) :] = torch.tensor(r)
+        mask[b, L - len(r) :] = 1
     n_img = len(rows) - len(text_only)
     pix = torch.randn(n_img, 3, GRID * 8, GRID * 8, generator=g) if n_img else None
     return dict(input_ids=ids, attention_mask=mask, pixel_values=pix)
@@ -58,30 +56,6 @@ def batch(prefixes, suffixes, seed=0, text_only=()):
 @pytest.fixture(scope="module")
 def model():
     return tiny_model()[1]
-
-
-# -- budgets --------------------------------------------------------------------------------------
-def test_counts_for_budget_method_sec7_and_the_budgets():
-    # METHOD sec 7 / paper Table 2: I = [4, 14, 24] keeping [126, 88, 20] of 576 over 32 layers: N_bar 143.9
-    counts = counts_for_budget([4, 14, 24], 32, 576, 143.875 / 576, ratios=[126, 88, 20])
-    assert counts == [126, 88, 20]
-    assert round(n_bar([4, 14, 24], counts, 32, 576), 1) == 143.9
-    assert counts_for_budget([4, 14, 24], 32, 576, 0.25) == [126, 88, 20]  # the default shape is Table 2's
-    assert default_ratios(3) == [126.0, 88.0, 20.0] and default_ratios(1) == [1.0]
-    cases = [([1, 5, 9], 12, 144), ([0], 12, 144), ([1], 12, 144), ([2], 12, 144), ([1, 2, 6], 12, 144),
-             ([1, 13, 25], 32, 576), ([0], 32, 576), ([2], 32, 576), ([2, 6, 15], 32, 576), ([3, 7, 11, 20], 32, 576)]
-    for layers, N, lv in cases:
-        for share in SHARES:
-            if layers[0] * lv > share * lv * N:
-                continue
-            c = counts_for_budget(layers, N, lv, share)
-            assert all(1 <= x <= lv for x in c) and c == sorted(c, reverse=True), (layers, share, c)
-            assert abs(n_bar(layers, c, N, lv) - share * lv) <= 0.5, (layers, N, share, c)
-    # the full layers before the first pruning point cost Lv each: ATP's [4, 14, 24] cannot reach 11% of 576
-    with pytest.raises(ValueError, match="out of reach"):
-        counts_for_budget([4, 14, 24], 32, 576, 0.11)
-    with pytest.raises(ValueError, match="must not increase"):
-        counts_for_budget([1, 5], 12, 144, 0.25, ratios=[1, 2])
 
 
 def test_grid_and_top_n_helpers():
@@ -129,9 +103,11 @@ def test_generate_uses_the_pruned_cache_and_matches_uncached_recompute(model, na
     try:
         with torch.no_grad():
             first = model(**prompt).logits[:, -1]
-        gen = model.generate(**prompt, max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        gen = model.generate(
+            **prompt, max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
         assert (gen.logits[0] - first).abs().max() <= 1e-5  # eval forward == generate's first step
-        new = gen.sequences[:, b["input_ids"].shape[1]:]
+        new = gen.sequences[:, b["input_ids"].shape[1] :]
         L0 = b["input_ids"].shape[1]
         # the query text is the prompt's text after the image; generated tokens never join it
         after = torch.arange(L0) > torch.nonzero(b["input_ids"][0] == IMAGE_TOKEN).max()
@@ -143,7 +119,7 @@ def test_generate_uses_the_pruned_cache_and_matches_uncached_recompute(model, na
                 out = model(input_ids=ids, attention_mask=mask, pixel_values=b["pixel_values"], query_mask=qm)
                 assert torch.equal(out.logits[:, -1].argmax(-1), new[:, t]), (name, t)
                 assert (out.logits[:, -1] - gen.logits[t]).abs().max() <= 1e-4, (name, t)
-                ids = torch.cat([ids, new[:, t:t + 1]], 1)
+                ids = torch.cat([ids, new[:, t : t + 1]], 1)
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         # the cache holds the kept visual tokens only, group by group
         from transformers import DynamicCache
@@ -222,7 +198,9 @@ def test_policy_none_restores_atp_and_training_ignores_the_policy():
     m.pruning_policy = None
     m.eval()
     assert torch.equal(soft.logits, soft_policy.logits)
-    m.pruning_policy = make_policy("uniform", tiny_model(layers=6, atp_layers=[1, 3])[1].config, 0.25)  # another model's
+    m.pruning_policy = make_policy(
+        "uniform", tiny_model(layers=6, atp_layers=[1, 3])[1].config, 0.25
+    )  # another model's
     try:
         with pytest.raises(ValueError, match="another model"):
             m(**b)
@@ -267,8 +245,9 @@ def test_vision_tap_reads_the_layer_llava_uses(feature_layer):
     b = batch([2], [3], seed=8)
     tap = VisionTap(m)
     with tap, torch.no_grad():
-        feats = m.model.get_image_features(pixel_values=b["pixel_values"], vision_feature_layer=feature_layer,
-                                           vision_feature_select_strategy="default")
+        feats = m.model.get_image_features(
+            pixel_values=b["pixel_values"], vision_feature_layer=feature_layer, vision_feature_select_strategy="default"
+        )
     proj = m.model.multi_modal_projector(tap.features())
     assert torch.allclose(proj, feats.pooler_output[0][None], atol=1e-6)
     tower = llava.model.vision_tower

@@ -1,7 +1,8 @@
 """model/calibration.py: the thresholds start at the target share measured on a batch."""
+
 import torch
 
-from model.atp_module import keep_share_per_module
+from model.budget import keep_share_per_module
 from model.calibration import calibrate_thresholds
 from tests.tiny_models import LV, make_batch, tiny_atp
 

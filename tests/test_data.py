@@ -1,6 +1,5 @@
 """The streaming loader: template and label masking, splitting, resampling, bad input."""
 
-import collections
 import io
 import json
 import logging
@@ -52,19 +51,29 @@ def _synthetic(tmp_path, n, maxcount, split="train"):
 
 # ---------------------------------------------------------------- template
 
+
 def test_labels_token_by_token(tok):
-    turns, _ = parse_conversation(_conv("<image>\nWhat color is the background?", "gray",
-                                        "how many small shapes are there?", "3"), has_image=True, key="k")
+    turns, _ = parse_conversation(
+        _conv("<image>\nWhat color is the background?", "gray", "how many small shapes are there?", "3"),
+        has_image=True,
+        key="k",
+    )
     enc = encode(turns, tok, max_length=512, **_kw(tok))
-    system = ("a chat between a curious user and an artificial intelligence assistant . the assistant gives "
-              "helpful , detailed , and polite answers to the user ' s questions .").split()
+    system = (
+        "a chat between a curious user and an artificial intelligence assistant . the assistant gives "
+        "helpful , detailed , and polite answers to the user ' s questions ."
+    ).split()
     # (token, is a label, is the query); hand-written from LLaVA-1.5's vicuna_v1 template
-    expected = ([("<s>", 0, 0)] + [(w, 0, 0) for w in system] + [("user", 0, 0), (":", 0, 0)]
-                + [("<image>", 0, 0)] * N_IMG
-                + [(w, 0, 1) for w in "what color is the background ?".split()]
-                + [("assistant", 0, 0), (":", 0, 0), ("gray", 1, 0), ("</s>", 1, 0), ("user", 0, 0), (":", 0, 0)]
-                + [(w, 0, 0) for w in "how many small shapes are there ?".split()]
-                + [("assistant", 0, 0), (":", 0, 0), ("3", 1, 0), ("</s>", 1, 0)])
+    expected = (
+        [("<s>", 0, 0)]
+        + [(w, 0, 0) for w in system]
+        + [("user", 0, 0), (":", 0, 0)]
+        + [("<image>", 0, 0)] * N_IMG
+        + [(w, 0, 1) for w in "what color is the background ?".split()]
+        + [("assistant", 0, 0), (":", 0, 0), ("gray", 1, 0), ("</s>", 1, 0), ("user", 0, 0), (":", 0, 0)]
+        + [(w, 0, 0) for w in "how many small shapes are there ?".split()]
+        + [("assistant", 0, 0), (":", 0, 0), ("3", 1, 0), ("</s>", 1, 0)]
+    )
     got_tokens = tok.convert_ids_to_tokens(enc["input_ids"])
     assert got_tokens == [t for t, _, _ in expected]
     for i, (t, is_label, is_query) in enumerate(expected):
@@ -74,17 +83,34 @@ def test_labels_token_by_token(tok):
 
 
 def test_image_moved_to_front_and_prompt(tok, proc):
-    sample = {"__key__": "s0", "png": _png(), "json": json.dumps({"conversations": _conv(
-        "what color is the big shape?\n<image>", "red", "how many shapes?", "4")}).encode()}
+    sample = {
+        "__key__": "s0",
+        "png": _png(),
+        "json": json.dumps(
+            {"conversations": _conv("what color is the big shape?\n<image>", "red", "how many shapes?", "4")}
+        ).encode(),
+    }
     text_only = {"__key__": "s1", "json": json.dumps({"conversations": _conv("say hi", "hi")}).encode()}
     batch = build_prompt_batch([sample, text_only], tok, proc, **_kw(tok))
     assert batch["answers"] == ["4", "hi"]
     assert batch["attention_mask"][1, 0] == 0 and batch["attention_mask"][:, -1].all()  # left padded
     assert tok.convert_ids_to_tokens(batch["input_ids"][0])[-12:] == [
-        "assistant", ":", "red", "</s>", "user", ":", "how", "many", "shapes", "?", "assistant", ":"]
+        "assistant",
+        ":",
+        "red",
+        "</s>",
+        "user",
+        ":",
+        "how",
+        "many",
+        "shapes",
+        "?",
+        "assistant",
+        ":",
+    ]
     assert tok.decode(batch["input_ids"][0]).endswith("? assistant : red </s> user : how many shapes? assistant :")
     s = batch["image_start"][0]
-    assert (batch["input_ids"][0, s:s + N_IMG] == _kw(tok)["image_token_id"]).all()
+    assert (batch["input_ids"][0, s : s + N_IMG] == _kw(tok)["image_token_id"]).all()
     assert tok.decode(batch["input_ids"][0][batch["query_mask"][0]]) == "what color is the big shape?"
     assert not batch["query_mask"][1].any() and batch["image_start"][1] == -1
     assert batch["pixel_values"].shape == (1, 3, 32, 32) and batch["has_image"].tolist() == [True, False]
@@ -93,11 +119,12 @@ def test_image_moved_to_front_and_prompt(tok, proc):
 
 
 def test_truncation_never_cuts_image_tokens(tok):
-    turns, _ = parse_conversation(_conv("<image>\nwhat color is the background?", "gray", "what color?", "red"),
-                                  has_image=True, key="k")
+    turns, _ = parse_conversation(
+        _conv("<image>\nwhat color is the background?", "gray", "what color?", "red"), has_image=True, key="k"
+    )
     full = encode(turns, tok, max_length=512, **_kw(tok))
     cut = encode(turns, tok, max_length=len(full["input_ids"]) - 4, **_kw(tok))
-    assert cut["truncated"] and cut["input_ids"] == full["input_ids"][:len(full["input_ids"]) - 4]
+    assert cut["truncated"] and cut["input_ids"] == full["input_ids"][: len(full["input_ids"]) - 4]
     with pytest.raises(BadSample, match="too_long"):  # a cut inside the image tokens drops the sample
         encode(turns, tok, max_length=full["image_start"] + 2, **_kw(tok))
     with pytest.raises(BadSample, match="too_long"):
@@ -106,9 +133,10 @@ def test_truncation_never_cuts_image_tokens(tok):
 
 def test_pad_mode_fills_with_processor_mean(proc):
     from pipeline.template import preprocess_image
+
     pv = preprocess_image(Image.new("RGB", (40, 20), (255, 0, 0)), proc)  # wide: padded top and bottom
     mean, std = torch.tensor(proc.image_mean), torch.tensor(proc.image_std)
-    pad = ((torch.tensor([int(m * 255) for m in proc.image_mean]) / 255 - mean) / std)
+    pad = (torch.tensor([int(m * 255) for m in proc.image_mean]) / 255 - mean) / std
     assert torch.allclose(pv[:, 0, 16], pad, atol=0.02) and torch.allclose(pv[:, -1, 16], pad, atol=0.02)
     assert torch.allclose(pv[:, 16, 16], (torch.tensor([1.0, 0, 0]) - mean) / std, atol=0.02)
 
@@ -123,8 +151,16 @@ def test_tokenizer_round_trip(tok, tmp_path):
 
 
 def test_collate_right_pads():
-    a = dict(__key__="a", input_ids=[5, 6, 7], labels=[-100, 6, 7], query_mask=[0, 1, 0], image_start=-1,
-             pixel_values=None, meta={}, reference=None)
+    a = dict(
+        __key__="a",
+        input_ids=[5, 6, 7],
+        labels=[-100, 6, 7],
+        query_mask=[0, 1, 0],
+        image_start=-1,
+        pixel_values=None,
+        meta={},
+        reference=None,
+    )
     b = dict(a, __key__="b", input_ids=[8], labels=[8], query_mask=[1])
     batch = collate([a, b], pad_token_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
@@ -135,6 +171,7 @@ def test_collate_right_pads():
 
 
 # ---------------------------------------------------------------- splitting
+
 
 def _keys(loader):
     return [k for batch in loader for k in batch["keys"]]
@@ -153,8 +190,14 @@ def test_resampled_gives_every_rank_the_same_batch_count(tmp_path, tok, proc):
     shards = _synthetic(tmp_path, 15, 4)  # 4 uneven shards
     counts = []
     for rank in range(2):
-        cfg = DataConfig(shards=str(shards) + "/train-{000000..000003}.tar", batch_size=2, num_workers=2,
-                         shuffle_buffer=4, resampled=True, epoch_samples=20)
+        cfg = DataConfig(
+            shards=str(shards) + "/train-{000000..000003}.tar",
+            batch_size=2,
+            num_workers=2,
+            shuffle_buffer=4,
+            resampled=True,
+            epoch_samples=20,
+        )
         loader = build_loader(cfg, tok, proc, rank=rank, world_size=2, **_kw(tok))
         batches = list(loader)
         assert loader.num_batches == 5
@@ -164,6 +207,7 @@ def test_resampled_gives_every_rank_the_same_batch_count(tmp_path, tok, proc):
 
 
 # ---------------------------------------------------------------- bad input
+
 
 def _bad_shards(tmp_path):
     good = lambda q: json.dumps({"image": "x.png", "conversations": _conv("<image>\n" + q, "yes")}).encode()
@@ -175,10 +219,18 @@ def _bad_shards(tmp_path):
         {"__key__": "textonly", "json": json.dumps({"conversations": _conv("say yes", "yes")}).encode()},
         {"__key__": "missing", "json": good("is it red?")},
         {"__key__": "badimage", "png": b"\x89PNG\r\n\x1a\n garbage", "json": good("is it red?")},
-        {"__key__": "nomarker", "png": _png(), "json": json.dumps({"conversations": _conv("is it red?", "yes")}).encode()},
+        {
+            "__key__": "nomarker",
+            "png": _png(),
+            "json": json.dumps({"conversations": _conv("is it red?", "yes")}).encode(),
+        },
         {"__key__": "twomarkers", "png": _png(), "json": good("<image> is it red?")},
         {"__key__": "toolong", "png": _png(), "json": good("is it red? " * 40)},
-        {"__key__": "emptyturn", "png": _png(), "json": json.dumps({"conversations": _conv("<image>\nhi", " ")}).encode()},
+        {
+            "__key__": "emptyturn",
+            "png": _png(),
+            "json": json.dumps({"conversations": _conv("<image>\nhi", " ")}).encode(),
+        },
         {"__key__": "badjson", "png": _png(), "json": b'{"conversations": [oops'},
     ]
     with wds.TarWriter(str(tmp_path / "a-000000.tar"), encoder=False) as w:
@@ -189,7 +241,7 @@ def _bad_shards(tmp_path):
         for i in range(3):
             w.write({"__key__": f"t{i}", "png": _png(size=(64, 64)), "json": good("is it red?")})
     data = buf.getvalue()
-    (tmp_path / "a-000001.tar").write_bytes(data[:data.index(b"t2.png") + 512 + 50])  # header + 50 bytes
+    (tmp_path / "a-000001.tar").write_bytes(data[: data.index(b"t2.png") + 512 + 50])  # header + 50 bytes
     (tmp_path / "a-000002.tar").write_bytes(b"this is not a tar file" * 100)
     return ["ok", "rgba", "gray", "cmyk", "textonly", "t0", "t1"]
 
@@ -197,16 +249,29 @@ def _bad_shards(tmp_path):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_bad_input_skipped_counted_logged_once(tmp_path, tok, proc, caplog, workers):
     expected = _bad_shards(tmp_path)
-    cfg = DataConfig(shards=str(tmp_path / "a-{000000..000002}.tar"), batch_size=4, num_workers=workers,
-                     shuffle_buffer=0, resampled=False, max_length=80, overlong="drop")
+    cfg = DataConfig(
+        shards=str(tmp_path / "a-{000000..000002}.tar"),
+        batch_size=4,
+        num_workers=workers,
+        shuffle_buffer=0,
+        resampled=False,
+        max_length=80,
+        overlong="drop",
+    )
     loader = build_loader(cfg, tok, proc, **_kw(tok))
     with caplog.at_level(logging.WARNING, logger="pipeline.data"):
         batches = list(loader)
     assert sorted(k for b in batches for k in b["keys"]) == sorted(expected)
     stats = loader.stats
-    for kind, key in [("missing_image", "missing"), ("bad_image", "badimage"), ("no_image_marker", "nomarker"),
-                      ("extra_image_marker", "twomarkers"), ("too_long", "toolong"), ("empty_turn", "emptyturn"),
-                      ("malformed_json", "badjson")]:
+    for kind, key in [
+        ("missing_image", "missing"),
+        ("bad_image", "badimage"),
+        ("no_image_marker", "nomarker"),
+        ("extra_image_marker", "twomarkers"),
+        ("too_long", "toolong"),
+        ("empty_turn", "emptyturn"),
+        ("malformed_json", "badjson"),
+    ]:
         assert stats[kind] >= 1, kind
         if workers == 0:  # worker processes log to their own stderr
             assert sum(f"({kind}) {key}:" in r.getMessage() for r in caplog.records) == 1, kind

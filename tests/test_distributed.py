@@ -1,5 +1,6 @@
 """pipeline/distributed.py: launcher environment mapping (pure) and stop-signal agreement
 across two real gloo processes."""
+
 import json
 import os
 import signal
@@ -9,8 +10,7 @@ import time
 
 import pytest
 
-from pipeline.distributed import (expand_nodelist, expand_tasks_per_node, first_host,
-                                  map_env, port_from_job_id)
+from pipeline.distributed import expand_nodelist, expand_tasks_per_node, first_host, map_env, port_from_job_id
 
 
 def port():
@@ -34,34 +34,73 @@ def test_tasks_per_node():
 
 
 def test_torchrun_env():
-    env = dict(RANK="3", WORLD_SIZE="8", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2",
-               MASTER_ADDR="n0", MASTER_PORT="1234", TORCHELASTIC_RUN_ID="x",
-               SLURM_PROCID="0", SLURM_STEP_ID="0", SLURM_NTASKS="1")  # torchrun inside srun
-    assert map_env(env, port) == dict(RANK="3", WORLD_SIZE="8", LOCAL_RANK="1", LOCAL_SIZE="2",
-                                      MASTER_ADDR="n0", MASTER_PORT="1234", LAUNCHER="torchrun")
+    env = dict(
+        RANK="3",
+        WORLD_SIZE="8",
+        LOCAL_RANK="1",
+        LOCAL_WORLD_SIZE="2",
+        MASTER_ADDR="n0",
+        MASTER_PORT="1234",
+        TORCHELASTIC_RUN_ID="x",
+        SLURM_PROCID="0",
+        SLURM_STEP_ID="0",
+        SLURM_NTASKS="1",
+    )  # torchrun inside srun
+    assert map_env(env, port) == dict(
+        RANK="3",
+        WORLD_SIZE="8",
+        LOCAL_RANK="1",
+        LOCAL_SIZE="2",
+        MASTER_ADDR="n0",
+        MASTER_PORT="1234",
+        LAUNCHER="torchrun",
+    )
 
 
 def test_deepspeed_launcher_env():
-    env = dict(RANK="5", WORLD_SIZE="16", LOCAL_RANK="5", LOCAL_SIZE="8", CROSS_RANK="0",
-               CROSS_SIZE="2", MASTER_ADDR="10.0.0.1", MASTER_PORT="29500")
+    env = dict(
+        RANK="5",
+        WORLD_SIZE="16",
+        LOCAL_RANK="5",
+        LOCAL_SIZE="8",
+        CROSS_RANK="0",
+        CROSS_SIZE="2",
+        MASTER_ADDR="10.0.0.1",
+        MASTER_PORT="29500",
+    )
     m = map_env(env, port)
     assert m["LAUNCHER"] == "deepspeed"
     assert (m["RANK"], m["WORLD_SIZE"], m["LOCAL_SIZE"], m["MASTER_ADDR"]) == ("5", "16", "8", "10.0.0.1")
 
 
 def slurm_step_env(**kw):
-    env = dict(SLURM_JOB_ID="123456", SLURM_STEP_ID="0", SLURM_PROCID="9", SLURM_NTASKS="12",
-               SLURM_STEP_NUM_TASKS="12", SLURM_LOCALID="1", SLURM_NODEID="2",
-               SLURM_STEP_TASKS_PER_NODE="4(x2),2,2", SLURM_JOB_NODELIST="gpu[07-09,12]",
-               SLURM_STEP_NODELIST="gpu[07-09,12]")
+    env = dict(
+        SLURM_JOB_ID="123456",
+        SLURM_STEP_ID="0",
+        SLURM_PROCID="9",
+        SLURM_NTASKS="12",
+        SLURM_STEP_NUM_TASKS="12",
+        SLURM_LOCALID="1",
+        SLURM_NODEID="2",
+        SLURM_STEP_TASKS_PER_NODE="4(x2),2,2",
+        SLURM_JOB_NODELIST="gpu[07-09,12]",
+        SLURM_STEP_NODELIST="gpu[07-09,12]",
+    )
     env.update(kw)
     return env
 
 
 def test_slurm_srun_env():
     m = map_env(slurm_step_env(), port)
-    assert m == dict(RANK="9", WORLD_SIZE="12", LOCAL_RANK="1", LOCAL_SIZE="2", MASTER_ADDR="gpu07",
-                     MASTER_PORT=str(port_from_job_id(123456)), LAUNCHER="slurm")
+    assert m == dict(
+        RANK="9",
+        WORLD_SIZE="12",
+        LOCAL_RANK="1",
+        LOCAL_SIZE="2",
+        MASTER_ADDR="gpu07",
+        MASTER_PORT=str(port_from_job_id(123456)),
+        LAUNCHER="slurm",
+    )
     # What the batch script exported wins; --ntasks-per-node gives the local size directly.
     m = map_env(slurm_step_env(MASTER_ADDR="10.1.1.1", MASTER_PORT="4000", SLURM_NTASKS_PER_NODE="4"), port)
     assert (m["MASTER_ADDR"], m["MASTER_PORT"], m["LOCAL_SIZE"]) == ("10.1.1.1", "4000", "4")
@@ -77,8 +116,15 @@ def test_slurm_batch_shell_is_not_a_rank():
 
 def test_single_process_env():
     m = map_env({}, port)
-    assert m == dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1",
-                     MASTER_ADDR="127.0.0.1", MASTER_PORT="29999", LAUNCHER="single")
+    assert m == dict(
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        LOCAL_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT="29999",
+        LAUNCHER="single",
+    )
 
 
 WORKER = r"""
@@ -104,11 +150,23 @@ def test_stop_signal_agreement_two_gloo_ranks(sig, target):
     from pipeline.distributed import free_port
 
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE"))}
-    base.update(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(free_port()), TORCHELASTIC_RUN_ID="test", DS_ACCELERATOR="cpu")
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER], stdout=subprocess.PIPE, text=True,
-                              env=dict(base, RANK=str(r), LOCAL_RANK=str(r)))
-             for r in range(2)]
+    base.update(
+        WORLD_SIZE="2",
+        LOCAL_WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        TORCHELASTIC_RUN_ID="test",
+        DS_ACCELERATOR="cpu",
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=dict(base, RANK=str(r), LOCAL_RANK=str(r)),
+        )
+        for r in range(2)
+    ]
     try:
         for p in procs:  # DeepSpeed prints on stdout too: read up to our line
             while (line := p.stdout.readline()) and line.strip() != "ready":

@@ -1,6 +1,7 @@
 """The main job, shrunk: base from scratch -> projector -> ATP sft -> export -> variants ->
 eval, one process, a 4-layer model on 64 px images (16 visual tokens), then the report's
 schema and that its numbers are measured, not constants. Also `python -m pipeline eval`."""
+
 import json
 import os
 import subprocess
@@ -13,30 +14,68 @@ REPO = Path(__file__).resolve().parents[1]
 METHODS = ["atp", "fixed", "fastv", "prumerge", "prumerge+", "sparsevlm", "visionzip", "uniform", "random"]
 BUDGETS = [0.5, 0.3]  # 4 layers, ATP from layer 1: N_bar >= Lv / 4
 LV = 16
-FIELDS = ["method", "budget", "accuracy", "accuracy_by_family", "accuracy_by_qtype", "n_bar", "n_bar_share",
-          "tokens_per_layer", "tokens_per_layer_by_family", "flops_paper", "flops_exact", "kv_cache_bytes",
-          "prefill_ms", "decode_ms_per_token", "describe"]
+FIELDS = [
+    "method",
+    "budget",
+    "accuracy",
+    "accuracy_by_family",
+    "accuracy_by_qtype",
+    "n_bar",
+    "n_bar_share",
+    "tokens_per_layer",
+    "tokens_per_layer_by_family",
+    "flops_paper",
+    "flops_exact",
+    "kv_cache_bytes",
+    "prefill_ms",
+    "decode_ms_per_token",
+    "describe",
+]
 RATIOS = ["retention", "flops_exact_ratio", "kv_cache_bytes_ratio", "prefill_ms_ratio", "decode_ms_per_token_ratio"]
 
 TINY = [
-    "synthetic.train_samples=64", "synthetic.eval_samples=24", "synthetic.image_size=64", "synthetic.maxcount=32",
-    "model.scratch.patch_size=16", "model.scratch.vision_hidden_size=32", "model.scratch.vision_layers=1",
-    "model.scratch.vision_heads=2", "model.scratch.vision_intermediate_size=64", "model.scratch.hidden_size=32",
-    "model.scratch.num_layers=4", "model.scratch.num_heads=2", "model.scratch.num_kv_heads=2",
+    "synthetic.train_samples=64",
+    "synthetic.eval_samples=24",
+    "synthetic.image_size=64",
+    "synthetic.maxcount=32",
+    "model.scratch.patch_size=16",
+    "model.scratch.vision_hidden_size=32",
+    "model.scratch.vision_layers=1",
+    "model.scratch.vision_heads=2",
+    "model.scratch.vision_intermediate_size=64",
+    "model.scratch.hidden_size=32",
+    "model.scratch.num_layers=4",
+    "model.scratch.num_heads=2",
+    "model.scratch.num_kv_heads=2",
     "model.scratch.intermediate_size=64",
-    "base.weights=null", "base.train_samples=32", "base.overrides.train.max_steps=3",
-    "base.overrides.data.batch_size=8", "base.overrides.data.num_workers=0",
-    "atp.atp_layers=[1,2,3]", "atp.target_tokens=8", "atp.threshold_hidden=8", "atp.spatial_strides=[2]",
-    "data.batch_size=4", "data.num_workers=0", "train.max_steps=2", "train.checkpoint_every=2",
-    f"eval.budgets={BUDGETS}", "eval.limit=16", "eval.timing_repeats=1", "eval.decode_tokens=2",
-    "eval.batch_size=8", "eval.overlay_images=2", "eval.variant_overrides.train.max_steps=1",
+    "base.weights=null",
+    "base.train_samples=32",
+    "base.overrides.train.max_steps=3",
+    "base.overrides.data.batch_size=8",
+    "base.overrides.data.num_workers=0",
+    "atp.atp_layers=[1,2,3]",
+    "atp.target_tokens=8",
+    "atp.threshold_hidden=8",
+    "atp.spatial_strides=[2]",
+    "data.batch_size=4",
+    "data.num_workers=0",
+    "train.max_steps=2",
+    "train.checkpoint_every=2",
+    f"eval.budgets={BUDGETS}",
+    "eval.limit=16",
+    "eval.timing_repeats=1",
+    "eval.decode_tokens=2",
+    "eval.batch_size=8",
+    "eval.overlay_images=2",
+    "eval.variant_overrides.train.max_steps=1",
 ]
 
 
 def _run(args, timeout=900):
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
-    p = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=timeout)
+    p = subprocess.run(
+        [sys.executable, "-m", "pipeline", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert p.returncode == 0, p.stderr[-4000:]
     return p
 
@@ -75,7 +114,9 @@ def test_report_schema_and_measured_numbers(main_job):
     for m in METHODS[1:]:
         assert by[(m, 0.3)]["flops_exact"] < by[(m, 0.5)]["flops_exact"], m
     atp = by[("atp", 0.5)]
-    assert set(atp["kept_at_atp_layers_by_family"]) and all(len(v) == 3 for v in atp["kept_at_atp_layers_by_family"].values())
+    assert set(atp["kept_at_atp_layers_by_family"]) and all(
+        len(v) == 3 for v in atp["kept_at_atp_layers_by_family"].values()
+    )
     assert report["summary"]["budgets"]["0.5"]["best_training_free"] in METHODS[2:]
     assert report["meta"]["prior_accuracy"]["all"] >= 0
     for png in ("accuracy_vs_nbar.png", "kept_tokens_per_layer.png", "kept_tokens_overlay.png"):
@@ -103,24 +144,48 @@ def test_base_parts_and_variants(main_job):
 
 
 def test_eval_cli_on_an_export(main_job, tmp_path):
-    _run(["eval", "--checkpoint", str(main_job / "export"), "--shards", str(main_job / "shards" / "eval"),
-          "--out", str(tmp_path), "--methods", "atp", "uniform", "--budgets", "0.5", "--limit", "8",
-          "--timing-repeats", "1"])
+    _run(
+        [
+            "eval",
+            "--checkpoint",
+            str(main_job / "export"),
+            "--shards",
+            str(main_job / "shards" / "eval"),
+            "--out",
+            str(tmp_path),
+            "--methods",
+            "atp",
+            "uniform",
+            "--budgets",
+            "0.5",
+            "--limit",
+            "8",
+            "--timing-repeats",
+            "1",
+        ]
+    )
     recs = json.loads((tmp_path / "report.json").read_text())["records"]
     assert [(r["method"], r["budget"]) for r in recs] == [("unpruned", None), ("atp", 0.5), ("uniform", 0.5)]
 
 
 def _rec(method, budget, coarse, fine, qtypes):
-    return {"method": method, "budget": budget, "accuracy_by_family": {"coarse": coarse, "fine": fine},
-            "accuracy_by_qtype": qtypes}
+    return {
+        "method": method,
+        "budget": budget,
+        "accuracy_by_family": {"coarse": coarse, "fine": fine},
+        "accuracy_by_qtype": qtypes,
+    }
 
 
 def test_base_goals():
-    from pipeline.evaluate import base_goals
+    from pipeline.stages.base import base_goals
 
     prior = {"qtype": {"background": 0.3, "count_total": 0.25}}
-    good = [_rec("unpruned", None, 0.96, 0.86, {"background": 0.96, "count_total": 0.86}),
-            _rec("random", 0.25, 0.95, 0.80, {}), _rec("random", 0.11, 0.93, 0.70, {})]
+    good = [
+        _rec("unpruned", None, 0.96, 0.86, {"background": 0.96, "count_total": 0.86}),
+        _rec("random", 0.25, 0.95, 0.80, {}),
+        _rec("random", 0.11, 0.93, 0.70, {}),
+    ]
     g = base_goals(good, prior)
     assert g["met"] and g["random_budget"] == 0.11  # the smallest budget's drop counts
     assert g["random_drop"]["fine"] == pytest.approx(0.16) and g["discriminates"]

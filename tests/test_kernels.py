@@ -1,6 +1,7 @@
-"""Attention kernels (issue 7), CPU part: dispatch, fallbacks, varlen packing, and the flex / flash
+"""Attention kernels (model/kernels.py), CPU part: dispatch, fallbacks, varlen packing, and the flex / flash
 wrappers against the SDPA reference. CUDA-only checks are marked `gpu`; the full GPU checks and
 benchmarks are `python scripts/gpu_checks.py` (docs/GPU.md)."""
+
 import sys
 import types
 import warnings
@@ -9,10 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import AtpLlavaConfig, AtpLlavaForConditionalGeneration
+from model import AtpLlavaConfig
 from model import kernels as K
 from model.attention import atp_attention
-from tiny_models import LV, make_batch, tiny_atp
+
+from tiny_models import make_batch, tiny_atp
 
 torch.set_grad_enabled(True)
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -28,14 +30,19 @@ def sdpa_ref(q, k, v, live, log_m, scaling, q_len=None):
     """The reference: SDPA with the dense additive bias, in the inputs' dtype; [B, Lq, H, d]."""
     rep = q.shape[1] // k.shape[1]
     bias = K.dense_bias(live, log_m, q.dtype, q_len)
-    out = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=bias, scale=scaling)
+    out = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=bias, scale=scaling
+    )
     return out.transpose(1, 2)
 
 
 def qkv(B=3, H=4, Hkv=2, Lq=37, Lk=37, d=16, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, H, Lq, d, generator=g, dtype=dtype), torch.randn(B, Hkv, Lk, d, generator=g, dtype=dtype),
-            torch.randn(B, Hkv, Lk, d, generator=g, dtype=dtype))
+    return (
+        torch.randn(B, H, Lq, d, generator=g, dtype=dtype),
+        torch.randn(B, Hkv, Lk, d, generator=g, dtype=dtype),
+        torch.randn(B, Hkv, Lk, d, generator=g, dtype=dtype),
+    )
 
 
 def left_padded(lens, L):
@@ -121,7 +128,7 @@ def test_unpad_repad_round_trip_and_cu_seqlens(layout):
     assert cu.dtype == torch.int32 and cu.tolist() == [0] + torch.cumsum(n, 0).tolist()
     assert max_len == int(n.max()) and packed.shape == (int(n.sum()), 3, 2)
     for b in range(4):  # each sequence's live rows, in order, between its cu_seqlens
-        assert torch.equal(packed[cu[b]:cu[b + 1]], x[b][live[b]])
+        assert torch.equal(packed[cu[b] : cu[b + 1]], x[b][live[b]])
     back = K.repad(packed, idx, 4, L)
     assert torch.equal(back[live], x[live]) and (back[~live] == 0).all()
 
@@ -134,7 +141,9 @@ def test_flex_forward_and_mask_gradient_match_sdpa(q_len, Lk):
     q, k, v = qkv(Lq=Lq, Lk=Lk)
     live = left_padded([Lk, Lk - 6, Lk - 20], Lk)
     live[0, 10:14] = False
-    log_m = torch.log(torch.rand(3, Lk, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).clamp_min(0.05))
+    log_m = torch.log(
+        torch.rand(3, Lk, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).clamp_min(0.05)
+    )
     # CPU flex has no backward for q/k/v (CUDA only: scripts/gpu_checks.py); the captured log m's works
     inputs = [q, k, v, log_m.clone().requires_grad_()]
     block_mask, log_m_pad = K.flex_prepare(live, inputs[3], Lq)
@@ -142,7 +151,7 @@ def test_flex_forward_and_mask_gradient_match_sdpa(q_len, Lk):
     out = K.flex_masked_attention(*inputs[:3], block_mask, log_m_pad, 0.25)
     ref_inputs = [t.clone().requires_grad_() for t in (q, k, v, log_m)]
     ref = sdpa_ref(*ref_inputs[:3], live, ref_inputs[3], 0.25, q_len)
-    rows = live[:, Lk - Lq:]
+    rows = live[:, Lk - Lq :]
     assert (out - ref)[rows].abs().max() < 1e-5  # flex's eager scores are fp32
     w = torch.randn_like(ref)
     (out * w)[rows].sum().backward()
@@ -165,7 +174,11 @@ def _attn_bshd(q, k, v, scale):
     Lq, Lk = q.shape[1], k.shape[1]
     rep = q.shape[2] // k.shape[2]
     mask = torch.arange(Lk)[None] <= (Lk - Lq + torch.arange(Lq))[:, None]
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(rep, 1), v.transpose(1, 2).repeat_interleave(rep, 1)
+    q, k, v = (
+        q.transpose(1, 2),
+        k.transpose(1, 2).repeat_interleave(rep, 1),
+        v.transpose(1, 2).repeat_interleave(rep, 1),
+    )
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(1, 2)
 
 
@@ -181,8 +194,15 @@ def fake_flash(monkeypatch):
     def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False):
         assert causal and cu_q.dtype == cu_k.dtype == torch.int32
         calls.append("varlen")
-        outs = [_attn_bshd(q[cu_q[i]:cu_q[i + 1]][None], k[cu_k[i]:cu_k[i + 1]][None], v[cu_k[i]:cu_k[i + 1]][None],
-                           softmax_scale)[0] for i in range(len(cu_q) - 1)]
+        outs = [
+            _attn_bshd(
+                q[cu_q[i] : cu_q[i + 1]][None],
+                k[cu_k[i] : cu_k[i + 1]][None],
+                v[cu_k[i] : cu_k[i + 1]][None],
+                softmax_scale,
+            )[0]
+            for i in range(len(cu_q) - 1)
+        ]
         return torch.cat(outs)
 
     mod = types.ModuleType("flash_attn")
@@ -202,7 +222,7 @@ def test_flash_wrapper_matches_sdpa(fake_flash, case):
     if case == "decode":
         live[0, 4] = False  # a pruned key inside the cache
     out = K.flash_attention(q, k, v, live, 0.25)
-    rows = live[:, Lk - Lq:]
+    rows = live[:, Lk - Lq :]
     assert (out - sdpa_ref(q, k, v, live, None, 0.25, Lq))[rows].abs().max() < 1e-5
     assert (out[~rows] == 0).all()
     assert fake_flash == ["dense" if case == "full" else "varlen"]
@@ -238,7 +258,9 @@ def _run(m, b, grad=True):
     m.eval()
     with torch.no_grad():
         ev = m(**b)
-    gen = m.generate(**{k: b[k] for k in ("input_ids", "attention_mask", "pixel_values")}, max_new_tokens=3, do_sample=False)
+    gen = m.generate(
+        **{k: b[k] for k in ("input_ids", "attention_mask", "pixel_values")}, max_new_tokens=3, do_sample=False
+    )
     return out.loss.detach(), out.logits.detach(), grads, ev.logits, gen
 
 

@@ -8,6 +8,7 @@ wrapper (`python -m pipeline.lmms eval`, lmms-eval's own CLI and evaluator in a 
 process) covers all nine tasks; the tests read that run and compare it with
 `pipeline.answers` computed directly on the same samples.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,32 +32,43 @@ PAPER7 = cli.GROUPS["paper7"]
 
 def _env(tmp: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HOME=str(tmp / "hf"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+    env.update(
+        HF_HOME=str(tmp / "hf"),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONWARNINGS="ignore",
+    )
     return env
 
 
 def make_export(out: Path) -> None:
     """A random tiny ATP-LLaVA saved as pipeline/stages/export.py saves one."""
-    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import CLIPImageProcessor, LlavaForConditionalGeneration
 
     from model import AtpLlavaConfig, AtpLlavaForConditionalGeneration
     from pipeline.build import make_processor
     from pipeline.tokenizer import build_word_tokenizer
 
+    from tiny_models import tiny_llava_config
+
     tok = build_word_tokenizer()
     torch.manual_seed(0)
-    cfg = LlavaConfig(
-        vision_config=dict(model_type="clip_vision_model", image_size=32, patch_size=8, hidden_size=32,
-                           intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
-        text_config=dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
-                         max_position_embeddings=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id),
-        image_token_id=tok.convert_tokens_to_ids("<image>"), image_seq_length=LV)
+    cfg = tiny_llava_config(
+        layers=LAYERS,
+        vocab=len(tok),
+        image_token=tok.convert_tokens_to_ids("<image>"),
+        max_positions=512,
+        text=dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+    )
     model = AtpLlavaForConditionalGeneration.from_llava(
-        LlavaForConditionalGeneration(cfg), atp_layers=[2, 4], target_tokens=LV * 0.5, threshold_hidden=32,
-        spatial_strides=[2, 3]).eval()
+        LlavaForConditionalGeneration(cfg),
+        atp_layers=[2, 4],
+        target_tokens=LV * 0.5,
+        threshold_hidden=32,
+        spatial_strides=[2, 3],
+    ).eval()
     AtpLlavaConfig.register_for_auto_class()
     AtpLlavaForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
     model.save_pretrained(out, safe_serialization=True)
@@ -84,62 +96,140 @@ def _parquet(path: Path, rows: list[dict], images=("image",)) -> None:
 def make_benchmark_standins(root: Path) -> None:
     """Two rows per benchmark with the columns lmms-eval's task functions read."""
     q = "is there a red shape?"
-    _parquet(root / "gqa/testdev_balanced_instructions.parquet",
-             [dict(id=f"q{i}", imageId=f"img{i}", question=q, answer="yes") for i in range(2)], images=())
+    _parquet(
+        root / "gqa/testdev_balanced_instructions.parquet",
+        [dict(id=f"q{i}", imageId=f"img{i}", question=q, answer="yes") for i in range(2)],
+        images=(),
+    )
     _parquet(root / "gqa/testdev_balanced_images.parquet", [dict(id=f"img{i}", image=_image(i)) for i in range(2)])
-    _parquet(root / "mmbench/en_dev.parquet",
-             [dict(index=i, question="which colour?", answer="A", hint=None, A="red", B="blue", C="green", D="gray",
-                   category="color", **{"L2-category": "attribute"}, source="test", split="dev", image=_image(i))
-              for i in range(2)])
-    _parquet(root / "mme/test.parquet",
-             [dict(question_id="img0.png", question=q + " Please answer yes or no.", answer=a, category="existence",
-                   image=_image(0)) for a in ("Yes", "No")])
-    _parquet(root / "pope/test.parquet",
-             [dict(question_id=str(i), question=q, answer=a, category="adversarial", image=_image(i))
-              for i, a in enumerate(("yes", "no"))])
-    _parquet(root / "seedbench/test.parquet",
-             [dict(question_id=str(i), question="which colour?", choice_a="red", choice_b="blue", choice_c="green",
-                   choice_d="gray", answer="A", data_type="image", image=[_image(i)]) for i in range(2)])
-    _parquet(root / "scienceqa/img_test.parquet",
-             [dict(hint="", question="which colour?", choices=["red", "blue"], answer=0, image=_image(i))
-              for i in range(2)])
-    _parquet(root / "vqav2/validation.parquet",
-             [dict(question_id=i, question=q, image=_image(i),
-                   answers=[dict(answer="yes", answer_confidence="yes", answer_id=j) for j in range(10)])
-              for i in range(2)])
+    _parquet(
+        root / "mmbench/en_dev.parquet",
+        [
+            dict(
+                index=i,
+                question="which colour?",
+                answer="A",
+                hint=None,
+                A="red",
+                B="blue",
+                C="green",
+                D="gray",
+                category="color",
+                **{"L2-category": "attribute"},
+                source="test",
+                split="dev",
+                image=_image(i),
+            )
+            for i in range(2)
+        ],
+    )
+    _parquet(
+        root / "mme/test.parquet",
+        [
+            dict(
+                question_id="img0.png",
+                question=q + " Please answer yes or no.",
+                answer=a,
+                category="existence",
+                image=_image(0),
+            )
+            for a in ("Yes", "No")
+        ],
+    )
+    _parquet(
+        root / "pope/test.parquet",
+        [
+            dict(question_id=str(i), question=q, answer=a, category="adversarial", image=_image(i))
+            for i, a in enumerate(("yes", "no"))
+        ],
+    )
+    _parquet(
+        root / "seedbench/test.parquet",
+        [
+            dict(
+                question_id=str(i),
+                question="which colour?",
+                choice_a="red",
+                choice_b="blue",
+                choice_c="green",
+                choice_d="gray",
+                answer="A",
+                data_type="image",
+                image=[_image(i)],
+            )
+            for i in range(2)
+        ],
+    )
+    _parquet(
+        root / "scienceqa/img_test.parquet",
+        [dict(hint="", question="which colour?", choices=["red", "blue"], answer=0, image=_image(i)) for i in range(2)],
+    )
+    _parquet(
+        root / "vqav2/validation.parquet",
+        [
+            dict(
+                question_id=i,
+                question=q,
+                image=_image(i),
+                answers=[dict(answer="yes", answer_confidence="yes", answer_id=j) for j in range(10)],
+            )
+            for i in range(2)
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from shards import synthetic
     from pipeline.lmms.synthetic import convert
+    from shards import synthetic
 
     root = tmp_path_factory.mktemp("lmms")
     make_export(root / "export")
-    synthetic.write(str(root / "shards"), "eval", SAMPLES, 1, synthetic.Options(image_size=64, turns=1),
-                    progress=False)
+    synthetic.write(str(root / "shards"), "eval", SAMPLES, 1, synthetic.Options(image_size=64, turns=1), progress=False)
     convert(root / "shards", root / "synthetic")
     make_benchmark_standins(root / "data")
     return root
+
+
+def _lmms_eval(setup, tasks, include, out, extra, timeout):
+    """`python -m pipeline.lmms eval` on the export, in a child process, as a user runs it."""
+    cmd = [sys.executable, "-m", "pipeline.lmms", "eval", "--model-dir", setup / "export", "--tasks", tasks]
+    cmd += ["--include-path", include, "--output", out, *extra]
+    return subprocess.run(
+        list(map(str, cmd)), cwd=setup, env=_env(setup), capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
 def run(setup):
     """The wrapper over all nine tasks, in a child process, as a user runs it."""
     out = setup / "out"
-    cmd = [sys.executable, "-m", "pipeline.lmms", "eval", "--model-dir", setup / "export",
-           "--tasks", "synthetic_vqa,synthetic_mc,paper7", "--include-path", setup / "synthetic",
-           "--data-root", setup / "data", "--output", out, "--batch-size", "4", "--quiet",
-           "--", "--gen_kwargs", f"max_new_tokens={MAX_NEW}"]
-    p = subprocess.run(list(map(str, cmd)), cwd=setup, env=_env(setup), capture_output=True, text=True, timeout=600)
+    extra = [
+        "--data-root",
+        setup / "data",
+        "--batch-size",
+        "4",
+        "--quiet",
+        "--",
+        "--gen_kwargs",
+        f"max_new_tokens={MAX_NEW}",
+    ]
+    p = _lmms_eval(setup, "synthetic_vqa,synthetic_mc,paper7", setup / "synthetic", out, extra, timeout=600)
     assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}\n{(out / 'lmms_eval.log').read_text()[-6000:]}"
     results = [p for p in out.glob("*/*_results.json") if p.parent.name != "submissions"]
     assert len(results) == 1, results
     date_id = results[0].name[: -len("_results.json")]
-    samples = {t: [json.loads(line) for line in results[0].with_name(f"{date_id}_samples_{t}.jsonl").open()]
-               for t in ("synthetic_vqa", "synthetic_mc")}
-    return dict(results=json.loads(results[0].read_text()), path=results[0], stdout=p.stdout,
-                stats_path=results[0].with_name(f"{date_id}_{cli.STATS_NAME}"), samples=samples)
+    samples = {
+        t: [json.loads(line) for line in results[0].with_name(f"{date_id}_samples_{t}.jsonl").open()]
+        for t in ("synthetic_vqa", "synthetic_mc")
+    }
+    return dict(
+        results=json.loads(results[0].read_text()),
+        path=results[0],
+        stdout=p.stdout,
+        stats_path=results[0].with_name(f"{date_id}_{cli.STATS_NAME}"),
+        samples=samples,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -150,21 +240,36 @@ def direct(setup):
 
     model = AutoModelForImageTextToText.from_pretrained(setup / "export", trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(setup / "export")
-    docs = list(load_dataset("parquet", data_files=str(setup / "synthetic" / "synthetic_eval.parquet"), split="train",
-                             cache_dir=str(setup / "hf_direct")))
+    docs = list(
+        load_dataset(
+            "parquet",
+            data_files=str(setup / "synthetic" / "synthetic_eval.parquet"),
+            split="train",
+            cache_dir=str(setup / "hf_direct"),
+        )
+    )
     prompts = [answers.prompt_for(d["question"]) for d in docs]
     images = [d["image"].convert("RGB") for d in docs]
     gen_stats, mc_stats = answers.TokenStats(), answers.TokenStats()
-    preds = answers.greedy_answers(model, processor, prompts, images, max_new_tokens=MAX_NEW, batch_size=4,
-                                   stats=gen_stats)
+    preds = answers.greedy_answers(
+        model, processor, prompts, images, max_new_tokens=MAX_NEW, batch_size=4, stats=gen_stats
+    )
     flat = [(i, c) for i, d in enumerate(docs) for c in d["choices"]]
-    lls = answers.choice_loglikelihoods(model, processor, [prompts[i] for i, _ in flat], [images[i] for i, _ in flat],
-                                        [" " + c for _, c in flat], batch_size=4, stats=mc_stats)
+    lls = answers.choice_loglikelihoods(
+        model,
+        processor,
+        [prompts[i] for i, _ in flat],
+        [images[i] for i, _ in flat],
+        [" " + c for _, c in flat],
+        batch_size=4,
+        stats=mc_stats,
+    )
     per_doc = [[ll for (j, _), (ll, _) in zip(flat, lls) if j == i] for i in range(len(docs))]
     return dict(docs=docs, preds=preds, lls=per_doc, gen_stats=gen_stats.summary(), mc_stats=mc_stats.summary())
 
 
 # ------------------------------------------------------------------------------------- tests
+
 
 def test_plugin_found_through_entry_point():
     from lmms_eval.models import get_model
@@ -186,7 +291,7 @@ def test_loglikelihood_survives_unwrap_generation_output():
 def test_generation_task_scores_equal_answers_module(run, direct):
     got = {s["doc_id"]: s for s in run["samples"]["synthetic_vqa"]}
     assert sorted(got) == list(range(SAMPLES))
-    for i, doc in enumerate(direct["docs"]):
+    for i in range(len(direct["docs"])):
         resp = got[i]["filtered_resps"]  # lmms-eval logs a single response unwrapped
         assert (resp if isinstance(resp, str) else resp[0]) == direct["preds"][i], i
     want = sum(answers.is_correct(p, d["answer"]) for p, d in zip(direct["preds"], direct["docs"])) / SAMPLES
@@ -231,15 +336,22 @@ def test_seven_offline_benchmarks_run_from_local_copies(run):
     assert config["dataset_path"] == "parquet"
 
 
-@pytest.mark.parametrize("pruning,extra", [("none", {}), ("fixed", {"fixed_counts": "6/2"}),
-                                           ("uniform", {"share": 0.5})])
+@pytest.mark.parametrize(
+    "pruning,extra", [("none", {}), ("fixed", {"fixed_counts": "6/2"}), ("uniform", {"share": 0.5})]
+)
 def test_pruning_modes(setup, pruning, extra):
     from pipeline.lmms.model import AtpLlavaLmms
 
     lm = AtpLlavaLmms(pretrained=str(setup / "export"), pruning=pruning, batch_size=2, **extra)
     stats = answers.TokenStats()
-    answers.greedy_answers(lm.model, lm.processor, [answers.prompt_for("is there a red shape?")], [_image(1)],
-                           max_new_tokens=1, stats=stats)
+    answers.greedy_answers(
+        lm.model,
+        lm.processor,
+        [answers.prompt_for("is there a red shape?")],
+        [_image(1)],
+        max_new_tokens=1,
+        stats=stats,
+    )
     per_layer = stats.summary()["tokens_per_layer"]
     assert lm.pruning == pruning
     if pruning == "none":
@@ -260,8 +372,19 @@ def test_offline_task_files_listed():
 
 
 def test_wrapper_fails_when_local_data_is_missing(tmp_path, setup, capsys):
-    rc = cli.main(["eval", "--model-dir", str(setup / "export"), "--tasks", "pope_local",
-                   "--data-root", str(tmp_path / "empty"), "--output", str(tmp_path / "out")])
+    rc = cli.main(
+        [
+            "eval",
+            "--model-dir",
+            str(setup / "export"),
+            "--tasks",
+            "pope_local",
+            "--data-root",
+            str(tmp_path / "empty"),
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert "pope_local: missing DATA_ROOT/pope/test.parquet" in err and "load_dataset(" in err
@@ -286,12 +409,11 @@ def test_wrapper_fails_loudly_when_a_task_errors(setup):
     broken = setup / "broken"
     broken.mkdir(exist_ok=True)
     text = (setup / "synthetic" / "synthetic_vqa.yaml").read_text()
-    (broken / "broken_vqa.yaml").write_text(text.replace("task: synthetic_vqa", "task: broken_vqa")
-                                            .replace("synthetic_eval.parquet", "gone.parquet"))
+    (broken / "broken_vqa.yaml").write_text(
+        text.replace("task: synthetic_vqa", "task: broken_vqa").replace("synthetic_eval.parquet", "gone.parquet")
+    )
     out = setup / "out_broken"
-    cmd = [sys.executable, "-m", "pipeline.lmms", "eval", "--model-dir", setup / "export", "--tasks", "broken_vqa",
-           "--include-path", broken, "--output", out, "--quiet"]
-    p = subprocess.run(list(map(str, cmd)), cwd=setup, env=_env(setup), capture_output=True, text=True, timeout=300)
+    p = _lmms_eval(setup, "broken_vqa", broken, out, ["--quiet"], timeout=300)
     assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
     assert "FAILED" in p.stderr and ("no *_results.json" in p.stderr or "broken_vqa" in p.stderr)
     assert "exited with status" not in p.stderr  # lmms-eval itself exited 0: the wrapper caught it

@@ -1,14 +1,23 @@
-"""Model core (issue 2): the properties training, inference and export rely on. Tiny, CPU, fp32."""
+"""Model core: the properties training, inference and export rely on. Tiny, CPU, fp32."""
+
 import pytest
 import torch
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb
 
-from model import CACHE_KW, AtpLlavaConfig, AtpLlavaForConditionalGeneration, layer_flops_exact, layer_flops_paper, model_costs
+from model import (
+    CACHE_KW,
+    AtpLlavaConfig,
+    AtpLlavaForConditionalGeneration,
+    layer_flops_exact,
+    layer_flops_paper,
+    model_costs,
+)
 from model.attention import atp_attention
+from model.budget import tokens_per_layer
 from model.kernels import dense_bias
-from model.modeling_atp_llava import visual_tokens_per_layer
 from model.scores import spatial_scores
+
 from tiny_models import IMAGE_TOKEN, LV, make_batch, tiny_atp, tiny_llava_config
 
 torch.set_grad_enabled(True)
@@ -40,9 +49,17 @@ def test_config_fields_take_natural_types(tmp_path):
     its float type, and survives a save / load."""
     from tiny_models import tiny_llava
 
-    m = AtpLlavaForConditionalGeneration.from_llava(tiny_llava(), atp_layers=[1, 3], pruning="atp", target_tokens=6,
-                                                    lambda_atp=1, lambda_target=0, lambda_sample=3, mask_temperature=50,
-                                                    mask_eps=0)
+    m = AtpLlavaForConditionalGeneration.from_llava(
+        tiny_llava(),
+        atp_layers=[1, 3],
+        pruning="atp",
+        target_tokens=6,
+        lambda_atp=1,
+        lambda_target=0,
+        lambda_sample=3,
+        mask_temperature=50,
+        mask_eps=0,
+    )
     c = m.config
     for name in ("target_tokens", "lambda_atp", "lambda_target", "lambda_sample", "mask_temperature", "mask_eps"):
         assert type(getattr(c, name)) is float, name
@@ -158,13 +175,15 @@ def test_generate_matches_uncached_pruned_recompute_and_cache_is_pruned():
     b = make_batch([3, 5], [4, 2], padding="left", seed=4)
     prompt = {k: b[k] for k in ("input_ids", "attention_mask", "pixel_values")}
     gen = m.generate(**prompt, max_new_tokens=6, do_sample=False)
-    new = gen[:, b["input_ids"].shape[1]:]
+    new = gen[:, b["input_ids"].shape[1] :]
     # the instruction is the prompt's text after the image; generated tokens never join it
     L0 = b["input_ids"].shape[1]
     qmask = m._query_mask(
-        type("S", (), {"live": b["attention_mask"].bool(),
-                       "vis": torch.where(b["input_ids"] == IMAGE_TOKEN, 0, -1)})(),
-        torch.ones(2, dtype=torch.bool), None, None)
+        type("S", (), {"live": b["attention_mask"].bool(), "vis": torch.where(b["input_ids"] == IMAGE_TOKEN, 0, -1)})(),
+        torch.ones(2, dtype=torch.bool),
+        None,
+        None,
+    )
     ids, mask = b["input_ids"], b["attention_mask"]
     with torch.no_grad():
         for t in range(new.shape[1]):
@@ -195,7 +214,7 @@ def test_generate_matches_uncached_pruned_recompute_and_cache_is_pruned():
 
 def test_method_sec7_nbar_and_eq15_flops():
     counts = [torch.tensor([576.0]), torch.tensor([126.0]), torch.tensor([88.0]), torch.tensor([20.0])]
-    per_layer = visual_tokens_per_layer(counts, [4, 14, 24], 32)
+    per_layer = tokens_per_layer(counts, [4, 14, 24], 32)
     assert per_layer.shape == (1, 32)
     assert round(per_layer.mean().item(), 1) == 143.9
     L, d, m = 640, 4096, 11008
@@ -203,8 +222,17 @@ def test_method_sec7_nbar_and_eq15_flops():
     # exact count, GQA 32 heads / 8 kv heads x 128, SwiGLU: q,o: 2*L*d*4096 each; k,v: 2*L*d*1024 each
     exact = 2 * L * d * (4096 + 4096 + 1024 + 1024) + 4 * L * L * 4096 + 6 * L * d * m
     assert layer_flops_exact(L, d, m, 32, 8, 128) == exact
-    cfg = AtpLlavaConfig(text_config=dict(model_type="llama", hidden_size=d, intermediate_size=m, num_hidden_layers=32,
-                                          num_attention_heads=32, num_key_value_heads=32), atp_layers=[4, 14, 24])
+    cfg = AtpLlavaConfig(
+        text_config=dict(
+            model_type="llama",
+            hidden_size=d,
+            intermediate_size=m,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+        ),
+        atp_layers=[4, 14, 24],
+    )
     full = model_costs([576] * 32, 64, cfg)
     pruned = model_costs(per_layer[0].tolist(), 64, cfg)
     assert full["flops_paper"] == 32 * layer_flops_paper(640, d, m)
@@ -226,11 +254,13 @@ def test_edge_cases_finite(batch, kept):
         out = m(**b, atp_masks=masks)
         assert torch.isfinite(out.loss) and torch.isfinite(out.logits).all()
         if kept == "none":
-            assert out.visual_tokens[:, m.config.atp_layers[0]:].sum() == 0
+            assert out.visual_tokens[:, m.config.atp_layers[0] :].sum() == 0
         if kept == "all":
             assert (out.visual_tokens == LV).all()
     m.eval()
-    gen = m.generate(**{k: b[k] for k in ("input_ids", "attention_mask", "pixel_values")}, max_new_tokens=2, atp_masks=masks)
+    gen = m.generate(
+        **{k: b[k] for k in ("input_ids", "attention_mask", "pixel_values")}, max_new_tokens=2, atp_masks=masks
+    )
     assert gen.shape[0] == batch
 
 
@@ -282,8 +312,9 @@ def test_spatial_score_grids_follow_method_sec2():
 def test_from_llava_path_and_save_load_roundtrip(tmp_path):
     llava, m = tiny_atp()
     llava.save_pretrained(tmp_path / "llava")
-    m2 = AtpLlavaForConditionalGeneration.from_llava(str(tmp_path / "llava"), atp_layers=[2, 4], threshold_hidden=32,
-                                                     spatial_strides=[2, 3], target_tokens=LV * 0.5)
+    m2 = AtpLlavaForConditionalGeneration.from_llava(
+        str(tmp_path / "llava"), atp_layers=[2, 4], threshold_hidden=32, spatial_strides=[2, 3], target_tokens=LV * 0.5
+    )
     m.save_pretrained(tmp_path / "atp")
     m3 = AtpLlavaForConditionalGeneration.from_pretrained(tmp_path / "atp").eval()
     b = make_batch([2], [3], seed=9)
@@ -306,23 +337,36 @@ def test_from_original_llava_parts(tmp_path):
     text = cfg.text_config.to_dict()
     text["vocab_size"] = len(tok)
     from transformers import LlamaConfig
+
     llama = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in text.items() if k not in ("model_type",)}))
     llama.save_pretrained(tmp_path / "vicuna")
     tok.save_pretrained(tmp_path / "vicuna")
     clip = CLIPVisionModel(cfg.vision_config)
     clip.save_pretrained(tmp_path / "clip")
     d_v, d_t = cfg.vision_config.hidden_size, cfg.text_config.hidden_size
-    proj = {"model.mm_projector.0.weight": torch.randn(d_t, d_v), "model.mm_projector.0.bias": torch.randn(d_t),
-            "model.mm_projector.2.weight": torch.randn(d_t, d_t), "model.mm_projector.2.bias": torch.randn(d_t)}
+    proj = {
+        "model.mm_projector.0.weight": torch.randn(d_t, d_v),
+        "model.mm_projector.0.bias": torch.randn(d_t),
+        "model.mm_projector.2.weight": torch.randn(d_t, d_t),
+        "model.mm_projector.2.bias": torch.randn(d_t),
+    }
     torch.save(proj, tmp_path / "mm_projector.bin")
 
-    m = AtpLlavaForConditionalGeneration.from_parts(tmp_path / "vicuna", tmp_path / "clip", tmp_path / "mm_projector.bin",
-                                                    atp_layers=[2, 4], spatial_strides=[2, 3], threshold_hidden=32)
+    m = AtpLlavaForConditionalGeneration.from_parts(
+        tmp_path / "vicuna",
+        tmp_path / "clip",
+        tmp_path / "mm_projector.bin",
+        atp_layers=[2, 4],
+        spatial_strides=[2, 3],
+        threshold_hidden=32,
+    )
     x = torch.randn(3, d_v)
     want = torch.nn.functional.gelu(x @ proj["model.mm_projector.0.weight"].T + proj["model.mm_projector.0.bias"])
     want = want @ proj["model.mm_projector.2.weight"].T + proj["model.mm_projector.2.bias"]
     assert torch.allclose(m.model.multi_modal_projector(x), want, atol=1e-5)
-    assert torch.equal(m.model.language_model.embed_tokens.weight[: len(tok)], llama.model.embed_tokens.weight[: len(tok)])
+    assert torch.equal(
+        m.model.language_model.embed_tokens.weight[: len(tok)], llama.model.embed_tokens.weight[: len(tok)]
+    )
     assert m.config.num_visual_tokens == LV
     assert m.config.image_token_id == tok.convert_tokens_to_ids("<image>")
     with pytest.raises(FileNotFoundError, match="mm_projector"):

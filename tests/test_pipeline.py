@@ -6,6 +6,7 @@ CLIP dir, `mm_projector.bin` in LLaVA's key names) and tiny synthetic shards
 projector -> sft -> export once under `torchrun --nproc_per_node 2`; the tests read that
 run and start further runs from its projector output.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,14 +59,26 @@ def consolidated(run: Path) -> dict:
 
 # ------------------------------------------------------------------------------------- tests
 
+
 def test_zero3_pipeline_end_to_end(zero3_run, tiny):
     assert not tiny["shm_left"]  # DeepSpeed's CPU all-reduce files are unlinked (distributed.py)
     for stage in ("projector", "sft", "export"):
         assert (zero3_run / stage / "DONE").exists()
     metrics = [json.loads(line) for line in (zero3_run / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
-    for key in ("loss/total", "loss/ntp", "loss/atp", "loss/target", "atp/n_bar", "atp/kept/module1",
-                "atp/theta_r/module0/min", "atp/theta_s/module1/max", "lr/lm", "lr/atp", "perf/samples_per_s"):
+    for key in (
+        "loss/total",
+        "loss/ntp",
+        "loss/atp",
+        "loss/target",
+        "atp/n_bar",
+        "atp/kept/module1",
+        "atp/theta_r/module0/min",
+        "atp/theta_s/module1/max",
+        "lr/lm",
+        "lr/atp",
+        "perf/samples_per_s",
+    ):
         assert key in metrics[-1], key
     assert metrics[0]["lr/atp"] == pytest.approx(10 * metrics[0]["lr/lm"])  # separate groups
     assert list((zero3_run / "tb").glob("events.out.tfevents.*"))
@@ -100,7 +113,8 @@ inputs = proc(images=Image.new("RGB", (40, 40), (200, 30, 30)),
 with torch.no_grad():
     out = m(**inputs)
     gen = m.generate(**inputs, max_new_tokens=4, do_sample=False)
-print(json.dumps({"visual_tokens": out.visual_tokens[0].tolist(), "new_tokens": gen.shape[1] - inputs["input_ids"].shape[1],
+print(json.dumps({"visual_tokens": out.visual_tokens[0].tolist(),
+                  "new_tokens": gen.shape[1] - inputs["input_ids"].shape[1],
                   "image_tokens": int((inputs["input_ids"] == m.config.image_token_id).sum())}))
 """
 
@@ -111,8 +125,14 @@ def test_export_loads_without_the_repo(zero3_run, tmp_path):
     env = {k: v for k, v in ENV.items() if k != "PYTHONPATH"}
     env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
     # -S: no site processing, so the editable install's path hook never loads; cwd is not the repo
-    p = subprocess.run([sys.executable, "-S", str(script), sysconfig.get_paths()["purelib"], str(zero3_run / "export")],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    p = subprocess.run(
+        [sys.executable, "-S", str(script), sysconfig.get_paths()["purelib"], str(zero3_run / "export")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert p.returncode == 0, p.stderr[-4000:]
     res = json.loads(p.stdout.strip().splitlines()[-1])
     assert res["image_tokens"] == LV
@@ -128,14 +148,24 @@ def test_projector_zero3_loading_matches_plain(zero3_run, tiny):
 
     parts = tiny["parts"]
     zero3 = AtpLlavaForConditionalGeneration.from_pretrained(zero3_run / "projector").eval()
-    plain = AtpLlavaForConditionalGeneration.from_parts(parts["llama"], parts["clip"], parts["mm_projector"],
-                                                        atp_layers=[1, 3], threshold_hidden=32,
-                                                        spatial_strides=[2, 3], target_tokens=LV * 0.5).eval()
+    plain = AtpLlavaForConditionalGeneration.from_parts(
+        parts["llama"],
+        parts["clip"],
+        parts["mm_projector"],
+        atp_layers=[1, 3],
+        threshold_hidden=32,
+        spatial_strides=[2, 3],
+        target_tokens=LV * 0.5,
+    ).eval()
     x = torch.randn(3, LV, 32, generator=torch.Generator().manual_seed(1))
     raw = torch.load(parts["mm_projector"], weights_only=True)
-    ref = torch.nn.functional.linear(torch.nn.functional.gelu(torch.nn.functional.linear(
-        x, raw["model.mm_projector.0.weight"], raw["model.mm_projector.0.bias"])),
-        raw["model.mm_projector.2.weight"], raw["model.mm_projector.2.bias"])
+    ref = torch.nn.functional.linear(
+        torch.nn.functional.gelu(
+            torch.nn.functional.linear(x, raw["model.mm_projector.0.weight"], raw["model.mm_projector.0.bias"])
+        ),
+        raw["model.mm_projector.2.weight"],
+        raw["model.mm_projector.2.bias"],
+    )
     with torch.no_grad():
         out_zero3 = zero3.model.multi_modal_projector(x)
         out_plain = plain.model.multi_modal_projector(x)
@@ -180,10 +210,24 @@ def test_budget_losses_pull_n_bar_to_target(zero3_run, tiny):
     saturates the masks and the thresholds' gradient vanishes once all tokens are gone."""
     run = fresh_run(tiny, "budget")
     target = LV * 0.25
-    launch(["run", tiny["config"], f"run_dir={run}", "stages=[sft]", f"atp.target_tokens={target}",
-            "atp.mask_temperature=10", "atp.lambda_target=1.0", "train.lr_lm=0", "train.lr_atp=1e-2",
+    launch(
+        [
+            "run",
+            tiny["config"],
+            f"run_dir={run}",
+            "stages=[sft]",
+            f"atp.target_tokens={target}",
+            "atp.mask_temperature=10",
+            "atp.lambda_target=1.0",
+            "train.lr_lm=0",
+            "train.lr_atp=1e-2",
             "train.calibrate_thresholds=false",  # keep the far-off analytic start
-            "train.epochs=4", "train.max_steps=60", "train.checkpoint_every=100"], nproc=1)
+            "train.epochs=4",
+            "train.max_steps=60",
+            "train.checkpoint_every=100",
+        ],
+        nproc=1,
+    )
     from pipeline.monitor import read_metrics
 
     m = read_metrics(run / "sft" / "metrics.jsonl")
@@ -197,9 +241,22 @@ def test_sigusr1_on_one_rank_saves_and_exits_zero(zero3_run, tiny):
     """SIGUSR1 to rank 1 only: both ranks agree after the step, save, leave `.preempted`
     (training is not finished) and exit 0."""
     run = fresh_run(tiny, "signal")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pipeline",
-           "run", str(tiny["config"]), f"run_dir={run}", "stages=[sft]", "train.epochs=50", "train.max_steps=200",
-           "train.checkpoint_every=1000"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "pipeline",
+        "run",
+        str(tiny["config"]),
+        f"run_dir={run}",
+        "stages=[sft]",
+        "train.epochs=50",
+        "train.max_steps=200",
+        "train.checkpoint_every=1000",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = run / "sft" / "metrics.jsonl"
     deadline = time.time() + 180

@@ -1,5 +1,6 @@
 """`latest` only ever names a complete checkpoint (pipeline.checkpoint), without DeepSpeed:
 a stand-in engine writes a tag's files the way `save_checkpoint` does, or dies half-way."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,8 +18,9 @@ class FakeEngine:
         assert save_latest is False  # DeepSpeed must not write `latest` itself
         tag_dir = Path(save_dir) / tag
         tag_dir.mkdir(parents=True, exist_ok=True)
-        for i, name in enumerate(["zero_pp_rank_0_mp_rank_00_model_states.pt",
-                                  "zero_pp_rank_0_mp_rank_00_optim_states.pt"]):
+        for i, name in enumerate(
+            ["zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+        ):
             if self.fail_after_files is not None and i >= self.fail_after_files:
                 raise RuntimeError("killed mid-save")
             (tag_dir / name).write_text(str(client_state))

@@ -1,4 +1,5 @@
 """Run config and DeepSpeed config: errors name the key and come fast, before any model."""
+
 from __future__ import annotations
 
 import json
@@ -19,21 +20,28 @@ CONFIGS = REPO / "pipeline" / "configs"
 def cli(*args, timeout=60):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=timeout)
+    p = subprocess.run(
+        [sys.executable, "-m", "pipeline", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
     return p, time.perf_counter() - t0
 
 
-@pytest.mark.parametrize("override, key", [
-    ("train.lr_lmm=1e-4", "train.lr_lmm"),              # unknown key
-    ("train.grad_accum=four", "train.grad_accum"),      # wrong type
-    ("data.batch_size=1.5", "data.batch_size"),         # wrong type, in the data schema
-    ("model.llama_dir=/nonexistent/vicuna", "model.llama_dir"),  # missing path
-    ("data.shards=/nonexistent/shards/train-{000..003}.tar", "data.shards"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.lr_lmm=1e-4", "train.lr_lmm"),  # unknown key
+        ("train.grad_accum=four", "train.grad_accum"),  # wrong type
+        ("data.batch_size=1.5", "data.batch_size"),  # wrong type, in the data schema
+        ("model.llama_dir=/nonexistent/vicuna", "model.llama_dir"),  # missing path
+        ("data.shards=/nonexistent/shards/train-{000..003}.tar", "data.shards"),
+    ],
+)
 def test_config_errors_fail_fast_naming_the_key(override, key, tmp_path):
-    extra = ["model.source=parts", f"model.clip_dir={tmp_path}", f"model.mm_projector={tmp_path}"] \
-        if key == "model.llama_dir" else []
+    extra = (
+        ["model.source=parts", f"model.clip_dir={tmp_path}", f"model.mm_projector={tmp_path}"]
+        if key == "model.llama_dir"
+        else []
+    )
     p, seconds = cli("run", str(DEFAULT_CONFIG), f"run_dir={tmp_path}/run", *extra, override)
     assert p.returncode == 2, p.stderr[-2000:]
     assert f"'{key}'" in p.stderr, p.stderr
@@ -56,13 +64,22 @@ def test_shipped_configs(tmp_path):
     assert run.model.llama_dir == "runs/default/base/llama" and run.eval.shards == "runs/default/shards/eval"
     # the committed base is the architecture the config describes (the base stage checks it too)
     llama = json.loads((REPO / run.base.weights / "llama" / "config.json").read_text())
-    assert (llama["num_hidden_layers"], llama["hidden_size"]) == (run.model.scratch.num_layers, run.model.scratch.hidden_size)
+    assert (llama["num_hidden_layers"], llama["hidden_size"]) == (
+        run.model.scratch.num_layers,
+        run.model.scratch.hidden_size,
+    )
     # the paper's setup: only its external paths are missing here
     with pytest.raises(ConfigError, match="'model.llama_dir'"):
         load_config(CONFIGS / "llava15_7b.yaml")
-    paper = load_config(CONFIGS / "llava15_7b.yaml", [
-        f"model.llama_dir={tmp_path}", f"model.clip_dir={tmp_path}", f"model.mm_projector={tmp_path}",
-        f"data.shards={tmp_path}"])
+    paper = load_config(
+        CONFIGS / "llava15_7b.yaml",
+        [
+            f"model.llama_dir={tmp_path}",
+            f"model.clip_dir={tmp_path}",
+            f"model.mm_projector={tmp_path}",
+            f"data.shards={tmp_path}",
+        ],
+    )
     assert paper.atp.atp_layers == [4, 14, 24] and paper.atp.target_tokens == 144
     assert (paper.train.lr_lm, paper.train.lr_atp, paper.train.epochs) == (2e-5, 1e-4, 1)
     assert (paper.atp.lambda_target, paper.atp.lambda_atp) == (0.2, 0.05)
@@ -80,7 +97,11 @@ def test_deepspeed_config_filled_from_the_run(tmp_path):
 
     run = load_config(DEFAULT_CONFIG, ["data.batch_size=3", "train.grad_accum=5", "train.grad_clip=0.5"])
     ds = build_ds_config(run, world_size=4, total_steps=100, hidden_size=64, cuda=False)
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (3, 5, 60)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (
+        3,
+        5,
+        60,
+    )
     assert ds["gradient_clipping"] == 0.5
     assert ds["optimizer"]["params"]["lr"] == run.train.lr_lm and ds["optimizer"]["params"]["torch_adam"]
     assert "scheduler" not in ds  # the client LambdaLR
@@ -95,8 +116,13 @@ def test_deepspeed_config_filled_from_the_run(tmp_path):
     bad = tmp_path / "ds.json"
     bad.write_text(json.dumps({**load_ds_json(run.train.ds_config), "train_batch_size": 64}))
     with pytest.raises(ConfigError, match="train_batch_size"):
-        build_ds_config(load_config(DEFAULT_CONFIG, [f"train.ds_config={bad}"]), world_size=1, total_steps=1,
-                        hidden_size=64, cuda=False)
+        build_ds_config(
+            load_config(DEFAULT_CONFIG, [f"train.ds_config={bad}"]),
+            world_size=1,
+            total_steps=1,
+            hidden_size=64,
+            cuda=False,
+        )
 
 
 def test_lr_schedule_warmup_then_cosine_per_group():
@@ -124,8 +150,16 @@ def test_base_round_from_parts_on_its_own_shards(tmp_path):
     """`base.init` continues from committed parts; `base.synthetic` sets its shards' options."""
     from pipeline.stages.base import base_run, shard_options
 
-    run = load_config(DEFAULT_CONFIG, [f"run_dir={tmp_path}", "base.weights=null", f"base.init={REPO / 'embedded/base'}",
-                                       "base.synthetic.turns=8", "base.synthetic.fine_share=0.6"])
+    run = load_config(
+        DEFAULT_CONFIG,
+        [
+            f"run_dir={tmp_path}",
+            "base.weights=null",
+            f"base.init={REPO / 'embedded/base'}",
+            "base.synthetic.turns=8",
+            "base.synthetic.fine_share=0.6",
+        ],
+    )
     opt = shard_options(run)
     assert (opt.turns, opt.fine_share, opt.image_size) == (8, 0.6, run.model.scratch.image_size)
     b = base_run(run, tmp_path / "base")
@@ -136,3 +170,27 @@ def test_base_round_from_parts_on_its_own_shards(tmp_path):
         shard_options(load_config(DEFAULT_CONFIG, ["base.synthetic.tunrs=8"]))
     with pytest.raises(FileNotFoundError, match="'base.init'"):
         base_run(load_config(DEFAULT_CONFIG, [f"base.init={tmp_path}"]), tmp_path)
+
+
+def test_atp_section_mirrors_the_model_config_field_for_field(tmp_path):
+    """pipeline.config.AtpConfig is AtpLlavaConfig's own fields, same names, defaults and choices."""
+    import dataclasses
+
+    from model import configuration_atp_llava as mc
+    from pipeline.config import CHOICES, AtpConfig
+
+    own = {k for k in mc.AtpLlavaConfig.__annotations__ if not k.startswith("_") and k != "model_type"}
+    pipe = {f.name: f for f in dataclasses.fields(AtpConfig)}
+    assert set(pipe) == own
+    model_defaults = mc.AtpLlavaConfig()
+    for name, f in pipe.items():
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        ours = list(default) if isinstance(default, (list, tuple)) else default
+        theirs = getattr(model_defaults, name)
+        assert ours == (list(theirs) if isinstance(theirs, (list, tuple)) else theirs), name
+    assert CHOICES["atp.pruning"] == mc.PRUNING_MODES
+    assert CHOICES["atp.position_mode"] == mc.POSITION_MODES
+    assert CHOICES["atp.score_norm"] == mc.SCORE_NORMS
+    assert CHOICES["atp.attn_kernel"] == mc.ATTN_KERNELS
+    run = load_config(DEFAULT_CONFIG, [f"run_dir={tmp_path}", "atp.attn_kernel=flex", "atp.mask_eps=1e-5"])
+    assert (run.atp.attn_kernel, run.atp.mask_eps) == ("flex", 1e-5)

@@ -30,19 +30,39 @@ def llava_fixture(tmp_path):
     (root / "ocr_vqa/images/1.5.png").write_bytes(_image_bytes("PNG"))
     (root / "coco/train2017/broken.jpg").write_bytes(b"not a jpeg at all")
     records = [
-        {"id": "000000033471", "image": "coco/train2017/000000033471.jpg", "conversations": [
-            {"from": "human", "value": "<image>\nWhat are the colors of the bus in the image?"},
-            {"from": "gpt", "value": "The bus in the image is white and red."},
-            {"from": "human", "value": "What feature can be seen on the back of the bus?"},
-            {"from": "gpt", "value": "The back of the bus features an advertisement."}]},
-        {"id": "ocr.1/5", "image": "ocr_vqa/images/1.5.png", "conversations": [
-            {"from": "human", "value": "Who wrote this book?\n<image>"}, {"from": "gpt", "value": "Jane Doe"}]},
-        {"id": "wxIvrTG_0", "model": "", "conversations": [
-            {"from": "human", "value": "Say hello."}, {"from": "gpt", "value": "Hello."}]},
-        {"id": "gone", "image": "coco/train2017/000000999999.jpg", "conversations": [
-            {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A cat."}]},
-        {"id": "broken", "image": "coco/train2017/broken.jpg", "conversations": [
-            {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A dog."}]},
+        {
+            "id": "000000033471",
+            "image": "coco/train2017/000000033471.jpg",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat are the colors of the bus in the image?"},
+                {"from": "gpt", "value": "The bus in the image is white and red."},
+                {"from": "human", "value": "What feature can be seen on the back of the bus?"},
+                {"from": "gpt", "value": "The back of the bus features an advertisement."},
+            ],
+        },
+        {
+            "id": "ocr.1/5",
+            "image": "ocr_vqa/images/1.5.png",
+            "conversations": [
+                {"from": "human", "value": "Who wrote this book?\n<image>"},
+                {"from": "gpt", "value": "Jane Doe"},
+            ],
+        },
+        {
+            "id": "wxIvrTG_0",
+            "model": "",
+            "conversations": [{"from": "human", "value": "Say hello."}, {"from": "gpt", "value": "Hello."}],
+        },
+        {
+            "id": "gone",
+            "image": "coco/train2017/000000999999.jpg",
+            "conversations": [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A cat."}],
+        },
+        {
+            "id": "broken",
+            "image": "coco/train2017/broken.jpg",
+            "conversations": [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A dog."}],
+        },
     ]
     path = tmp_path / "llava_v1_5_mix665k.json"
     path.write_text(json.dumps(records))
@@ -61,6 +81,7 @@ def test_llava_converter(llava_fixture, tmp_path, capsys):
     assert json.loads((out / "sizes.json").read_text()) == {"llava-000000.tar": 2, "llava-000001.tar": 1}
 
     import webdataset as wds
+
     samples = list(wds.WebDataset(str(out / "llava-{000000..000001}.tar"), shardshuffle=False))
     assert [s["__key__"] for s in samples] == ["000000000", "000000001", "000000002"]
     assert samples[0]["jpg"] == (root / records[0]["image"]).read_bytes()  # bytes as stored
@@ -74,8 +95,15 @@ def test_llava_converter(llava_fixture, tmp_path, capsys):
 def _write(tmp_path, name, **kw):
     opt = synthetic.Options(**{"image_size": 64, **kw.pop("opt", {})})
     out = tmp_path / name
-    synthetic.write(str(out), kw.pop("split", "train"), kw.pop("n", 40), kw.pop("seed", 0), opt,
-                    maxcount=kw.pop("maxcount", 16), progress=False)
+    synthetic.write(
+        str(out),
+        kw.pop("split", "train"),
+        kw.pop("n", 40),
+        kw.pop("seed", 0),
+        opt,
+        maxcount=kw.pop("maxcount", 16),
+        progress=False,
+    )
     return out
 
 
@@ -89,6 +117,7 @@ def test_synthetic_deterministic(tmp_path):
     assert (a / "train-000000.tar").read_bytes() != (c / "train-000000.tar").read_bytes()
     e = _write(tmp_path, "e", split="eval", opt={"turns": 1})  # same seed, other split: other data
     import webdataset as wds
+
     train_png = {s["png"] for s in wds.WebDataset(str(a / "train-000000.tar"), shardshuffle=False)}
     eval_png = {s["png"] for s in wds.WebDataset(str(e / "eval-000000.tar"), shardshuffle=False)}
     assert not train_png & eval_png
@@ -98,13 +127,15 @@ def test_synthetic_deterministic(tmp_path):
 SIX = ("background", "big_color", "big_is_color", "count_total", "count_color", "cell_color")
 
 
-@pytest.mark.parametrize("qtypes,turns,fine_share", [(tuple(synthetic.DEFAULT_QTYPES), 2, 0.5),
-                                                     (tuple(synthetic.DEFAULT_QTYPES), 2, 0.25),
-                                                     (SIX, 3, 0.5)])
+@pytest.mark.parametrize(
+    "qtypes,turns,fine_share",
+    [(tuple(synthetic.DEFAULT_QTYPES), 2, 0.5), (tuple(synthetic.DEFAULT_QTYPES), 2, 0.25), (SIX, 3, 0.5)],
+)
 def test_synthetic_balance(tmp_path, qtypes, turns, fine_share):
     n = 200
     out = _write(tmp_path, "s", n=n, maxcount=1000, opt={"turns": turns, "fine_share": fine_share, "qtypes": qtypes})
     import webdataset as wds
+
     metas = [json.loads(s["json"]) for s in wds.WebDataset(str(out / "train-000000.tar"), shardshuffle=False)]
     questions = [q for m in metas for q in m["questions"]]
     fams = collections.Counter(q["family"] for q in questions)
@@ -124,7 +155,9 @@ def test_synthetic_balance(tmp_path, qtypes, turns, fine_share):
         conv = m["conversations"]
         assert len(conv) == 2 * turns and conv[0]["value"].startswith("<image>\n")
         assert all(len(c["value"].split()) == 1 for c in conv[1::2])  # one-word answers
-        assert (m["family"], m["qtype"], m["answer"]) == tuple(m["questions"][0][k] for k in ("family", "qtype", "answer"))
+        assert (m["family"], m["qtype"], m["answer"]) == tuple(
+            m["questions"][0][k] for k in ("family", "qtype", "answer")
+        )
         assert len({c["value"] for c in conv[0::2]}) == turns  # no question twice per image
         scene = m["scene"]
         for q, a in zip(conv[0::2], conv[1::2]):
@@ -143,8 +176,10 @@ def test_synthetic_balance(tmp_path, qtypes, turns, fine_share):
 
 def test_synthetic_vocabulary_covers_every_word(tmp_path):
     from pipeline.tokenizer import build_word_tokenizer
+
     out = _write(tmp_path, "v", n=30, opt={"qtypes": tuple(synthetic.FAMILY_OF), "grid": 3, "turns": 5})
     import webdataset as wds
+
     tok = build_word_tokenizer()
     vocab = set(synthetic.vocabulary())
     for s in wds.WebDataset(str(out / "train-000000.tar"), shardshuffle=False):
@@ -155,10 +190,25 @@ def test_synthetic_vocabulary_covers_every_word(tmp_path):
 
 
 def test_synthetic_cli(tmp_path, capsys):
-    synthetic.main(["--out", str(tmp_path / "ev"), "--split", "eval", "--samples", "6", "--seed", "3",
-                    "--image-size", "64", "--maxcount", "4"])
+    synthetic.main(
+        [
+            "--out",
+            str(tmp_path / "ev"),
+            "--split",
+            "eval",
+            "--samples",
+            "6",
+            "--seed",
+            "3",
+            "--image-size",
+            "64",
+            "--maxcount",
+            "4",
+        ]
+    )
     assert "wrote 6 samples in 2 shards" in capsys.readouterr().out
     import webdataset as wds
+
     for s in wds.WebDataset(str(tmp_path / "ev/eval-{000000..000001}.tar"), shardshuffle=False):
         assert len(json.loads(s["json"])["conversations"]) == 2  # eval default: one question per sample
 
@@ -193,7 +243,7 @@ def test_object_map_matches_the_rendered_image(grid):
         bg = colours[counts.argmax()]
         for p in np.flatnonzero(touched == BACKGROUND):
             r, c = divmod(p, grid)
-            patch = px[edges[r]:edges[r + 1], edges[c]:edges[c + 1]]
+            patch = px[edges[r] : edges[r + 1], edges[c] : edges[c + 1]]
             assert (patch == bg).all(), (i, p)
         m = object_map(scene, S, grid)
 
@@ -209,6 +259,10 @@ def test_object_map_matches_the_rendered_image(grid):
         assert set(np.flatnonzero(m == BIG)) <= span(big["box"]), i
         if big["kind"] == "square":  # patches wholly inside the square are its own
             x0, y0, x1, y1 = big["box"]
-            inside = {r * grid + c for r in range(grid) for c in range(grid)
-                      if edges[c] >= x0 and edges[c + 1] <= x1 and edges[r] >= y0 and edges[r + 1] <= y1}
+            inside = {
+                r * grid + c
+                for r in range(grid)
+                for c in range(grid)
+                if edges[c] >= x0 and edges[c + 1] <= x1 and edges[r] >= y0 and edges[r + 1] <= y1
+            }
             assert inside and all(m[p] == BIG for p in inside), i

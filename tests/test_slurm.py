@@ -8,6 +8,7 @@ parts and synthetic shards built by the session). The uninterrupted reference jo
 `run` (projector -> sft); the interrupted ones start from a copy of its projector output
 and run `stage sft`, so all of them train the same model from the same start.
 """
+
 import hashlib
 import json
 import os
@@ -34,24 +35,29 @@ CLUSTER = REPO / "slurm" / "local-cluster"
 # venv of the user shares: two venvs (a CI copy beside the checkout) rebuild it for each
 # other, for minutes, inside the jobs. One cache per interpreter, built by the fixture.
 EXTENSIONS = os.environ.get("TORCH_EXTENSIONS_DIR") or str(
-    Path.home() / ".cache" / "torch_extensions" / f"py-{hashlib.sha1(sys.prefix.encode()).hexdigest()[:12]}")
+    Path.home() / ".cache" / "torch_extensions" / f"py-{hashlib.sha1(sys.prefix.encode()).hexdigest()[:12]}"
+)
 JOB_ENV = {**ENV, "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": EXTENSIONS}
 
 
 @dataclass(frozen=True)
 class Trainer:
-    steps: int = 16               # optimizer steps, 2 epochs of the tiny data at 2 ranks
+    steps: int = 16  # optimizer steps, 2 epochs of the tiny data at 2 ranks
     save_every: int = 4
-    ckpt_subdir: str = "sft/checkpoints"     # DeepSpeed save_dir inside run_dir, has `latest`
-    metrics: str = "sft/metrics.jsonl"       # one line per step (truncated on resume)
-    tb_subdir: str = "tb"                    # TensorBoard dir inside run_dir, scalar per step
+    ckpt_subdir: str = "sft/checkpoints"  # DeepSpeed save_dir inside run_dir, has `latest`
+    metrics: str = "sft/metrics.jsonl"  # one line per step (truncated on resume)
+    tb_subdir: str = "tb"  # TensorBoard dir inside run_dir, scalar per step
     loss_tag: str = "loss/total"
 
     @property
     def overrides(self) -> tuple:
         per_epoch = SAMPLES // (2 * BATCH)  # steps per epoch at 2 ranks
-        return ("stages=[projector,sft]", f"train.max_steps={self.steps}",
-                f"train.epochs={-(-self.steps // per_epoch)}", f"train.checkpoint_every={self.save_every}")
+        return (
+            "stages=[projector,sft]",
+            f"train.max_steps={self.steps}",
+            f"train.epochs={-(-self.steps // per_epoch)}",
+            f"train.checkpoint_every={self.save_every}",
+        )
 
 
 # The real pipeline (launch.sh's default entry `-m pipeline`) on tests/tiny_pipeline.py's
@@ -62,6 +68,7 @@ TRAINER = Trainer()
 
 # ------------------------------------------------------------------ the local cluster
 
+
 def _alive(pid: int) -> bool:
     try:  # PID 1 here may not reap: a killed daemon can linger as a zombie
         return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] != "Z"
@@ -71,6 +78,7 @@ def _alive(pid: int) -> bool:
 
 def _free_port() -> int:
     from pipeline.distributed import free_port
+
     return free_port()
 
 
@@ -86,8 +94,12 @@ class LocalCluster:
     def start(self):
         # a random first job id: jobs' MASTER_PORTs (15000 + id % 20000) then differ from those of
         # another test session's cluster on this machine
-        env = dict(os.environ, ATP_SLURM_CTLD_PORT=str(_free_port()), ATP_SLURM_D_PORT=str(_free_port()),
-                   ATP_SLURM_FIRST_JOB_ID=str(random.randrange(1, 19000)))
+        env = dict(
+            os.environ,
+            ATP_SLURM_CTLD_PORT=str(_free_port()),
+            ATP_SLURM_D_PORT=str(_free_port()),
+            ATP_SLURM_FIRST_JOB_ID=str(random.randrange(1, 19000)),
+        )
         try:
             subprocess.run([CLUSTER / "start.sh", self.dir], env=env, check=True, timeout=120)
         finally:  # record the PIDs even if start.sh failed halfway: stop() kills them
@@ -115,8 +127,9 @@ class LocalCluster:
         out = []
         for p in Path("/proc").glob("[0-9]*"):
             try:
-                if (p / "comm").read_text().strip() == "slurmstepd" \
-                        and conf in (p / "environ").read_bytes().split(b"\0"):
+                if (p / "comm").read_text().strip() == "slurmstepd" and conf in (p / "environ").read_bytes().split(
+                    b"\0"
+                ):
                     out.append(int(p.name))
             except OSError:  # gone meanwhile
                 pass
@@ -147,8 +160,13 @@ def cluster(tmp_path_factory):
     subprocess.run([CLUSTER / "install.sh"], check=True, timeout=600)
     # DeepSpeed's CPU backend JIT-builds a C++ op on first use (about a minute, once per
     # machine and interpreter); build it here rather than inside the first job's timing.
-    subprocess.run([sys.executable, "-c", "from deepspeed.comm.torch import build_shm_op; build_shm_op()"],
-                   env=JOB_ENV, check=True, timeout=600, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-c", "from deepspeed.comm.torch import build_shm_op; build_shm_op()"],
+        env=JOB_ENV,
+        check=True,
+        timeout=600,
+        capture_output=True,
+    )
     with LocalCluster(tmp_path_factory.mktemp("slurm")) as c:  # stop() runs even on failure
         yield c
 
@@ -161,21 +179,33 @@ def tiny_config(tmp_path_factory) -> Path:
 
 # ------------------------------------------------------------------ jobs
 
+
 def submit(cluster, config, run_dir: Path, *overrides, command=("stage", "sft")) -> str:
     """`sbatch slurm/train.sbatch COMMAND CONFIG OVERRIDES run_dir=RUN_DIR`, 2 tasks."""
     env = {**JOB_ENV, "SLURM_CONF": cluster.env["SLURM_CONF"], "ATP_PYTHON": sys.executable}
     env.pop("ATP_ENTRY", None)  # launch.sh's default: -m pipeline
-    args = ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1",
-            f"--output={run_dir.parent}/{run_dir.name}-batch-%j.log",
-            "slurm/train.sbatch", *command, str(config), *TRAINER.overrides, *overrides,
-            f"run_dir={run_dir}"]
+    args = [
+        "sbatch",
+        "--parsable",
+        "--nodes=1",
+        "--ntasks-per-node=2",
+        "--cpus-per-task=1",
+        f"--output={run_dir.parent}/{run_dir.name}-batch-%j.log",
+        "slurm/train.sbatch",
+        *command,
+        str(config),
+        *TRAINER.overrides,
+        *overrides,
+        f"run_dir={run_dir}",
+    ]
     out = subprocess.run(args, cwd=REPO, env=env, check=True, capture_output=True, text=True)
     return out.stdout.strip().split(";")[0]
 
 
 def job(cluster, jid) -> dict:
-    out = subprocess.run(["scontrol", "-o", "show", "job", jid], env=cluster.env,
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["scontrol", "-o", "show", "job", jid], env=cluster.env, capture_output=True, text=True, check=True
+    ).stdout
     return dict(re.findall(r"(\w+)=(\S*)", out))
 
 
@@ -209,6 +239,7 @@ def wait_for(pred, timeout, what):
 
 # ------------------------------------------------------------------ run artefacts
 
+
 def latest_tag(run_dir):
     f = Path(run_dir) / TRAINER.ckpt_subdir / "latest"
     return f.read_text().strip() if f.exists() else None
@@ -221,6 +252,7 @@ def tag_step(tag) -> int:
 def final_params(run_dir) -> dict:
     """Full fp32 weights of `latest` (DeepSpeed's zero_to_fp32 over every rank's shards)."""
     from pipeline.checkpoint import consolidated_state_dict
+
     return consolidated_state_dict(Path(run_dir) / TRAINER.ckpt_subdir)
 
 
@@ -234,15 +266,21 @@ def logged_steps(run_dir) -> list:
     """(step, wall_time) of every logged loss, over all event files (one per attempt),
     raw: a step logged twice (by an attempt and again by its resume) shows twice."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
     out = []
     for f in sorted((Path(run_dir) / TRAINER.tb_subdir).glob("events.out.tfevents.*")):
-        out += [(e.step, e.wall_time) for e in EventFileLoader(str(f)).Load()
-                for v in e.summary.value if v.tag == TRAINER.loss_tag]
+        out += [
+            (e.step, e.wall_time)
+            for e in EventFileLoader(str(f)).Load()
+            for v in e.summary.value
+            if v.tag == TRAINER.loss_tag
+        ]
     return out
 
 
 def assert_same_params(a, b):
     import torch
+
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -254,6 +292,7 @@ def report(capsys, msg):
 
 
 # ------------------------------------------------------------------ tests
+
 
 @pytest.fixture(scope="module")
 def reference(cluster, tiny_config, tmp_path_factory):
@@ -313,9 +352,12 @@ def test_preempt_usr1_saves_requeues_resumes(cluster, tiny_config, reference, tm
     t_requeue = float(re.search(r"^(\S+) preempted: scontrol requeue", log, re.M).group(1))
     t_restart = float(re.search(r"^(\S+) start: .* restart=1", log, re.M).group(1))
     t_resumed = dict(steps)[k + 1]
-    report(capsys, f"USR1 -> checkpoint step{k} saved: {t_saved - t_sig:.2f}s; "
-                   f"requeue -> job restarted: {t_restart - t_requeue:.1f}s; "
-                   f"requeue -> first resumed step ({k + 1}): {t_resumed - t_requeue:.1f}s")
+    report(
+        capsys,
+        f"USR1 -> checkpoint step{k} saved: {t_saved - t_sig:.2f}s; "
+        f"requeue -> job restarted: {t_restart - t_requeue:.1f}s; "
+        f"requeue -> first resumed step ({k + 1}): {t_resumed - t_requeue:.1f}s",
+    )
 
 
 def test_scancel_sigterm_keeps_latest_whole(cluster, tiny_config, reference, tmp_path, capsys):

@@ -1,4 +1,5 @@
 """Tiny LLaVA-architecture models and batches for the model tests (CPU, fp32, random weights)."""
+
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
@@ -10,14 +11,34 @@ GRID = 4  # 32 px / patch 8
 LV = GRID * GRID
 
 
-def tiny_llava_config(layers=6, kv_heads=2, **kw):
+def tiny_llava_config(
+    layers=6, kv_heads=2, grid=GRID, vocab=VOCAB, image_token=IMAGE_TOKEN, max_positions=256, text=None, **kw
+):
+    """A tiny LLaVA config: a grid x grid CLIP (patch 8) and a Llama; `text`: more text_config fields."""
     return LlavaConfig(
-        vision_config=dict(model_type="clip_vision_model", image_size=32, patch_size=8, hidden_size=32,
-                           intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
-        text_config=dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=kv_heads, vocab_size=VOCAB,
-                         max_position_embeddings=256),
-        image_token_id=IMAGE_TOKEN, image_seq_length=LV, **kw,
+        vision_config=dict(
+            model_type="clip_vision_model",
+            image_size=grid * 8,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+        ),
+        text_config=dict(
+            model_type="llama",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=kv_heads,
+            vocab_size=vocab,
+            max_position_embeddings=max_positions,
+            **(text or {}),
+        ),
+        image_token_id=image_token,
+        image_seq_length=grid * grid,
+        **kw,
     )
 
 
@@ -44,8 +65,12 @@ def make_batch(prefixes, suffixes, answers=None, padding="left", seed=0, text_on
     for b, (p, s) in enumerate(zip(prefixes, suffixes)):
         ans = answers[b] if answers else 0
         img = [] if b in text_only else [IMAGE_TOKEN] * LV
-        ids = torch.randint(1, 100, (p,), generator=g).tolist() + img + torch.randint(1, 100, (s + ans,), generator=g).tolist()
-        lab = [-100] * (len(ids) - ans) + ids[len(ids) - ans:]
+        ids = (
+            torch.randint(1, 100, (p,), generator=g).tolist()
+            + img
+            + torch.randint(1, 100, (s + ans,), generator=g).tolist()
+        )
+        lab = [-100] * (len(ids) - ans) + ids[len(ids) - ans :]
         rows.append(ids)
         labs.append(lab)
     L = max(map(len, rows))

@@ -11,6 +11,7 @@
 
 This module imports only lmms-eval's registry (no torch), as entry points are loaded eagerly.
 """
+
 from __future__ import annotations
 
 MODEL_ID = "atp_llava"
@@ -20,5 +21,6 @@ def manifests():
     """The `lmms_eval.models` entry point's payload."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    return [ModelManifest(model_id=MODEL_ID, simple_class_path="pipeline.lmms.model.AtpLlavaLmms",
-                          aliases=("atp-llava",))]
+    return [
+        ModelManifest(model_id=MODEL_ID, simple_class_path="pipeline.lmms.model.AtpLlavaLmms", aliases=("atp-llava",))
+    ]

@@ -17,6 +17,7 @@ plugin's token statistics are moved beside the results file as `<date>_atp_token
 and a summary (scores, N_bar) is printed. The hub is off (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE)
 unless --online.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,15 @@ from pathlib import Path
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 GROUPS = {  # the paper's Table 1 benchmarks
-    "paper7": ["gqa_local", "mmbench_en_dev_local", "mme_local", "pope_local", "seedbench_local",
-               "scienceqa_img_local", "vqav2_val_local"],
+    "paper7": [
+        "gqa_local",
+        "mmbench_en_dev_local",
+        "mme_local",
+        "pope_local",
+        "seedbench_local",
+        "scienceqa_img_local",
+        "vqav2_val_local",
+    ],
 }
 STATS_NAME = "atp_tokens.json"
 
@@ -41,6 +49,7 @@ class EvalFailed(Exception):
 
 
 # ------------------------------------------------------------------ task folders
+
 
 def _read_yaml(path: Path) -> dict:
     import yaml
@@ -61,8 +70,11 @@ def offline_tasks(tasks_dir: Path = TASKS_DIR) -> dict[str, dict]:
         files = list(files.values()) if isinstance(files, dict) else [files] if isinstance(files, str) else files
         if path.stem == "gqa_local":
             files = files + ["data/gqa/testdev_balanced_images.parquet"]
-        make = [line[1:].strip() for line in path.read_text().splitlines()
-                if line.startswith("#") and "load_dataset(" in line]
+        make = [
+            line[1:].strip()
+            for line in path.read_text().splitlines()
+            if line.startswith("#") and "load_dataset(" in line
+        ]
         out[cfg["task"]] = dict(yaml=path, files=files, make=make)
     return out
 
@@ -120,11 +132,15 @@ def missing_data(tasks: list[str], root: Path) -> list[str]:
 
 # ------------------------------------------------------------------ results
 
+
 def find_results(out: Path, since: float) -> Path | None:
     """The newest OUTPUT/<model>/<date>_results.json written since `since` (task aggregations
     write their own files under OUTPUT/submissions/)."""
-    found = [p for p in out.glob("*/*_results.json")
-             if p.parent.name not in ("submissions", "tasks") and p.stat().st_mtime >= since - 1]
+    found = [
+        p
+        for p in out.glob("*/*_results.json")
+        if p.parent.name not in ("submissions", "tasks") and p.stat().st_mtime >= since - 1
+    ]
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
@@ -136,8 +152,10 @@ def check_results(path: Path | None, tasks: list[str], log_text: str, returncode
     errors = [line.strip() for line in log_text.splitlines() if "Error during evaluation" in line]
     problems += errors[:5]
     if "Model 'atp_llava' not found" in log_text:
-        problems.append("lmms-eval did not see the atp_llava entry point: reinstall the project "
-                        "(pip install -e .); a stale atp_llava.egg-info in the working directory hides it")
+        problems.append(
+            "lmms-eval did not see the atp_llava entry point: reinstall the project "
+            "(pip install -e .); a stale atp_llava.egg-info in the working directory hides it"
+        )
     if path is None:
         problems.append("lmms-eval wrote no *_results.json")
         raise EvalFailed("; ".join(problems))
@@ -155,12 +173,16 @@ def scores(results: dict) -> dict[str, dict[str, float]]:
     """task -> {metric: value} for the numeric metrics (no stderr entries)."""
     out = {}
     for task, metrics in results.get("results", {}).items():
-        out[task] = {k.split(",")[0]: v for k, v in metrics.items()
-                     if isinstance(v, (int, float)) and not isinstance(v, bool) and "stderr" not in k}
+        out[task] = {
+            k.split(",")[0]: v
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and "stderr" not in k
+        }
     return out
 
 
 # ------------------------------------------------------------------ eval
+
 
 def expand_tasks(spec: str) -> list[str]:
     tasks = []
@@ -180,9 +202,25 @@ def lmms_eval_command(args, tasks: list[str], task_root: Path, stats_tmp: Path) 
         model_args.append(f"device={args.device}")
     if args.model_args:
         model_args.append(args.model_args)
-    cmd = [sys.executable, "-m", "lmms_eval", "eval", "--model", "atp_llava", "--model_args", ",".join(model_args),
-           "--tasks", ",".join(tasks), "--include_path", str(task_root), "--batch_size", str(args.batch_size),
-           "--output_path", str(Path(args.output).resolve()), "--log_samples"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lmms_eval",
+        "eval",
+        "--model",
+        "atp_llava",
+        "--model_args",
+        ",".join(model_args),
+        "--tasks",
+        ",".join(tasks),
+        "--include_path",
+        str(task_root),
+        "--batch_size",
+        str(args.batch_size),
+        "--output_path",
+        str(Path(args.output).resolve()),
+        "--log_samples",
+    ]
     if args.limit is not None:
         cmd += ["--limit", str(args.limit)]
     return cmd + list(args.extra)
@@ -205,8 +243,10 @@ def run_eval(args) -> int:
         return 2
     missing = missing_data(tasks, task_root)
     if missing:
-        print("error: local benchmark data missing (--data-root DIR holds it):\n  " + "\n  ".join(missing),
-              file=sys.stderr)
+        print(
+            "error: local benchmark data missing (--data-root DIR holds it):\n  " + "\n  ".join(missing),
+            file=sys.stderr,
+        )
         return 2
 
     stats_tmp = out / f".{STATS_NAME}.partial"
@@ -220,8 +260,9 @@ def run_eval(args) -> int:
     print("+ " + " ".join(cmd), flush=True)
     start = time.time()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                errors="replace")
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, errors="replace"
+        )
         for line in proc.stdout:
             log.write(line)
             if not args.quiet:
@@ -255,12 +296,13 @@ def run_eval(args) -> int:
 
 # ------------------------------------------------------------------ command line
 
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = []
     if "--" in argv:
         at = argv.index("--")
-        argv, extra = argv[:at], argv[at + 1:]
+        argv, extra = argv[:at], argv[at + 1 :]
     p = argparse.ArgumentParser(prog="python -m pipeline.lmms", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("eval", help="run lmms-eval on an export dir and check its results")

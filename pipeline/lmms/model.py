@@ -37,20 +37,20 @@ one forward with the same pruning).
 One process: rank 0 of 1 (launching under accelerate with several processes would evaluate
 everything on each).
 """
+
 from __future__ import annotations
 
 import json
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
-from loguru import logger as eval_logger
-from tqdm import tqdm
-
 from lmms_eval.api.instance import GenerationResult, unwrap_generation_output
 from lmms_eval.api.model import lmms
+from loguru import logger as eval_logger
+from tqdm import tqdm
 
 from model.baselines import POLICIES, make_policy
 from pipeline import answers
@@ -92,11 +92,12 @@ def _policy(model, name, options):
     go to the policy (e.g. policy_k=2 for fastv)."""
     cfg = model.config
     share = float(options.pop("share", cfg.target_tokens / cfg.num_visual_tokens))
-    extra = {k[len("policy_"):]: options.pop(k) for k in list(options) if k.startswith("policy_")}
+    extra = {k[len("policy_") :]: options.pop(k) for k in list(options) if k.startswith("policy_")}
     model.pruning_policy = make_policy(name, cfg, share, **extra)
 
 
 # ------------------------------------------------------------------ lmms-eval 0.7.3 workaround
+
 
 def _loglikelihood_needs_wrapping() -> bool:
     """lmms-eval 0.7.3's evaluator passes every model output through
@@ -130,6 +131,7 @@ def _loglikelihood_output(pair: tuple[float, bool]):
 
 # ------------------------------------------------------------------ the model
 
+
 def _pick_image(visuals, context: str):
     """The image for a request: None (text-only), the only one, or the middle one of several
     (video frames: LLaVA-1.5 answers SEED-Bench's video questions from the middle frame)."""
@@ -153,9 +155,17 @@ def _pick_image(visuals, context: str):
 class AtpLlavaLmms(lmms):
     is_simple = True
 
-    def __init__(self, pretrained: str, pruning: str | None = None, device: str | None = None,
-                 dtype: str = "auto", batch_size: int | str = 8, stats_path: str | None = None,
-                 max_new_tokens: int = 128, **kwargs):
+    def __init__(
+        self,
+        pretrained: str,
+        pruning: str | None = None,
+        device: str | None = None,
+        dtype: str = "auto",
+        batch_size: int | str = 8,
+        stats_path: str | None = None,
+        max_new_tokens: int = 128,
+        **kwargs,
+    ):
         super().__init__()
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         kwargs.pop("max_batch_size", None)
@@ -173,8 +183,10 @@ class AtpLlavaLmms(lmms):
         self.policy = policy.describe() if policy is not None else None
         self.stats: dict[str, answers.TokenStats] = defaultdict(answers.TokenStats)
         self.requests_seen: dict[str, int] = defaultdict(int)
-        eval_logger.info(f"atp_llava: {self.pretrained} pruning={self.pruning} atp_layers={cfg.atp_layers} "
-                         f"Lv={cfg.num_visual_tokens} on {self._device}")
+        eval_logger.info(
+            f"atp_llava: {self.pretrained} pruning={self.pruning} atp_layers={cfg.atp_layers} "
+            f"Lv={cfg.num_visual_tokens} on {self._device}"
+        )
 
     def load_model(self, pretrained: str, pruning: str | None, dtype: str, options: dict):
         """(model in eval mode, processor) with the pruning mode applied. Subclass this for a
@@ -187,8 +199,9 @@ class AtpLlavaLmms(lmms):
         if pruning is not None and pruning not in PRUNING_MODES:
             raise ValueError(f"pruning={pruning!r}: expected one of {sorted(PRUNING_MODES)}")
         torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-        model = AutoModelForImageTextToText.from_pretrained(pretrained, config=config, trust_remote_code=True,
-                                                            dtype=torch_dtype)
+        model = AutoModelForImageTextToText.from_pretrained(
+            pretrained, config=config, trust_remote_code=True, dtype=torch_dtype
+        )
         model = model.to(self._device).eval()  # eval(): hard pruning (METHOD sec 5)
         if pruning is not None:
             PRUNING_MODES[pruning](model, pruning, options)
@@ -211,7 +224,7 @@ class AtpLlavaLmms(lmms):
     def _chunks(self, indices: list[int]):
         step = self.batch_size * 4  # progress granularity; answers.* batch inside
         for s in range(0, len(indices), step):
-            yield indices[s:s + step]
+            yield indices[s : s + step]
 
     # -- lmms API -----------------------------------------------------------------
     def generate_until(self, requests) -> list[str]:
@@ -233,8 +246,15 @@ class AtpLlavaLmms(lmms):
                     prompt, image = self._prompt_image(context, doc_to_visual, task_, split, doc_id)
                     prompts.append(prompt)
                     images.append(image)
-                texts = answers.greedy_answers(self.model, self.processor, prompts, images, max_new_tokens=max_new,
-                                               batch_size=self.batch_size, stats=self.stats[task])
+                texts = answers.greedy_answers(
+                    self.model,
+                    self.processor,
+                    prompts,
+                    images,
+                    max_new_tokens=max_new,
+                    batch_size=self.batch_size,
+                    stats=self.stats[task],
+                )
                 for i, text in zip(chunk, texts):
                     for stop in until:
                         if stop:
@@ -262,8 +282,15 @@ class AtpLlavaLmms(lmms):
                     prompts.append(prompt)
                     images.append(image)
                     conts.append(str(continuation))
-                pairs = answers.choice_loglikelihoods(self.model, self.processor, prompts, images, conts,
-                                                      batch_size=self.batch_size, stats=self.stats[task])
+                pairs = answers.choice_loglikelihoods(
+                    self.model,
+                    self.processor,
+                    prompts,
+                    images,
+                    conts,
+                    batch_size=self.batch_size,
+                    stats=self.stats[task],
+                )
                 for i, pair in zip(chunk, pairs):
                     out[i] = _loglikelihood_output(pair)
                 bar.update(len(chunk))
@@ -281,14 +308,24 @@ class AtpLlavaLmms(lmms):
         n = sum(t["image_samples"] for t in tasks.values())
         per_layer = None
         if n:
-            per_layer = [sum(t["tokens_per_layer"][j] * t["image_samples"] for t in tasks.values() if t["image_samples"]) / n
-                         for j in range(cfg.text_config.num_hidden_layers)]
+            per_layer = [
+                sum(t["tokens_per_layer"][j] * t["image_samples"] for t in tasks.values() if t["image_samples"]) / n
+                for j in range(cfg.text_config.num_hidden_layers)
+            ]
         return dict(
-            model=self.pretrained, pruning=self.pruning, policy=self.policy, atp_layers=list(cfg.atp_layers),
-            fixed_counts=cfg.fixed_counts, target_tokens=cfg.target_tokens,
-            num_layers=cfg.text_config.num_hidden_layers, num_visual_tokens=cfg.num_visual_tokens,
-            overall=dict(image_samples=n, n_bar=None if per_layer is None else sum(per_layer) / len(per_layer),
-                         tokens_per_layer=per_layer),
+            model=self.pretrained,
+            pruning=self.pruning,
+            policy=self.policy,
+            atp_layers=list(cfg.atp_layers),
+            fixed_counts=cfg.fixed_counts,
+            target_tokens=cfg.target_tokens,
+            num_layers=cfg.text_config.num_hidden_layers,
+            num_visual_tokens=cfg.num_visual_tokens,
+            overall=dict(
+                image_samples=n,
+                n_bar=None if per_layer is None else sum(per_layer) / len(per_layer),
+                tokens_per_layer=per_layer,
+            ),
             tasks=tasks,
         )
 
@@ -306,8 +343,10 @@ class AtpLlavaLmms(lmms):
         # statistics are complete here, and the model is about to be dropped
         if self.stats_path or self.stats:
             stats = self.token_stats()
-            eval_logger.info(f"atp_llava token statistics: N_bar {stats['overall']['n_bar']} "
-                             f"over {stats['overall']['image_samples']} image requests")
+            eval_logger.info(
+                f"atp_llava token statistics: N_bar {stats['overall']['n_bar']} "
+                f"over {stats['overall']['image_samples']} image requests"
+            )
             if self.stats_path:
                 self.write_token_stats(self.stats_path)
         super().clean()

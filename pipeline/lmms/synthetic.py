@@ -17,6 +17,7 @@ import), so the YAMLs work from any folder. Eval shards hold one question per im
 sample with several is converted as its first question (what the shards' json holds at
 the top level: `qtype`, `family`, `answer`).
 """
+
 from __future__ import annotations
 
 import json
@@ -56,9 +57,17 @@ def read_samples(shards: str, limit: int | None = None) -> list[dict]:
     for sample in wds.DataPipeline(wds.SimpleShardList(list_shards(shards)), wds.tarfile_to_samples()):
         meta = json.loads(sample["json"])
         question = meta["conversations"][0]["value"].replace(IMAGE_MARKER, "").strip()
-        rows.append(dict(id=meta.get("id", sample["__key__"]), question=question, answer=meta["answer"],
-                         qtype=meta["qtype"], family=meta["family"], choices=choices_for(meta["qtype"]),
-                         png=sample["png"]))
+        rows.append(
+            dict(
+                id=meta.get("id", sample["__key__"]),
+                question=question,
+                answer=meta["answer"],
+                qtype=meta["qtype"],
+                family=meta["family"],
+                choices=choices_for(meta["qtype"]),
+                png=sample["png"],
+            )
+        )
         if limit and len(rows) >= limit:
             break
     return rows
@@ -80,7 +89,9 @@ doc_to_text: !function pipeline.lmms.synthetic.doc_to_text
 """
 
 
-VQA_YAML = _task_head("synthetic_vqa", "generate_until") + """\
+VQA_YAML = (
+    _task_head("synthetic_vqa", "generate_until")
+    + """\
 doc_to_target: answer
 generation_kwargs:
   max_new_tokens: 8
@@ -99,8 +110,11 @@ metric_list:
 metadata:
   version: 0
 """
+)
 
-MC_YAML = _task_head("synthetic_mc", "multiple_choice") + """\
+MC_YAML = (
+    _task_head("synthetic_mc", "multiple_choice")
+    + """\
 doc_to_choice: !function pipeline.lmms.synthetic.doc_to_choice
 doc_to_target: !function pipeline.lmms.synthetic.doc_to_choice_index
 target_delimiter: " "
@@ -111,6 +125,7 @@ metric_list:
 metadata:
   version: 0
 """
+)
 
 
 def convert(shards: str, out: str | Path, limit: int | None = None) -> Path:
@@ -122,9 +137,15 @@ def convert(shards: str, out: str | Path, limit: int | None = None) -> Path:
     rows = read_samples(shards, limit)
     if not rows:
         raise ValueError(f"no samples in {shards}")
-    features = Features(id=Value("string"), question=Value("string"), answer=Value("string"),
-                        qtype=Value("string"), family=Value("string"), choices=Sequence(Value("string")),
-                        image=Image())
+    features = Features(
+        id=Value("string"),
+        question=Value("string"),
+        answer=Value("string"),
+        qtype=Value("string"),
+        family=Value("string"),
+        choices=Sequence(Value("string")),
+        image=Image(),
+    )
     columns = {k: [r[k] for r in rows] for k in ("id", "question", "answer", "qtype", "family", "choices")}
     columns["image"] = [{"bytes": r["png"], "path": None} for r in rows]
     Dataset.from_dict(columns, features=features).to_parquet(str(out / PARQUET))
@@ -134,6 +155,7 @@ def convert(shards: str, out: str | Path, limit: int | None = None) -> Path:
 
 
 # ------------------------------------------------------------------ the tasks' functions
+
 
 def doc_to_visual(doc):
     return [doc["image"].convert("RGB")]

@@ -7,9 +7,11 @@ every rank, it writes into `out` (= run_dir/NAME) and returns True when its outp
 complete, False when it stopped early on a signal (the runner then exits 0 without the
 later stages). The runner marks a complete stage with `out/DONE` and skips it next time.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 STAGES = {
@@ -21,13 +23,42 @@ STAGES = {
     "variants": "pipeline.stages.variants:run",  # the trained comparison models of `eval`
     "eval": "pipeline.stages.eval:run",
 }
-DONE = "DONE"
+DONE = "DONE"  # the marker of a complete stage (or variant part) directory
 
 
 @dataclass
 class Context:
     dist: Any  # pipeline.distributed.DistInfo
     stop: Any  # pipeline.distributed.StopSignal
+
+
+def check_names(names, key: str = "stages") -> None:
+    """The one check of stage names (config `stages`, `python -m pipeline stage NAME`)."""
+    from pipeline.config import ConfigError
+
+    for i, name in enumerate(names):
+        if name not in STAGES:
+            raise ConfigError(f"config error at '{key}[{i}]': unknown stage {name!r}; known: {sorted(STAGES)}")
+
+
+def is_done(d: Path) -> bool:
+    return (Path(d) / DONE).exists()
+
+
+def mark_done(d: Path, text: str = "") -> None:
+    """Rank 0 marks `d` complete."""
+    from pipeline.distributed import rank
+
+    if rank() == 0:
+        Path(d).mkdir(parents=True, exist_ok=True)
+        (Path(d) / DONE).write_text(text)
+
+
+def require_done(d: Path, who: str) -> Path:
+    """`d`, which stage `who` starts from; it must be complete."""
+    if not is_done(d):
+        raise FileNotFoundError(f"{who} starts from {d}, which is not complete: run the {Path(d).name} stage first")
+    return Path(d)
 
 
 def load(name: str):

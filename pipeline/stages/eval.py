@@ -1,13 +1,13 @@
 """Stage `eval`: the run's models and the training-free baselines on the eval shards,
 at every budget of `eval.budgets`, into `run_dir/eval/report.{json,md}` and PNG plots
 (pipeline/evaluate.py). Rank 0 evaluates; the other ranks wait."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch.distributed as tdist
-
 from pipeline.config import RunConfig
+from pipeline.distributed import barrier
 from pipeline.stages import Context
 
 
@@ -28,9 +28,19 @@ def run(run: RunConfig, ctx: Context, out: Path) -> bool:
             models[("atp", b)] = run_dir / "export"
         e = run.eval
         evaluate.evaluate_checkpoints(
-            models, e.shards, out, budgets=e.budgets, methods=e.methods, limit=e.limit, batch_size=e.batch_size,
-            max_new_tokens=e.max_new_tokens, timing_batch=e.timing_batch, timing_repeats=e.timing_repeats,
-            decode_tokens=e.decode_tokens, overlay_images=e.overlay_images, title=str(run_dir))
-    if tdist.is_initialized():
-        tdist.barrier()
+            models,
+            e.shards,
+            out,
+            budgets=e.budgets,
+            methods=e.methods,
+            limit=e.limit,
+            batch_size=e.batch_size,
+            max_new_tokens=e.max_new_tokens,
+            timing_batch=e.timing_batch,
+            timing_repeats=e.timing_repeats,
+            decode_tokens=e.decode_tokens,
+            overlay_images=e.overlay_images,
+            title=str(run_dir),
+        )
+    barrier()
     return True

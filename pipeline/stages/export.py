@@ -13,18 +13,19 @@ tokenizer, image processor and a LlavaProcessor. So
 work in a process that cannot import this repo, and `generate()` in eval mode prunes
 for real (METHOD sec 5). Rank 0 works; the other ranks wait.
 """
+
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as tdist
 
 from model import AtpLlavaConfig, AtpLlavaForConditionalGeneration
 from pipeline import checkpoint
 from pipeline.build import apply_atp_fields, make_processor
 from pipeline.config import RunConfig
+from pipeline.distributed import barrier
 from pipeline.stages import Context
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -34,8 +35,7 @@ def run(run: RunConfig, ctx: Context, out: Path) -> bool:
     dist = ctx.dist
     if dist.rank == 0:
         export(run, out)
-    if tdist.is_initialized():
-        tdist.barrier()
+    barrier()
     return True
 
 
@@ -55,8 +55,9 @@ def export(run: RunConfig, out: Path, start: Path | None = None, ckpt_dir: Path 
     missing, unexpected = model.load_state_dict(state, strict=False)
     # non-persistent buffers (spatial score, rotary frequencies) are rebuilt by __init__
     if missing or unexpected:
-        raise RuntimeError(f"checkpoint {ckpt_dir} does not fit the model: missing {missing[:4]}, "
-                           f"unexpected {unexpected[:4]}")
+        raise RuntimeError(
+            f"checkpoint {ckpt_dir} does not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}"
+        )
     model = model.to(DTYPES[run.export.dtype]).eval()
     model.config.dtype = DTYPES[run.export.dtype]
 

@@ -6,20 +6,21 @@ same SFT recipe from `run_dir/projector` and exports it, into `run_dir/variants/
 (NAME = METHOD-PCT, e.g. atp-11, fixed-15):
 - atp: `atp.target_tokens` = budget x Lv;
 - fixed (paper Table 2): `atp.pruning=fixed` with per-layer counts from
-  model.baselines.counts_for_budget, whose N_bar (METHOD sec 7) matches the budget.
+  model.budget.counts_for_budget, whose N_bar (METHOD sec 7) matches the budget.
 `eval.variant_overrides` applies to every variant (e.g. fewer steps). Each finished piece
 leaves a DONE marker, so a rerun after a crash or a signal continues where it stopped.
 """
+
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-import torch.distributed as tdist
 from omegaconf import OmegaConf
 
 from pipeline.config import RunConfig
-from pipeline.stages import DONE, Context
+from pipeline.distributed import barrier
+from pipeline.stages import Context, is_done, mark_done, require_done
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def main_budget(run: RunConfig, lv: int) -> float | None:
 
 def planned(run: RunConfig, config) -> dict[str, dict]:
     """NAME -> run-config overrides of each variant."""
-    from model.baselines import counts_for_budget
+    from model.budget import counts_for_budget
 
     lv, n_layers = config.num_visual_tokens, config.text_config.num_hidden_layers
     skip = main_budget(run, lv) if run.atp.pruning == "atp" else None
@@ -57,28 +58,31 @@ def planned(run: RunConfig, config) -> dict[str, dict]:
 
 
 def variant_run(run: RunConfig, name: str, overrides: dict) -> RunConfig:
-    cfg = OmegaConf.merge(OmegaConf.structured(run), {"run_dir": str(Path(run.run_dir) / "variants" / name)},
-                          overrides, run.eval.variant_overrides)
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(run),
+        {"run_dir": str(Path(run.run_dir) / "variants" / name)},
+        overrides,
+        run.eval.variant_overrides,
+    )
     return OmegaConf.to_object(cfg)
 
 
 def run(run: RunConfig, ctx: Context, out: Path) -> bool:
     from model import AtpLlavaConfig
-    from pipeline.stages import export, sft
+    from pipeline import trainer
+    from pipeline.stages import export
 
-    start = Path(run.run_dir) / "projector"
-    if not (start / DONE).exists():
-        raise FileNotFoundError(f"variants start from {start}, which is not complete: run the projector stage first")
+    start = require_done(Path(run.run_dir) / "projector", "variants")
     plan = planned(run, AtpLlavaConfig.from_pretrained(start))
     for i, (name, overrides) in enumerate(plan.items()):
         vrun = variant_run(run, name, overrides)
         vdir = Path(vrun.run_dir)
         log.info("variant %d/%d %s: %s", i + 1, len(plan), name, overrides["atp"])
-        if not (vdir / "sft" / DONE).exists():
-            if not sft.train(vrun, ctx, vdir / "sft", start):
+        if not is_done(vdir / "sft"):
+            if not trainer.train(vrun, ctx, vdir / "sft", start):
                 return False  # stopped on a signal after saving; a rerun resumes this variant
             _mark(ctx, vdir / "sft")
-        if not (vdir / "export" / DONE).exists():
+        if not is_done(vdir / "export"):
             if ctx.dist.rank == 0:
                 export.export(vrun, vdir / "export", start=start)
             _mark(ctx, vdir / "export")
@@ -86,8 +90,5 @@ def run(run: RunConfig, ctx: Context, out: Path) -> bool:
 
 
 def _mark(ctx: Context, d: Path) -> None:
-    if tdist.is_initialized():
-        tdist.barrier()
-    if ctx.dist.rank == 0:
-        d.mkdir(parents=True, exist_ok=True)
-        (d / DONE).write_text("")
+    barrier()
+    mark_done(d)

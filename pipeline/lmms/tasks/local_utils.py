@@ -3,6 +3,7 @@
 `data/` beside this file holds (or links to) the local copies; `python -m pipeline.lmms
 eval --data-root DIR` makes that link in its own copy of this folder.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,8 +18,9 @@ def gqa_doc_to_visual(doc):
     if not _gqa:
         from datasets import load_dataset
 
-        images = load_dataset("parquet", data_files=str(DATA / "gqa" / "testdev_balanced_images.parquet"),
-                              split="train")
+        images = load_dataset(
+            "parquet", data_files=str(DATA / "gqa" / "testdev_balanced_images.parquet"), split="train"
+        )
         _gqa["images"] = images
         _gqa["row"] = {image_id: i for i, image_id in enumerate(images["id"])}
     return [_gqa["images"][_gqa["row"][doc["imageId"]]]["image"].convert("RGB")]

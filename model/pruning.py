@@ -1,0 +1,108 @@
+"""The pruning interface of the decoder loop (`modeling_atp_llava.py`): what decides, at each
+pruning point, which visual tokens stay.
+
+A pruning point i sits before decoder layer i (0 = before the first layer). A pruner has
+
+- `layers`: its pruning points, strictly increasing;
+- `request(k, flow)`: the `attention.ScoreRequest` that decoder layer layers[k] - 1 fills from
+  its own attention for point k (None: nothing);
+- `select(k, flow, request)`: masks M [B, Lv] over the original visual positions (the loop
+  multiplies them into the cumulative mask C) and optionally new features [B, Lv, D] for the kept
+  tokens (merging), or None;
+- `info(keeps)`: what `AtpLlavaOutput.atp_info` reports.
+
+What follows a pruning point (C, counts, the gather, keys, rope, KV groups) is the loop's, in one
+place (`AtpLlavaForConditionalGeneration._prune`), whoever selected the tokens.
+
+This file is copied into exported checkpoints (trust_remote_code): relative imports only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PruneContext:
+    """What a training-free pruning policy sees before decoder layer `layer` (original Lv positions)."""
+
+    model: object
+    layer: int
+    live: torch.Tensor  # [B, Lv] bool: visual tokens still in the sequence (False for text-only samples)
+    hidden: torch.Tensor  # [B, Lv, D] their hidden states entering `layer` (garbage where not live)
+    embeds: torch.Tensor  # [B, L, D] the decoder's input embeddings, caller's layout
+    vis_orig: torch.Tensor  # [B, Lv] where each visual token sits in the caller's layout (0 for text-only samples)
+    has_img: torch.Tensor  # [B] bool
+    attention: torch.Tensor | None = None  # what `policy.attention_compute` returned for layer - 1
+    q_orig: torch.Tensor | None = None  # [B, Q] its query rows, as indices into the caller's input_ids
+    q_valid: torch.Tensor | None = None  # [B, Q] bool
+
+
+class AtpPruning:
+    """The ATP modules (METHOD sec 3-5): soft masks in train mode, hard ones in eval mode."""
+
+    def __init__(self, model, has_img, atp_masks, hard):
+        self.model, self.has_img, self.atp_masks, self.hard = model, has_img, atp_masks, hard
+        self.layers = list(model.config.atp_layers)
+        self.thresholds, self.m_sums = [], []
+
+    def request(self, k, flow):
+        return self.model._score_request(flow.seq, flow.C, flow.qmask)
+
+    def select(self, k, flow, request):
+        override = None if self.atp_masks is None else self.atp_masks[k]
+        M, theta = self.model._atp_step(k, request.result, flow.C, self.has_img, override, self.hard)
+        self.thresholds.append(theta)
+        self.m_sums.append(M.sum(-1))
+        return M, None
+
+    def info(self, keeps):
+        return {"thresholds": torch.stack(self.thresholds, 1).detach(), "keep": torch.stack(keeps, 1).detach()}
+
+
+class PolicyPruning:
+    """A training-free policy (`baselines.py`, eval only) on ATP's hard path."""
+
+    m_sums = ()  # no L_ATP term
+
+    def __init__(self, model, policy, flow, embeds, has_img):
+        lv, n_layers = model.config.num_visual_tokens, model.config.text_config.num_hidden_layers
+        self.layers = list(policy.layers)
+        made_for = (getattr(policy, "lv", lv), getattr(policy, "num_layers", n_layers))
+        if made_for != (lv, n_layers) or any(not 0 <= i < n_layers for i in self.layers):
+            raise ValueError(
+                f"pruning_policy {getattr(policy, 'name', policy)!r} was made for another model "
+                f"(Lv {getattr(policy, 'lv', '?')}, {getattr(policy, 'num_layers', '?')} layers, pruning at "
+                f"{self.layers}); this one has Lv {lv} and {n_layers} layers"
+            )
+        self.model, self.policy, self.embeds, self.has_img = model, policy, embeds, has_img
+        self.vis_orig = model._visual_slots(flow.seq, lv)[0]
+
+    def request(self, k, flow):
+        compute = self.policy.attention_compute(self.layers[k])
+        return None if compute is None else self.model._score_request(flow.seq, flow.C, flow.qmask, compute=compute)
+
+    @torch.no_grad()
+    def select(self, k, flow, request):
+        vis_index, present = self.model._visual_slots(flow.seq, flow.C.shape[1])
+        D = flow.hidden.shape[-1]
+        live = (flow.C > 0.5) & present & self.has_img[:, None]
+        ctx = PruneContext(
+            model=self.model,
+            layer=self.layers[k],
+            live=live,
+            hidden=flow.hidden.gather(1, vis_index[..., None].expand(-1, -1, D)),
+            embeds=self.embeds,
+            vis_orig=self.vis_orig,
+            has_img=self.has_img,
+            attention=None if request is None else request.result,
+            q_orig=None if request is None else flow.seq.orig.gather(1, request.q_index),
+            q_valid=None if request is None else request.q_valid,
+        )
+        keep, features = self.policy.select(ctx)
+        return (keep.bool() & live).to(flow.C.dtype), features
+
+    def info(self, keeps):
+        return {"keep": torch.stack(keeps, 1).detach(), "policy": self.policy.name}

@@ -1,0 +1,225 @@
+"""Evaluation reporting: records of a method's results, the summary of the goals, report.json,
+report.md and the plots (pipeline/plots.py). The running is pipeline/evaluate.py's."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from model.baselines import POLICIES
+
+if TYPE_CHECKING:
+    from pipeline.evaluate import Result, Sample
+
+
+def record(
+    method: str,
+    budget: float | None,
+    result: Result,
+    samples: list[Sample],
+    config,
+    reference: dict | None,
+    describe: dict | None = None,
+) -> dict:
+    from model.cost import model_costs
+
+    lv = config.num_visual_tokens
+    acc = _accuracy(result.correct, samples)
+    tokens = result.tokens["all"]
+    per_layer = tokens["tokens_per_layer"] or [0.0] * config.text_config.num_hidden_layers
+    costs = model_costs(per_layer, result.text_len, config)
+    atp_layers = list(config.atp_layers)
+    rec = {
+        "method": method,
+        "budget": budget,
+        "budget_tokens": None if budget is None else budget * lv,
+        "accuracy": acc["all"],
+        "accuracy_by_family": acc["family"],
+        "accuracy_by_qtype": acc["qtype"],
+        "n_bar": tokens["n_bar"],
+        "n_bar_share": None if tokens["n_bar"] is None else tokens["n_bar"] / lv,
+        "tokens_per_layer": per_layer,
+        "tokens_per_layer_by_family": {f: s["tokens_per_layer"] for f, s in result.tokens.items() if f != "all"},
+        # tokens kept after each ATP module (= attended by layer i_k), per family: the adaptivity claim
+        "kept_at_atp_layers_by_family": {
+            f: [s["tokens_per_layer"][i] for i in atp_layers]
+            for f, s in result.tokens.items()
+            if f != "all" and s["tokens_per_layer"]
+        },
+        "flops_paper": costs["flops_paper"],
+        "flops_exact": costs["flops_exact"],
+        "kv_cache_bytes": costs["kv_cache_bytes"],
+        "atp_flops": costs["atp_flops"],
+        **result.timing,
+        "samples": len(samples),
+        "describe": describe or {},
+    }
+    if reference is not None:
+        rec["retention"] = rec["accuracy"] / reference["accuracy"] if reference["accuracy"] else None
+        rec["retention_by_family"] = {
+            f: (a / reference["accuracy_by_family"][f] if reference["accuracy_by_family"].get(f) else None)
+            for f, a in acc["family"].items()
+        }
+        for key in ("flops_paper", "flops_exact", "kv_cache_bytes", "prefill_ms", "decode_ms_per_token"):
+            if key in rec and reference.get(key):
+                rec[f"{key}_ratio"] = rec[key] / reference[key]
+    return rec
+
+
+def _accuracy(correct: list[bool], samples: list[Sample]) -> dict:
+    fam, qt = defaultdict(list), defaultdict(list)
+    for c, s in zip(correct, samples):
+        fam[s.family].append(c)
+        qt[s.qtype].append(c)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return {
+        "all": mean(correct),
+        "family": {k: mean(v) for k, v in sorted(fam.items())},
+        "qtype": {k: mean(v) for k, v in sorted(qt.items())},
+    }
+
+
+def prior_accuracy(samples: list[Sample]) -> dict:
+    """The no-image answer prior: always answering a question type's most common answer
+    (learned from the same samples, an upper bound of what text alone can do)."""
+    best = {}
+    by_q = defaultdict(list)
+    for s in samples:
+        by_q[s.qtype].append(s.answer)
+    for q, answers in by_q.items():
+        best[q] = max(set(answers), key=answers.count)
+    return _accuracy([s.answer == best[s.qtype] for s in samples], samples)
+
+
+def write_report(out: Path, records: list[dict], meta: dict, overlays: list | None = None, base_bar=None) -> dict:
+    """report.json, report.md and the plots. base_bar(records, prior_accuracy) -> dict: a pass/fail bar
+    of the caller's (the base stage's), kept as summary.base."""
+    from pipeline import plots
+
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"meta": meta, "records": records, "summary": summary(records)}
+    if base_bar is not None:
+        report["summary"]["base"] = base_bar(records, meta["prior_accuracy"])
+    tmp = out / "report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=1))
+    tmp.replace(out / "report.json")
+    (out / "report.md").write_text(markdown(report))
+    plots.pareto(records, out / "accuracy_vs_nbar.png")
+    plots.tokens_per_layer(records, meta.get("atp_layers", []), out / "kept_tokens_per_layer.png")
+    if overlays:
+        plots.overlays(overlays, out / "kept_tokens_overlay.png")
+    return report
+
+
+def summary(records: list[dict]) -> dict:
+    """The method's goals, computed from the records (reported whether met or not)."""
+    ref = next((r for r in records if r["method"] == "unpruned"), None)
+    by = {(r["method"], r["budget"]): r for r in records}
+    budgets = sorted({r["budget"] for r in records if r["budget"] is not None}, reverse=True)
+    out = {"unpruned_accuracy": None if ref is None else ref["accuracy"], "budgets": {}}
+    for b in budgets:
+        row = {}
+        atp = by.get(("atp", b))
+        free = [r for r in records if r["budget"] == b and r["method"] in POLICIES]
+        best_free = max(free, key=lambda r: r["accuracy"]) if free else None
+        if atp is not None:
+            row["atp_retention"] = atp.get("retention")
+            row["atp_n_bar_share"] = atp["n_bar_share"]
+            fam = atp["kept_at_atp_layers_by_family"]
+            if "fine" in fam and "coarse" in fam and sum(fam["coarse"]) > 0:
+                row["fine_over_coarse_kept"] = sum(fam["fine"]) / sum(fam["coarse"])
+            if best_free is not None:
+                row["best_training_free"] = best_free["method"]
+                row["atp_minus_best_training_free"] = atp["accuracy"] - best_free["accuracy"]
+            if ("fixed", b) in by:
+                row["atp_minus_fixed"] = atp["accuracy"] - by[("fixed", b)]["accuracy"]
+            if atp.get("prefill_ms_ratio") and atp.get("flops_exact_ratio") and atp["flops_exact_ratio"] < 1:
+                # time reduction as a share of the FLOPs reduction (goal >= 0.9)
+                row["prefill_vs_flops_reduction"] = (1 - atp["prefill_ms_ratio"]) / (1 - atp["flops_exact_ratio"])
+            if atp.get("atp_flops") and atp.get("flops_exact"):
+                row["atp_module_flops_share"] = atp["atp_flops"] / atp["flops_exact"]
+        out["budgets"][str(b)] = row
+    return out
+
+
+def _f(x, fmt="{:.3f}"):
+    return "-" if x is None else fmt.format(x)
+
+
+def markdown(report: dict) -> str:
+    meta, records = report["meta"], report["records"]
+    lines = [
+        f"# Evaluation: {meta.get('title', '')}",
+        "",
+        f"{meta.get('samples')} eval samples ({meta.get('shards')}), Lv = {meta.get('lv')}, "
+        f"{meta.get('num_layers')} decoder layers, ATP layers {meta.get('atp_layers')}; "
+        f"{meta.get('device')}, {meta.get('date')}. Times: median of {meta.get('timing_repeats')} "
+        f"repeats on a batch of {meta.get('timing_batch')}, same process.",
+        "",
+    ]
+    prior = meta.get("prior_accuracy")
+    if prior:
+        lines += [
+            "No-image answer prior (most common answer per question type): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in prior["family"].items()),
+            "",
+        ]
+    families = sorted({f for r in records for f in r["accuracy_by_family"]})
+    head = ["method", "budget", "N_bar", "N_bar %", "acc", *families, "retention", "FLOPs", "KV", "prefill", "decode"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["method"],
+                    _f(r["budget"], "{:.0%}"),
+                    _f(r["n_bar"], "{:.1f}"),
+                    _f(r["n_bar_share"], "{:.1%}"),
+                    _f(r["accuracy"]),
+                    *(_f(r["accuracy_by_family"].get(f)) for f in families),
+                    _f(r.get("retention"), "{:.1%}"),
+                    _f(r.get("flops_exact_ratio"), "{:.3f}"),
+                    _f(r.get("kv_cache_bytes_ratio"), "{:.3f}"),
+                    _f(r.get("prefill_ms_ratio"), "{:.3f}"),
+                    _f(r.get("decode_ms_per_token_ratio"), "{:.3f}"),
+                ]
+            )
+            + " |"
+        )
+    lines += [
+        "",
+        "Ratios are against `unpruned`. FLOPs: exact count (model/cost.py).",
+        "",
+        "## Accuracy per question type",
+        "",
+    ]
+    qtypes = sorted({q for r in records for q in r["accuracy_by_qtype"]})
+    lines += ["| method | budget | " + " | ".join(qtypes) + " |", "|" + "---|" * (len(qtypes) + 2)]
+    for r in records:
+        lines.append(
+            f"| {r['method']} | {_f(r['budget'], '{:.0%}')} | "
+            + " | ".join(_f(r["accuracy_by_qtype"].get(q)) for q in qtypes)
+            + " |"
+        )
+    lines += ["", "## Tokens kept after each ATP module, per family", ""]
+    for r in records:
+        if r["method"] == "atp":
+            fam = r["kept_at_atp_layers_by_family"]
+            lines.append(
+                f"- atp @ {_f(r['budget'], '{:.0%}')}: "
+                + "; ".join(f"{f} {[round(x, 1) for x in v]}" for f, v in sorted(fam.items()))
+            )
+    lines += ["", "## Goals", "", "```", json.dumps(report["summary"], indent=1), "```", ""]
+    lines += ["## Methods", ""]
+    seen = set()
+    for r in records:
+        if r["describe"] and r["method"] not in seen:
+            seen.add(r["method"])
+            d = dict(r["describe"])
+            lines.append(
+                f"- **{r['method']}**: " + "; ".join(f"{k}: {v}" for k, v in d.items() if k not in ("counts", "layers"))
+            )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,410 @@
+"""The trainer: visual instruction tuning with the ATP budget losses under a DeepSpeed engine.
+Stages `sft`, `base` and `variants` call `train` (pipeline/stages/).
+
+- Model: `run_dir/projector` loaded by transformers under ZeRO-3 (partitioned at build,
+  weights rank 0 -> partitions); vision tower frozen; two param groups, LM + projector at
+  `train.lr_lm` and `atp_modules.*` at `train.lr_atp`; DeepSpeed's AdamW and
+  a warmup + cosine LambdaLR (pipeline.ds.lr_schedule), both per group.
+- Loss: the model's own `out.loss` = L_ntp + lambda_ATP L_ATP + lambda_target L_target
+  (METHOD sec 7), soft masks in train mode.
+- Data position: the loader runs in resampled mode (pipeline.data), a stream fixed by
+  (data.seed, epoch, rank, worker); the checkpoint records (epoch, batches consumed in it)
+  per rank, and a resumed run rebuilds the epoch's stream and drops that many batches.
+  Replaying costs decode time but is exact, bad samples included.
+- Checkpoints every `train.checkpoint_every` steps and at the end (pipeline.checkpoint:
+  `latest` only ever names a complete one), with step, data position, skip counts and
+  RNG states in each rank's client state.
+- SIGTERM / SIGUSR1 (pipeline.distributed.StopSignal): all ranks agree after a step,
+  save, and the stage returns incomplete (exit 0); USR1 before the end also leaves
+  `run_dir/.preempted` for the requeue logic.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+
+from model import AtpLlavaConfig, AtpLlavaForConditionalGeneration
+from pipeline import checkpoint
+from pipeline.build import apply_atp_fields
+from pipeline.config import RunConfig
+from pipeline.data import build_loader
+from pipeline.distributed import mark_preempted, use_cuda
+from pipeline.ds import build_ds_config, lr_schedule, use_bf16, zero3_enabled
+from pipeline.monitor import Monitor
+
+log = logging.getLogger(__name__)
+LOSS_TERMS = ("total", "ntp", "atp", "target")
+REPAIRED = ("truncated", "converted_image")  # counted by the loader, but kept, not skipped
+
+
+def train(run: RunConfig, ctx, out: Path, start: Path, tb_dir: Path | None = None) -> bool:
+    """The training loop: from the HF dir `start` into `out`, TensorBoard scalars into `tb_dir`
+    (default run_dir/tb). ctx: a stage's Context (dist, stop). False: stopped on a signal."""
+    import deepspeed
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    dist, stop = ctx.dist, ctx.stop
+    run_dir = Path(run.run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _seed_everything(run.seed)
+
+    tokenizer = AutoTokenizer.from_pretrained(start)
+    image_processor = AutoImageProcessor.from_pretrained(start)
+    config = apply_atp_fields(AtpLlavaConfig.from_pretrained(start), run)
+    data = DataStream(run, tokenizer, image_processor, config, dist)
+    steps_per_epoch = data.batches_per_epoch // run.train.grad_accum
+    if steps_per_epoch < 1:
+        raise ValueError(f"an epoch has {data.batches_per_epoch} batches per rank, fewer than train.grad_accum")
+    total_steps = steps_per_epoch * run.train.epochs
+    if run.train.max_steps:
+        total_steps = min(total_steps, run.train.max_steps)
+
+    cuda = use_cuda()
+    ds = build_ds_config(
+        run, world_size=dist.world_size, total_steps=total_steps, hidden_size=config.text_config.hidden_size, cuda=cuda
+    )
+    dtype = torch.bfloat16 if use_bf16(run, cuda) else torch.float32
+    autocast = torch.autocast(
+        "cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=run.train.precision == "bf16-autocast"
+    )
+    with zero3_enabled(ds):
+        model = AtpLlavaForConditionalGeneration.from_pretrained(start, config=config, dtype=dtype)
+    model.config.use_cache = False
+    ckpt_dir = out / checkpoint.DIRNAME
+    if run.train.calibrate_thresholds and config.pruning == "atp" and checkpoint.latest_tag(ckpt_dir) is None:
+        _calibrate(model, data, ds, autocast, dtype)
+    groups = _param_groups(model, run)
+    if run.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=groups, config=ds, lr_scheduler=lr_schedule(run, total_steps)
+    )
+    group_names = [g["name"] for g in groups]
+
+    client = checkpoint.load(engine, ckpt_dir)
+    step = 0
+    if client is not None:
+        step = client["step"]
+        data.restore(client["data"])
+        _set_rng(client["rng"])
+        log.info(
+            "resumed from %s/%s at step %d, data %s", ckpt_dir, checkpoint.latest_tag(ckpt_dir), step, client["data"]
+        )
+    monitor = Monitor(
+        active=dist.rank == 0,
+        tb_dir=tb_dir or run_dir / "tb",
+        metrics_path=out / "metrics.jsonl",
+        start_step=step,
+        total_steps=total_steps,
+    )
+    _report_memory(engine, out, dist, monitor)
+
+    def save():
+        checkpoint.save(
+            engine,
+            ckpt_dir,
+            step,
+            keep=run.train.keep_checkpoints,
+            client_state={"step": step, "data": data.position(), "rng": _get_rng()},
+        )
+
+    engine.train()
+    saved_at = step
+    while step < total_steps:
+        t0 = time.perf_counter()
+        lrs = engine.get_lr()  # what this step uses
+        stats, image_sample, data_s = StepStats(config, run.train.grad_accum), None, 0.0
+        for _ in range(run.train.grad_accum):
+            td = time.perf_counter()
+            batch = data.next()
+            data_s += time.perf_counter() - td
+            with autocast:
+                outputs = engine(**_model_inputs(batch, engine.device, dtype))
+            engine.backward(outputs.loss)
+            engine.step()
+            stats.add(outputs, batch)
+            image_sample = image_sample or _first_image(batch, outputs)
+        step += 1
+        step_s = time.perf_counter() - t0
+        if step % run.train.log_every == 0 or step == total_steps:
+            scalars = stats.reduce(dist.world_size)
+            scalars.update({f"lr/{n}": lr for n, lr in zip(group_names, lrs)})
+            scalars["perf/samples_per_s"] = scalars.pop("samples") / step_s
+            scalars["perf/step_s"] = step_s
+            scalars["perf/data_s"] = data_s
+            skipped = data.skipped_all_ranks()
+            scalars["data/skipped/total"] = sum(n for k, n in skipped.items() if k not in REPAIRED)
+            scalars.update({f"data/skipped/{kind}": n for kind, n in skipped.items()})
+            monitor.step(step, scalars, record=scalars)
+        if image_sample is not None and step % run.train.image_every == 0:
+            monitor.kept_tokens_image(step, *_denormalise(image_sample, image_processor), config.grid_size)
+
+        if step % run.train.checkpoint_every == 0 or step == total_steps:
+            save()
+            saved_at = step
+        if run.train.crash_at_step == step and dist.rank == run.train.crash_rank:
+            log.warning("train.crash_at_step=%d: rank %d kills itself (fault-injection test)", step, dist.rank)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if step < total_steps and stop.should_stop():
+            log.warning("%s: saving at step %d and stopping", stop.signal_name, step)
+            if saved_at != step:
+                save()
+            if stop.preempted:
+                mark_preempted(run_dir)
+            monitor.close()
+            return False
+    monitor.close()
+    return True
+
+
+# ------------------------------------------------------------------ data with a position
+
+
+class DataStream:
+    """Batches across epochs for this rank, with a position the checkpoint can hold."""
+
+    def __init__(self, run: RunConfig, tokenizer, image_processor, config, dist):
+        if not run.data.resampled:
+            raise ValueError(
+                "config error at 'data.resampled': sft needs true (every rank must take "
+                "the same number of steps, or ZeRO-3's collectives hang)"
+            )
+        self.make = lambda epoch: build_loader(
+            run.data,
+            tokenizer,
+            image_processor,
+            image_token_id=config.image_token_id,
+            num_image_tokens=config.num_visual_tokens,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            epoch=epoch,
+        )
+        self.batches_per_epoch = self.make(0).num_batches
+        self.epoch, self.batch = 0, 0
+        self.skipped = Counter()  # skips of finished epochs (and of the run before a resume)
+        self._loader = self._it = None
+
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch, "skipped": dict(self._skips())}
+
+    def restore(self, pos: dict) -> None:
+        self.epoch, self.batch = pos["epoch"], pos["batch"]
+        self.skipped = Counter(pos["skipped"])
+        self._loader = self._it = None
+
+    def next(self) -> dict:
+        if self._it is None:
+            self._loader = self.make(self.epoch)
+            self._it = iter(self._loader)
+            for _ in range(self.batch):  # replay to the recorded position
+                next(self._it)
+            self._loader.stats.clear()  # the replayed skips are already in self.skipped
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            self.skipped = self._skips()
+            self.epoch, self.batch = self.epoch + 1, 0
+            self._loader = self._it = None
+            return self.next()
+        self.batch += 1
+        return batch
+
+    def _skips(self) -> Counter:
+        return self.skipped + (self._loader.stats if self._loader is not None else Counter())
+
+    def skipped_all_ranks(self) -> dict:
+        counts = dict(self._skips())
+        if tdist.is_initialized() and tdist.get_world_size() > 1:
+            gathered = [None] * tdist.get_world_size()
+            tdist.all_gather_object(gathered, counts)
+            counts = sum((Counter(c) for c in gathered), Counter())
+        return dict(counts)
+
+
+def _model_inputs(batch: dict, device, dtype) -> dict:
+    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels", "query_mask")}
+    if batch["pixel_values"] is not None:
+        inputs["pixel_values"] = batch["pixel_values"].to(device, dtype)
+    return inputs
+
+
+# ------------------------------------------------------------------ metrics of one step
+
+
+class StepStats:
+    """Per-step averages over micro-batches and ranks: every loss term, N_bar, tokens kept
+    after each ATP module (soft: sum of C_k; hard: C_k >= 0.5, what inference would keep
+    given these masks), the thresholds' mean/min/max per module."""
+
+    def __init__(self, config, accum: int):
+        self.k = len(config.atp_layers) if config.pruning != "none" else 0
+        self.accum = accum
+        self.sums = torch.zeros(len(LOSS_TERMS) + 2 + 4 * self.k, dtype=torch.float64)
+        self.mins = torch.full((2 * self.k,), float("inf"), dtype=torch.float64)
+        self.maxs = torch.full((2 * self.k,), float("-inf"), dtype=torch.float64)
+
+    def add(self, outputs, batch) -> None:
+        losses = outputs.atp_losses or {}
+        vec = [float(losses.get(t, 0.0)) for t in LOSS_TERMS]
+        vec += [float(losses.get("n_bar", 0.0)), float(len(batch["keys"]))]
+        info, has_img = outputs.atp_info, batch["has_image"]
+        if self.k and info is not None and has_img.any():
+            keep = info["keep"].float()[has_img.to(info["keep"].device)]  # [n_img, K, Lv]
+            theta = info["thresholds"].float()[has_img.to(info["thresholds"].device)]  # [n_img, K, 2]
+            vec += keep.sum(-1).mean(0).tolist()
+            vec += theta[..., 0].mean(0).tolist() + theta[..., 1].mean(0).tolist()
+            vec += (keep >= 0.5).float().sum(-1).mean(0).tolist()
+            flat = theta.permute(2, 1, 0).reshape(2 * self.k, -1).double().cpu()  # [r_0..r_K-1, s_0..]
+            self.mins = torch.minimum(self.mins, flat.min(1).values)
+            self.maxs = torch.maximum(self.maxs, flat.max(1).values)
+        else:
+            vec += [0.0] * (4 * self.k)
+        self.sums += torch.tensor(vec, dtype=torch.float64)
+
+    def reduce(self, world: int) -> dict:
+        sums, mins, maxs = self.sums.clone(), self.mins.clone(), self.maxs.clone()
+        if tdist.is_initialized() and world > 1:
+            tdist.all_reduce(sums)
+            tdist.all_reduce(mins, op=tdist.ReduceOp.MIN)
+            tdist.all_reduce(maxs, op=tdist.ReduceOp.MAX)
+        n = self.accum * world
+        out = {f"loss/{t}": sums[i].item() / n for i, t in enumerate(LOSS_TERMS)}
+        out["atp/n_bar"] = sums[len(LOSS_TERMS)].item() / n
+        out["samples"] = sums[len(LOSS_TERMS) + 1].item()
+        base = len(LOSS_TERMS) + 2
+        for j in range(self.k):
+            out[f"atp/kept/module{j}"] = sums[base + j].item() / n
+            out[f"atp/kept_hard/module{j}"] = sums[base + 3 * self.k + j].item() / n
+            for which, off, row in (("theta_r", 1, j), ("theta_s", 2, self.k + j)):
+                out[f"atp/{which}/module{j}/mean"] = sums[base + off * self.k + j].item() / n
+                out[f"atp/{which}/module{j}/min"] = mins[row].item()
+                out[f"atp/{which}/module{j}/max"] = maxs[row].item()
+        return out
+
+
+def _first_image(batch, outputs):
+    """(pixel_values [3, H, W], keep [K, Lv]) of the batch's first image sample."""
+    info = outputs.atp_info
+    if info is None or batch["pixel_values"] is None:
+        return None
+    b = int(torch.nonzero(batch["has_image"])[0])
+    return batch["pixel_values"][0].float().cpu(), info["keep"][b].float().cpu()
+
+
+def _denormalise(sample, image_processor):
+    pixels, keep = sample
+    mean = torch.tensor(image_processor.image_mean)[:, None, None]
+    std = torch.tensor(image_processor.image_std)[:, None, None]
+    return pixels * std + mean, keep
+
+
+# ------------------------------------------------------------------ model set-up
+
+
+def _calibrate(model, data, ds: dict, autocast, dtype) -> None:
+    """Start the thresholds at this run's target share, measured on the first batch
+    (model/calibration.py); rank 0's values win. Under ZeRO-3 the parameters are gathered
+    for that one forward (all ranks take part)."""
+    import deepspeed
+
+    from model.calibration import calibrate_thresholds
+
+    batch = next(iter(data.make(0)))
+    zero3 = ds.get("zero_optimization", {}).get("stage") == 3
+    gather = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0, enabled=zero3)
+    device = next(model.parameters()).device
+    with gather, autocast:
+        inputs = _model_inputs(batch, device, dtype)
+        inputs.pop("labels")
+        thetas = calibrate_thresholds(model, **inputs)
+    log.info("thresholds calibrated on %d samples: theta_r %s", len(batch["keys"]), [round(t, 4) for t in thetas])
+
+
+def _param_groups(model, run: RunConfig) -> list[dict]:
+    """Vision tower frozen; LM + projector at lr_lm (unless frozen); ATP at lr_atp."""
+    if run.model.freeze_vision:
+        model.model.vision_tower.requires_grad_(False)
+    if run.model.freeze_lm:
+        model.model.language_model.requires_grad_(False)
+        model.lm_head.requires_grad_(False)
+        model.model.multi_modal_projector.requires_grad_(False)
+    lm, atp = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (atp if name.startswith("atp_modules.") else lm).append(p)
+    groups = [
+        {"name": "lm", "params": lm, "lr": run.train.lr_lm},
+        {"name": "atp", "params": atp, "lr": run.train.lr_atp},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def _report_memory(engine, out: Path, dist, monitor: Monitor) -> None:
+    """Bytes of parameters (this rank's ZeRO-3 partitions, else whole tensors) and of the
+    optimizer's state on this rank; written per rank for the note's measurement."""
+    import json
+
+    param_bytes = 0
+    full_bytes = 0
+    for p in engine.module.parameters():
+        full = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        held = p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+        param_bytes += held * p.element_size()
+        full_bytes += full * p.element_size()
+    opt = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    opt_bytes = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+    for flat in getattr(engine.optimizer, "fp32_partitioned_groups_flat", []):
+        opt_bytes += flat.numel() * flat.element_size()  # ZeRO-3's fp32 master partitions
+    rec = {
+        "rank": dist.rank,
+        "world_size": dist.world_size,
+        "zero_stage": engine.zero_optimization_stage(),
+        "param_bytes_this_rank": param_bytes,
+        "param_bytes_full_model": full_bytes,
+        "optimizer_bytes_this_rank_before_first_step": opt_bytes,
+    }
+    (out / f"memory_rank{dist.rank}.json").write_text(json.dumps(rec) + "\n")
+    log.info(
+        "parameter memory: %.2f MB on this rank of %.2f MB (world %d, ZeRO %d)",
+        param_bytes / 2**20,
+        full_bytes / 2**20,
+        dist.world_size,
+        rec["zero_stage"],
+    )
+    monitor.text("memory/rank0", json.dumps(rec))
+
+
+# ------------------------------------------------------------------ seeds and RNG state
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _get_rng() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _set_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
