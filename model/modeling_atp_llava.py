@@ -389,7 +389,9 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         return ScoreRequest(vis_index=vis_index, vis_weight=weight, q_index=order, q_valid=q_valid, compute=compute)
 
     def _atp_step(self, k, scores, C, has_img, override, hard):
-        """Masks of module k at the original Lv positions, and its thresholds [B, 2]."""
+        """Masks of module k at the original Lv positions, its thresholds [B, 2] and, on the hard ATP
+        path, which branch kept each token ([B, Lv] int8: 1 redundancy only, 2 spatial only, 3 both;
+        else None)."""
         cfg = self.config
         live = (C > 0.5) & has_img[:, None]
         s_self, s_cross = scores
@@ -400,17 +402,17 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         theta_r, theta_s = self.atp_modules[k](s_red, s_spa)
         theta = torch.stack([theta_r, theta_s], -1)
         if override is not None:
-            return override.to(C.dtype) * live, theta
+            return override.to(C.dtype) * live, theta, None
         if cfg.pruning == "fixed":
             rank = torch.where(live, s_red, -1.0).argsort(-1, descending=True).argsort(-1)
-            return ((rank < cfg.fixed_counts[k]) & live).to(C.dtype), theta
+            return ((rank < cfg.fixed_counts[k]) & live).to(C.dtype), theta, None
         if hard:
-            keep = (s_red > theta_r[:, None]) | (s_spa > theta_s[:, None])
-            return (keep & live).to(C.dtype), theta
+            red, spa = (s_red > theta_r[:, None]) & live, (s_spa > theta_s[:, None]) & live
+            return (red | spa).to(C.dtype), theta, (red.to(torch.int8) + 2 * spa.to(torch.int8))
         T = cfg.mask_temperature
         m_r = torch.sigmoid((s_red - theta_r[:, None].to(s_red.dtype)) * T)
         m_s = torch.sigmoid((s_spa - theta_s[:, None].to(s_spa.dtype)) * T)
-        return torch.maximum(m_r, m_s).to(C.dtype) * has_img[:, None], theta
+        return torch.maximum(m_r, m_s).to(C.dtype) * has_img[:, None], theta, None
 
     def _gather(self, hidden, seq, qmask, keep):
         """Hard pruning: keep text and kept visual tokens, in order, right-aligned (left padding)."""

@@ -46,20 +46,25 @@ class AtpPruning:
     def __init__(self, model, has_img, atp_masks, hard):
         self.model, self.has_img, self.atp_masks, self.hard = model, has_img, atp_masks, hard
         self.layers = list(model.config.atp_layers)
-        self.thresholds, self.m_sums = [], []
+        self.thresholds, self.m_sums, self.branches = [], [], []
 
     def request(self, k, flow):
         return self.model._score_request(flow.seq, flow.C, flow.qmask)
 
     def select(self, k, flow, request):
         override = None if self.atp_masks is None else self.atp_masks[k]
-        M, theta = self.model._atp_step(k, request.result, flow.C, self.has_img, override, self.hard)
+        M, theta, branch = self.model._atp_step(k, request.result, flow.C, self.has_img, override, self.hard)
         self.thresholds.append(theta)
         self.m_sums.append(M.sum(-1))
+        if branch is not None:
+            self.branches.append(branch)
         return M, None
 
     def info(self, keeps):
-        return {"thresholds": torch.stack(self.thresholds, 1).detach(), "keep": torch.stack(keeps, 1).detach()}
+        out = {"thresholds": torch.stack(self.thresholds, 1).detach(), "keep": torch.stack(keeps, 1).detach()}
+        if self.branches:  # hard ATP: which branch kept each token ([B, K, Lv], `_atp_step`)
+            out["branch"] = torch.stack(self.branches, 1)
+        return out
 
 
 class PolicyPruning:

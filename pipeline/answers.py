@@ -128,16 +128,20 @@ def _batches(lengths: list[int], batch_size: int):
 
 
 class _Capture:
-    """Forward hook keeping the prefill's `visual_tokens` (decode steps return None)."""
+    """Forward hook keeping the prefill's `visual_tokens` (decode steps return None) and, in
+    `info`, what `pipeline.diagnostics` reads of it (keep masks, ATP's branches)."""
 
     def __init__(self, model):
-        self.value = None
+        self.value = self.info = None
         self.handle = model.register_forward_hook(self._hook)
 
     def _hook(self, module, args, output):
         vt = getattr(output, "visual_tokens", None)
         if vt is not None and self.value is None:
+            from pipeline.diagnostics import prefill_info
+
             self.value = vt.detach().float().cpu()
+            self.info = prefill_info(output)
 
     def close(self):
         self.handle.remove()
@@ -195,10 +199,12 @@ def greedy_answers(
     max_new_tokens: int = 8,
     batch_size: int = 8,
     stats: TokenStats | None = None,
+    prefill: dict | None = None,
 ) -> list[str]:
     """Greedy answers to rendered prompts (`prompt_for`, or any prompt holding at most one
     `<image>`), batched, left-padded; only the new tokens are decoded (special tokens
-    skipped). In eval mode the model prunes for real; `stats` collects the tokens it kept."""
+    skipped). In eval mode the model prunes for real; `stats` collects the tokens it kept, and
+    `prefill` (a dict) gets each prompt's prefill record (`pipeline.diagnostics.prefill_info` row) by index."""
     if model.training:
         raise RuntimeError("call model.eval() first: eval mode is what prunes for real")
     tokenizer, image_processor = split_processor(processor)
@@ -224,6 +230,10 @@ def greedy_answers(
             capture.close()
         if stats is not None:
             stats.add(capture.value, [images[i] is not None for i in idx])
+        if prefill is not None:
+            from pipeline.diagnostics import rows
+
+            prefill.update({i: rows(capture.info, j) for j, i in enumerate(idx)})
         new = gen[:, inputs["input_ids"].shape[1] :]
         for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
             out[i] = text.strip()

@@ -47,6 +47,7 @@ class Sample:
     answer: str
     qtype: str
     family: str
+    scene: dict | None = None  # synthetic shards: the shapes' boxes (pipeline/diagnostics.py)
 
 
 def load_samples(shards: str, limit: int | None = None) -> list[Sample]:
@@ -69,6 +70,7 @@ def load_samples(shards: str, limit: int | None = None) -> list[Sample]:
                 answer=conv[1]["value"],
                 qtype=meta["qtype"],
                 family=meta["family"],
+                scene=meta.get("scene"),
             )
         )
         if limit and len(out) >= limit:
@@ -87,16 +89,21 @@ class Result:
     tokens: dict  # family -> TokenStats summary; "all" -> overall
     text_len: float
     timing: dict = field(default_factory=dict)
+    diagnostics: dict = field(default_factory=dict)  # pipeline/diagnostics.py
 
 
 def run_method(model, processor, samples: list[Sample], *, batch_size: int, max_new_tokens: int) -> Result:
-    """Greedy answers (hard pruning in eval mode), scored per sample, tokens per family."""
+    """Greedy answers (hard pruning in eval mode), scored per sample, tokens per family, and where
+    the kept tokens sit (`Diagnostics`)."""
+    from pipeline.diagnostics import Diagnostics
+
     by_family = defaultdict(list)
     for i, s in enumerate(samples):
         by_family[s.family].append(i)
     correct = [False] * len(samples)
     stats = {}
     overall = TokenStats()
+    prefill = {}
     for family, idx in sorted(by_family.items()):
         st = TokenStats()
         preds = greedy_answers(
@@ -107,15 +114,20 @@ def run_method(model, processor, samples: list[Sample], *, batch_size: int, max_
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
             stats=st,
+            prefill=(found := {}),
         )
+        prefill.update({idx[j]: row for j, row in found.items()})
         for i, p in zip(idx, preds):
             correct[i] = is_correct(p, samples[i].answer)
         stats[family] = st.summary()
         overall.merge(st)
     stats["all"] = overall.summary()
+    diag = Diagnostics(model.config.grid_size, model.config.num_visual_tokens)
+    for i, s in enumerate(samples):
+        diag.add(s.qtype, s.scene, s.image.size[0], **prefill[i])
     tokenizer, _ = split_processor(processor)
     text_len = statistics.mean(len(tokenizer(prompt_for(s.question))["input_ids"]) for s in samples)
-    return Result(correct=correct, tokens=stats, text_len=text_len)
+    return Result(correct=correct, tokens=stats, text_len=text_len, diagnostics=diag.summary())
 
 
 @torch.no_grad()

@@ -53,6 +53,7 @@ def record(
         "kv_cache_bytes": costs["kv_cache_bytes"],
         "atp_flops": costs["atp_flops"],
         **result.timing,
+        **result.diagnostics,
         "samples": len(samples),
         "describe": describe or {},
     }
@@ -204,6 +205,37 @@ def markdown(report: dict) -> str:
             + " | ".join(_f(r["accuracy_by_qtype"].get(q)) for q in qtypes)
             + " |"
         )
+    lines += [
+        "",
+        "## Where the kept tokens sit",
+        "",
+        "Object recall: the share of visual tokens covering a shape (small: a small shape) that reach the"
+        " last layer; after each pruning point in brackets. Background: the share of the last layer's"
+        " visual tokens that cover no shape (pipeline/diagnostics.py).",
+        "",
+        "| method | budget | object recall | small-shape recall | background share | N_bar by question type |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        if "object_recall" not in r:
+            continue
+        per_point = lambda key: ", ".join(f"{x:.2f}" for x in r[key])  # noqa: E731
+        by_qtype = ", ".join(f"{q} {_f(v, '{:.1f}')}" for q, v in r["n_bar_by_qtype"].items())
+        lines.append(
+            f"| {r['method']} | {_f(r['budget'], '{:.0%}')} "
+            f"| {r['object_recall']:.3f} [{per_point('object_recall_per_point')}] "
+            f"| {r['small_recall']:.3f} [{per_point('small_recall_per_point')}] "
+            f"| {r['background_share']:.3f} "
+            f"| {by_qtype} |"
+        )
+    branches = [r for r in records if r.get("kept_by_branch")]
+    if branches:
+        lines += ["", "ATP: kept tokens per image after each module, by the branch that kept them:", ""]
+        for r in branches:
+            lines.append(
+                f"- atp @ {_f(r['budget'], '{:.0%}')}: "
+                + "; ".join(f"{k} {[round(x, 1) for x in v]}" for k, v in r["kept_by_branch"].items())
+            )
     lines += ["", "## Tokens kept after each ATP module, per family", ""]
     for r in records:
         if r["method"] == "atp":

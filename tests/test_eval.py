@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ["atp", "fixed", "fastv", "prumerge", "prumerge+", "sparsevlm", "visionzip", "uniform", "random"]
@@ -117,6 +118,17 @@ def test_report_schema_and_measured_numbers(main_job):
     assert set(atp["kept_at_atp_layers_by_family"]) and all(
         len(v) == 3 for v in atp["kept_at_atp_layers_by_family"].values()
     )
+    # where the kept tokens sit: recall never rises along the pruning points, nothing pruned keeps all
+    assert ref["object_recall"] == 1.0 and 0 < ref["background_share"] < 1
+    for r in recs:
+        assert set(r["n_bar_by_qtype"]) == set(r["accuracy_by_qtype"]), r["method"]
+        points = r["object_recall_per_point"]
+        assert points == sorted(points, reverse=True) and 0 <= r["object_recall"] == points[-1] <= 1, r["method"]
+        assert 0 <= r["small_recall"] <= 1 and 0 <= r["background_share"] <= 1
+    assert len(atp["object_recall_per_point"]) == 3 and atp["object_recall"] < 1
+    # hard ATP: the tokens each branch kept add up to the kept tokens after each module
+    kept = [sum(v[k] for v in atp["kept_by_branch"].values()) for k in range(3)]
+    assert kept == pytest.approx([atp["tokens_per_layer"][i] for i in atp["describe"]["layers"]])
     assert report["summary"]["budgets"]["0.5"]["best_training_free"] in METHODS[2:]
     assert report["meta"]["prior_accuracy"]["all"] >= 0
     for png in ("accuracy_vs_nbar.png", "kept_tokens_per_layer.png", "kept_tokens_overlay.png"):
@@ -197,3 +209,29 @@ def test_base_goals():
     assert not g["every_qtype_above_prior"] and not g["met"]
     no_discrimination = [good[0], _rec("random", 0.11, 0.90, 0.80, {})]  # fine loses 6 points only
     assert not base_goals(no_discrimination, prior)["met"]
+
+
+def test_diagnostics_count_object_and_background_tokens():
+    """Object recall and background share on a hand-made scene: a big square over the top-left
+    quarter of a 4x4 grid, one small square in the bottom-right patch."""
+    from pipeline.diagnostics import Diagnostics
+
+    scene = {
+        "big": {"kind": "square", "box": [0, 0, 16, 16]},  # patches 0, 1, 4, 5 of a 32-px image
+        "small": [{"kind": "square", "box": [25, 25, 31, 31]}],  # patch 15
+    }
+    keep = torch.zeros(2, 4 * 4, dtype=torch.bool)
+    keep[0, [0, 1, 4, 15, 2, 3]] = True  # point 1: 3 of 4 big, the small one, 2 background
+    keep[1, [0, 15, 2]] = True  # point 2: 1 big, the small one, 1 background
+    branch = torch.zeros(2, 16, dtype=torch.int8)
+    branch[0, [0, 1, 4, 15, 2, 3]] = torch.tensor([1, 1, 3, 2, 2, 1], dtype=torch.int8)
+    branch[1, [0, 15, 2]] = torch.tensor([3, 1, 2], dtype=torch.int8)
+    d = Diagnostics(grid=4, lv=16)
+    d.add("cell_color", scene, 32, torch.tensor([16.0, 6.0, 3.0]), keep=keep, branch=branch)
+    d.add("cell_color", scene, 32, torch.tensor([16.0, 16.0, 16.0]))  # the same image, unpruned
+    s = d.summary()
+    assert s["object_recall_per_point"] == pytest.approx([(4 + 5) / 10, (2 + 5) / 10])
+    assert s["small_recall_per_point"] == pytest.approx([1.0, 1.0])
+    assert s["background_share"] == pytest.approx((1 + 11) / (3 + 16))
+    assert s["kept_by_branch"] == {"redundancy_only": [1.5, 0.5], "spatial_only": [1.0, 0.5], "both": [0.5, 0.5]}
+    assert s["n_bar_by_qtype"] == {"cell_color": pytest.approx((25 / 3 + 16) / 2)}
