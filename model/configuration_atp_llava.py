@@ -76,10 +76,11 @@ class AtpLlavaConfig(LlavaConfig):
             )
         if list(layers) != sorted(set(layers)):
             raise ValueError(f"atp_layers={layers}: must be strictly increasing")
-        if layers and (layers[0] < 1 or layers[-1] >= n_layers):
+        if layers and (layers[0] < 0 or layers[-1] >= n_layers):
             raise ValueError(
-                f"atp_layers={layers}: each index must be in [1, {n_layers - 1}] "
-                f"(a module before layer i uses the attention of layer i-1; the LM has {n_layers} layers)"
+                f"atp_layers={layers}: each index must be in [0, {n_layers - 1}] (a module before layer i "
+                f"uses the attention of layer i-1, before layer 0 layer 0's own q/k on the input embeddings; "
+                f"the LM has {n_layers} layers)"
             )
         if self.pruning == "fixed":
             if self.fixed_counts is None or len(self.fixed_counts) != len(layers):

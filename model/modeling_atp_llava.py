@@ -282,7 +282,8 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         pruning = self._pruning(policy, flow, embeds, has_img, atp_masks, hard)
         points = {} if pruning is None else {i: k for k, i in enumerate(pruning.layers)}
 
-        request = None  # filled by the layer before a pruning point, from its own attention
+        # filled by the layer before a pruning point, from its own attention (point 0: by layer 0's q/k)
+        request = self._scores_before_layer0(pruning.request(points[0], flow), flow) if 0 in points else None
         for i, layer in enumerate(self.model.language_model.layers):
             if i in points:
                 self._prune(flow, *pruning.select(points[i], flow, request), hard)
@@ -322,6 +323,22 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             image_hidden_states=image_features,
             **{CACHE_KW: cache},
         )
+
+    @torch.no_grad()
+    def _scores_before_layer0(self, request, flow):
+        """A pruning point before layer 0 has no layer before it: layer 0's own attention, run on
+        the input embeddings with its output dropped, fills the request from its q/k (METHOD sec 10).
+        Calling the modules (not their weights) keeps ZeRO-3's parameter gathering."""
+        if request is not None:
+            layer = self.model.language_model.layers[0]
+            layer.self_attn(
+                hidden_states=layer.input_layernorm(flow.hidden),
+                position_embeddings=flow.rope,
+                attention_mask=flow.keys.dense,
+                atp_scores=request,
+                atp_keys=flow.keys,
+            )
+        return request
 
     def _pruning(self, policy, flow, embeds, has_img, atp_masks, hard):
         """Who selects the kept tokens (`pruning.py`): the policy, the ATP modules, or no one."""

@@ -68,9 +68,10 @@ def test_config_fields_take_natural_types(tmp_path):
     assert (back.target_tokens, back.atp_layers, back.lambda_atp) == (6.0, [1, 3], 1.0)
 
 
+@pytest.mark.parametrize("atp_layers", [(2, 4), (0, 3)])  # (0, 3): a pruning point before layer 0
 @pytest.mark.parametrize("position_mode", ["preserve", "rope2d"])
-def test_soft_path_with_binary_masks_equals_hard_path(position_mode):
-    _, m = tiny_atp(position_mode=position_mode)
+def test_soft_path_with_binary_masks_equals_hard_path(position_mode, atp_layers):
+    _, m = tiny_atp(position_mode=position_mode, atp_layers=atp_layers)
     b = make_batch([2, 5, 3], [6, 3, 4], answers=[2, 2, 1], padding="left", seed=1)
     # spread the thresholds so the three samples keep different counts
     with torch.no_grad():
@@ -89,8 +90,11 @@ def test_soft_path_with_binary_masks_equals_hard_path(position_mode):
     assert torch.allclose(soft.visual_tokens, hard.visual_tokens)
 
 
-def test_blockwise_scores_equal_full_attention_map():
-    llava, m = tiny_atp(atp_layers=(3, 5))
+@pytest.mark.parametrize("atp_layers", [(3, 5), (0, 5)])
+def test_blockwise_scores_equal_full_attention_map(atp_layers):
+    """Module 0's scores equal those of the full attention map of layer i_0 - 1, or of layer 0 on
+    the input embeddings when i_0 = 0 (METHOD sec 10)."""
+    llava, m = tiny_atp(atp_layers=atp_layers)
     b = make_batch([4, 2], [5, 3], answers=[2, 2], padding="left", seed=2)
     captured = {}
     step = m._atp_step
@@ -103,12 +107,12 @@ def test_blockwise_scores_equal_full_attention_map():
     m.eval()
     with torch.no_grad():
         m(**b)
-    # reference: the full L x L logits of layer i_0 - 1 and its eager attention probabilities
+    # reference: the full L x L logits of layer max(i_0 - 1, 0) and its eager attention probabilities
     llava.set_attn_implementation("eager")
     pos = (b["attention_mask"].cumsum(-1) - 1).clamp_min(0)
     with torch.no_grad():
         ref = llava(**b, position_ids=pos, output_hidden_states=True, output_attentions=True)
-    j = 2
+    j = max(atp_layers[0] - 1, 0)
     layer = llava.model.language_model.layers[j]
     h = layer.input_layernorm(ref.hidden_states[j])
     attn = layer.self_attn
@@ -135,9 +139,10 @@ def test_blockwise_scores_equal_full_attention_map():
         assert (got_cross[bi] - s_cross).abs().max() <= 1e-5
 
 
-def test_gradient_reaches_thresholds_through_masked_layers():
+@pytest.mark.parametrize("atp_layers", [(2, 4), (0, 3)])
+def test_gradient_reaches_thresholds_through_masked_layers(atp_layers):
     # budget terms off: the gradient must come through the masked attention alone
-    _, m = tiny_atp(lambda_atp=0.0, lambda_target=0.0)
+    _, m = tiny_atp(lambda_atp=0.0, lambda_target=0.0, atp_layers=atp_layers)
     m.train()
     b = make_batch([3, 2], [4, 5], answers=[3, 2], seed=3)
     out = m(**b)
@@ -146,7 +151,7 @@ def test_gradient_reaches_thresholds_through_masked_layers():
         for name in ("head_r", "head_s", "fc"):
             g = getattr(mod, name).weight.grad
             assert g is not None and g.abs().sum() > 0, (k, name)
-    # the first module's mask enters layers 2..5: at least two masked layers behind it
+    # the first module's mask enters at least two masked layers behind it
     assert m.config.text_config.num_hidden_layers - m.config.atp_layers[0] >= 2
 
 

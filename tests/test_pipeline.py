@@ -285,3 +285,24 @@ def _children(pid: int) -> list[int]:
 def _environ(pid: int) -> dict:
     raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     return dict(item.decode(errors="replace").split("=", 1) for item in raw if b"=" in item)
+
+
+def test_pruning_point_before_layer0_trains_under_zero3(tiny):
+    """atp_layers [0, 3]: module 0's scores come from layer 0's own attention on the embeddings,
+    run outside the decoder loop; under 2-rank ZeRO-3 its weights are gathered by calling the
+    modules, the thresholds of module 0 train, and the export prunes before layer 0."""
+    from model import AtpLlavaForConditionalGeneration
+
+    run = tiny["root"] / "layer0"
+    common = ["atp.atp_layers=[0,3]", "train.max_steps=3", "train.checkpoint_every=100", "train.lr_atp=1e-2"]
+    launch(["run", tiny["config"], f"run_dir={run}", "stages=[projector,sft,export]", *common])
+    before = AtpLlavaForConditionalGeneration.from_pretrained(run / "projector").atp_modules[0].head_r.weight
+    m = AtpLlavaForConditionalGeneration.from_pretrained(run / "export")
+    assert m.config.atp_layers == [0, 3]
+    assert not torch.equal(m.atp_modules[0].head_r.weight, before)  # module 0's thresholds were trained
+    from pipeline.evaluate import _prompt_inputs, load_model, load_samples
+
+    model, proc = load_model(run / "export")
+    with torch.no_grad():
+        out = model(**_prompt_inputs(model, proc, load_samples(str(tiny["root"] / "shards"), limit=4)))
+    assert out.visual_tokens[:, 0].max() < LV  # layer 0 already sees the pruned image
