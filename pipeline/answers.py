@@ -231,9 +231,9 @@ def greedy_answers(
         if stats is not None:
             stats.add(capture.value, [images[i] is not None for i in idx])
         if prefill is not None:
-            from pipeline.diagnostics import rows
+            from pipeline.diagnostics import batch_row
 
-            prefill.update({i: rows(capture.info, j) for j, i in enumerate(idx)})
+            prefill.update({i: batch_row(capture.info, j) for j, i in enumerate(idx)})
         new = gen[:, inputs["input_ids"].shape[1] :]
         for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
             out[i] = text.strip()

@@ -87,6 +87,6 @@ def prefill_info(output) -> dict:
     }
 
 
-def rows(info: dict, j: int) -> dict:
+def batch_row(info: dict, j: int) -> dict:
     """Row j of a batch's `prefill_info`."""
     return {k: None if v is None else v[j] for k, v in info.items()}

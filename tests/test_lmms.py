@@ -251,9 +251,13 @@ def direct(setup):
     prompts = [answers.prompt_for(d["question"]) for d in docs]
     images = [d["image"].convert("RGB") for d in docs]
     gen_stats, mc_stats = answers.TokenStats(), answers.TokenStats()
+    prefill = {}
     preds = answers.greedy_answers(
-        model, processor, prompts, images, max_new_tokens=MAX_NEW, batch_size=4, stats=gen_stats
+        model, processor, prompts, images, max_new_tokens=MAX_NEW, batch_size=4, stats=gen_stats, prefill=prefill
     )
+    # several batches: every prompt has its own prefill record (pipeline/diagnostics.py)
+    assert len(prompts) > 4 and sorted(prefill) == list(range(len(prompts)))
+    assert all(r["keep"] is not None and r["visual_tokens"].shape == (LAYERS,) for r in prefill.values())
     flat = [(i, c) for i, d in enumerate(docs) for c in d["choices"]]
     lls = answers.choice_loglikelihoods(
         model,
