@@ -74,3 +74,40 @@ def calibrate_thresholds(model, **inputs) -> list[float]:
         if theta is not None:
             module.head_r.bias.fill_(math.log(theta / (1 - theta)))
     return [t for t in state["theta"] if t is not None]
+
+
+@torch.no_grad()
+def calibrate_budget(model, batches, target_tokens: float | None = None, iters: int = 24) -> tuple[float, float]:
+    """After training: one offset, in logit space, added to every module's theta_r and theta_s
+    biases so that the hard path's N_bar over `batches` (dicts of model inputs, prompts as at
+    inference) meets the target. Training leaves N_bar wherever L_target and L_ntp balance; the
+    heads' weights, which make the thresholds differ per image, are kept. Bisection over the
+    offset (N_bar falls as thresholds rise); returns (offset, N_bar reached)."""
+    cfg = model.config
+    target = cfg.target_tokens if target_tokens is None else target_tokens
+    biases = [b for m in model.atp_modules for b in (m.head_r.bias, m.head_s.bias)]
+    start = [b.clone() for b in biases]
+    was_training = model.training
+    model.eval()
+
+    def n_bar_at(offset):
+        for b, b0 in zip(biases, start):
+            b.copy_(b0 + offset)
+        total, images = 0.0, 0
+        for inputs in batches:
+            has_img = (inputs["input_ids"] == cfg.image_token_id).any(1)
+            total += float(model(**inputs).visual_tokens.mean(1)[has_img].sum())
+            images += int(has_img.sum())
+        return total / max(images, 1)
+
+    try:
+        lo, hi = -20.0, 20.0  # thresholds near 0 (keep all) and near 1 (keep the fewest)
+        for _ in range(iters):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if n_bar_at(mid) > target else (lo, mid)
+        reached = {off: n_bar_at(off) for off in (lo, hi)}
+        offset = min(reached, key=lambda off: abs(reached[off] - target))
+        n_bar = n_bar_at(offset)
+    finally:
+        model.train(was_training)
+    return offset, n_bar

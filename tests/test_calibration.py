@@ -14,6 +14,12 @@ def _kept(model, batch):
     return out.atp_info["keep"].sum(-1), out.visual_tokens.mean(1)  # [B, K], [B]
 
 
+def _thresholds(model, batch):
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).atp_info["thresholds"]  # [B, K, 2]
+
+
 def test_first_pass_keeps_the_target_share():
     _, m = tiny_atp(atp_layers=(2, 4), target_tokens=8.0)
     batch = make_batch([3] * 6, [5] * 6, seed=1)
@@ -42,3 +48,32 @@ def test_no_images_or_no_atp_is_a_no_op():
     m.config.pruning = "none"
     assert calibrate_thresholds(m, **make_batch([3], [5])) == []
     assert all(torch.equal(b, mod.head_r.bias) for b, mod in zip(before, m.atp_modules))
+
+
+def test_budget_calibration_meets_the_target_and_keeps_per_image_thresholds():
+    """After (here: simulated) training N_bar sits off target; one offset to every threshold bias
+    brings the hard path's N_bar on the calibration prompts to the target, and the heads'
+    weights, hence the per-image differences in thresholds, are untouched."""
+    from model.calibration import calibrate_budget
+
+    _, m = tiny_atp(atp_layers=(2, 4), target_tokens=6.0)
+    with torch.no_grad():  # trained-looking heads: thresholds that differ per image
+        for mod in m.atp_modules:
+            mod.head_r.weight.normal_(std=0.5)
+            mod.head_r.bias.fill_(-3.0)  # keeps nearly everything: N_bar far above 6
+    batches = []
+    for seed in range(3):
+        b = make_batch([3] * 4, [5] * 4, seed=seed)
+        b.pop("labels")
+        batches.append(b)
+    _, before = _kept(m, batches[0])
+    weights = [mod.head_r.weight.clone() for mod in m.atp_modules]
+    m.train()
+    offset, n_bar = calibrate_budget(m, batches)
+    assert m.training and offset > 0 and before.mean() > 9
+    assert abs(n_bar - 6.0) <= 0.5, n_bar  # counts are whole tokens per image: a step function
+    assert all(torch.equal(mod.head_r.weight, w) for mod, w in zip(m.atp_modules, weights))
+    reached = torch.cat([_kept(m, b)[1] for b in batches]).mean().item()
+    assert abs(reached - n_bar) < 1e-4  # the offset stays in the model
+    thetas = torch.cat([_thresholds(m, b) for b in batches])
+    assert thetas[:, 0, 0].std() > 0  # theta_r still differs per image

@@ -290,12 +290,17 @@ def _environ(pid: int) -> dict:
 def test_pruning_point_before_layer0_trains_under_zero3(tiny):
     """atp_layers [0, 3]: module 0's scores come from layer 0's own attention on the embeddings,
     run outside the decoder loop; under 2-rank ZeRO-3 its weights are gathered by calling the
-    modules, the thresholds of module 0 train, and the export prunes before layer 0."""
+    modules, the thresholds of module 0 train, and the export prunes before layer 0 (after
+    calibrating its budget)."""
     from model import AtpLlavaForConditionalGeneration
 
     run = tiny["root"] / "layer0"
     common = ["atp.atp_layers=[0,3]", "train.max_steps=3", "train.checkpoint_every=100", "train.lr_atp=1e-2"]
-    launch(["run", tiny["config"], f"run_dir={run}", "stages=[projector,sft,export]", *common])
+    # and the export meets the budget on 8 training prompts (model/calibration.py calibrate_budget)
+    p = launch(
+        ["run", tiny["config"], f"run_dir={run}", "stages=[projector,sft,export]", *common, "export.calibrate_budget=8"]
+    )
+    assert "budget calibrated on 8 prompts" in p.stdout + p.stderr
     before = AtpLlavaForConditionalGeneration.from_pretrained(run / "projector").atp_modules[0].head_r.weight
     m = AtpLlavaForConditionalGeneration.from_pretrained(run / "export")
     assert m.config.atp_layers == [0, 3]

@@ -58,6 +58,8 @@ def export(run: RunConfig, out: Path, start: Path | None = None, ckpt_dir: Path 
         raise RuntimeError(
             f"checkpoint {ckpt_dir} does not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}"
         )
+    if run.export.calibrate_budget and config.pruning == "atp":
+        _calibrate_budget(model, run, start)
     model = model.to(DTYPES[run.export.dtype]).eval()
     model.config.dtype = DTYPES[run.export.dtype]
 
@@ -74,3 +76,39 @@ def export(run: RunConfig, out: Path, start: Path | None = None, ckpt_dir: Path 
     # the dir appears complete or not at all
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
+
+
+def _calibrate_budget(model, run: RunConfig, start: Path) -> None:
+    """Meet the budget at inference: `export.calibrate_budget` training prompts, one offset to
+    every threshold bias (model/calibration.py), in fp32 before the cast to the export dtype."""
+    import logging
+
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from model.calibration import calibrate_budget
+    from pipeline.data import build_loader
+
+    loader = build_loader(
+        run.data,
+        AutoTokenizer.from_pretrained(start),
+        AutoImageProcessor.from_pretrained(start),
+        image_token_id=model.config.image_token_id,
+        num_image_tokens=model.config.num_visual_tokens,
+        generation=True,
+    )
+    batches, n = [], 0
+    for batch in loader:
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "query_mask")}
+        inputs["pixel_values"] = batch["pixel_values"]
+        batches.append(inputs)
+        n += len(batch["input_ids"])
+        if n >= run.export.calibrate_budget:
+            break
+    offset, n_bar = calibrate_budget(model, batches)
+    logging.getLogger(__name__).info(
+        "budget calibrated on %d prompts: threshold bias offset %+.3f, N_bar %.2f (target %.2f)",
+        n,
+        offset,
+        n_bar,
+        model.config.target_tokens,
+    )
