@@ -55,6 +55,7 @@ def atp_attention(
             atp_scores.vis_weight,
             atp_scores.q_index,
             atp_scores.q_valid,
+            value=value,
         )
     if kernel == "flash":
         return kernels.flash_attention(query, key, value, atp_keys.live, scaling, dropout), None

@@ -11,6 +11,7 @@ from transformers import LlavaConfig
 PRUNING_MODES = ("none", "atp", "fixed")
 POSITION_MODES = ("preserve", "rope2d")
 SCORE_NORMS = ("minmax", "none")
+SELF_SCORES = ("attention", "duplication")  # METHOD sec 11
 ATTN_KERNELS = ("sdpa", "flash", "flex", "auto")  # model/kernels.py, docs/GPU.md
 
 
@@ -33,6 +34,7 @@ class AtpLlavaConfig(LlavaConfig):
     target_tokens: int | float = 144.0
     position_mode: str = "preserve"  # preserve | rope2d
     score_norm: str = "minmax"  # minmax | none
+    score_self: str = "attention"  # attention (the paper's S_self) | duplication (METHOD sec 11)
     threshold_hidden: int = 256
     fixed_counts: list[int] | tuple[int, ...] | None = None
     mask_eps: int | float = 1e-6
@@ -69,6 +71,8 @@ class AtpLlavaConfig(LlavaConfig):
             raise ValueError(f"position_mode={self.position_mode!r}: expected one of {POSITION_MODES}")
         if self.score_norm not in SCORE_NORMS:
             raise ValueError(f"score_norm={self.score_norm!r}: expected one of {SCORE_NORMS}")
+        if self.score_self not in SELF_SCORES:
+            raise ValueError(f"score_self={self.score_self!r}: expected one of {SELF_SCORES}")
         if self.attn_kernel not in ATTN_KERNELS:
             raise ValueError(
                 f"attn_kernel={self.attn_kernel!r}: expected one of {ATTN_KERNELS} "

@@ -19,9 +19,12 @@ This file is copied into exported checkpoints (trust_remote_code): relative impo
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
+
+from .scores import redundancy_scores
 
 
 @dataclass
@@ -49,7 +52,9 @@ class AtpPruning:
         self.thresholds, self.m_sums, self.branches = [], [], []
 
     def request(self, k, flow):
-        return self.model._score_request(flow.seq, flow.C, flow.qmask)
+        self_score = self.model.config.score_self
+        compute = None if self_score == "attention" else functools.partial(redundancy_scores, self_score=self_score)
+        return self.model._score_request(flow.seq, flow.C, flow.qmask, compute=compute)
 
     def select(self, k, flow, request):
         override = None if self.atp_masks is None else self.atp_masks[k]

@@ -40,14 +40,18 @@ def minmax(x: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def redundancy_scores(query, key, bias, scaling, vis_index, vis_weight, q_index, q_valid):
+def redundancy_scores(
+    query, key, bias, scaling, vis_index, vis_weight, q_index, q_valid, value=None, self_score="attention"
+):
     """Block-wise S_self and S_cross (METHOD sec 1), each [B, Lv], not yet normalised.
 
     query [B, H, L, d] and key [B, Hkv, Lk, d] are the layer's post-rotary states (Lk == L at
     prefill); bias [B, 1, L, Lk] is the additive mask the layer's attention uses (causal,
     padding and log of the cumulative soft mask). vis_index [B, Lv] gives each original visual
     token's index in the current sequence, vis_weight [B, Lv] its cumulative mask (0 for tokens
-    already gone); q_index / q_valid [B, Q] the query-text rows.
+    already gone); q_index / q_valid [B, Q] the query-text rows. self_score "duplication"
+    replaces S_self by how unlike the other live visual tokens a token's value vector is
+    (METHOD sec 11; value [B, Hkv, Lk, d], needed then).
     """
     B, H, _, d = query.shape
     rep = H // key.shape[1]
@@ -67,6 +71,8 @@ def redundancy_scores(query, key, bias, scaling, vis_index, vis_weight, q_index,
     causal = torch.ones(Lv, Lv, dtype=torch.bool, device=logits.device).tril()
     qw = w[:, :, None] * causal  # weight of query m for key n
     s_self = (qw * logits).sum(1) / qw.sum(1).clamp_min(1e-6)
+    if self_score == "duplication":
+        s_self = _distinctness(value, vis_index, w)
 
     # S_cross[n]: mean over query-text rows of the masked softmax probability on key n
     probs = _row_probs(query, key, bias, scaling, q_index)  # [B, Q, Lk]
@@ -74,6 +80,23 @@ def redundancy_scores(query, key, bias, scaling, vis_index, vis_weight, q_index,
     qv_w = q_valid.float()[:, :, None]
     s_cross = (probs * qv_w).sum(1) / qv_w.sum(1).clamp_min(1.0)
     return s_self, s_cross
+
+
+def _distinctness(value, vis_index, w):
+    """[B, Lv]: minus the mean cosine similarity of each visual token's value vector (heads
+    concatenated; values carry no rotary position) to the other live visual tokens, weighted by
+    their cumulative mask. Large plain regions are many near-copies and score low."""
+    B, Hkv, _, d = value.shape
+    vv = (
+        value.float()
+        .gather(2, vis_index[:, None, :, None].expand(B, Hkv, -1, d))
+        .transpose(1, 2)
+        .reshape(B, -1, Hkv * d)
+    )
+    vv = torch.nn.functional.normalize(vv, dim=-1)
+    sim = torch.matmul(vv, vv.transpose(-1, -2))  # [B, n, m]
+    others = w[:, None, :] * (1 - torch.eye(sim.shape[-1], device=sim.device))
+    return -(sim * others).sum(-1) / others.sum(-1).clamp_min(1e-6)
 
 
 def _row_probs(query, key, bias, scaling, q_index):
@@ -86,7 +109,7 @@ def _row_probs(query, key, bias, scaling, q_index):
 
 
 @torch.no_grad()
-def visual_attention(query, key, bias, scaling, vis_index, vis_weight, q_index, q_valid):
+def visual_attention(query, key, bias, scaling, vis_index, vis_weight, q_index, q_valid, value=None):
     """[B, Q, Lv]: the head-mean attention probability from each query row to each original visual
     token, as the layer computes it (0 for tokens already gone and for invalid rows). A drop-in
     `ScoreRequest.compute` for training-free baselines (FastV, SparseVLM) that rank visual tokens

@@ -93,6 +93,7 @@ class AtpConfig:
     target_tokens: float = 144.0
     position_mode: str = "preserve"
     score_norm: str = "minmax"
+    score_self: str = "attention"
     threshold_hidden: int = 256
     fixed_counts: Optional[list[int]] = None
     mask_eps: float = 1e-6
@@ -213,6 +214,7 @@ CHOICES = {
     "atp.pruning": ("none", "atp", "fixed"),
     "atp.position_mode": ("preserve", "rope2d"),
     "atp.score_norm": ("minmax", "none"),
+    "atp.score_self": ("attention", "duplication"),
     "atp.attn_kernel": ("sdpa", "flash", "flex", "auto"),
     "train.precision": ("auto", "bf16", "fp32", "bf16-autocast"),
     "train.zero_stage": (0, 1, 2, 3),

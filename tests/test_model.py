@@ -68,10 +68,13 @@ def test_config_fields_take_natural_types(tmp_path):
     assert (back.target_tokens, back.atp_layers, back.lambda_atp) == (6.0, [1, 3], 1.0)
 
 
-@pytest.mark.parametrize("atp_layers", [(2, 4), (0, 3)])  # (0, 3): a pruning point before layer 0
+@pytest.mark.parametrize(
+    "atp_layers,score_self",
+    [((2, 4), "attention"), ((0, 3), "attention"), ((2, 4), "duplication")],  # (0, 3): a point before layer 0
+)
 @pytest.mark.parametrize("position_mode", ["preserve", "rope2d"])
-def test_soft_path_with_binary_masks_equals_hard_path(position_mode, atp_layers):
-    _, m = tiny_atp(position_mode=position_mode, atp_layers=atp_layers)
+def test_soft_path_with_binary_masks_equals_hard_path(position_mode, atp_layers, score_self):
+    _, m = tiny_atp(position_mode=position_mode, atp_layers=atp_layers, score_self=score_self)
     b = make_batch([2, 5, 3], [6, 3, 4], answers=[2, 2, 1], padding="left", seed=1)
     # spread the thresholds so the three samples keep different counts
     with torch.no_grad():
@@ -137,6 +140,28 @@ def test_blockwise_scores_equal_full_attention_map(atp_layers):
         got_self, got_cross = captured[0]
         assert (got_self[bi] - s_self).abs().max() <= 1e-5
         assert (got_cross[bi] - s_cross).abs().max() <= 1e-5
+
+
+def test_duplication_score_ranks_a_unique_token_above_copies():
+    """METHOD sec 11: among value vectors where most are near-copies, the odd one out scores
+    highest, and a token already pruned (weight 0) does not count as a copy."""
+    from model.scores import _distinctness
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(1, 2, 1, 8, generator=g)
+    value = base.expand(1, 2, 6, 8) + 0.01 * torch.randn(1, 2, 6, 8, generator=g)
+    value = value.clone()
+    value[0, :, 3] = torch.randn(2, 8, generator=g)  # token 3 is unlike the rest
+    vis_index = torch.arange(6)[None]
+    s = _distinctness(value, vis_index, torch.ones(1, 6))
+    assert s.argmax().item() == 3
+    # pruned tokens (weight 0) are no one's copies: among the live 0, 1 and 3, the copies 0 and 1
+    # score alike and token 3 highest, as if the others never existed
+    w = torch.tensor([[1.0, 1.0, 0.0, 1.0, 0.0, 0.0]])
+    s = _distinctness(value, vis_index, w)[0]
+    live = _distinctness(value[:, :, [0, 1, 3]], torch.arange(3)[None], torch.ones(1, 3))[0]
+    assert s[3] > s[0] and s[0].item() == pytest.approx(s[1].item(), abs=0.05)
+    assert torch.allclose(s[[0, 1, 3]], live, atol=1e-6)
 
 
 @pytest.mark.parametrize("atp_layers", [(2, 4), (0, 3)])
@@ -299,7 +324,7 @@ def test_bad_inputs_name_the_problem():
         ids = b["input_ids"].clone()
         ids[0, torch.nonzero(ids[0] == IMAGE_TOKEN)[0]] = 5
         m(input_ids=ids, pixel_values=b["pixel_values"])
-    for layers in ([4, 2], [0, 3], [2, 6]):
+    for layers in ([4, 2], [-1, 3], [2, 6]):
         with pytest.raises(Exception, match="atp_layers"):  # hub strict-dataclass error wrapping ValueError
             AtpLlavaConfig(text_config=dict(model_type="llama", num_hidden_layers=6), atp_layers=layers)
 
