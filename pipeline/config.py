@@ -188,7 +188,7 @@ class EvalConfig:
 class ExportConfig:
     dtype: str = "bfloat16"  # float32 | bfloat16 | float16
     pruning: str = "atp"  # what generate() of the exported model does
-    # atp: training samples (prompts, as at inference) on which one offset to the threshold
+    # atp: training samples (first questions, prompted as at evaluation) on which one offset to the threshold
     # biases makes the hard path's N_bar meet atp.target_tokens (model/calibration.py); 0: off
     calibrate_budget: int = 0
 

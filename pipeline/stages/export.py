@@ -79,35 +79,23 @@ def export(run: RunConfig, out: Path, start: Path | None = None, ckpt_dir: Path 
 
 
 def _calibrate_budget(model, run: RunConfig, start: Path) -> None:
-    """Meet the budget at inference: `export.calibrate_budget` training prompts, one offset to
-    every threshold bias (model/calibration.py), in fp32 before the cast to the export dtype."""
+    """Meet the budget at inference: the first question of `export.calibrate_budget` training
+    samples, prompted as at evaluation (pipeline/answers.py), and one offset to every threshold
+    bias (model/calibration.py), in fp32 before the cast to the export dtype."""
     import logging
 
     from transformers import AutoImageProcessor, AutoTokenizer
 
     from model.calibration import calibrate_budget
-    from pipeline.data import build_loader
+    from pipeline.evaluate import _prompt_inputs, load_samples
 
-    loader = build_loader(
-        run.data,
-        AutoTokenizer.from_pretrained(start),
-        AutoImageProcessor.from_pretrained(start),
-        image_token_id=model.config.image_token_id,
-        num_image_tokens=model.config.num_visual_tokens,
-        generation=True,
-    )
-    batches, n = [], 0
-    for batch in loader:
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "query_mask")}
-        inputs["pixel_values"] = batch["pixel_values"]
-        batches.append(inputs)
-        n += len(batch["input_ids"])
-        if n >= run.export.calibrate_budget:
-            break
+    processor = (AutoTokenizer.from_pretrained(start), AutoImageProcessor.from_pretrained(start))
+    samples = load_samples(run.data.shards, limit=run.export.calibrate_budget)
+    batches = [_prompt_inputs(model, processor, samples[i : i + 16]) for i in range(0, len(samples), 16)]
     offset, n_bar = calibrate_budget(model, batches)
     logging.getLogger(__name__).info(
         "budget calibrated on %d prompts: threshold bias offset %+.3f, N_bar %.2f (target %.2f)",
-        n,
+        len(samples),
         offset,
         n_bar,
         model.config.target_tokens,
