@@ -126,6 +126,17 @@ def dense_bias(live, log_m, dtype, q_len=None):
     return torch.where(allowed, fill, lo)[:, None]
 
 
+def sdpa_reference(q, k, v, live, log_m, scaling, q_len=None):
+    """The reference the other kernels are checked against: SDPA with the dense additive bias, in
+    the inputs' dtype, kv heads repeated for GQA; q [B, H, Lq, d] -> [B, Lq, H, d]."""
+    rep = q.shape[1] // k.shape[1]
+    bias = dense_bias(live, log_m, q.dtype, q_len)
+    out = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=bias, scale=scaling
+    )
+    return out.transpose(1, 2)
+
+
 @dataclass
 class KeyMask:
     """What one group of layers' attention may see: built once per group, shared by its layers."""

@@ -372,30 +372,10 @@ def build_pipeline(
     )
 
 
-def build_loader(
-    cfg: DataConfig,
-    tokenizer,
-    image_processor,
-    *,
-    image_token_id: int,
-    num_image_tokens: int,
-    rank: int = 0,
-    world_size: int = 1,
-    epoch: int = 0,
-    generation: bool = False,
-) -> Loader:
-    """Batches for one rank. Resampled: exactly `num_batches` per epoch on every rank."""
-    pipeline = build_pipeline(
-        cfg,
-        tokenizer,
-        image_processor,
-        image_token_id=image_token_id,
-        num_image_tokens=num_image_tokens,
-        rank=rank,
-        world_size=world_size,
-        epoch=epoch,
-        generation=generation,
-    )
+def build_loader(cfg: DataConfig, tokenizer, image_processor, **kw) -> Loader:
+    """Batches for one rank (`kw`: build_pipeline's keywords). Resampled: exactly `num_batches`
+    per epoch on every rank."""
+    pipeline = build_pipeline(cfg, tokenizer, image_processor, **kw)
     webloader = wds.WebLoader(
         pipeline,
         batch_size=None,
@@ -408,7 +388,7 @@ def build_loader(
         total = cfg.epoch_samples or dataset_size(list_shards(cfg.shards))
         if not total:
             raise ValueError("resampled mode needs epoch_samples or a sizes.json beside the shards")
-        num_batches = max(1, total // (world_size * cfg.batch_size))
+        num_batches = max(1, total // (kw.get("world_size", 1) * cfg.batch_size))
     return Loader(webloader, num_batches)
 
 

@@ -61,13 +61,7 @@ def left_padded(lens, L):
     return torch.arange(L, device=DEV)[None] >= (L - torch.tensor(lens, device=DEV))[:, None]
 
 
-def sdpa_ref(q, k, v, live, log_m, scaling, q_len=None):
-    rep = q.shape[1] // k.shape[1]
-    bias = K.dense_bias(live, log_m, q.dtype, q_len)
-    out = F.scaled_dot_product_attention(
-        q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=bias, scale=scaling
-    )
-    return out.transpose(1, 2)
+sdpa_ref = K.sdpa_reference
 
 
 def fwd_bwd(fn, tensors, w, rows):

@@ -26,14 +26,7 @@ def fresh_warnings():
     yield
 
 
-def sdpa_ref(q, k, v, live, log_m, scaling, q_len=None):
-    """The reference: SDPA with the dense additive bias, in the inputs' dtype; [B, Lq, H, d]."""
-    rep = q.shape[1] // k.shape[1]
-    bias = K.dense_bias(live, log_m, q.dtype, q_len)
-    out = F.scaled_dot_product_attention(
-        q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=bias, scale=scaling
-    )
-    return out.transpose(1, 2)
+sdpa_ref = K.sdpa_reference
 
 
 def qkv(B=3, H=4, Hkv=2, Lq=37, Lk=37, d=16, dtype=torch.float64, seed=0):
