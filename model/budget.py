@@ -82,7 +82,7 @@ def counts_for_budget(layers, num_layers: int, lv: int, share: float, ratios=Non
         raise ValueError(f"ratios={ratios}: need one positive ratio per pruning layer {layers}")
     if any(b > a for a, b in zip(ratios, ratios[1:])):
         raise ValueError(f"ratios={ratios}: must not increase (a pruned token never comes back)")
-    spans = [b - a for a, b in zip(layers, layers[1:] + [num_layers])]
+    spans = group_spans(layers, num_layers)[1:]  # the groups after each pruning point
     target = share * lv * num_layers  # visual-token-layers
     budget = target - layers[0] * lv
     if budget < sum(spans) - 0.5 * min(spans):

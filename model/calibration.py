@@ -90,9 +90,12 @@ def calibrate_budget(model, batches, target_tokens: float | None = None, iters: 
     was_training = model.training
     model.eval()
 
-    def n_bar_at(offset):
+    def shift(offset):
         for b, b0 in zip(biases, start):
             b.copy_(b0 + offset)
+
+    def n_bar_at(offset):
+        shift(offset)
         total, images = 0.0, 0
         for inputs in batches:
             has_img = (inputs["input_ids"] == cfg.image_token_id).any(1)
@@ -107,7 +110,7 @@ def calibrate_budget(model, batches, target_tokens: float | None = None, iters: 
             lo, hi = (mid, hi) if n_bar_at(mid) > target else (lo, mid)
         reached = {off: n_bar_at(off) for off in (lo, hi)}
         offset = min(reached, key=lambda off: abs(reached[off] - target))
-        n_bar = n_bar_at(offset)
+        shift(offset)  # the biases end at the offset kept, without another pass
     finally:
         model.train(was_training)
-    return offset, n_bar
+    return offset, reached[offset]

@@ -59,20 +59,10 @@ def redundancy_scores(
     if rep > 1:  # GQA: each query head reads its kv head
         key = key.repeat_interleave(rep, dim=1)
     w = vis_weight.float()
-
-    # S_self[n]: mean over causal visual queries m >= n, weighted by the queries' masks, of q_m.k_n
-    # the head mean of q_h.k_h is one product over the heads' concatenated features:
-    # one [Lv, H*d] x [H*d, Lv] matmul, never an H x Lv x Lv tensor
-    gather = vis_index[:, None, :, None].expand(B, H, -1, d)
-    qv = query.gather(2, gather).transpose(1, 2).reshape(B, -1, H * d)
-    kv = key.gather(2, gather).transpose(1, 2).reshape(B, -1, H * d)
-    logits = torch.matmul(qv, kv.transpose(-1, -2)) * (scaling / H)  # [B, m, n]
-    Lv = logits.shape[-1]
-    causal = torch.ones(Lv, Lv, dtype=torch.bool, device=logits.device).tril()
-    qw = w[:, :, None] * causal  # weight of query m for key n
-    s_self = (qw * logits).sum(1) / qw.sum(1).clamp_min(1e-6)
     if self_score == "duplication":
         s_self = _distinctness(value, vis_index, w)
+    else:
+        s_self = _received_logits(query, key, scaling, vis_index, w)
 
     # S_cross[n]: mean over query-text rows of the masked softmax probability on key n
     probs = _row_probs(query, key, bias, scaling, q_index)  # [B, Q, Lk]
@@ -80,6 +70,21 @@ def redundancy_scores(
     qv_w = q_valid.float()[:, :, None]
     s_cross = (probs * qv_w).sum(1) / qv_w.sum(1).clamp_min(1.0)
     return s_self, s_cross
+
+
+def _received_logits(query, key, scaling, vis_index, w):
+    """The paper's S_self [B, Lv]: mean over causal visual queries m >= n, weighted by the queries'
+    masks, of q_m.k_n. The head mean of q_h.k_h is one product over the heads' concatenated
+    features: one [Lv, H*d] x [H*d, Lv] matmul, never an H x Lv x Lv tensor."""
+    B, H, _, d = query.shape
+    gather = vis_index[:, None, :, None].expand(B, H, -1, d)
+    qv = query.gather(2, gather).transpose(1, 2).reshape(B, -1, H * d)
+    kv = key.gather(2, gather).transpose(1, 2).reshape(B, -1, H * d)
+    logits = torch.matmul(qv, kv.transpose(-1, -2)) * (scaling / H)  # [B, m, n]
+    Lv = logits.shape[-1]
+    causal = torch.ones(Lv, Lv, dtype=torch.bool, device=logits.device).tril()
+    qw = w[:, :, None] * causal  # weight of query m for key n
+    return (qw * logits).sum(1) / qw.sum(1).clamp_min(1e-6)
 
 
 def _distinctness(value, vis_index, w):
