@@ -140,8 +140,8 @@ class _Capture:
         if vt is not None and self.value is None:
             from pipeline.diagnostics import prefill_info
 
-            self.value = vt.detach().float().cpu()
             self.info = prefill_info(output)
+            self.value = self.info["visual_tokens"]
 
     def close(self):
         self.handle.remove()

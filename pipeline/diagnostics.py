@@ -1,8 +1,9 @@
 """Where a method's kept tokens sit: per-record diagnostics of an eval run.
 
 Every synthetic sample records its scene, so `shards.objects.object_map` says which visual tokens
-cover a shape. From the keep masks a model reports at prefill (`atp_info["keep"]`: the cumulative
-keep after each pruning point, [K, Lv] per image) this collects, over the image samples:
+cover a shape (`evaluate.Sample.object_map`). From the keep masks a model reports at prefill
+(`atp_info["keep"]`: the cumulative keep after each pruning point, [K, Lv] per image) this
+collects, over the image samples:
 
 - `object_recall`: the share of object tokens (big or small shape) that reach the last layer, and
   `object_recall_per_point` after each pruning point; the same for small shapes alone;
@@ -22,27 +23,27 @@ from collections import defaultdict
 import numpy as np
 
 from pipeline.answers import TokenStats
-from shards.objects import BACKGROUND, SMALL, object_map
+from shards.objects import BACKGROUND, SMALL
 
 BRANCHES = {1: "redundancy_only", 2: "spatial_only", 3: "both"}
 
 
 class Diagnostics:
     def __init__(self, grid: int, lv: int):
-        self.grid, self.offset = grid, lv - grid * grid  # "full" strategy: a CLS token before the grid
+        self.offset = lv - grid * grid  # "full" strategy: a CLS token before the grid
         self.qtype_tokens: dict[str, TokenStats] = defaultdict(TokenStats)
         self.kept_obj = self.kept_small = None  # [K] sums over images
         self.n_obj = self.n_small = self.kept_last = self.kept_bg = 0
         self.branch = None  # [K, 3] kept tokens by branch, summed over images
         self.images = 0
 
-    def add(self, qtype: str, scene: dict | None, image_size: int, visual_tokens, keep=None, branch=None) -> None:
-        """One image sample's prefill: visual_tokens [num_layers]; keep [K, Lv] (None: nothing
-        pruned); branch [K, Lv] int (ATP's hard path) or None."""
+    def add(self, qtype: str, labels, visual_tokens, keep=None, branch=None) -> None:
+        """One image sample's prefill: labels [grid * grid], its object map (None: no scene);
+        visual_tokens [num_layers]; keep [K, Lv] (None: nothing pruned); branch [K, Lv] int (ATP's
+        hard path) or None."""
         self.qtype_tokens[qtype].add(visual_tokens[None], [True])
-        if scene is None:
+        if labels is None:
             return
-        labels = object_map(scene, image_size, self.grid)
         keep = np.ones((1, labels.size), bool) if keep is None else keep.bool().numpy()[:, self.offset :]
         obj, small = labels != BACKGROUND, labels == SMALL
         kept_obj, kept_small = (keep & obj).sum(1), (keep & small).sum(1)

@@ -48,6 +48,18 @@ class Sample:
     qtype: str
     family: str
     scene: dict | None = None  # synthetic shards: the shapes' boxes (pipeline/diagnostics.py)
+    _maps: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def object_map(self, grid: int):
+        """Which of a grid x grid tower's tokens cover a shape (`shards.objects`), None without a
+        scene; made once per grid, then shared by every method an evaluation runs."""
+        if self.scene is None:
+            return None
+        if grid not in self._maps:
+            from shards.objects import object_map
+
+            self._maps[grid] = object_map(self.scene, self.image.size[0], grid)
+        return self._maps[grid]
 
 
 def load_samples(shards: str, limit: int | None = None) -> list[Sample]:
@@ -124,7 +136,7 @@ def run_method(model, processor, samples: list[Sample], *, batch_size: int, max_
     stats["all"] = overall.summary()
     diag = Diagnostics(model.config.grid_size, model.config.num_visual_tokens)
     for i, s in enumerate(samples):
-        diag.add(s.qtype, s.scene, s.image.size[0], **prefill[i])
+        diag.add(s.qtype, s.object_map(model.config.grid_size), **prefill[i])
     tokenizer, _ = split_processor(processor)
     text_len = statistics.mean(len(tokenizer(prompt_for(s.question))["input_ids"]) for s in samples)
     return Result(correct=correct, tokens=stats, text_len=text_len, diagnostics=diag.summary())
@@ -139,7 +151,7 @@ def time_model(model, processor, samples: list[Sample], *, repeats: int, decode_
     from model import CACHE_KW
 
     cfg = model.config
-    inputs = _prompt_inputs(model, processor, samples)
+    inputs = prompt_inputs(model, processor, samples)
     prefill, decode = [], []
     for r in range(repeats + 1):
         cache = DynamicCache(config=cfg.text_config)
@@ -162,7 +174,7 @@ def time_model(model, processor, samples: list[Sample], *, repeats: int, decode_
     }
 
 
-def _prompt_inputs(model, processor, samples: list[Sample]) -> dict:
+def prompt_inputs(model, processor, samples: list[Sample]) -> dict:
     """Model inputs of the samples' questions, prompted and tokenised as pipeline/answers.py does."""
     from pipeline.answers import _model_inputs, encode_prompt
 
@@ -241,7 +253,7 @@ def overlay_data(model, processor, samples: list[Sample]) -> list[dict]:
     out = []
     with torch.no_grad():
         for s in samples:
-            res = model(**_prompt_inputs(model, processor, [s]))
+            res = model(**prompt_inputs(model, processor, [s]))
             if res.atp_info is None:
                 continue
             out.append(

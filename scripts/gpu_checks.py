@@ -339,13 +339,18 @@ def bench_attn(have_flash):
     return rows
 
 
-def bench_prefill(have_flash, batch_sizes=(1, 8)):
+def prefill_model():
+    """The LLaVA-7B-shaped model of the prefill parts (bf16) and its kept counts at N_bar 25%."""
     atp_layers = PREFILL_MODEL["atp_layers"]
     cfg = llava_config(**PREFILL_MODEL, pruning="fixed", fixed_counts=[1] * len(atp_layers))
-    m = build(cfg).to(torch.bfloat16)
-    lv, n_layers, text = cfg.num_visual_tokens, PREFILL_MODEL["layers"], 64
-    q = keep_share_per_module(atp_layers, n_layers, lv, 0.25 * lv)
-    counts = [max(1, round(lv * q ** (k + 1))) for k in range(len(atp_layers))]
+    lv = cfg.num_visual_tokens
+    q = keep_share_per_module(atp_layers, PREFILL_MODEL["layers"], lv, 0.25 * lv)
+    return build(cfg).to(torch.bfloat16), [max(1, round(lv * q ** (k + 1))) for k in range(len(atp_layers))]
+
+
+def bench_prefill(have_flash, batch_sizes=(1, 8)):
+    m, counts = prefill_model()
+    cfg, lv, text = m.config, m.config.num_visual_tokens, 64
     kernels = ["sdpa", "auto"] if have_flash else ["sdpa"]
     rows = []
     for B in batch_sizes:
@@ -386,13 +391,11 @@ def profile_prefill(have_flash, batch_size=1, top=25):
     CUDA time, and the event-timed median with a long warm-up."""
     from torch.profiler import ProfilerActivity, profile
 
-    atp_layers = PREFILL_MODEL["atp_layers"]
-    cfg = llava_config(**PREFILL_MODEL, pruning="fixed", fixed_counts=[1] * len(atp_layers))
-    m = build(cfg).to(torch.bfloat16)
-    lv, n_layers = cfg.num_visual_tokens, PREFILL_MODEL["layers"]
-    q = keep_share_per_module(atp_layers, n_layers, lv, 0.25 * lv)
-    counts = [max(1, round(lv * q ** (k + 1))) for k in range(len(atp_layers))]
-    b = batch(cfg, [64] * batch_size)
+    def gpu_ms(e):  # the name changed across torch versions
+        return getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
+
+    m, counts = prefill_model()
+    b = batch(m.config, [64] * batch_size)
     b.pop("labels")
     rows = []
     for pruning in ("none", "fixed"):
@@ -410,7 +413,7 @@ def profile_prefill(have_flash, batch_size=1, top=25):
                     "op": e.key,
                     "count": e.count,
                     "self_cpu_ms": e.self_cpu_time_total / 5e3,
-                    "self_cuda_ms": getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) / 5e3,
+                    "self_cuda_ms": gpu_ms(e) / 5e3,
                 }
                 for e in sorted(ka, key=key, reverse=True)[:top]
             ]
@@ -421,7 +424,7 @@ def profile_prefill(have_flash, batch_size=1, top=25):
                 "batch": batch_size,
                 "median_ms": ms,
                 "by_cpu": table(lambda e: e.self_cpu_time_total),
-                "by_cuda": table(lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))),
+                "by_cuda": table(gpu_ms),
             }
         )
         print(f"profile B={batch_size} pruning={pruning}: median {ms:.1f} ms (20 warm-up)")

@@ -215,6 +215,7 @@ def test_diagnostics_count_object_and_background_tokens():
     """Object recall and background share on a hand-made scene: a big square over the top-left
     quarter of a 4x4 grid, one small square in the bottom-right patch."""
     from pipeline.diagnostics import Diagnostics
+    from shards.objects import object_map
 
     scene = {
         "big": {"kind": "square", "box": [0, 0, 16, 16]},  # patches 0, 1, 4, 5 of a 32-px image
@@ -227,8 +228,9 @@ def test_diagnostics_count_object_and_background_tokens():
     branch[0, [0, 1, 4, 15, 2, 3]] = torch.tensor([1, 1, 3, 2, 2, 1], dtype=torch.int8)
     branch[1, [0, 15, 2]] = torch.tensor([3, 1, 2], dtype=torch.int8)
     d = Diagnostics(grid=4, lv=16)
-    d.add("cell_color", scene, 32, torch.tensor([16.0, 6.0, 3.0]), keep=keep, branch=branch)
-    d.add("cell_color", scene, 32, torch.tensor([16.0, 16.0, 16.0]))  # the same image, unpruned
+    labels = object_map(scene, 32, 4)
+    d.add("cell_color", labels, torch.tensor([16.0, 6.0, 3.0]), keep=keep, branch=branch)
+    d.add("cell_color", labels, torch.tensor([16.0, 16.0, 16.0]))  # the same image, unpruned
     s = d.summary()
     assert s["object_recall_per_point"] == pytest.approx([(4 + 5) / 10, (2 + 5) / 10])
     assert s["small_recall_per_point"] == pytest.approx([1.0, 1.0])

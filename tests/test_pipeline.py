@@ -305,9 +305,9 @@ def test_pruning_point_before_layer0_trains_under_zero3(tiny):
     m = AtpLlavaForConditionalGeneration.from_pretrained(run / "export")
     assert m.config.atp_layers == [0, 3]
     assert not torch.equal(m.atp_modules[0].head_r.weight, before)  # module 0's thresholds were trained
-    from pipeline.evaluate import _prompt_inputs, load_model, load_samples
+    from pipeline.evaluate import load_model, load_samples, prompt_inputs
 
     model, proc = load_model(run / "export")
     with torch.no_grad():
-        out = model(**_prompt_inputs(model, proc, load_samples(str(tiny["root"] / "shards"), limit=4)))
+        out = model(**prompt_inputs(model, proc, load_samples(str(tiny["root"] / "shards"), limit=4)))
     assert out.visual_tokens[:, 0].max() < LV  # layer 0 already sees the pruned image

@@ -87,11 +87,11 @@ def _calibrate_budget(model, run: RunConfig, start: Path) -> None:
     from transformers import AutoImageProcessor, AutoTokenizer
 
     from model.calibration import calibrate_budget
-    from pipeline.evaluate import _prompt_inputs, load_samples
+    from pipeline.evaluate import load_samples, prompt_inputs
 
     processor = (AutoTokenizer.from_pretrained(start), AutoImageProcessor.from_pretrained(start))
     samples = load_samples(run.data.shards, limit=run.export.calibrate_budget)
-    batches = [_prompt_inputs(model, processor, samples[i : i + 16]) for i in range(0, len(samples), 16)]
+    batches = [prompt_inputs(model, processor, samples[i : i + 16]) for i in range(0, len(samples), 16)]
     offset, n_bar = calibrate_budget(model, batches)
     logging.getLogger(__name__).info(
         "budget calibrated on %d prompts: threshold bias offset %+.3f, N_bar %.2f (target %.2f)",
