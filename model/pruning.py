@@ -50,11 +50,13 @@ class AtpPruning:
         self.model, self.has_img, self.atp_masks, self.hard = model, has_img, atp_masks, hard
         self.layers = list(model.config.atp_layers)
         self.thresholds, self.m_sums, self.branches = [], [], []
+        self_score = model.config.score_self  # what the layer before each module computes (None: the default)
+        self.compute = (
+            None if self_score == "attention" else functools.partial(redundancy_scores, self_score=self_score)
+        )
 
     def request(self, k, flow):
-        self_score = self.model.config.score_self
-        compute = None if self_score == "attention" else functools.partial(redundancy_scores, self_score=self_score)
-        return self.model._score_request(flow.seq, flow.C, flow.qmask, compute=compute)
+        return self.model._score_request(flow.seq, flow.C, flow.qmask, compute=self.compute)
 
     def select(self, k, flow, request):
         override = None if self.atp_masks is None else self.atp_masks[k]
