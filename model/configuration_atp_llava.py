@@ -12,12 +12,21 @@ PRUNING_MODES = ("none", "atp", "fixed")
 POSITION_MODES = ("preserve", "rope2d")
 SCORE_NORMS = ("minmax", "none")
 SELF_SCORES = ("attention", "duplication")  # METHOD sec 11
+MERGE_MODES = ("none", "nearest")  # METHOD sec 12
 ATTN_KERNELS = ("sdpa", "flash", "flex", "auto")  # model/kernels.py, docs/GPU.md
 
 
 # Float fields are annotated `int | float` and cast below: huggingface_hub's strict validation
 # (2.x) rejects an int for a `float` field, and `target_tokens=36` is what users write.
-FLOAT_FIELDS = ("mask_temperature", "lambda_sample", "lambda_atp", "lambda_target", "target_tokens", "mask_eps")
+FLOAT_FIELDS = (
+    "mask_temperature",
+    "lambda_sample",
+    "lambda_atp",
+    "lambda_target",
+    "target_tokens",
+    "mask_eps",
+    "merge_temperature",
+)
 
 
 @strict
@@ -35,6 +44,8 @@ class AtpLlavaConfig(LlavaConfig):
     position_mode: str = "preserve"  # preserve | rope2d
     score_norm: str = "minmax"  # minmax | none
     score_self: str = "attention"  # attention (the paper's S_self) | duplication (METHOD sec 11)
+    merge: str = "none"  # none (the paper) | nearest: dropped tokens averaged into kept ones (METHOD sec 12)
+    merge_temperature: int | float = 20.0
     threshold_hidden: int = 256
     fixed_counts: list[int] | tuple[int, ...] | None = None
     mask_eps: int | float = 1e-6
@@ -73,6 +84,8 @@ class AtpLlavaConfig(LlavaConfig):
             raise ValueError(f"score_norm={self.score_norm!r}: expected one of {SCORE_NORMS}")
         if self.score_self not in SELF_SCORES:
             raise ValueError(f"score_self={self.score_self!r}: expected one of {SELF_SCORES}")
+        if self.merge not in MERGE_MODES:
+            raise ValueError(f"merge={self.merge!r}: expected one of {MERGE_MODES}")
         if self.attn_kernel not in ATTN_KERNELS:
             raise ValueError(
                 f"attn_kernel={self.attn_kernel!r}: expected one of {ATTN_KERNELS} "

@@ -367,20 +367,20 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         )
 
     def _prune(self, flow, M, features, hard):
-        """After a pruning point, whoever chose M: the cumulative mask C, then (hard) merged features,
-        the kept tokens alone with their rope and a new KV group, or (soft) log C on the visual keys."""
+        """After a pruning point, whoever chose M: the cumulative mask C, merged features if any, then
+        (hard) the kept tokens alone with their rope and a new KV group, or (soft) log C on the visual keys."""
         flow.C = flow.C * M
         flow.keeps.append(flow.C)
         flow.counts.append(flow.C.sum(-1))
+        keep = flow.C > 0.5
+        if features is not None:  # merging: new features for the kept tokens (soft: for every visual token)
+            at = flow.seq.vis.clamp_min(0)
+            on = (flow.seq.vis >= 0) & (keep.gather(1, at) if hard else True)
+            new = features.to(flow.hidden.dtype).gather(1, at[..., None].expand(-1, -1, flow.hidden.shape[-1]))
+            flow.hidden = torch.where(on[..., None], new, flow.hidden)
         if not hard:
             flow.keys = self._keys(flow.seq.live, self._key_log_mask(flow.seq, flow.C), flow.hidden.dtype)
             return
-        keep = flow.C > 0.5
-        if features is not None:  # merging: new features for (some of) the kept tokens
-            at = flow.seq.vis.clamp_min(0)
-            on = (flow.seq.vis >= 0) & keep.gather(1, at)
-            new = features.to(flow.hidden.dtype).gather(1, at[..., None].expand(-1, -1, flow.hidden.shape[-1]))
-            flow.hidden = torch.where(on[..., None], new, flow.hidden)
         flow.hidden, flow.seq, flow.qmask = self._gather(flow.hidden, flow.seq, flow.qmask, keep)
         flow.keys = self._keys(flow.seq.live, None, flow.hidden.dtype)
         flow.rope = self._rope(flow.hidden, flow.seq.pos)

@@ -8,7 +8,7 @@ A pruning point i sits before decoder layer i (0 = before the first layer). A pr
   its own attention for point k (None: nothing);
 - `select(k, flow, request)`: masks M [B, Lv] over the original visual positions (the loop
   multiplies them into the cumulative mask C) and optionally new features [B, Lv, D] for the kept
-  tokens (merging), or None;
+  tokens (merging: a policy's on the hard path, ATP's `merge` on both), or None;
 - `info(keeps)`: what `AtpLlavaOutput.atp_info` reports.
 
 What follows a pruning point (C, counts, the gather, keys, rope, KV groups) is the loop's, in one
@@ -65,13 +65,36 @@ class AtpPruning:
         self.m_sums.append(M.sum(-1))
         if branch is not None:
             self.branches.append(branch)
-        return M, None
+        cfg = self.model.config
+        if cfg.merge == "none":
+            return M, None
+        vis_index, _ = self.model._visual_slots(flow.seq, flow.C.shape[1])
+        hidden = flow.hidden.gather(1, vis_index[..., None].expand(-1, -1, flow.hidden.shape[-1]))
+        kept = flow.C * M
+        return M, merge_dropped(hidden, kept, flow.C - kept, cfg.merge_temperature)
 
     def info(self, keeps):
         out = {"thresholds": torch.stack(self.thresholds, 1).detach(), "keep": torch.stack(keeps, 1).detach()}
         if self.branches:  # hard ATP: which branch kept each token ([B, K, Lv], `_atp_step`)
             out["branch"] = torch.stack(self.branches, 1)
         return out
+
+
+def merge_dropped(hidden, kept, dropped, temperature):
+    """METHOD sec 12: what a pruning point drops is averaged into the kept tokens most like it.
+
+    hidden [B, Lv, D] at the original positions; kept = C after the point, dropped = C before minus
+    C after ([B, Lv]; soft in training, 0/1 at inference). Token j's dropped mass goes to kept token
+    i in proportion to kept_i exp(T (cos(h_i, h_j) - 1)); kept token i becomes
+    (h_i + sum_j dropped_j a_ij h_j) / (1 + sum_j dropped_j a_ij). One formula for both paths, so
+    binary soft masks give the hard path's features; the similarity is gradient-free, the mixing
+    carries gradients to h and to the masks (so to the thresholds)."""
+    h = hidden.float()
+    unit = torch.nn.functional.normalize(h.detach(), dim=-1)
+    affinity = kept.float()[:, :, None] * torch.exp(temperature * (unit @ unit.transpose(1, 2) - 1))  # [B, i, j]
+    share = affinity / affinity.sum(1, keepdim=True).clamp_min(1e-12)  # each dropped j spreads over kept i
+    give = share * dropped.float()[:, None, :]
+    return (h + give @ h) / (1 + give.sum(-1, keepdim=True))
 
 
 class PolicyPruning:

@@ -1,7 +1,7 @@
 """The run configuration: OmegaConf structured configs (dataclasses), one object from the
 YAML to every stage.
 
-`load_config(path, overrides)` merges schema <- YAML <- `key=value` overrides, so an
+`load_config(path, overrides)` merges schema <- YAML <- preset <- `key=value` overrides, so an
 unknown key or a wrong type fails at once with the full key in the message, and checks
 that every input path exists before anything slow is imported. Paths under `run_dir`
 are stage outputs and are checked by the stage that reads them.
@@ -94,6 +94,8 @@ class AtpConfig:
     position_mode: str = "preserve"
     score_norm: str = "minmax"
     score_self: str = "attention"
+    merge: str = "none"
+    merge_temperature: float = 20.0
     threshold_hidden: int = 256
     fixed_counts: Optional[list[int]] = None
     mask_eps: float = 1e-6
@@ -175,6 +177,9 @@ class EvalConfig:
     # the main sft's model is `atp` at the budget of atp.target_tokens
     trained: list[str] = field(default_factory=lambda: ["atp", "fixed"])
     variant_overrides: dict[str, Any] = field(default_factory=dict)  # run-config keys for every variant
+    # `variants` also trains the unpruned model with the same sft recipe and steps (SFT_REFERENCE):
+    # the report's fair reference, beside the untouched base
+    sft_reference: bool = True
     limit: Optional[int] = None  # eval samples (None: all)
     batch_size: int = 32
     max_new_tokens: int = 4
@@ -197,6 +202,12 @@ class ExportConfig:
 class RunConfig:
     run_dir: str = MISSING
     seed: int = 42
+    # A preset is a named group of settings from `presets` (e.g. the paper's reading of ATP vs the
+    # project's default), merged over the YAML's own keys and under the command line's: `preset=paper`
+    # switches all of them, `preset=paper atp.merge=nearest` changes one on top. A saved run config
+    # holds the result with `presets` empty; `preset` then only names what was applied.
+    preset: Optional[str] = None
+    presets: dict[str, Any] = field(default_factory=dict)
     stages: list[str] = field(default_factory=lambda: ["projector", "sft", "export"])
     model: ModelConfig = field(default_factory=ModelConfig)
     atp: AtpConfig = field(default_factory=AtpConfig)
@@ -215,6 +226,7 @@ CHOICES = {
     "atp.position_mode": ("preserve", "rope2d"),
     "atp.score_norm": ("minmax", "none"),
     "atp.score_self": ("attention", "duplication"),
+    "atp.merge": ("none", "nearest"),
     "atp.attn_kernel": ("sdpa", "flash", "flex", "auto"),
     "train.precision": ("auto", "bf16", "fp32", "bf16-autocast"),
     "train.zero_stage": (0, 1, 2, 3),
@@ -236,9 +248,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     if not path.is_file():
         raise ConfigError(f"config error: config file {str(path)!r} does not exist")
     cfg = OmegaConf.structured(RunConfig)
+    try:
+        cli = OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise _error(e, "overrides") from None
     for source, layer in (
         (str(path), lambda: OmegaConf.load(path)),
-        ("overrides", lambda: OmegaConf.from_dotlist(list(overrides))),
+        ("preset", lambda: _preset(cfg, OmegaConf.select(cli, "preset", default=cfg.preset))),
+        ("overrides", lambda: cli),
     ):
         try:
             cfg = OmegaConf.merge(cfg, layer())
@@ -251,6 +268,25 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         raise _error(e, "resolving") from None
     check(run)
     return run
+
+
+def _preset(cfg, name: str | None):
+    """The settings of preset `name` from the config's `presets` (nothing when there are none)."""
+    if name is None or not cfg.presets:
+        return {}
+    if name not in cfg.presets:
+        raise ConfigError(f"config error at 'preset': {name!r} is not one of {sorted(cfg.presets)}")
+    return cfg.presets[name]
+
+
+def save_config(run: RunConfig, path: str | os.PathLike) -> None:
+    """The resolved config, written atomically (a crash never leaves half a file). The preset is
+    already applied, so `presets` is left out: rerunning the file gives the same run."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(to_yaml(dataclasses.replace(run, presets={})))
+    os.replace(tmp, path)
 
 
 def check(run: RunConfig) -> None:
@@ -313,14 +349,6 @@ def get(run: RunConfig, dotted: str) -> Any:
 def to_yaml(run: RunConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(run))
 
-
-def save_config(run: RunConfig, path: str | os.PathLike) -> None:
-    """The resolved config, written atomically (a crash never leaves half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(to_yaml(run))
-    os.replace(tmp, path)
 
 
 def as_dict(obj: Any) -> dict:

@@ -36,6 +36,7 @@ from pipeline.report import prior_accuracy, record, write_report
 
 log = logging.getLogger(__name__)
 TRAINED = ("atp", "fixed")
+SFT_REFERENCE = "unpruned-sft"  # the unpruned model after the same sft recipe (stage `variants`)
 ALL_METHODS = TRAINED + POLICIES
 
 
@@ -209,6 +210,7 @@ class Evaluator:
         self.timing_samples = samples[:timing_batch]
         self.records: list[dict] = []
         self.reference: dict | None = None
+        self.sft_reference: dict | None = None
         self.progress = progress
 
     def add(self, method: str, budget: float | None, model, processor, describe: dict | None = None) -> dict:
@@ -216,9 +218,13 @@ class Evaluator:
         result = run_method(model, processor, self.samples, **self.kw)
         result.timing = time_model(model, processor, self.timing_samples, **self.timing)
         rec = record(method, budget, result, self.samples, model.config, self.reference, describe)
+        if self.sft_reference is not None and self.sft_reference["accuracy"]:
+            rec["retention_vs_sft"] = rec["accuracy"] / self.sft_reference["accuracy"]
         rec["eval_seconds"] = round(time.time() - t0, 1)
         if method == "unpruned":
             self.reference = rec
+        elif method == SFT_REFERENCE:
+            self.sft_reference = rec
         self.records.append(rec)
         log.info(
             "%-10s budget %-5s acc %.3f n_bar %s (%.0f s)",
@@ -285,8 +291,9 @@ def evaluate_checkpoints(
     title="",
     base_bar=None,
 ) -> dict:
-    """models: "unpruned" -> dir, ("atp"|"fixed", budget) -> dir (missing ones are skipped
-    with a warning). Policies run on the unpruned model. methods None: ALL_METHODS."""
+    """models: "unpruned" -> dir, optionally SFT_REFERENCE -> dir (the unpruned model after the
+    same sft: a second reference), ("atp"|"fixed", budget) -> dir (missing ones are skipped with
+    a warning). Policies run on the unpruned model. methods None: ALL_METHODS."""
     from tqdm import tqdm
 
     methods = ALL_METHODS if methods is None else methods
@@ -300,13 +307,21 @@ def evaluate_checkpoints(
         decode_tokens=decode_tokens,
     )
     base, proc = load_model(models["unpruned"], pruning="none")
-    jobs = [("unpruned", None)] + [(m, b) for b in budgets for m in methods]
+    jobs = [("unpruned", None)] + [(SFT_REFERENCE, None)] * (SFT_REFERENCE in models)
+    jobs += [(m, b) for b in budgets for m in methods]
     overlays = []
     with tqdm(total=len(jobs), desc="eval", unit="method") as bar:
         for method, budget in jobs:
             bar.set_postfix_str(f"{method} {'' if budget is None else f'{budget:.0%}'}")
             if method == "unpruned":
                 ev.add(method, None, base, proc)
+            elif method == SFT_REFERENCE:
+                if Path(models[method]).exists():
+                    model, p = load_model(models[method], pruning="none")
+                    ev.add(method, None, model, p)
+                    del model
+                else:
+                    log.warning("no %s model (%s): skipped", method, models[method])
             elif method in TRAINED:
                 path = models.get((method, budget))
                 if path is None or not Path(path).exists():
@@ -404,6 +419,12 @@ def main(argv=None) -> int:
         metavar="METHOD:BUDGET=DIR",
         help="more trained checkpoints, e.g. atp:0.11=runs/x/variants/atp-11/export",
     )
+    p.add_argument(
+        "--sft-reference",
+        metavar="DIR",
+        help=f"the unpruned model after the same sft recipe (a run's variants/{SFT_REFERENCE}/export): "
+        "a second reference, `retention_vs_sft` in the report",
+    )
     p.add_argument("--limit", type=int)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--timing-repeats", type=int, default=5)
@@ -417,6 +438,8 @@ def main(argv=None) -> int:
         share = (cfg.target_tokens if cfg.pruning == "atp" else _fixed_n_bar(cfg)) / cfg.num_visual_tokens
         near = min(a.budgets, key=lambda b: abs(b - share))
         models[(cfg.pruning, near)] = a.checkpoint
+    if a.sft_reference:
+        models[SFT_REFERENCE] = a.sft_reference
     for spec in a.trained:
         key, path = spec.split("=", 1)
         method, budget = key.split(":")

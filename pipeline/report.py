@@ -119,7 +119,10 @@ def summary(records: list[dict]) -> dict:
     ref = next((r for r in records if r["method"] == "unpruned"), None)
     by = {(r["method"], r["budget"]): r for r in records}
     budgets = sorted({r["budget"] for r in records if r["budget"] is not None}, reverse=True)
+    sft = next((r for r in records if r["method"] == "unpruned-sft"), None)
     out = {"unpruned_accuracy": None if ref is None else ref["accuracy"], "budgets": {}}
+    if sft is not None:
+        out["unpruned_sft_accuracy"] = sft["accuracy"]
     for b in budgets:
         row = {}
         atp = by.get(("atp", b))
@@ -127,6 +130,8 @@ def summary(records: list[dict]) -> dict:
         best_free = max(free, key=lambda r: r["accuracy"]) if free else None
         if atp is not None:
             row["atp_retention"] = atp.get("retention")
+            if atp.get("retention_vs_sft") is not None:
+                row["atp_retention_vs_sft"] = atp["retention_vs_sft"]
             row["atp_n_bar_share"] = atp["n_bar_share"]
             fam = atp["kept_at_atp_layers_by_family"]
             if "fine" in fam and "coarse" in fam and sum(fam["coarse"]) > 0:
@@ -168,7 +173,9 @@ def markdown(report: dict) -> str:
             "",
         ]
     families = sorted({f for r in records for f in r["accuracy_by_family"]})
-    head = ["method", "budget", "N_bar", "N_bar %", "acc", *families, "retention", "FLOPs", "KV", "prefill", "decode"]
+    vs_sft = any("retention_vs_sft" in r for r in records)
+    head = ["method", "budget", "N_bar", "N_bar %", "acc", *families, "retention", *["vs sft"] * vs_sft]
+    head += ["FLOPs", "KV", "prefill", "decode"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         lines.append(
@@ -182,6 +189,7 @@ def markdown(report: dict) -> str:
                     _f(r["accuracy"]),
                     *(_f(r["accuracy_by_family"].get(f)) for f in families),
                     _f(r.get("retention"), "{:.1%}"),
+                    *[_f(r.get("retention_vs_sft"), "{:.1%}")] * vs_sft,
                     _f(r.get("flops_exact_ratio"), "{:.3f}"),
                     _f(r.get("kv_cache_bytes_ratio"), "{:.3f}"),
                     _f(r.get("prefill_ms_ratio"), "{:.3f}"),
@@ -192,7 +200,9 @@ def markdown(report: dict) -> str:
         )
     lines += [
         "",
-        "Ratios are against `unpruned`. FLOPs: exact count (model/cost.py).",
+        "Ratios are against `unpruned` (the untouched base); `vs sft`: retention against `unpruned-sft`, the"
+        " unpruned model after the same sft recipe and steps as the trained variants. FLOPs: exact count"
+        " (model/cost.py).",
         "",
         "## Accuracy per question type",
         "",

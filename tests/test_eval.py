@@ -92,8 +92,9 @@ def test_report_schema_and_measured_numbers(main_job):
     report = json.loads((main_job / "eval" / "report.json").read_text())
     recs = report["records"]
     by = {(r["method"], r["budget"]): r for r in recs}
-    assert set(by) == {("unpruned", None)} | {(m, b) for m in METHODS for b in BUDGETS}
-    ref = by[("unpruned", None)]
+    assert set(by) == {("unpruned", None), ("unpruned-sft", None)} | {(m, b) for m in METHODS for b in BUDGETS}
+    ref, sft = by[("unpruned", None)], by[("unpruned-sft", None)]
+    assert sft["n_bar"] == pytest.approx(LV) and report["summary"]["unpruned_sft_accuracy"] == sft["accuracy"]
     assert ref["n_bar"] == pytest.approx(LV)
     for r in recs:
         for f in FIELDS:
@@ -102,6 +103,10 @@ def test_report_schema_and_measured_numbers(main_job):
         assert r["prefill_ms"] > 0 and r["decode_ms_per_token"] > 0
         assert set(r["accuracy_by_family"]) <= {"coarse", "fine"}
         if r["method"] == "unpruned":
+            continue
+        # the second reference: the unpruned model after the same sft recipe
+        assert r["retention_vs_sft"] == pytest.approx(r["accuracy"] / sft["accuracy"]) if sft["accuracy"] else True
+        if r["method"] == "unpruned-sft":
             continue
         for f in RATIOS:
             assert f in r, (r["method"], f)
@@ -134,7 +139,7 @@ def test_report_schema_and_measured_numbers(main_job):
     for png in ("accuracy_vs_nbar.png", "kept_tokens_per_layer.png", "kept_tokens_overlay.png"):
         assert (main_job / "eval" / png).stat().st_size > 1000, png
     md = (main_job / "eval" / "report.md").read_text()
-    assert all(f"| {m} |" in md for m in METHODS)
+    assert all(f"| {m} |" in md for m in [*METHODS, "unpruned-sft"])
 
 
 def test_base_parts_and_variants(main_job):
@@ -150,7 +155,14 @@ def test_base_parts_and_variants(main_job):
     main_ref = json.loads((main_job / "eval" / "report.json").read_text())["records"][0]
     assert base_report["records"][0]["accuracy_by_qtype"] == main_ref["accuracy_by_qtype"]
     names = sorted(p.name for p in (main_job / "variants").iterdir() if p.is_dir())
-    assert names == ["atp-30", "fixed-30", "fixed-50"]  # atp-50 is the main sft (target 8 of 16)
+    assert names == ["atp-30", "fixed-30", "fixed-50", "unpruned-sft"]  # atp-50 is the main sft (target 8 of 16)
+    reference = json.loads((main_job / "variants" / "unpruned-sft" / "export" / "config.json").read_text())
+    assert reference["pruning"] == "none"
+    # the same recipe and steps as the pruned variants
+    steps = [
+        json.loads(line)["step"] for line in (main_job / "variants" / "unpruned-sft" / "sft" / "metrics.jsonl").open()
+    ]
+    assert max(steps) == 1
     fixed = json.loads((main_job / "variants" / "fixed-30" / "export" / "config.json").read_text())
     assert fixed["pruning"] == "fixed" and len(fixed["fixed_counts"]) == 3
 

@@ -69,17 +69,24 @@ def test_config_fields_take_natural_types(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "atp_layers,score_self",
-    [((2, 4), "attention"), ((0, 3), "attention"), ((2, 4), "duplication")],  # (0, 3): a point before layer 0
+    "atp_layers,score_self,merge",
+    [
+        ((2, 4), "attention", "none"),
+        ((0, 3), "attention", "none"),  # a point before layer 0
+        ((2, 4), "duplication", "none"),
+        ((2, 4), "attention", "nearest"),
+        ((0, 3), "duplication", "nearest"),
+    ],
 )
 @pytest.mark.parametrize("position_mode", ["preserve", "rope2d"])
-def test_soft_path_with_binary_masks_equals_hard_path(position_mode, atp_layers, score_self):
-    _, m = tiny_atp(position_mode=position_mode, atp_layers=atp_layers, score_self=score_self)
+def test_soft_path_with_binary_masks_equals_hard_path(position_mode, atp_layers, score_self, merge):
+    _, m = tiny_atp(position_mode=position_mode, atp_layers=atp_layers, score_self=score_self, merge=merge)
     b = make_batch([2, 5, 3], [6, 3, 4], answers=[2, 2, 1], padding="left", seed=1)
     # spread the thresholds so the three samples keep different counts
     with torch.no_grad():
-        m.atp_modules[0].head_r.bias.fill_(0.0)
-        m.atp_modules[0].head_r.weight.normal_(std=2.0)
+        for mod in m.atp_modules:
+            mod.head_r.bias.fill_(0.0)
+            mod.head_r.weight.normal_(std=2.0)
     m.eval()
     with torch.no_grad():
         hard = m(**b)
@@ -164,10 +171,10 @@ def test_duplication_score_ranks_a_unique_token_above_copies():
     assert torch.allclose(s[[0, 1, 3]], live, atol=1e-6)
 
 
-@pytest.mark.parametrize("atp_layers", [(2, 4), (0, 3)])
-def test_gradient_reaches_thresholds_through_masked_layers(atp_layers):
-    # budget terms off: the gradient must come through the masked attention alone
-    _, m = tiny_atp(lambda_atp=0.0, lambda_target=0.0, atp_layers=atp_layers)
+@pytest.mark.parametrize("atp_layers,merge", [((2, 4), "none"), ((0, 3), "none"), ((2, 4), "nearest")])
+def test_gradient_reaches_thresholds_through_masked_layers(atp_layers, merge):
+    # budget terms off: the gradient must come through the masked attention (and merging) alone
+    _, m = tiny_atp(lambda_atp=0.0, lambda_target=0.0, atp_layers=atp_layers, merge=merge)
     m.train()
     b = make_batch([3, 2], [4, 5], answers=[3, 2], seed=3)
     out = m(**b)
@@ -178,6 +185,24 @@ def test_gradient_reaches_thresholds_through_masked_layers(atp_layers):
             assert g is not None and g.abs().sum() > 0, (k, name)
     # the first module's mask enters at least two masked layers behind it
     assert m.config.text_config.num_hidden_layers - m.config.atp_layers[0] >= 2
+
+
+def test_merge_averages_each_dropped_token_into_the_kept_token_most_like_it():
+    from model.pruning import merge_dropped
+
+    e1, e2 = torch.eye(3)[:2]
+    h = torch.stack([e1, e2, 2 * e1, e2 + 0.1 * e1])[None]  # 0, 1 kept; 2 is like 0, 3 like 1
+    kept = torch.tensor([[1.0, 1.0, 0.0, 0.0]], requires_grad=True)
+    dropped = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    out = merge_dropped(h, kept, dropped, temperature=50.0)[0]
+    assert torch.allclose(out[0], 1.5 * e1, atol=1e-3)
+    assert torch.allclose(out[1], (2 * e2 + 0.1 * e1) / 2, atol=1e-3)
+    assert torch.equal(out[2:], h[0, 2:])  # not kept: unchanged (the hard path drops them)
+    assert torch.equal(merge_dropped(h, kept, torch.zeros_like(dropped), 50.0), h)  # nothing dropped
+    # the soft masks get a gradient through the mixing (so the thresholds do)
+    soft = merge_dropped(h, kept, torch.tensor([[0.0, 0.0, 0.7, 0.4]]), 5.0)
+    soft[0, 0].sum().backward()
+    assert kept.grad.abs().sum() > 0
 
 
 def test_masked_attention_gradcheck_wrt_mask():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -57,6 +58,24 @@ def test_unknown_stage_and_missing_config(tmp_path):
         load_config(DEFAULT_CONFIG, ["model.source=hub"])
 
 
+def test_presets_switch_a_group_of_keys_and_the_command_line_wins(tmp_path):
+    def load(*o):
+        return load_config(DEFAULT_CONFIG, [f"run_dir={tmp_path}/run", *o])
+
+    default, paper = load(), load("preset=paper")
+    assert default.preset == "extended" and paper.preset == "paper"
+    for run, want in (
+        (default, ([0, 5, 9], "duplication", "nearest", 64)),
+        (paper, ([1, 5, 9], "attention", "none", 0)),
+    ):
+        a = run.atp
+        assert (a.atp_layers, a.score_self, a.merge, run.export.calibrate_budget) == want
+    assert paper.atp.target_tokens == default.atp.target_tokens  # keys outside the preset stay the file's
+    assert load("preset=paper", "atp.merge=nearest").atp.merge == "nearest"
+    with pytest.raises(ConfigError, match="'preset'.*'bogus'"):
+        load("preset=bogus")
+
+
 def test_shipped_configs(tmp_path):
     run = load_config(DEFAULT_CONFIG)
     assert run.stages == ["shards", "base", "projector", "sft", "export", "variants", "eval"]
@@ -89,7 +108,8 @@ def test_shipped_configs(tmp_path):
 def test_saved_config_reloads_identically(tmp_path):
     run = load_config(DEFAULT_CONFIG, [f"run_dir={tmp_path}", "train.lr_atp=3e-3", "atp.atp_layers=[2,4]"])
     save_config(run, tmp_path / "config.yaml")
-    assert load_config(tmp_path / "config.yaml") == run
+    # the preset is applied already: the file gives the same run, not the preset again
+    assert load_config(tmp_path / "config.yaml") == dataclasses.replace(run, presets={})
 
 
 def test_deepspeed_config_filled_from_the_run(tmp_path):

@@ -15,11 +15,13 @@ def run(run: RunConfig, ctx: Context, out: Path) -> bool:
     if ctx.dist.rank == 0:
         from model import AtpLlavaConfig
         from pipeline import evaluate
-        from pipeline.stages.variants import main_budget, variant_name
+        from pipeline.stages.variants import SFT_REFERENCE, main_budget, variant_name
 
         run_dir = Path(run.run_dir)
         lv = AtpLlavaConfig.from_pretrained(run_dir / "projector").num_visual_tokens
         models = {"unpruned": run_dir / "projector"}
+        if run.eval.sft_reference:
+            models[SFT_REFERENCE] = run_dir / "variants" / SFT_REFERENCE / "export"
         for method in run.eval.trained:
             for b in run.eval.budgets:
                 models[(method, b)] = run_dir / "variants" / variant_name(method, b) / "export"

@@ -6,7 +6,9 @@ same SFT recipe from `run_dir/projector` and exports it, into `run_dir/variants/
 (NAME = METHOD-PCT, e.g. atp-11, fixed-15):
 - atp: `atp.target_tokens` = budget x Lv;
 - fixed (paper Table 2): `atp.pruning=fixed` with per-layer counts from
-  model.budget.counts_for_budget, whose N_bar (METHOD sec 7) matches the budget.
+  model.budget.counts_for_budget, whose N_bar (METHOD sec 7) matches the budget;
+- with `eval.sft_reference`, also `unpruned-sft`: `atp.pruning=none`, the fair reference (what the
+  sft recipe alone does to the model, without pruning).
 `eval.variant_overrides` applies to every variant (e.g. fewer steps). Each finished piece
 leaves a DONE marker, so a rerun after a crash or a signal continues where it stopped.
 """
@@ -23,6 +25,9 @@ from pipeline.distributed import barrier
 from pipeline.stages import Context, is_done, mark_done, require_done
 
 log = logging.getLogger(__name__)
+
+
+SFT_REFERENCE = "unpruned-sft"
 
 
 def variant_name(method: str, budget: float) -> str:
@@ -54,6 +59,8 @@ def planned(run: RunConfig, config) -> dict[str, dict]:
             else:
                 raise ValueError(f"config error at 'eval.trained': {method!r} is not a trained method (atp, fixed)")
             out[variant_name(method, b)] = {"atp": atp, "export": {"pruning": atp["pruning"]}}
+    if run.eval.sft_reference:
+        out[SFT_REFERENCE] = {"atp": {"pruning": "none"}, "export": {"pruning": "none", "calibrate_budget": 0}}
     return out
 
 
