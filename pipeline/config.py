@@ -350,6 +350,5 @@ def to_yaml(run: RunConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(run))
 
 
-
 def as_dict(obj: Any) -> dict:
     return dataclasses.asdict(obj)
