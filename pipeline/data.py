@@ -42,6 +42,7 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from itertools import islice
+from typing import Literal
 
 import torch
 import webdataset as wds
@@ -65,7 +66,7 @@ class DataConfig:
     resampled: bool = True  # shards with replacement: equal steps on every rank
     max_length: int = 512
     seed: int = 0
-    overlong: str = "truncate"  # "truncate" (never inside image tokens) or "drop"
+    overlong: Literal["truncate", "drop"] = "truncate"  # truncate: never inside image tokens
     epoch_samples: int = 0  # resampled: samples per epoch over all ranks; 0 = dataset size (sizes.json)
 
 
