@@ -308,6 +308,7 @@ def check(run: RunConfig) -> None:
 
 
 def check_values(run: RunConfig) -> None:
+    """Ranges, budgets and the ATP settings: what a stage would otherwise meet late, or never."""
     for key, low in MINIMUM.items():
         value = get(run, key)
         if value is not None and value < low:
