@@ -80,7 +80,11 @@ def main(argv=None) -> int:
     dist = init_distributed()
     _setup_logging(dist.rank)
     names = run.stages if args.cmd == "run" else [args.name]
-    _run_stages(run, names, dist, stop, force=args.force)
+    try:
+        _run_stages(run, names, dist, stop, force=args.force)
+    except ConfigError as e:  # a check that needs the built model config (pipeline.build)
+        print(e, file=sys.stderr)
+        return 2
     shutdown()  # only on success: after a failure the other ranks may never reach a barrier
     return 0
 

@@ -33,7 +33,7 @@ from model.loading import (
     part_to_model,
     tokenizer_with_image_token,
 )
-from pipeline.config import RunConfig, as_dict
+from pipeline.config import RunConfig, as_dict, check_model, visual_tokens
 from pipeline.distributed import rank
 from pipeline.ds import zero3_enabled
 
@@ -187,8 +187,17 @@ def apply_atp_fields(config: AtpLlavaConfig, run: RunConfig) -> AtpLlavaConfig:
                 "(set at the projector stage; rerun it with --force to change it)"
             )
         setattr(config, key, value)
+    check_model(run, config.text_config.num_hidden_layers, config.num_visual_tokens)
     config.validate_atp()
     return config
+
+
+def _check_size(run: RunConfig, text, vision) -> None:
+    """The ATP settings against the model's size, which the load-time check may not have known
+    (transformers' defaults fill what config.json leaves out); before AtpLlavaConfig, whose own
+    validation would raise a plain ValueError."""
+    lv = visual_tokens(vision.image_size, vision.patch_size, run.model.vision_feature_select_strategy)
+    check_model(run, text.num_hidden_layers, lv)
 
 
 def source_parts(run: RunConfig):
@@ -227,6 +236,7 @@ def _release_parts(run: RunConfig):
     tokenizer = tokenizer_with_image_token(m.llama_dir)
     text = LlamaConfig.from_pretrained(m.llama_dir)
     vision = CLIPVisionConfig.from_pretrained(m.clip_dir)
+    _check_size(run, text, vision)
     text_dict = text.to_dict()
     text_dict["vocab_size"] = max(len(tokenizer), text.vocab_size)
     config = AtpLlavaConfig(
@@ -252,9 +262,11 @@ def _llava_parts(run: RunConfig):
     from transformers import AutoImageProcessor, AutoTokenizer, LlavaConfig
 
     d = run.model.llava_dir
-    src = LlavaConfig.from_pretrained(d).to_dict()
+    llava = LlavaConfig.from_pretrained(d)
+    src = llava.to_dict()
     for key in ("model_type", "architectures", "auto_map", "transformers_version"):
         src.pop(key, None)
+    _check_size(run, llava.text_config, llava.vision_config)
     src.update(atp_fields(run))
     config = AtpLlavaConfig(**src)
     tokenizer = AutoTokenizer.from_pretrained(d)

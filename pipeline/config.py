@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
+import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -38,6 +40,14 @@ OTHER_PATHS = ("data.shards", "eval.shards")
 
 class ConfigError(ValueError):
     """A config problem, with the offending key in the message."""
+
+
+# Closed choices are Literal types, so OmegaConf rejects any other value at merge time with the
+# key named. The ATP ones are written out (no transformers here); tests/test_pipeline_config.py
+# holds them to model/configuration_atp_llava.py's tuples.
+Pruning = Literal["none", "atp", "fixed"]
+# the comparison methods of pipeline/evaluate.py: trained ones, then model/baselines.py's POLICIES
+Method = Literal["atp", "fixed", "fastv", "prumerge", "prumerge+", "sparsevlm", "visionzip", "uniform", "random"]
 
 
 @dataclass
@@ -63,18 +73,19 @@ class ScratchModelConfig:
 class ModelConfig:
     # parts: llama_dir + clip_dir + mm_projector (LLaVA-1.5's own release layout);
     # llava: one HF LLaVA dir; scratch: random tiny model (ScratchModelConfig).
-    source: str = "parts"
+    source: Literal["parts", "llava", "scratch"] = "parts"
     llava_dir: Optional[str] = field(default=None, metadata=PATH)
     llama_dir: Optional[str] = field(default=None, metadata=PATH)
     clip_dir: Optional[str] = field(default=None, metadata=PATH)
     mm_projector: Optional[str] = field(default=None, metadata=PATH)
     scratch: ScratchModelConfig = field(default_factory=ScratchModelConfig)
     vision_feature_layer: int = -2
-    vision_feature_select_strategy: str = "default"
+    vision_feature_select_strategy: Literal["default", "full"] = "default"
     freeze_vision: bool = True  # LLaVA-1.5 SFT: the CLIP tower stays frozen
     freeze_lm: bool = False  # LM + projector train at lr_lm unless frozen
     gradient_checkpointing: bool = False
-    attn_implementation: Optional[str] = None  # None: the model's own default
+    # None: the model's own default; open on purpose: transformers also takes kernel-hub names
+    attn_implementation: Optional[str] = None
 
 
 @dataclass
@@ -84,22 +95,22 @@ class AtpConfig:
     holds it to AtpLlavaConfig field for field, names, defaults and choices."""
 
     atp_layers: list[int] = field(default_factory=lambda: [4, 14, 24])
-    pruning: str = "atp"
+    pruning: Pruning = "atp"
     spatial_strides: list[int] = field(default_factory=lambda: [2, 3, 4, 6, 8, 12])
     mask_temperature: float = 50.0  # METHOD's T (not `temperature`: that is generation's)
     lambda_sample: float = 3.0
     lambda_atp: float = 0.05
     lambda_target: float = 0.2
     target_tokens: float = 144.0
-    position_mode: str = "preserve"
-    score_norm: str = "minmax"
-    score_self: str = "attention"
-    merge: str = "none"
+    position_mode: Literal["preserve", "rope2d"] = "preserve"
+    score_norm: Literal["minmax", "none"] = "minmax"
+    score_self: Literal["attention", "duplication"] = "attention"
+    merge: Literal["none", "nearest"] = "none"
     merge_temperature: float = 20.0
     threshold_hidden: int = 256
     fixed_counts: Optional[list[int]] = None
     mask_eps: float = 1e-6
-    attn_kernel: str = "sdpa"  # sdpa | flash | flex | auto (model/kernels.py, docs/GPU.md)
+    attn_kernel: Literal["sdpa", "flash", "flex", "auto"] = "sdpa"  # model/kernels.py, docs/GPU.md
 
 
 @dataclass
@@ -115,10 +126,10 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     min_lr_ratio: float = 0.0  # cosine floor, as a share of each group's lr
     grad_clip: float = 1.0
-    zero_stage: int = 3
+    zero_stage: Literal[0, 1, 2, 3] = 3
     # auto: bf16 on CUDA, fp32 on CPU | bf16 | fp32 | bf16-autocast: fp32 weights and
     # optimizer, bf16 matmuls under torch.autocast (about 1.7x faster than fp32 on this CPU)
-    precision: str = "auto"
+    precision: Literal["auto", "bf16", "fp32", "bf16-autocast"] = "auto"
     ds_config: str = field(default=str(REPO_ROOT / "ds_config.json"), metadata=PATH)
     # atp runs: start theta_r at the target share measured on the first batch (model/calibration.py)
     calibrate_thresholds: bool = True
@@ -172,10 +183,10 @@ class EvalConfig:
     shards: str = "${run_dir}/shards/eval"
     budgets: list[float] = field(default_factory=lambda: [0.25, 0.15, 0.11])  # N_bar / Lv
     # None: every method, `atp`, `fixed` and each policy of model.baselines.POLICIES (its registry)
-    methods: Optional[list[str]] = None
+    methods: Optional[list[Method]] = None
     # `variants` trains these per budget (sft + export into run_dir/variants/METHOD-PCT);
     # the main sft's model is `atp` at the budget of atp.target_tokens
-    trained: list[str] = field(default_factory=lambda: ["atp", "fixed"])
+    trained: list[Literal["atp", "fixed"]] = field(default_factory=lambda: ["atp", "fixed"])
     variant_overrides: dict[str, Any] = field(default_factory=dict)  # run-config keys for every variant
     # `variants` also trains the unpruned model with the same sft recipe and steps (SFT_REFERENCE):
     # the report's fair reference, beside the untouched base
@@ -191,8 +202,8 @@ class EvalConfig:
 
 @dataclass
 class ExportConfig:
-    dtype: str = "bfloat16"  # float32 | bfloat16 | float16
-    pruning: str = "atp"  # what generate() of the exported model does
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    pruning: Pruning = "atp"  # what generate() of the exported model does
     # atp: training samples (first questions, prompted as at evaluation) on which one offset to the threshold
     # biases makes the hard path's N_bar meet atp.target_tokens (model/calibration.py); 0: off
     calibrate_budget: int = 0
@@ -219,21 +230,40 @@ class RunConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
-CHOICES = {
-    "model.source": ("parts", "llava", "scratch"),
-    "model.vision_feature_select_strategy": ("default", "full"),
-    "atp.pruning": ("none", "atp", "fixed"),
-    "atp.position_mode": ("preserve", "rope2d"),
-    "atp.score_norm": ("minmax", "none"),
-    "atp.score_self": ("attention", "duplication"),
-    "atp.merge": ("none", "nearest"),
-    "atp.attn_kernel": ("sdpa", "flash", "flex", "auto"),
-    "train.precision": ("auto", "bf16", "fp32", "bf16-autocast"),
-    "train.zero_stage": (0, 1, 2, 3),
-    "export.dtype": ("float32", "bfloat16", "float16"),
-    "export.pruning": ("none", "atp", "fixed"),
-}
 SOURCE_NEEDS = {"parts": ("llama_dir", "clip_dir", "mm_projector"), "llava": ("llava_dir",), "scratch": ()}
+# The lowest value of each count OmegaConf types as int but cannot bound (None: unset is fine).
+MINIMUM = {
+    "data.batch_size": 1,
+    "data.num_workers": 0,
+    "data.max_length": 1,
+    "data.shuffle_buffer": 0,
+    "data.epoch_samples": 0,
+    "train.epochs": 1,
+    "train.max_steps": 1,  # -1 ran 0 steps and marked sft DONE; 0 read as "no limit"
+    "train.grad_accum": 1,
+    "train.checkpoint_every": 1,
+    "train.keep_checkpoints": 1,
+    "train.log_every": 1,
+    "train.image_every": 1,
+    "atp.threshold_hidden": 1,
+    **{f"model.scratch.{f.name}": 1 for f in dataclasses.fields(ScratchModelConfig)},
+    "synthetic.train_samples": 1,
+    "synthetic.eval_samples": 1,
+    "synthetic.image_size": 1,
+    "synthetic.maxcount": 1,
+    "base.train_samples": 1,
+    "eval.limit": 1,
+    "eval.batch_size": 1,
+    "eval.max_new_tokens": 1,
+    "eval.timing_batch": 1,
+    "eval.timing_repeats": 1,
+    "eval.decode_tokens": 1,
+    "eval.overlay_images": 0,
+    "export.calibrate_budget": 0,
+}
+SHARES = ("train.warmup_ratio", "train.min_lr_ratio")  # in [0, 1]
+# run-config keys merged onto this config by a stage: checked here as if they were the run's own
+OVERLAYS = ("base.overrides", "eval.variant_overrides")
 
 
 def _error(e: OmegaConfBaseException, where: str) -> ConfigError:
@@ -243,24 +273,23 @@ def _error(e: OmegaConfBaseException, where: str) -> ConfigError:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Schema <- YAML <- overrides, interpolations resolved, checked. Raises ConfigError."""
+    """Schema <- YAML <- preset <- overrides, interpolations resolved, checked. Raises ConfigError."""
     path = Path(path) if path else DEFAULT_CONFIG
     if not path.is_file():
         raise ConfigError(f"config error: config file {str(path)!r} does not exist")
     cfg = OmegaConf.structured(RunConfig)
-    try:
-        cli = OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as e:
-        raise _error(e, "overrides") from None
-    for source, layer in (
-        (str(path), lambda: OmegaConf.load(path)),
-        ("preset", lambda: _preset(cfg, OmegaConf.select(cli, "preset", default=cfg.preset))),
-        ("overrides", lambda: cli),
-    ):
+    # the preset a `preset=NAME` override names, else the YAML's (read once the YAML is merged)
+    chosen = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].strip() == "preset"]
+    layers = [(str(path), lambda: OmegaConf.load(path))]
+    layers += [("preset", lambda: _preset(cfg, chosen[-1] if chosen else cfg.preset))]
+    layers += [(f"override {o!r}", lambda o=o: OmegaConf.from_dotlist([o])) for o in overrides]
+    for source, layer in layers:
         try:
             cfg = OmegaConf.merge(cfg, layer())
         except OmegaConfBaseException as e:
             raise _error(e, source) from None
+        except yaml.YAMLError as e:  # a value (or the file) that is not YAML
+            raise ConfigError(f"config error ({source}): not valid YAML: {' '.join(str(e).split())}") from None
     try:
         OmegaConf.resolve(cfg)
         run = OmegaConf.to_object(cfg)
@@ -290,20 +319,107 @@ def save_config(run: RunConfig, path: str | os.PathLike) -> None:
 
 
 def check(run: RunConfig) -> None:
-    """Semantics OmegaConf's types cannot express: choices, stage names, required paths, existence."""
+    """What OmegaConf's types cannot express: stage names, required and existing paths, value
+    ranges, and the ATP settings against the model's size where its config files tell it."""
     from pipeline.stages import check_names  # the stage registry's own check; a plain dict, cheap
 
     check_names(run.stages)
-    for key, allowed in CHOICES.items():
-        if get(run, key) not in allowed:
-            raise ConfigError(f"config error at '{key}': {get(run, key)!r} is not one of {allowed}")
     for name in SOURCE_NEEDS[run.model.source]:
         if get(run, f"model.{name}") is None:
             raise ConfigError(f"config error at 'model.{name}': required when model.source={run.model.source!r}")
-    for key in ("data.batch_size", "train.grad_accum", "train.epochs", "train.checkpoint_every", "train.log_every"):
-        if get(run, key) < 1:
-            raise ConfigError(f"config error at '{key}': must be >= 1, got {get(run, key)}")
+    check_values(run)
+    for key in OVERLAYS:
+        try:
+            merged = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(run), get(run, key)))
+        except OmegaConfBaseException as e:
+            raise _error(e, key) from None
+        try:
+            check_values(merged)
+        except ConfigError as e:
+            raise ConfigError(f"{e} (from {key})") from None
     check_paths(run)
+
+
+def check_values(run: RunConfig) -> None:
+    """Ranges, budgets and the ATP settings: what a stage would otherwise meet late, or never."""
+    for key, low in MINIMUM.items():
+        value = get(run, key)
+        if value is not None and value < low:
+            raise ConfigError(f"config error at '{key}': must be >= {low}, got {value}")
+    for key in SHARES:
+        if not 0 <= get(run, key) <= 1:
+            raise ConfigError(f"config error at '{key}': must be in [0, 1], got {get(run, key)}")
+    for i, b in enumerate(run.eval.budgets):
+        if not 0 < b < 1:
+            raise ConfigError(f"config error at 'eval.budgets[{i}]': a budget is N_bar / Lv, in (0, 1); got {b}")
+    names = [round(b * 100) for b in run.eval.budgets]  # pipeline/stages/variants.py's variant names
+    if len(set(names)) < len(names):
+        raise ConfigError(f"config error at 'eval.budgets': {run.eval.budgets} give the same percent twice")
+    a = run.atp
+    if a.pruning == "fixed" and (a.fixed_counts is None or len(a.fixed_counts) != len(a.atp_layers)):
+        raise ConfigError(
+            f"config error at 'atp.fixed_counts': pruning=fixed needs one count per layer of {a.atp_layers}"
+        )
+    check_model(run, *model_size(run))
+
+
+def check_model(run: RunConfig, num_layers: int | None, num_visual_tokens: int | None) -> None:
+    """The ATP settings against the model's size (None: not known yet). `check` calls it when the
+    model's config files tell the size; pipeline.build again once the model config exists."""
+    a = run.atp
+    if list(a.atp_layers) != sorted(set(a.atp_layers)):
+        raise ConfigError(f"config error at 'atp.atp_layers': {a.atp_layers} must be strictly increasing")
+    # 0 is legal: a point before layer 0 scores with layer 0's own q/k (docs/METHOD.md sec 10)
+    if a.atp_layers and a.atp_layers[0] < 0:
+        raise ConfigError(f"config error at 'atp.atp_layers': {a.atp_layers}: an index is below 0")
+    if num_layers is not None and a.atp_layers and a.atp_layers[-1] >= num_layers:
+        raise ConfigError(
+            f"config error at 'atp.atp_layers': {a.atp_layers}: each index must be in [0, {num_layers - 1}] "
+            f"(the LM has {num_layers} layers)"
+        )
+    lv = num_visual_tokens
+    if not a.target_tokens > 0 or (lv is not None and a.target_tokens > lv):
+        raise ConfigError(
+            f"config error at 'atp.target_tokens': {a.target_tokens} must be in (0, Lv]"
+            + (f" (Lv = {lv} visual tokens)" if lv is not None else "")
+        )
+
+
+def model_size(run: RunConfig) -> tuple[int | None, int | None]:
+    """(decoder layers, Lv) of the configured model, as far as known before anything is loaded:
+    `scratch` from model.scratch; `parts` from the Llama and CLIP config.json (model.scratch when
+    they do not exist yet and the `base` stage will write them); `llava` from its config.json
+    when it names them (transformers' defaults fill the rest: known only once built)."""
+    m = run.model
+    if m.source == "scratch" or (m.source == "parts" and not os.path.exists(m.llama_dir) and "base" in run.stages):
+        s = m.scratch
+        layers, image, patch = s.num_layers, s.image_size, s.patch_size
+    elif m.source == "parts":
+        layers = _json(m.llama_dir).get("num_hidden_layers")
+        vision = _json(m.clip_dir)
+        vision = vision.get("vision_config", vision)  # a full CLIP dir holds the tower's config inside
+        image, patch = vision.get("image_size"), vision.get("patch_size")
+    else:
+        config = _json(m.llava_dir)
+        layers = config.get("text_config", {}).get("num_hidden_layers")
+        image, patch = (config.get("vision_config", {}).get(k) for k in ("image_size", "patch_size"))
+    lv = visual_tokens(image, patch, m.vision_feature_select_strategy) if image and patch else None
+    return layers, lv
+
+
+def visual_tokens(image_size: int, patch_size: int, strategy: str) -> int:
+    """Lv, as AtpLlavaConfig.num_visual_tokens: the patch grid; "default" drops CLS, "full" keeps it."""
+    return (image_size // patch_size) ** 2 + (1 if strategy == "full" else 0)
+
+
+def _json(directory: str | None) -> dict:
+    """A model dir's config.json ({} when absent or unreadable: then the build checks)."""
+    try:
+        with open(os.path.join(directory or "", "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def check_paths(run: RunConfig) -> None:

@@ -21,7 +21,8 @@ Conventions (other modules rely on them):
   logged once (with the key) by the process that met them. The counts travel to the main
   process inside the batches (`skipped` deltas, plus a counts-only item at the end of a
   worker's stream) and `Loader.stats` (a Counter) accumulates them; `truncated` and
-  `converted_image` count samples that were repaired, not skipped.
+  `converted_image` count samples that were repaired, not skipped; `lost_samples` the
+  samples a shard lacks against its sizes.json (a tar cut short).
 - Exact mode: each sample once per epoch over all ranks and workers, when there are at
   least world_size * num_workers shards; uneven shard counts give ranks different batch
   counts (a warning says so), so train with `resampled`, which gives every rank exactly
@@ -42,6 +43,7 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from itertools import islice
+from typing import Literal
 
 import torch
 import webdataset as wds
@@ -65,7 +67,7 @@ class DataConfig:
     resampled: bool = True  # shards with replacement: equal steps on every rank
     max_length: int = 512
     seed: int = 0
-    overlong: str = "truncate"  # "truncate" (never inside image tokens) or "drop"
+    overlong: Literal["truncate", "drop"] = "truncate"  # truncate: never inside image tokens
     epoch_samples: int = 0  # resampled: samples per epoch over all ranks; 0 = dataset size (sizes.json)
 
 
@@ -83,21 +85,24 @@ def list_shards(spec: str) -> list[str]:
     return urls
 
 
+def shard_size(url: str, cache: dict) -> int | None:
+    """Samples in one shard according to the sizes.json beside it (None if unknown);
+    `cache` keeps each folder's sizes.json."""
+    folder = os.path.dirname(url)
+    if folder not in cache:
+        try:
+            with open(os.path.join(folder, "sizes.json")) as f:
+                cache[folder] = json.load(f)
+        except (OSError, ValueError):
+            cache[folder] = {}
+    return cache[folder].get(os.path.basename(url))
+
+
 def dataset_size(urls: list[str]) -> int | None:
     """Samples in these shards according to the sizes.json beside them (None if unknown)."""
-    total, cache = 0, {}
-    for url in urls:
-        folder = os.path.dirname(url)
-        if folder not in cache:
-            try:
-                with open(os.path.join(folder, "sizes.json")) as f:
-                    cache[folder] = json.load(f)
-            except OSError:
-                return None
-        if os.path.basename(url) not in cache[folder]:
-            return None
-        total += cache[folder][os.path.basename(url)]
-    return total
+    cache = {}
+    sizes = [shard_size(url, cache) for url in urls]
+    return None if None in sizes else sum(sizes)
 
 
 def _worker_id() -> int:
@@ -161,6 +166,24 @@ class SkipCounter:
     def take(self) -> dict:
         out, self.pending = dict(self.pending), Counter()
         return out
+
+
+def _read_shards(src, stats: SkipCounter):
+    """tarfile_to_samples one shard at a time, counting the samples a shard lacks against its
+    sizes.json: a tar cut short (even inside a header) raises at most once or not at all, and
+    every sample after the cut would be lost without a count."""
+    sizes, warned = {}, set()
+    for shard in src:
+        n = 0
+        for sample in wds.tarfile_to_samples(handler=stats.handler)(iter([shard])):
+            n += 1
+            yield sample
+        expected = shard_size(shard["url"], sizes)
+        if expected is not None and n < expected:
+            stats.pending["lost_samples"] += expected - n  # counted each read; logged once a shard
+            if shard["url"] not in warned:
+                warned.add(shard["url"])
+                log.warning("shard %s: %d of the %d samples sizes.json lists were read", shard["url"], n, expected)
 
 
 def _attach_stats(src, stats: SkipCounter):
@@ -357,7 +380,7 @@ def build_pipeline(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return wds.DataPipeline(
         *source,
-        wds.tarfile_to_samples(handler=stats.handler),
+        partial(_read_shards, stats=stats),
         partial(_shuffle, bufsize=cfg.shuffle_buffer, seed=cfg.seed, epoch=epoch, rank=rank)
         if cfg.shuffle_buffer > 1
         else None,

@@ -282,3 +282,26 @@ def test_bad_input_skipped_counted_logged_once(tmp_path, tok, proc, caplog, work
         assert b["pixel_values"].shape[0] == int(b["has_image"].sum())
         for i, k in enumerate(b["keys"]):
             assert (b["image_start"][i] == -1) == (k == "textonly")
+
+
+def test_shard_cut_inside_a_header_counts_its_lost_samples(tmp_path, tok, proc, caplog):
+    """A tar cut inside a tar header ended that shard quietly after 4 of its 10 samples: the 6
+    lost ones are now counted (`lost_samples`, against sizes.json) and the shard named."""
+    good = json.dumps({"conversations": _conv("say yes", "yes")}).encode()
+    for name in ("a-000000.tar", "a-000001.tar"):
+        buf = io.BytesIO()
+        with wds.TarWriter(buf, encoder=False) as w:
+            for i in range(10):
+                w.write({"__key__": f"{name[:8]}-{i:02d}", "json": good})
+        data = buf.getvalue()
+        if name == "a-000001.tar":
+            data = data[: data.index(b"a-000001-04.json") + 100]  # inside the 5th sample's header
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "sizes.json").write_text(json.dumps({"a-000000.tar": 10, "a-000001.tar": 10}))
+    cfg = DataConfig(shards=str(tmp_path), batch_size=4, num_workers=0, shuffle_buffer=0, resampled=False)
+    loader = build_loader(cfg, tok, proc, **_kw(tok))
+    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+        keys = [k for b in loader for k in b["keys"]]
+    assert len(keys) == 14
+    assert loader.stats["lost_samples"] == 6
+    assert any("a-000001.tar: 4 of the 10 samples" in r.getMessage() for r in caplog.records)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -195,9 +196,11 @@ def test_base_round_from_parts_on_its_own_shards(tmp_path):
 def test_atp_section_mirrors_the_model_config_field_for_field(tmp_path):
     """pipeline.config.AtpConfig is AtpLlavaConfig's own fields, same names, defaults and choices."""
     import dataclasses
+    import typing
 
     from model import configuration_atp_llava as mc
-    from pipeline.config import CHOICES, AtpConfig
+    from pipeline.config import AtpConfig, EvalConfig
+    from pipeline.evaluate import ALL_METHODS
 
     own = {k for k in mc.AtpLlavaConfig.__annotations__ if not k.startswith("_") and k != "model_type"}
     pipe = {f.name: f for f in dataclasses.fields(AtpConfig)}
@@ -208,9 +211,112 @@ def test_atp_section_mirrors_the_model_config_field_for_field(tmp_path):
         ours = list(default) if isinstance(default, (list, tuple)) else default
         theirs = getattr(model_defaults, name)
         assert ours == (list(theirs) if isinstance(theirs, (list, tuple)) else theirs), name
-    assert CHOICES["atp.pruning"] == mc.PRUNING_MODES
-    assert CHOICES["atp.position_mode"] == mc.POSITION_MODES
-    assert CHOICES["atp.score_norm"] == mc.SCORE_NORMS
-    assert CHOICES["atp.attn_kernel"] == mc.ATTN_KERNELS
+    choices = {k: typing.get_args(t) for k, t in typing.get_type_hints(AtpConfig).items()}
+    assert choices["pruning"] == mc.PRUNING_MODES and choices["position_mode"] == mc.POSITION_MODES
+    assert choices["score_norm"] == mc.SCORE_NORMS and choices["score_self"] == mc.SELF_SCORES
+    assert choices["attn_kernel"] == mc.ATTN_KERNELS
+    method = typing.get_args(typing.get_type_hints(EvalConfig)["methods"])[0]  # Optional[list[Method]]
+    assert typing.get_args(typing.get_args(method)[0]) == ALL_METHODS
     run = load_config(DEFAULT_CONFIG, [f"run_dir={tmp_path}", "atp.attn_kernel=flex", "atp.mask_eps=1e-5"])
     assert (run.atp.attn_kernel, run.atp.mask_eps) == ("flex", 1e-5)
+
+
+# ------------------------------------------------------------------ values that passed and failed later
+
+
+def _tiny_config(root: Path) -> Path:
+    """tests/tiny_pipeline.py's config (ATP at [1, 3] of 8 layers, Lv = 16) over parts that are
+    only their config.json files: all that the checks before any model load read."""
+    from tiny_pipeline import IMAGE, LAYERS, PATCH, write_config
+
+    parts = {"llama": root / "llama", "clip": root / "clip", "mm_projector": root / "mm_projector.bin"}
+    for d, config in (
+        ("llama", {"model_type": "llama", "num_hidden_layers": LAYERS}),
+        ("clip", {"model_type": "clip_vision_model", "image_size": IMAGE, "patch_size": PATCH}),
+    ):
+        parts[d].mkdir(parents=True)
+        (parts[d] / "config.json").write_text(json.dumps(config))
+    parts["mm_projector"].write_bytes(b"")
+    (root / "shards").mkdir()
+    return write_config(root, parts, root / "shards")
+
+
+PROBES = [  # issue 16: each was accepted (trained, or failed later with a traceback)
+    ("atp.target_tokens=100", "atp.target_tokens"),  # Lv = 16
+    ("atp.target_tokens=-5", "atp.target_tokens"),
+    ("eval.budgets=[1.5]", "eval.budgets[0]"),
+    ("train.max_steps=-1", "train.max_steps"),
+    ("atp.atp_layers=[1,100]", "atp.atp_layers"),  # 8 layers
+    ("atp.atp_layers=[3,1]", "atp.atp_layers"),
+    ("data.overlong=bogus", "data.overlong"),
+    ("data.num_workers=-1", "data.num_workers"),
+]
+MORE = [  # the other closed choices and ranges of the same check
+    ("eval.trained=[atp,uniform]", "eval.trained"),
+    ("eval.methods=[atp,nope]", "eval.methods"),
+    ("eval.budgets=[0.25,0.251]", "eval.budgets"),  # one variant name (atp-25) for two budgets
+    ("eval.decode_tokens=0", "eval.decode_tokens"),
+    ("train.image_every=0", "train.image_every"),
+    ("train.warmup_ratio=1.5", "train.warmup_ratio"),
+    ("train.zero_stage=4", "train.zero_stage"),
+    ("train.precision=fp64", "train.precision"),
+    ("atp.score_self=bogus", "atp.score_self"),
+    ("export.pruning=bogus", "export.pruning"),
+    ("atp.pruning=fixed", "atp.fixed_counts"),  # no counts
+    ("eval.variant_overrides.train.max_steps=0", "train.max_steps"),  # what `variants` merges on
+    ("base.overrides.train.max_step=3", "train.max_step"),  # a typo in what `base` merges on
+    ("train.lr_lm={a: b", "train.lr_lm"),  # not YAML
+]
+
+
+@pytest.mark.parametrize("override, key", PROBES + MORE)
+def test_values_checked_at_load_naming_the_key(override, key, tmp_path):
+    with pytest.raises(ConfigError, match=re.escape(f"'{key}")):
+        load_config(_tiny_config(tmp_path), [override])
+
+
+def test_legal_edges_accepted(tmp_path):
+    """A point before layer 0 (docs/METHOD.md sec 10), the last layer, target = Lv, no workers."""
+    run = load_config(
+        _tiny_config(tmp_path),
+        ["atp.atp_layers=[0,7]", "atp.target_tokens=16", "data.num_workers=0", "eval.budgets=[0.5]"],
+    )
+    assert (run.atp.atp_layers, run.atp.target_tokens, run.data.overlong) == ([0, 7], 16, "truncate")
+    # the embedded default: parts the `base` stage writes, so model.scratch's size (12 layers, Lv 144)
+    with pytest.raises(ConfigError, match="Lv = 144"):
+        load_config(DEFAULT_CONFIG, ["atp.target_tokens=145"])
+    with pytest.raises(ConfigError, match=r"\[0, 11\]"):
+        load_config(DEFAULT_CONFIG, ["atp.atp_layers=[1,12]"])
+
+
+@pytest.mark.parametrize("override", ["atp.atp_layers=[1,100]", "atp.atp_layers=[3,1]"])
+def test_bad_layers_exit_2_before_any_stage(override, tmp_path):
+    """Was a 40-line traceback (rc=1) at the projector stage."""
+    p, seconds = cli("run", str(_tiny_config(tmp_path)), override)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "'atp.atp_layers'" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_size_known_only_from_the_model_config_checked_when_built(tmp_path):
+    """A LLaVA dir whose config.json leaves the layer count to transformers' default (32):
+    the load-time check cannot know it; the build checks before reading tokenizer or weights."""
+    from pipeline import build
+
+    llava = tmp_path / "llava"
+    llava.mkdir()
+    (llava / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llava",
+                "text_config": {"model_type": "llama"},
+                "vision_config": {"model_type": "clip_vision_model", "image_size": 336, "patch_size": 14},
+            }
+        )
+    )
+    over = ["model.source=llava", f"model.llava_dir={llava}", "atp.atp_layers=[4,40]"]
+    run = load_config(_tiny_config(tmp_path), over)  # 32 layers: not known yet
+    with pytest.raises(ConfigError, match=r"'atp.atp_layers'.*\[0, 31\]"):
+        build.source_parts(run)
+    with pytest.raises(ConfigError, match=r"'atp.target_tokens'.*Lv = 576"):  # (336 / 14)^2
+        load_config(_tiny_config(tmp_path / "b"), [*over[:2], "atp.target_tokens=600"])

@@ -266,3 +266,150 @@ def test_object_map_matches_the_rendered_image(grid):
                 if edges[c] >= x0 and edges[c + 1] <= x1 and edges[r] >= y0 and edges[r + 1] <= y1
             }
             assert inside and all(m[p] == BIG for p in inside), i
+
+
+# ---------------------------------------------------------------- the converter on hostile input
+
+
+def _convert(path, root, out, *extra):
+    llava.main(["--json", str(path), "--image-root", str(root), "--out", str(out), *extra])
+
+
+def _turns(q="What is this?"):
+    return [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": "A bus."}]
+
+
+def test_llava_image_paths_stay_inside_the_root(llava_fixture, tmp_path, capsys, monkeypatch):
+    """`..` or an absolute path was followed: a file outside --image-root was copied into a
+    shard byte for byte, and /etc/passwd was read. Now refused by id and reason, never opened."""
+    path, root, _ = llava_fixture
+    secret = tmp_path / "outside.png"
+    secret.write_bytes(_image_bytes("PNG", color=(1, 2, 3)))
+    records = [
+        {"id": "up", "image": "../outside.png", "conversations": _turns()},
+        {"id": "deep", "image": "coco/train2017/../../../outside.png", "conversations": _turns()},
+        {"id": "abs", "image": str(secret), "conversations": _turns()},
+        {"id": "passwd", "image": "/etc/passwd", "conversations": _turns()},
+        {"id": "inside", "image": "coco/../coco/train2017/000000033471.jpg", "conversations": _turns()},
+    ]
+    path.write_text(json.dumps(records))
+    opened = []
+    read = llava.read_image
+    monkeypatch.setattr(llava, "read_image", lambda p: opened.append(p) or read(p))
+    out = tmp_path / "shards"
+    _convert(path, root, out)
+    assert "written 1 (1 with image, 0 text-only)" in capsys.readouterr().out
+    skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert [(s["id"], s["reason"]) for s in skipped] == [
+        (i, "outside_image_root") for i in ("up", "deep", "abs", "passwd")
+    ]
+    assert opened == [str(root / "coco/train2017/000000033471.jpg")]
+    assert secret.read_bytes() not in (out / "llava-000000.tar").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "content, says",
+    [
+        (b'[{"id": "a", "conversations": [', "not valid JSON"),
+        (b'[{"id": "caf\xe9"}]', "not UTF-8"),  # latin-1
+        (b'{"id": "a"}', "expected a JSON list"),
+        (None, "No such file"),
+    ],
+)
+def test_llava_bad_json_file_is_one_clean_error(llava_fixture, tmp_path, content, says):
+    _, root, _ = llava_fixture
+    path = tmp_path / "in.json"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(SystemExit) as e:
+        _convert(path, root, tmp_path / "out")
+    assert isinstance(e.value.code, str) and str(path) in e.value.code and says in e.value.code
+    assert not (tmp_path / "out").exists()
+
+
+def test_llava_any_record_shape_is_a_counted_skip(llava_fixture, tmp_path, capsys):
+    """A null record, `"image": 123`, a lone surrogate, ... raised tracebacks and left a partial
+    tar without sizes.json; each is now skipped, listed and counted by reason."""
+    path, root, _ = llava_fixture
+    text_only = {"id": "ok", "conversations": [{"from": "human", "value": "Hi."}, {"from": "gpt", "value": "Hello."}]}
+    records = [
+        None,
+        5,
+        ["a list"],
+        {"id": "noconv"},
+        {"id": "convstr", "conversations": "hi"},
+        {"id": "turnint", "conversations": [{"from": "human", "value": 5}]},
+        {"id": "img123", "image": 123, "conversations": _turns()},
+        {"id": "imgnul", "image": "a\u0000b.jpg", "conversations": _turns()},
+        {"id": "surrogate", "conversations": [{"from": "human", "value": "\ud800"}, {"from": "gpt", "value": "x"}]},
+        text_only,
+    ]
+    path.write_text(json.dumps(records))  # ensure_ascii: the surrogate as a \ud800 escape
+    out = tmp_path / "shards"
+    _convert(path, root, out)
+    summary = capsys.readouterr().out
+    assert "written 1 (0 with image, 1 text-only) in 1 shards" in summary
+    assert (
+        "skipped: bad_conversations 3, bad_image_field 2, bad_text 1, not_an_object 3 "
+        f"(ids in {out / 'skipped.jsonl'})" in summary
+    )
+    skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert [(s["index"], s["reason"]) for s in skipped][-3:] == [
+        (6, "bad_image_field"),
+        (7, "bad_image_field"),
+        (8, "bad_text"),
+    ]
+    assert json.loads((out / "sizes.json").read_text()) == {"llava-000000.tar": 1}
+    assert shard_inspect.inspect(str(out), show=0, out=io.StringIO()) == 0
+
+
+def test_llava_out_refused_unless_overwrite_which_replaces_it(llava_fixture, tmp_path, capsys):
+    """A rerun with fewer shards left the old tars beside the new ones (exact mode reads them)."""
+    path, root, _ = llava_fixture
+    out = tmp_path / "shards"
+    _convert(path, root, out, "--maxcount", "1")
+    assert len(list(out.glob("*.tar"))) == 3
+    with pytest.raises(SystemExit) as e:
+        _convert(path, root, out, "--maxcount", "2")
+    assert "--overwrite" in str(e.value.code) and len(list(out.glob("*.tar"))) == 3
+    _convert(path, root, out, "--maxcount", "2", "--overwrite")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "llava-000000.tar",
+        "llava-000001.tar",
+        "sizes.json",
+        "skipped.jsonl",
+    ]
+    assert json.loads((out / "sizes.json").read_text()) == {"llava-000000.tar": 2, "llava-000001.tar": 1}
+    (out / "notes.txt").write_text("mine")  # not a conversion's: never removed
+    with pytest.raises(SystemExit, match="notes.txt"):
+        _convert(path, root, out, "--overwrite")
+    assert (out / "notes.txt").read_text() == "mine" and len(list(out.glob("*.tar"))) == 2
+
+
+def test_llava_output_appears_only_when_complete(llava_fixture, tmp_path, monkeypatch, capsys):
+    """Interrupted in the middle: no tar and no sizes.json in --out (a previous conversion stays
+    whole); the next run starts clean."""
+    path, root, _ = llava_fixture
+    read = llava.read_image
+
+    def interrupted(p):
+        if p.endswith(".png"):  # the second record's image
+            raise KeyboardInterrupt
+        return read(p)
+
+    out = tmp_path / "shards"
+    monkeypatch.setattr(llava, "read_image", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _convert(path, root, out, "--maxcount", "1")
+    assert not out.exists()
+    monkeypatch.setattr(llava, "read_image", read)
+    _convert(path, root, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(llava, "read_image", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _convert(path, root, out, "--maxcount", "1", "--overwrite")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    monkeypatch.setattr(llava, "read_image", read)
+    _convert(path, root, out, "--maxcount", "1", "--overwrite")
+    assert json.loads((out / "sizes.json").read_text()) == {f"llava-00000{i}.tar": 1 for i in range(3)}
+    assert not (tmp_path / "shards.partial").exists() and not (tmp_path / "shards.old").exists()
