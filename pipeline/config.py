@@ -122,6 +122,8 @@ class TrainConfig:
     calibrate_thresholds: bool = True
     checkpoint_every: int = 500  # optimizer steps
     keep_checkpoints: int = 2
+    # steps in a row with a non-finite loss or gradients (each skipped) before the run stops
+    max_nonfinite_steps: int = 10
     log_every: int = 1  # TensorBoard scalars
     image_every: int = 200  # TensorBoard kept-token images
     # Fault injection for the resume test: this rank SIGKILLs itself when it reaches this
