@@ -9,7 +9,8 @@
 CONFIG defaults to the embedded default (pipeline/configs/default.yaml). Launch the same
 command under `torchrun`, `deepspeed --module pipeline ...` or `srun`; pipeline.distributed
 maps whichever environment it finds. A stage whose `run_dir/NAME/DONE` exists is skipped
-(`--force` reruns it); a rerun after a crash resumes sft from its latest checkpoint.
+(`--force` reruns it); a rerun after a crash resumes sft from its newest complete checkpoint.
+One run at a time per run_dir (pipeline/lock.py): a second one exits 1 naming the first.
 Exit status: 0 done or stopped on SIGTERM/SIGUSR1 after saving, 2 bad config, 1 failure.
 """
 
@@ -80,8 +81,14 @@ def main(argv=None) -> int:
     dist = init_distributed()
     _setup_logging(dist.rank)
     names = run.stages if args.cmd == "run" else [args.name]
+    from pipeline.lock import RunDirLocked, run_dir_lock
+
     try:
-        _run_stages(run, names, dist, stop, force=args.force)
+        with run_dir_lock(run.run_dir, dist.world_size, dist.rank):  # before anything is written
+            _run_stages(run, names, dist, stop, force=args.force)
+    except RunDirLocked as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except ConfigError as e:  # a check that needs the built model config (pipeline.build)
         print(e, file=sys.stderr)
         return 2
@@ -112,7 +119,7 @@ def _run_stages(run, names, dist, stop, force: bool) -> None:
         complete = stages.load(name)(run, stages.Context(dist=dist, stop=stop), out)
         tdist.barrier()
         if not complete:
-            log.info("stage %s: stopped on %s after saving; rerun to resume", name, stop.signal_name)
+            log.info("stage %s: stopped on %s; rerun to resume", name, stop.signal_name)
             return
         stages.mark_done(out, json.dumps({"seconds": round(time.time() - t0, 1), "world_size": dist.world_size}) + "\n")
         log.info("stage %s: done in %.1f s", name, time.time() - t0)

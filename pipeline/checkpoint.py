@@ -1,20 +1,40 @@
-"""Training checkpoints: DeepSpeed's own save/load, with a `latest` that only ever names a
-complete checkpoint.
+"""Training checkpoints: DeepSpeed's own save/load, a completion marker per tag, and a resume
+point that never rests on `latest` alone.
 
-DeepSpeed writes `latest` itself at the end of `save_checkpoint`, before the last barrier,
-so a rank dying mid-save can leave `latest` naming a tag whose other ranks' files are
-missing. Here `save_checkpoint(..., save_latest=False)` writes the tag, every rank checks
-in at a barrier, and only then rank 0 replaces `latest` atomically (write tmp, fsync,
-rename). Older tags are deleted only after that, keeping `keep` of them, so the previous
-complete checkpoint survives until the new one is. A partial tag left by a crash is
-simply overwritten by the next save with that name.
+Save (collective): `save_checkpoint(..., save_latest=False)` writes the tag (DeepSpeed writes
+`latest` itself before its last barrier, so a rank dying mid-save could leave it naming a
+partial tag); every rank fsyncs its files and checks in at a barrier; then rank 0 writes
+`TAG/COMPLETE` atomically (each file of the tag with its size), replaces `latest`
+atomically, and prunes. `latest` keeps DeepSpeed's format (the tag as text), so DeepSpeed's
+own tools (`zero_to_fp32`, `engine.load_checkpoint(dir)`) read it as they always do.
 
-`latest` keeps DeepSpeed's format (the tag as text), so `engine.load_checkpoint(dir)`
-and DeepSpeed's `zero_to_fp32` read it as they always do.
+Resume (`load`): the newest tag with a COMPLETE marker whose files are all there at the sizes
+it records. `latest` is only a hint: lost, or naming a missing or older tag, it changes
+nothing (a warning says so). A broken tag (a file missing or not at its recorded size; in a
+single process also one that fails to load) is named in a warning, skipped in favour of the
+previous complete one, and kept aside as `TAG.broken` (never deleted). With several ranks a
+tag that passes that check but fails to load stops the run with the tag named (their loads
+are collective: one rank cannot skip alone).
+
+Tags without a marker are saves that did not finish, once this directory has `FORMAT`
+(written by the first save of this code) or any marker: the next save deletes those newer
+than itself. A directory from before the markers (no FORMAT, no marker) resumes from the tag
+`latest` names, as the old code did, and that tag is marked then; without a usable `latest`
+it is refused (CheckpointError) rather than guessed. A save never prunes a complete tag
+newer than itself: it raises CheckpointError (to go back to an earlier step, move the newer
+tags away).
+
+Loading runs torch.load with weights_only=True for every file, DeepSpeed's own loads
+included (they pass weights_only=False; torch's TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides
+that inside `safe_loads`), with the few non-tensor types DeepSpeed and the client state
+pickle allow-listed (`safe_globals()`). No pickled code runs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
 import re
 import shutil
@@ -22,74 +42,275 @@ from pathlib import Path
 
 from pipeline.distributed import barrier, rank
 
+log = logging.getLogger(__name__)
 DIRNAME = "checkpoints"
 LATEST = "latest"
+COMPLETE = "COMPLETE"  # per tag: written by rank 0 once every rank's files are on disk
+FORMAT = "FORMAT"  # per directory: its tags carry COMPLETE markers
 TAG_RE = re.compile(r"^step(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory this code will not guess about or overwrite; the message says what to do."""
+
+
+class BrokenCheckpoint(CheckpointError):
+    """A tag whose files are not what its COMPLETE marker records."""
+
+
+class NonFiniteWeights(CheckpointError):
+    """Weights with NaN or inf: not exported."""
 
 
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
+def step_of(tag: str) -> int:
+    return int(TAG_RE.match(tag).group(1))
+
+
+def tags(ckpt_dir: str | os.PathLike) -> list[str]:
+    """The step tags in the directory, oldest first."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return []
+    return sorted((p.name for p in d.iterdir() if p.is_dir() and TAG_RE.match(p.name)), key=step_of)
+
+
+def is_complete(tag_dir: Path) -> bool:
+    return (tag_dir / COMPLETE).is_file()
+
+
 def latest_tag(ckpt_dir: str | os.PathLike) -> str | None:
+    """The tag `latest` names, if that tag exists (DeepSpeed's pointer; see `resume_tag`)."""
     path = Path(ckpt_dir) / LATEST
     if not path.is_file():
         return None
     tag = path.read_text().strip()
-    return tag if (Path(ckpt_dir) / tag).is_dir() else None
+    return tag if tag and (Path(ckpt_dir) / tag).is_dir() else None
+
+
+def verify(tag_dir: Path) -> None:
+    """Raise BrokenCheckpoint unless every file the marker lists is there at its size."""
+    files = json.loads((tag_dir / COMPLETE).read_text())["files"]
+    for name, size in files.items():
+        path = tag_dir / name
+        if not path.is_file():
+            raise BrokenCheckpoint(f"{path}: missing")
+        if path.stat().st_size != size:
+            raise BrokenCheckpoint(f"{path}: {path.stat().st_size} bytes, {size} when saved (truncated or replaced)")
+
+
+def candidates(ckpt_dir: str | os.PathLike) -> tuple[list[str], list[tuple[str, str]]]:
+    """Verified tags, newest first (the first is the resume point, the others fallbacks if it
+    fails to load), and the broken tags newer than all of them: (tag, why)."""
+    d = Path(ckpt_dir)
+    all_tags = tags(d)
+    complete = [t for t in all_tags if is_complete(d / t)]
+    if not complete and not (d / FORMAT).is_file():  # a directory from before the markers
+        legacy = latest_tag(d)
+        if legacy is not None:
+            return [legacy], []
+        if all_tags:
+            raise CheckpointError(
+                f"{d} holds {all_tags} without completion markers (saved before they existed) and no "
+                f"valid '{LATEST}': cannot tell which is complete. Write the tag to resume from into "
+                f"{d / LATEST} (e.g. {all_tags[-1]}), or move the tags away to start over."
+            )
+        return [], []
+    good, broken = [], []
+    for t in reversed(complete):
+        try:
+            verify(d / t)
+            good.append(t)
+        except (BrokenCheckpoint, OSError, ValueError, KeyError) as e:
+            if not good:  # broken ones older than the resume point are left to pruning
+                broken.append((t, str(e)))
+    return good, broken
+
+
+def resume_tag(ckpt_dir: str | os.PathLike) -> str | None:
+    """The tag a resume starts from (before trying to load it), or None for a fresh start."""
+    good, _ = candidates(ckpt_dir)
+    return good[0] if good else None
 
 
 def save(engine, ckpt_dir: str | os.PathLike, step: int, client_state: dict, keep: int = 2) -> str:
     """Collective: every rank calls it. Returns the tag."""
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)
+    _refuse_newer_complete(ckpt_dir, step)  # on every rank: all raise, none waits at a barrier
+    if rank() == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if not (ckpt_dir / FORMAT).is_file():
+            _write_atomic(ckpt_dir / FORMAT, "tags carry a COMPLETE marker (pipeline/checkpoint.py)\n")
+        (ckpt_dir / tag / COMPLETE).unlink(missing_ok=True)  # this tag is rewritten now
+    barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     _fsync_tree(ckpt_dir / tag)  # each rank's own files are on disk before it checks in
     barrier()
     if rank() == 0:
+        _mark_complete(ckpt_dir / tag)
         _write_atomic(ckpt_dir / LATEST, tag)
         _prune(ckpt_dir, keep=max(keep, 1), current=tag)
     barrier()
     return tag
 
 
-def load(engine, ckpt_dir: str | os.PathLike) -> dict | None:
-    """Restore engine (weights, optimizer, scheduler) from `latest`; returns the client
-    state (this rank's own: ZeRO-3 saves one model-states file per rank), or None."""
-    tag = latest_tag(ckpt_dir)
-    if tag is None:
-        return None
-    path, client_state = engine.load_checkpoint(
-        str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
-    if path is None:
-        raise RuntimeError(f"{ckpt_dir}/{tag}: DeepSpeed could not load it")
-    return client_state
+def load(engine, ckpt_dir: str | os.PathLike, world_size: int = 1) -> tuple[str, dict] | None:
+    """Restore engine (weights, optimizer, scheduler) from the newest complete checkpoint;
+    returns (tag, this rank's client state) or None for a fresh start. A tag that fails to
+    load is skipped for the previous one in a single process; with several ranks (whose
+    loads are collective) the error stops the run, naming the tag."""
+    ckpt_dir = Path(ckpt_dir)
+    good, broken = candidates(ckpt_dir)
+    pointer = latest_tag(ckpt_dir)
+    for t, why in broken:
+        if rank() == 0:
+            log.warning("checkpoint %s/%s is broken (%s): skipped, kept as %s.broken", ckpt_dir, t, why, t)
+    loaded = None
+    for t in good:
+        try:
+            with safe_loads():
+                path, client_state = engine.load_checkpoint(
+                    str(ckpt_dir), tag=t, load_optimizer_states=True, load_lr_scheduler_states=True
+                )
+            if path is None:
+                raise CheckpointError("DeepSpeed could not load it")
+        except Exception as e:
+            if world_size > 1:
+                raise CheckpointError(
+                    f"checkpoint {ckpt_dir}/{t} failed to load ({e!r}); move it away to resume from the one before"
+                ) from e
+            log.warning("checkpoint %s/%s failed to load (%r): skipped, kept as %s.broken", ckpt_dir, t, e, t)
+            broken.append((t, repr(e)))
+            continue
+        loaded = (t, client_state)
+        break
+    if loaded is not None and pointer not in (None, loaded[0]) and rank() == 0:
+        log.warning("'%s' names %s; resuming from %s, the newest complete checkpoint", LATEST, pointer, loaded[0])
+    elif loaded is not None and pointer is None and rank() == 0:
+        log.warning("'%s' is missing or names no checkpoint; resuming from %s, found by its marker", LATEST, loaded[0])
+    legacy = loaded is not None and not is_complete(ckpt_dir / loaded[0])
+    if broken or legacy:
+        barrier()  # every rank has chosen before rank 0 changes the directory
+        if rank() == 0:
+            for t, _ in broken:
+                _set_aside(ckpt_dir / t)
+            if legacy:  # from before the markers, trusted as `latest` said: marked now
+                _mark_complete(ckpt_dir / loaded[0])
+        barrier()
+    if loaded is None and broken:
+        raise CheckpointError(f"{ckpt_dir}: every checkpoint is broken ({[t for t, _ in broken]}, kept as *.broken)")
+    return loaded
 
 
 def consolidated_state_dict(ckpt_dir: str | os.PathLike) -> dict:
-    """Full fp32 weights of `latest`, from DeepSpeed's zero_to_fp32 (ZeRO 1-3; plain
-    module states for stage 0). One process, no engine."""
-    tag = latest_tag(ckpt_dir)
-    if tag is None:
-        raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint (no valid 'latest')")
-    tag_dir = Path(ckpt_dir) / tag
-    if not any(tag_dir.glob("*optim_states.pt")):  # ZeRO stage 0: the module is whole
-        import torch
+    """Full fp32 weights of the newest complete checkpoint, from DeepSpeed's zero_to_fp32
+    (ZeRO 1-3; plain module states for stage 0). One process, no engine; read-only (a broken
+    tag is skipped with a warning, not moved)."""
+    good, broken = candidates(ckpt_dir)
+    for t, why in broken:
+        log.warning("checkpoint %s/%s is broken (%s): skipped", ckpt_dir, t, why)
+    if not good:
+        raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint")
+    tag_dir = Path(ckpt_dir) / good[0]
+    with safe_loads():
+        if not any(tag_dir.glob("*optim_states.pt")):  # ZeRO stage 0: the module is whole
+            import torch
 
-        return torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            return torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=good[0])
+
+
+def require_finite(state: dict, where: str) -> None:
+    """Raise NonFiniteWeights if any floating tensor holds NaN or inf."""
+    import torch
+
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        raise NonFiniteWeights(
+            f"{where}: {len(bad)} of {len(state)} tensors hold NaN or inf (first: {bad[:3]}); not exported. "
+            "The run diverged: resume from an earlier checkpoint with a lower lr, or check the data."
+        )
+
+
+def safe_globals() -> list:
+    """The non-tensor types in this project's checkpoints: DeepSpeed's ZeRO stage enum, loss
+    scaler and (ZeRO-1/2) fragment addresses; numpy arrays in the client state's RNG state."""
+    import numpy as np
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    np_core = getattr(np, "_core", None) or np.core
+    return [
+        ZeroStageEnum,
+        LossScaler,
+        DynamicLossScaler,
+        fragment_address,
+        np_core.multiarray._reconstruct,
+        np.ndarray,
+        np.dtype,
+        *(getattr(np.dtypes, n) for n in ("UInt32DType", "Float64DType") if hasattr(np, "dtypes")),
+    ]
+
+
+@contextlib.contextmanager
+def safe_loads():
+    """Inside: every torch.load (DeepSpeed's too) is weights_only=True, `safe_globals()` allowed."""
+    import torch
+
+    key = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+    before = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        with torch.serialization.safe_globals(safe_globals()):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
+def _refuse_newer_complete(ckpt_dir: Path, step: int) -> None:
+    newer = [t for t in tags(ckpt_dir) if step_of(t) > step and is_complete(ckpt_dir / t)]
+    if newer:
+        raise CheckpointError(
+            f"saving step {step} into {ckpt_dir} would leave complete checkpoints newer than it ({newer}) "
+            "to be pruned; refusing. Move them away (or delete them) to go back to an earlier step, or "
+            "rerun to resume from the newest one."
+        )
 
 
 def _prune(ckpt_dir: Path, keep: int, current: str) -> None:
-    tags = sorted((int(m.group(1)), p.name) for p in ckpt_dir.iterdir() if p.is_dir() and (m := TAG_RE.match(p.name)))
-    current_step = int(TAG_RE.match(current).group(1))
-    older = [name for step, name in tags if step < current_step]
-    newer = [name for step, name in tags if step > current_step]  # partial leftovers of a crash
-    for name in older[: max(len(older) - (keep - 1), 0)] + newer:
+    """Keep `keep` tags up to `current`; delete unfinished saves newer than it (no marker)."""
+    current_step = step_of(current)
+    older = [t for t in tags(ckpt_dir) if step_of(t) < current_step]
+    newer = [t for t in tags(ckpt_dir) if step_of(t) > current_step]
+    for name in older[: max(len(older) - (keep - 1), 0)]:
         shutil.rmtree(ckpt_dir / name, ignore_errors=True)
+    for name in newer:
+        if not is_complete(ckpt_dir / name):  # complete ones were refused before the save
+            shutil.rmtree(ckpt_dir / name, ignore_errors=True)
+
+
+def _mark_complete(tag_dir: Path) -> None:
+    files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
+    files.pop(COMPLETE, None)
+    _write_atomic(tag_dir / COMPLETE, json.dumps({"step": step_of(tag_dir.name), "files": files}, indent=1) + "\n")
+
+
+def _set_aside(tag_dir: Path) -> None:
+    dest, n = tag_dir.with_name(tag_dir.name + ".broken"), 1
+    while dest.exists():
+        dest, n = tag_dir.with_name(f"{tag_dir.name}.broken{n}"), n + 1
+    if tag_dir.exists():
+        tag_dir.rename(dest)
 
 
 def _write_atomic(path: Path, text: str) -> None:

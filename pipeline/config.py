@@ -135,6 +135,8 @@ class TrainConfig:
     calibrate_thresholds: bool = True
     checkpoint_every: int = 500  # optimizer steps
     keep_checkpoints: int = 2
+    # steps in a row with a non-finite loss or gradients (each skipped) before the run stops
+    max_nonfinite_steps: int = 10
     log_every: int = 1  # TensorBoard scalars
     image_every: int = 200  # TensorBoard kept-token images
     # Fault injection for the resume test: this rank SIGKILLs itself when it reaches this
@@ -238,6 +240,7 @@ MINIMUM = {
     "data.max_length": 1,
     "data.shuffle_buffer": 0,
     "data.epoch_samples": 0,
+    "data.max_consecutive_bad": 1,
     "train.epochs": 1,
     "train.max_steps": 1,  # -1 ran 0 steps and marked sft DONE; 0 read as "no limit"
     "train.grad_accum": 1,
@@ -245,6 +248,7 @@ MINIMUM = {
     "train.keep_checkpoints": 1,
     "train.log_every": 1,
     "train.image_every": 1,
+    "train.max_nonfinite_steps": 1,
     "atp.threshold_hidden": 1,
     **{f"model.scratch.{f.name}": 1 for f in dataclasses.fields(ScratchModelConfig)},
     "synthetic.train_samples": 1,

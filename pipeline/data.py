@@ -18,7 +18,10 @@ Conventions (other modules rely on them):
   pad_token_id; generation prompts (`generation=True`, `build_prompt_batch`) are
   left-padded, end with "ASSISTANT:" and carry `answers` (the reference, or None).
 - Bad samples are skipped through webdataset's `handler=` mechanism, counted by kind and
-  logged once (with the key) by the process that met them. The counts travel to the main
+  logged once (with the key) by the process that met them. `max_consecutive_bad` of them in
+  a row in one stream (rank x worker) raise TooManyBadSamples: an error that hits every
+  sample (a template or tokenizer problem, shards of the wrong format) stops the run
+  instead of skipping forever. The counts travel to the main
   process inside the batches (`skipped` deltas, plus a counts-only item at the end of a
   worker's stream) and `Loader.stats` (a Counter) accumulates them; `truncated` and
   `converted_image` count samples that were repaired, not skipped; `lost_samples` the
@@ -69,6 +72,7 @@ class DataConfig:
     seed: int = 0
     overlong: Literal["truncate", "drop"] = "truncate"  # truncate: never inside image tokens
     epoch_samples: int = 0  # resampled: samples per epoch over all ranks; 0 = dataset size (sizes.json)
+    max_consecutive_bad: int = 100  # bad samples in a row (per rank and worker) before TooManyBadSamples
 
 
 # ---------------------------------------------------------------- shard list
@@ -127,13 +131,24 @@ def _shuffle(src, bufsize: int, seed: int, epoch: int, rank: int):
 # ---------------------------------------------------------------- bad samples
 
 
-class SkipCounter:
-    """The `handler=` of every stage: counts by kind, logs each skipped sample once, continues."""
+class TooManyBadSamples(RuntimeError):
+    """`data.max_consecutive_bad` samples in a row were bad: the data or its template is wrong."""
 
-    def __init__(self):
+
+class SkipCounter:
+    """The `handler=` of every stage: counts by kind, logs each skipped sample once, continues,
+    until `limit` errors in a row without a good sample (`good()`) raise TooManyBadSamples."""
+
+    def __init__(self, limit: int | None = None):
         self.pending = Counter()  # not yet handed to the main process
         self.lines = Counter()
         self.bad_shards = set()
+        self.limit, self.in_row, self.seen = limit, 0, Counter()
+
+    def good(self) -> None:
+        if self.in_row:
+            self.in_row = 0
+            self.seen.clear()
 
     def count(self, kind: str, key=None, detail: str = ""):
         self.pending[kind] += 1
@@ -161,6 +176,15 @@ class SkipCounter:
             if where not in self.bad_shards:
                 self.bad_shards.add(where)
                 self.count("bad_tar", where, str(exn.args[0])[:120] if exn.args else repr(exn))
+        # every error counts here, a bad shard met again (resampled) included
+        self.in_row += 1
+        self.seen[getattr(exn, "kind", type(exn).__name__)] += 1
+        if self.limit is not None and self.in_row >= self.limit:
+            raise TooManyBadSamples(
+                f"{self.in_row} bad samples in a row (data.max_consecutive_bad={self.limit}), by kind "
+                f"{dict(self.seen)}; the last: {exn!r}. Every sample fails: check the shards' format and the "
+                "conversation template (the warnings above name the samples)"
+            ) from None
         return True  # skip and go on
 
     def take(self) -> dict:
@@ -237,7 +261,9 @@ class Prepare:
     def __call__(self, sample: dict) -> dict:
         key = sample.get("__key__")
         try:
-            return self._prepare(sample, key)
+            out = self._prepare(sample, key)
+            self.stats.good()
+            return out
         except BadSample:
             raise
         except Exception as exn:  # anything unforeseen still skips only this sample
@@ -346,7 +372,9 @@ def build_pipeline(
     generation: bool = False,
 ) -> wds.DataPipeline:
     urls = list_shards(cfg.shards)
-    stats = SkipCounter()
+    if cfg.max_consecutive_bad < 1:
+        raise ValueError(f"config error at 'data.max_consecutive_bad': must be >= 1, got {cfg.max_consecutive_bad}")
+    stats = SkipCounter(limit=cfg.max_consecutive_bad)
     if cfg.resampled:
         source = [
             wds.ResampledShards(

@@ -36,12 +36,13 @@ Stop / preemption contract (followed by slurm/train.sbatch; see slurm/README.md)
   ATP_REQUEUE_BY=sbatch so `mark_preempted` leaves it at that. Launched any other way
   under SLURM (e.g. `sbatch --wrap "srun python -m pipeline ..."`), `mark_preempted`
   makes rank 0 run `scontrol requeue` itself (`requeue_self`).
-- The requeued job (same job id, SLURM_RESTART_COUNT>0) resumes from `latest` like any
-  rerun of the same command.
+- The requeued job (same job id, SLURM_RESTART_COUNT>0) resumes from the newest complete
+  checkpoint (pipeline/checkpoint.py) like any rerun of the same command.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -265,6 +266,11 @@ def shutdown() -> None:
 # ---------------------------------------------------------------- stop signals
 
 
+class StopRequested(BaseException):
+    """A stop signal arrived inside `StopSignal.interruptible()`. A BaseException, so that no
+    `except Exception` on the way (webdataset's handlers, the loader's catch-all) swallows it."""
+
+
 class StopSignal:
     """Records SIGUSR1 (preempted: save, requeue) and SIGTERM (save, exit); `should_stop`
     makes all ranks agree. Create it before anything slow."""
@@ -275,12 +281,27 @@ class StopSignal:
     def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM)):
         self._local = 0  # strongest signal seen by this process
         self.agreed = 0  # strongest signal seen by any rank at the last should_stop()
+        self._interrupt = False
+        self._pid = os.getpid()  # DataLoader workers inherit the handler: only this process raises
         for s in signals:
             signal.signal(s, self._handle)
 
     def _handle(self, signum, frame):
-        # Only record: the train loop saves at a step boundary where all ranks meet.
+        # Only record: the train loop saves at a step boundary where all ranks meet. Inside
+        # `interruptible()` (a wait that may not end, e.g. for data) raise as well.
         self._local = max(self._local, self._CODES.get(signum, 2))
+        if self._interrupt and os.getpid() == self._pid:
+            self._interrupt = False
+            raise StopRequested(signal.Signals(signum).name)
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        """A stop signal arriving inside raises StopRequested here (local: no agreement)."""
+        self._interrupt = True
+        try:
+            yield
+        finally:
+            self._interrupt = False
 
     def should_stop(self) -> bool:
         """Collective when the process group is up: call it on every rank, once per step."""

@@ -4,14 +4,19 @@
 Other ranks get a Monitor that does nothing, so the train loop needs no rank checks.
 On resume, TensorBoard's `purge_step` and a truncated metrics.jsonl drop what the
 crashed run logged after its last checkpoint: the records read as one uninterrupted run.
+metrics.jsonl is appended one whole line per write; a line a crash cut short (or any line
+that is not JSON) is dropped with a warning when a run starts.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class Monitor:
@@ -33,7 +38,7 @@ class Monitor:
             return
         for name, value in scalars.items():
             self.writer.add_scalar(name, value, step)
-        with open(self.metrics_path, "a") as f:
+        with open(self.metrics_path, "a") as f:  # one write per line: a crash tears at most the last
             f.write(json.dumps({"step": step, **record}) + "\n")
         self.bar.update(step - self.bar.n)
         self.bar.set_postfix(
@@ -64,9 +69,20 @@ class Monitor:
 
 
 def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep the records of steps <= last_step; drop unreadable lines (a torn last line)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+    keep = []
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line:
+            continue
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            log.warning("%s line %d is not a whole record (a write cut short by a crash?): dropped", path, n)
+            continue
+        if step <= last_step:
+            keep.append(line)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     tmp.replace(path)

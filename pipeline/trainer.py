@@ -12,15 +12,22 @@ Stages `sft`, `base` and `variants` call `train` (pipeline/stages/).
   per rank, and a resumed run rebuilds the epoch's stream and drops that many batches.
   Replaying costs decode time but is exact, bad samples included.
 - Checkpoints every `train.checkpoint_every` steps and at the end (pipeline.checkpoint:
-  `latest` only ever names a complete one), with step, data position, skip counts and
-  RNG states in each rank's client state.
+  a completion marker per tag; a resume starts from the newest complete one), with step,
+  data position, skip counts, non-finite step counts and RNG states in each rank's client state.
 - SIGTERM / SIGUSR1 (pipeline.distributed.StopSignal): all ranks agree after a step,
   save, and the stage returns incomplete (exit 0); USR1 before the end also leaves
-  `run_dir/.preempted` for the requeue logic.
+  `run_dir/.preempted` for the requeue logic. A single process also stops while it waits
+  for a step's first batch (nothing of the step done yet); several ranks stop after the
+  step, their wait bounded by `data.max_consecutive_bad`.
+- Non-finite loss or gradients (any rank): the update is skipped, the LR schedule still
+  advances (it follows the step count), the step is counted (`train/nonfinite_steps`,
+  `train/step_skipped`), and `train.max_nonfinite_steps` in a row stop the run
+  (NonFiniteTraining).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -38,13 +45,17 @@ from pipeline import checkpoint
 from pipeline.build import apply_atp_fields
 from pipeline.config import RunConfig
 from pipeline.data import build_loader
-from pipeline.distributed import mark_preempted, use_cuda
+from pipeline.distributed import StopRequested, mark_preempted, use_cuda
 from pipeline.ds import build_ds_config, lr_schedule, use_bf16, zero3_enabled
 from pipeline.monitor import Monitor
 
 log = logging.getLogger(__name__)
 LOSS_TERMS = ("total", "ntp", "atp", "target")
 REPAIRED = ("truncated", "converted_image")  # counted by the loader, but kept, not skipped
+
+
+class NonFiniteTraining(RuntimeError):
+    """`train.max_nonfinite_steps` optimizer steps in a row had a non-finite loss or gradients."""
 
 
 def train(run: RunConfig, ctx, out: Path, start: Path, tb_dir: Path | None = None) -> bool:
@@ -55,6 +66,10 @@ def train(run: RunConfig, ctx, out: Path, start: Path, tb_dir: Path | None = Non
 
     dist, stop = ctx.dist, ctx.stop
     run_dir = Path(run.run_dir)
+    if run.train.max_nonfinite_steps < 1:
+        raise ValueError(
+            f"config error at 'train.max_nonfinite_steps': must be >= 1, got {run.train.max_nonfinite_steps}"
+        )
     out.mkdir(parents=True, exist_ok=True)
     _seed_everything(run.seed)
 
@@ -81,8 +96,20 @@ def train(run: RunConfig, ctx, out: Path, start: Path, tb_dir: Path | None = Non
         model = AtpLlavaForConditionalGeneration.from_pretrained(start, config=config, dtype=dtype)
     model.config.use_cache = False
     ckpt_dir = out / checkpoint.DIRNAME
-    if run.train.calibrate_thresholds and config.pruning == "atp" and checkpoint.latest_tag(ckpt_dir) is None:
-        _calibrate(model, data, ds, autocast, dtype)
+    # One process can stop cleanly while it waits for data (nothing of a step done yet);
+    # ranks stop together after a step, their wait bounded by data.max_consecutive_bad.
+    wait = stop.interruptible if dist.world_size == 1 else contextlib.nullcontext
+    if run.train.calibrate_thresholds and config.pruning == "atp" and checkpoint.resume_tag(ckpt_dir) is None:
+        try:
+            with wait():
+                first = next(iter(data.make(0)))
+        except StopRequested as e:
+            log.warning("%s while waiting for the first batch: stopping before training", e)
+            stop.should_stop()
+            if stop.preempted:
+                mark_preempted(run_dir)
+            return False
+        _calibrate(model, first, ds, autocast, dtype)
     groups = _param_groups(model, run)
     if run.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -91,15 +118,15 @@ def train(run: RunConfig, ctx, out: Path, start: Path, tb_dir: Path | None = Non
     )
     group_names = [g["name"] for g in groups]
 
-    client = checkpoint.load(engine, ckpt_dir)
-    step = 0
-    if client is not None:
+    loaded = checkpoint.load(engine, ckpt_dir, world_size=dist.world_size)
+    step, nonfinite = 0, {"total": 0, "in_row": 0}
+    if loaded is not None:
+        tag, client = loaded
         step = client["step"]
         data.restore(client["data"])
         _set_rng(client["rng"])
-        log.info(
-            "resumed from %s/%s at step %d, data %s", ckpt_dir, checkpoint.latest_tag(ckpt_dir), step, client["data"]
-        )
+        nonfinite.update(client.get("nonfinite", {}))
+        log.info("resumed from %s/%s at step %d, data %s", ckpt_dir, tag, step, client["data"])
     monitor = Monitor(
         active=dist.rank == 0,
         tb_dir=tb_dir or run_dir / "tb",
@@ -115,28 +142,56 @@ def train(run: RunConfig, ctx, out: Path, start: Path, tb_dir: Path | None = Non
             ckpt_dir,
             step,
             keep=run.train.keep_checkpoints,
-            client_state={"step": step, "data": data.position(), "rng": _get_rng()},
+            client_state={"step": step, "data": data.position(), "rng": _get_rng(), "nonfinite": dict(nonfinite)},
         )
+
+    def halt() -> bool:
+        log.warning("%s: saving at step %d and stopping", stop.signal_name, step)
+        if saved_at != step:
+            save()
+        if stop.preempted:
+            mark_preempted(run_dir)
+        monitor.close()
+        return False
 
     engine.train()
     saved_at = step
+    accum = run.train.grad_accum
     while step < total_steps:
         t0 = time.perf_counter()
         lrs = engine.get_lr()  # what this step uses
-        stats, image_sample, data_s = StepStats(config, run.train.grad_accum), None, 0.0
-        for _ in range(run.train.grad_accum):
+        stats, image_sample, data_s, finite = StepStats(config, accum), None, 0.0, True
+        for i in range(accum):
             td = time.perf_counter()
-            batch = data.next()
+            try:
+                batch = data.next(wait if i == 0 else contextlib.nullcontext)
+            except StopRequested as e:
+                log.warning("%s while waiting for the data of step %d", e, step + 1)
+                stop.should_stop()
+                return halt()
             data_s += time.perf_counter() - td
             with autocast:
                 outputs = engine(**_model_inputs(batch, engine.device, dtype))
             engine.backward(outputs.loss)
-            engine.step()
+            finite = finite and bool(torch.isfinite(outputs.loss.detach()).all())
+            if i < accum - 1:
+                engine.step()  # accumulates; the update is at the boundary
+            else:
+                bad_step = _boundary_step(engine, finite)
             stats.add(outputs, batch)
             image_sample = image_sample or _first_image(batch, outputs)
         step += 1
         step_s = time.perf_counter() - t0
-        if step % run.train.log_every == 0 or step == total_steps:
+        nonfinite["total"] += bad_step
+        nonfinite["in_row"] = nonfinite["in_row"] + 1 if bad_step else 0
+        if bad_step:
+            log.warning(
+                "step %d: non-finite loss or gradients, update skipped (%d in a row, %d in all)",
+                step,
+                nonfinite["in_row"],
+                nonfinite["total"],
+            )
+        if step % run.train.log_every == 0 or step == total_steps or bad_step:  # bad_step: agreed by all ranks
             scalars = stats.reduce(dist.world_size)
             scalars.update({f"lr/{n}": lr for n, lr in zip(group_names, lrs)})
             scalars["perf/samples_per_s"] = scalars.pop("samples") / step_s
@@ -145,7 +200,17 @@ def train(run: RunConfig, ctx, out: Path, start: Path, tb_dir: Path | None = Non
             skipped = data.skipped_all_ranks()
             scalars["data/skipped/total"] = sum(n for k, n in skipped.items() if k not in REPAIRED)
             scalars.update({f"data/skipped/{kind}": n for kind, n in skipped.items()})
+            scalars["train/nonfinite_steps"] = nonfinite["total"]
+            scalars["train/step_skipped"] = float(bad_step)
             monitor.step(step, scalars, record=scalars)
+        if nonfinite["in_row"] >= run.train.max_nonfinite_steps:
+            monitor.close()
+            raise NonFiniteTraining(
+                f"{nonfinite['in_row']} optimizer steps in a row (to step {step}) had a non-finite loss or "
+                f"gradients, {nonfinite['total']} in all: stopping (train.max_nonfinite_steps="
+                f"{run.train.max_nonfinite_steps}). The weights are those of step {step - nonfinite['in_row']} "
+                "(the last checkpoint before it is the resume point): check the data for NaN/inf, lower the lr."
+            )
         if image_sample is not None and step % run.train.image_every == 0:
             monitor.kept_tokens_image(step, *_denormalise(image_sample, image_processor), config.grid_size)
 
@@ -156,15 +221,53 @@ def train(run: RunConfig, ctx, out: Path, start: Path, tb_dir: Path | None = Non
             log.warning("train.crash_at_step=%d: rank %d kills itself (fault-injection test)", step, dist.rank)
             os.kill(os.getpid(), signal.SIGKILL)
         if step < total_steps and stop.should_stop():
-            log.warning("%s: saving at step %d and stopping", stop.signal_name, step)
-            if saved_at != step:
-                save()
-            if stop.preempted:
-                mark_preempted(run_dir)
-            monitor.close()
-            return False
+            return halt()
     monitor.close()
     return True
+
+
+def _boundary_step(engine, loss_finite: bool) -> bool:
+    """engine.step() at the accumulation boundary, the update skipped if a loss or gradient
+    is not finite on any rank; True when so.
+
+    DeepSpeed's ZeRO 1-3 and bf16 optimizers find non-finite gradients themselves and skip the
+    update (`was_step_applied()` False), leaving the LR schedule where it was: it is advanced
+    here. The plain torch optimizer of ZeRO-0 (fp32 weights) has no such check: its gradients
+    are checked here, and on a bad step the weights and the optimizer's state are put back
+    after DeepSpeed's step (which keeps its own bookkeeping: counters, LR schedule, zeroed
+    gradients). Either way the LR schedule stays a function of the step count."""
+    opt = engine.optimizer
+    own = not hasattr(opt, "overflow")  # DeepSpeed checks nothing for this optimizer
+    bad = not loss_finite
+    if own and not bad:
+        bad = any(p.grad is not None and not torch.isfinite(p.grad).all() for p in engine.module.parameters())
+    bad = _any_rank(bad)
+    if not (bad and own):
+        engine.step()
+        if not engine.was_step_applied():
+            engine.lr_scheduler.step()
+            bad = True
+        return bad
+    params = [p for p in engine.module.parameters() if p.grad is not None]
+    weights = [p.detach().clone() for p in params]
+    state = {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for p, s in opt.state.items()}
+    for p in params:
+        p.grad.zero_()
+    engine.step()
+    with torch.no_grad():
+        for p, w in zip(params, weights):
+            p.copy_(w)
+    opt.state.clear()
+    opt.state.update(state)
+    return True
+
+
+def _any_rank(flag: bool) -> bool:
+    if tdist.is_initialized() and tdist.get_world_size() > 1:
+        t = torch.tensor([int(flag)], device="cuda" if tdist.get_backend() == "nccl" else "cpu")
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+        return bool(t.item())
+    return flag
 
 
 # ------------------------------------------------------------------ data with a position
@@ -202,22 +305,30 @@ class DataStream:
         self.skipped = Counter(pos["skipped"])
         self._loader = self._it = None
 
-    def next(self) -> dict:
-        if self._it is None:
-            self._loader = self.make(self.epoch)
-            self._it = iter(self._loader)
-            for _ in range(self.batch):  # replay to the recorded position
-                next(self._it)
-            self._loader.stats.clear()  # the replayed skips are already in self.skipped
-        try:
-            batch = next(self._it)
-        except StopIteration:
-            self.skipped = self._skips()
-            self.epoch, self.batch = self.epoch + 1, 0
-            self._loader = self._it = None
-            return self.next()
+    def next(self, wait=contextlib.nullcontext) -> dict:
+        """The next batch. `wait`: the context of the wait (StopSignal.interruptible: a stop
+        signal ends it with StopRequested, the position still that of the last batch taken)."""
+        with wait():
+            while True:
+                if self._it is None:
+                    self._open()
+                try:
+                    batch = next(self._it)
+                    break
+                except StopIteration:
+                    self.skipped = self._skips()
+                    self.epoch, self.batch = self.epoch + 1, 0
+                    self._loader = self._it = None
         self.batch += 1
         return batch
+
+    def _open(self) -> None:
+        loader = self.make(self.epoch)
+        it = iter(loader)
+        for _ in range(self.batch):  # replay to the recorded position
+            next(it)
+        loader.stats.clear()  # the replayed skips are already in self.skipped
+        self._loader, self._it = loader, it  # only now: an interrupted replay leaves nothing half-open
 
     def _skips(self) -> Counter:
         return self.skipped + (self._loader.stats if self._loader is not None else Counter())
@@ -311,7 +422,7 @@ def _denormalise(sample, image_processor):
 # ------------------------------------------------------------------ model set-up
 
 
-def _calibrate(model, data, ds: dict, autocast, dtype) -> None:
+def _calibrate(model, batch, ds: dict, autocast, dtype) -> None:
     """Start the thresholds at this run's target share, measured on the first batch
     (model/calibration.py); rank 0's values win. Under ZeRO-3 the parameters are gathered
     for that one forward (all ranks take part)."""
@@ -319,7 +430,6 @@ def _calibrate(model, data, ds: dict, autocast, dtype) -> None:
 
     from model.calibration import calibrate_thresholds
 
-    batch = next(iter(data.make(0)))
     zero3 = ds.get("zero_optimization", {}).get("stage") == 3
     gather = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0, enabled=zero3)
     device = next(model.parameters()).device

@@ -1,50 +1,212 @@
-"""`latest` only ever names a complete checkpoint (pipeline.checkpoint), without DeepSpeed:
-a stand-in engine writes a tag's files the way `save_checkpoint` does, or dies half-way."""
+"""Checkpoint bookkeeping (pipeline.checkpoint) without DeepSpeed's engine: a stand-in engine
+writes a tag's files the way `save_checkpoint` does (or dies half-way) and loads them back;
+loads that go through torch.load use DeepSpeed's own TorchCheckpointEngine. Also the
+torn-line handling of metrics.jsonl (pipeline.monitor)."""
 
 from __future__ import annotations
 
+import ast
+import logging
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline import checkpoint
+
+FILES = ["zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
 
 
 class FakeEngine:
     def __init__(self, fail_after_files: int | None = None):
         self.fail_after_files = fail_after_files
+        self.loaded = []
 
     def save_checkpoint(self, save_dir, tag, client_state, save_latest):
         assert save_latest is False  # DeepSpeed must not write `latest` itself
         tag_dir = Path(save_dir) / tag
         tag_dir.mkdir(parents=True, exist_ok=True)
-        for i, name in enumerate(
-            ["zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
-        ):
+        for i, name in enumerate(FILES):
             if self.fail_after_files is not None and i >= self.fail_after_files:
                 raise RuntimeError("killed mid-save")
             (tag_dir / name).write_text(str(client_state))
+
+    def load_checkpoint(self, load_dir, tag, **kw):
+        self.loaded.append(tag)
+        return str(Path(load_dir) / tag), ast.literal_eval((Path(load_dir) / tag / FILES[0]).read_text())
+
+
+def _dirs(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir() if p.is_dir())
+
+
+def _save_steps(path, steps, keep=10):
+    for step in steps:
+        checkpoint.save(FakeEngine(), path, step, {"step": step}, keep=keep)
 
 
 def test_latest_moves_only_after_a_complete_save_and_old_tags_are_pruned(tmp_path):
     for step in (2, 4, 6):
         checkpoint.save(FakeEngine(), tmp_path, step, {"step": step}, keep=2)
         assert checkpoint.latest_tag(tmp_path) == checkpoint.tag_for(step)
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step00000004", "step00000006"]
+    assert _dirs(tmp_path) == ["step00000004", "step00000006"]
 
     with pytest.raises(RuntimeError, match="mid-save"):
         checkpoint.save(FakeEngine(fail_after_files=1), tmp_path, 8, {"step": 8}, keep=2)
     assert checkpoint.latest_tag(tmp_path) == "step00000006"  # still the complete one
+    assert checkpoint.resume_tag(tmp_path) == "step00000006"  # the partial step 8 has no marker
     assert (tmp_path / "step00000006").is_dir() and (tmp_path / "step00000004").is_dir()
     assert not (tmp_path / "latest.tmp").exists()
 
     # the resumed run saves step 8 again over the partial leftovers
     checkpoint.save(FakeEngine(), tmp_path, 8, {"step": 8}, keep=2)
     assert checkpoint.latest_tag(tmp_path) == "step00000008"
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step00000006", "step00000008"]
+    assert _dirs(tmp_path) == ["step00000006", "step00000008"]
 
 
 def test_latest_naming_a_missing_tag_is_no_checkpoint(tmp_path):
     (tmp_path / "latest").write_text("step00000010")
     assert checkpoint.latest_tag(tmp_path) is None
     assert checkpoint.latest_tag(tmp_path / "nothing") is None
+
+
+def test_lost_latest_resumes_from_the_newest_complete_checkpoint(tmp_path, caplog):
+    """Probe: `latest` deleted with steps 10, 15, 20 on disk restarted at 0 and the first save
+    deleted all three. Now the markers find step 20, and nothing is deleted."""
+    _save_steps(tmp_path, (10, 15, 20))
+    (tmp_path / "latest").unlink()
+    engine = FakeEngine()
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
+        tag, client = checkpoint.load(engine, tmp_path)
+    assert (tag, client) == ("step00000020", {"step": 20})
+    assert "'latest' is missing" in caplog.text
+    (tmp_path / "latest").write_text("step00000015")  # an older pointer changes nothing either
+    assert checkpoint.load(FakeEngine(), tmp_path)[0] == "step00000020"
+    (tmp_path / "latest").write_text("step00000099")  # nor one naming no tag
+    assert checkpoint.load(FakeEngine(), tmp_path)[0] == "step00000020"
+    assert _dirs(tmp_path) == ["step00000010", "step00000015", "step00000020"]
+
+
+def test_a_save_never_prunes_a_newer_complete_checkpoint(tmp_path):
+    """A run that started over (step 0) while complete steps 10-20 exist: its first save refuses,
+    naming them, instead of deleting them as "newer leftovers"."""
+    _save_steps(tmp_path, (10, 15, 20))
+    with pytest.raises(checkpoint.CheckpointError, match=r"newer than it .*step00000020.* Move them away"):
+        checkpoint.save(FakeEngine(), tmp_path, 2, {"step": 2}, keep=2)
+    assert _dirs(tmp_path) == ["step00000010", "step00000015", "step00000020"]
+    assert not (tmp_path / "step00000002").exists()
+    # a newer tag without a marker is an unfinished save: cleaned
+    (tmp_path / "step00000030").mkdir()
+    (tmp_path / "step00000030" / FILES[0]).write_text("partial")
+    checkpoint.save(FakeEngine(), tmp_path, 25, {"step": 25}, keep=2)
+    assert _dirs(tmp_path) == ["step00000020", "step00000025"]
+
+
+def test_a_truncated_file_is_named_and_its_checkpoint_skipped(tmp_path, caplog):
+    """Probe: a truncated file in the newest tag (10 and 15 intact) gave `OSError: [Errno 22]`
+    naming no file. Now the file is named, the tag kept aside and step 15 resumed."""
+    _save_steps(tmp_path, (10, 15, 20))
+    victim = tmp_path / "step00000020" / FILES[1]
+    os.truncate(victim, 3)
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
+        tag, client = checkpoint.load(FakeEngine(), tmp_path)
+    assert (tag, client) == ("step00000015", {"step": 15})
+    assert str(victim) in caplog.text and "3 bytes" in caplog.text
+    assert _dirs(tmp_path) == ["step00000010", "step00000015", "step00000020.broken"]  # kept, not deleted
+    assert checkpoint.resume_tag(tmp_path) == "step00000015"
+
+
+def test_a_checkpoint_that_fails_to_load_falls_back_in_one_process(tmp_path, caplog):
+    _save_steps(tmp_path, (10, 15))
+
+    class Failing(FakeEngine):
+        def load_checkpoint(self, load_dir, tag, **kw):
+            if tag == "step00000015":
+                raise OSError(22, "Invalid argument")
+            return super().load_checkpoint(load_dir, tag, **kw)
+
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
+        assert checkpoint.load(Failing(), tmp_path)[0] == "step00000010"
+    assert "step00000015 failed to load" in caplog.text
+    assert (tmp_path / "step00000015.broken").is_dir()
+    _save_steps(tmp_path, (15,))
+    with pytest.raises(checkpoint.CheckpointError, match="step00000015 failed to load"):
+        checkpoint.load(Failing(), tmp_path, world_size=2)  # collective loads: no rank skips alone
+
+
+def test_checkpoints_from_before_the_markers(tmp_path):
+    """Tags without markers and no FORMAT: resumed from the one `latest` names (and marked
+    then); without a usable `latest`, refused rather than guessed or deleted."""
+    for step in (10, 15):
+        checkpoint.save(FakeEngine(), tmp_path, step, {"step": step}, keep=10)
+    for p in [tmp_path / "FORMAT", *tmp_path.glob("step*/COMPLETE")]:
+        p.unlink()
+    (tmp_path / "latest").unlink()
+    with pytest.raises(checkpoint.CheckpointError, match=r"without completion markers .* step00000015"):
+        checkpoint.load(FakeEngine(), tmp_path)
+    (tmp_path / "latest").write_text("step00000015")
+    assert checkpoint.load(FakeEngine(), tmp_path)[0] == "step00000015"
+    assert checkpoint.is_complete(tmp_path / "step00000015")
+    assert not checkpoint.is_complete(tmp_path / "step00000010")
+
+
+class Payload:
+    """Pickled code: touching a file when unpickled."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_checkpoint_loads_run_no_pickled_code(tmp_path):
+    """Probe: checkpoint.py loaded with weights_only=False, so a checkpoint from elsewhere ran
+    pickle code. DeepSpeed's own loader (TorchCheckpointEngine, weights_only=False) and the
+    ZeRO-0 consolidation now both load weights only."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    touched = tmp_path / "pwned"
+    ckpt = tmp_path / "ckpt"
+    tag = ckpt / "step00000005"
+    tag.mkdir(parents=True)
+    torch.save({"module": {"w": torch.ones(2)}, "x": Payload(touched)}, tag / "mp_rank_00_model_states.pt")
+    checkpoint._mark_complete(tag)
+    (ckpt / "latest").write_text(tag.name)
+
+    class DeepSpeedLoads(FakeEngine):
+        def load_checkpoint(self, load_dir, tag, **kw):
+            path = Path(load_dir) / tag / "mp_rank_00_model_states.pt"
+            return str(path), TorchCheckpointEngine().load(str(path))
+
+    with pytest.raises(checkpoint.CheckpointError, match="every checkpoint is broken"):
+        checkpoint.load(DeepSpeedLoads(), ckpt)
+    assert not touched.exists()
+    (ckpt / "step00000005.broken").rename(tag)
+    with pytest.raises(Exception, match="Unsupported global"):
+        checkpoint.consolidated_state_dict(ckpt)
+    assert not touched.exists()
+    # what this project's checkpoints hold still loads: the client state's numpy RNG state
+    import numpy as np
+
+    torch.save({"module": {"w": torch.ones(2)}, "rng": np.random.get_state()}, tag / "mp_rank_00_model_states.pt")
+    checkpoint._mark_complete(tag)
+    assert torch.equal(checkpoint.consolidated_state_dict(ckpt)["w"], torch.ones(2))
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ  # only inside the loads
+
+
+def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path, caplog):
+    """Probe: a crash mid-write left half a line in metrics.jsonl and every resume failed
+    with JSONDecodeError. Now it is dropped with a warning and the run appends after it."""
+    from pipeline.monitor import Monitor, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss/total": 2.0}\n{"step": 2, "loss/total": 1.5}\n{"step": 3, "loss/to')
+    with caplog.at_level(logging.WARNING, logger="pipeline.monitor"):
+        monitor = Monitor(active=True, tb_dir=tmp_path / "tb", metrics_path=path, start_step=2, total_steps=4)
+    assert "line 3 is not a whole record" in caplog.text
+    monitor.step(3, {"loss/total": 1.0}, record={"loss/total": 1.0})
+    monitor.close()
+    assert sorted(read_metrics(path)) == [1, 2, 3]
+    assert read_metrics(path)[3]["loss/total"] == 1.0

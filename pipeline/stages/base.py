@@ -61,6 +61,7 @@ def run(run: RunConfig, ctx: Context, out: Path) -> bool:
         return False
     if ctx.dist.rank == 0:
         state = checkpoint.consolidated_state_dict(out / "train" / checkpoint.DIRNAME)
+        checkpoint.require_finite(state, str(out / "train" / checkpoint.DIRNAME))
         write_parts(state, init, out)
         write_model_dir(state, init, out / "model")
         evaluate_base(run, out)

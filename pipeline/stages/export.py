@@ -1,6 +1,6 @@
 """Stage `export`: the trained weights as a Hugging Face hard-pruning checkpoint.
 
-Reads sft's `latest` DeepSpeed checkpoint and consolidates it with DeepSpeed's own
+Reads sft's newest complete DeepSpeed checkpoint and consolidates it with DeepSpeed's own
 `zero_to_fp32` reader (fp32 master weights, any ZeRO stage, any world size; no engine
 and no process group needed), loads it into a plain CPU model and writes `run_dir/export`:
 config.json with the ATP fields and `auto_map`, model.safetensors, the modeling code
@@ -11,7 +11,8 @@ tokenizer, image processor and a LlavaProcessor. So
     AutoProcessor.from_pretrained(dir)
 
 work in a process that cannot import this repo, and `generate()` in eval mode prunes
-for real (METHOD sec 5). Rank 0 works; the other ranks wait.
+for real (METHOD sec 5). Rank 0 works; the other ranks wait. Weights holding NaN or inf
+are refused (checkpoint.NonFiniteWeights) before anything is written: no export, no DONE.
 """
 
 from __future__ import annotations
@@ -40,13 +41,14 @@ def run(run: RunConfig, ctx: Context, out: Path) -> bool:
 
 
 def export(run: RunConfig, out: Path, start: Path | None = None, ckpt_dir: Path | None = None) -> None:
-    """sft's latest checkpoint (or `ckpt_dir`'s) on the model dir it started from (`start`)."""
+    """sft's newest complete checkpoint (or `ckpt_dir`'s) on the model dir it started from (`start`)."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
     run_dir = Path(run.run_dir)
     start = start or run_dir / "projector"
     ckpt_dir = ckpt_dir or run_dir / "sft" / checkpoint.DIRNAME
     state = checkpoint.consolidated_state_dict(ckpt_dir)
+    checkpoint.require_finite(state, str(ckpt_dir))  # NonFiniteWeights: no export, no DONE
 
     config = apply_atp_fields(AtpLlavaConfig.from_pretrained(start), run)
     config.pruning = run.export.pruning
