@@ -77,40 +77,58 @@ def calibrate_thresholds(model, **inputs) -> list[float]:
 
 
 @torch.no_grad()
-def calibrate_budget(model, batches, target_tokens: float | None = None, iters: int = 24) -> tuple[float, float]:
-    """After training: one offset, in logit space, added to every module's theta_r and theta_s
-    biases so that the hard path's N_bar over `batches` (dicts of model inputs, prompts as at
-    inference) meets the target. Training leaves N_bar wherever L_target and L_ntp balance; the
-    heads' weights, which make the thresholds differ per image, are kept. Bisection over the
-    offset (N_bar falls as thresholds rise); returns (offset, N_bar reached)."""
+def calibrate_budget(
+    model, batches, target_tokens: float | None = None, iters: int = 24, schedule: list[float] | None = None
+) -> tuple[list[float], float]:
+    """After training: an offset, in logit space, added to threshold biases so that the hard path
+    over `batches` (dicts of model inputs, prompts as at inference) meets the budget. Training
+    leaves N_bar wherever L_target and L_ntp balance; the heads' weights, which make the
+    thresholds differ per image, are kept.
+
+    schedule None: one offset to every module's theta_r and theta_s biases, so that N_bar meets
+    the target. schedule [c_0, c_1, ...]: one offset per module, set in order (a module sees the
+    tokens the calibrated earlier ones keep), so that module k keeps c_k tokens per image on
+    average (e.g. `budget.counts_for_budget`'s, whose N_bar is the target). Bisection (counts fall
+    as thresholds rise); returns (offsets, N_bar reached)."""
     cfg = model.config
-    target = cfg.target_tokens if target_tokens is None else target_tokens
-    biases = [b for m in model.atp_modules for b in (m.head_r.bias, m.head_s.bias)]
-    start = [b.clone() for b in biases]
     was_training = model.training
     model.eval()
 
-    def shift(offset):
-        for b, b0 in zip(biases, start):
-            b.copy_(b0 + offset)
-
-    def n_bar_at(offset):
-        shift(offset)
+    def measure():
+        """Mean visual tokens per image in each decoder layer, over `batches`."""
         total, images = 0.0, 0
         for inputs in batches:
             has_img = (inputs["input_ids"] == cfg.image_token_id).any(1)
-            total += float(model(**inputs).visual_tokens.mean(1)[has_img].sum())
+            total = total + model(**inputs).visual_tokens[has_img].sum(0)
             images += int(has_img.sum())
         return total / max(images, 1)
 
+    if schedule is None:
+        groups = [([b for m in model.atp_modules for b in (m.head_r.bias, m.head_s.bias)], None)]
+        targets = [cfg.target_tokens if target_tokens is None else target_tokens]
+    else:
+        groups = [([m.head_r.bias, m.head_s.bias], layer) for m, layer in zip(model.atp_modules, cfg.atp_layers)]
+        targets = list(schedule)
+    offsets = []
     try:
-        lo, hi = -20.0, 20.0  # thresholds near 0 (keep all) and near 1 (keep the fewest)
-        for _ in range(iters):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if n_bar_at(mid) > target else (lo, mid)
-        reached = {off: n_bar_at(off) for off in (lo, hi)}
-        offset = min(reached, key=lambda off: abs(reached[off] - target))
-        shift(offset)  # the biases end at the offset kept, without another pass
+        for (biases, layer), target in zip(groups, targets):
+            start = [b.clone() for b in biases]
+
+            def at(offset):
+                for b, b0 in zip(biases, start):
+                    b.copy_(b0 + offset)
+                tokens = measure()
+                return float(tokens.mean() if layer is None else tokens[layer])
+
+            lo, hi = -20.0, 20.0  # thresholds near 0 (keep all) and near 1 (keep the fewest)
+            for _ in range(iters):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if at(mid) > target else (lo, mid)
+            reached = {off: at(off) for off in (lo, hi)}
+            best = min(reached, key=lambda off: abs(reached[off] - target))
+            at(best)  # the biases end at the offset kept
+            offsets.append(best)
+        n_bar = float(measure().mean())
     finally:
         model.train(was_training)
-    return offset, reached[offset]
+    return offsets, n_bar

@@ -209,6 +209,9 @@ class ExportConfig:
     # atp: training samples (first questions, prompted as at evaluation) on which one offset to the threshold
     # biases makes the hard path's N_bar meet atp.target_tokens (model/calibration.py); 0: off
     calibrate_budget: int = 0
+    # with calibrate_budget: one offset per module instead, so that module k keeps the count
+    # model.budget.counts_for_budget gives it (paper Table 2's shape; N_bar = target)
+    calibrate_schedule: bool = False
 
 
 @dataclass

@@ -69,7 +69,7 @@ def test_budget_calibration_meets_the_target_and_keeps_per_image_thresholds():
     _, before = _kept(m, batches[0])
     weights = [mod.head_r.weight.clone() for mod in m.atp_modules]
     m.train()
-    offset, n_bar = calibrate_budget(m, batches)
+    (offset,), n_bar = calibrate_budget(m, batches)
     assert m.training and offset > 0 and before.mean() > 9
     assert abs(n_bar - 6.0) <= 0.5, n_bar  # counts are whole tokens per image: a step function
     assert all(torch.equal(mod.head_r.weight, w) for mod, w in zip(m.atp_modules, weights))
@@ -77,3 +77,26 @@ def test_budget_calibration_meets_the_target_and_keeps_per_image_thresholds():
     assert abs(reached - n_bar) < 1e-4  # the offset stays in the model
     thetas = torch.cat([_thresholds(m, b) for b in batches])
     assert thetas[:, 0, 0].std() > 0  # theta_r still differs per image
+
+
+def test_schedule_calibration_sets_each_module_to_its_count():
+    """export.calibrate_schedule: one offset per module, in order, so that each module keeps its
+    count of the schedule (a front-loaded module is pulled down, a starved one up)."""
+    from model.calibration import calibrate_budget
+
+    _, m = tiny_atp(atp_layers=(2, 4), target_tokens=6.0)
+    with torch.no_grad():
+        for mod, bias in zip(m.atp_modules, (-3.0, 3.0)):  # first keeps nearly all, second nearly none
+            mod.head_r.weight.normal_(std=0.5)
+            mod.head_r.bias.fill_(bias)
+    batches = []
+    for seed in range(3):
+        b = make_batch([3] * 4, [5] * 4, seed=seed)
+        b.pop("labels")
+        batches.append(b)
+    offsets, n_bar = calibrate_budget(m, batches, schedule=[9.0, 5.0])
+    assert offsets[0] > 0 > offsets[1]
+    m.eval()
+    kept = torch.stack([m(**b).visual_tokens for b in batches]).flatten(0, 1).mean(0)
+    assert abs(kept[2] - 9.0) <= 0.5 and abs(kept[4] - 5.0) <= 0.5, kept
+    assert abs(kept.mean() - n_bar) < 1e-4

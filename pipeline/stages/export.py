@@ -94,11 +94,19 @@ def _calibrate_budget(model, run: RunConfig, start: Path) -> None:
     processor = (AutoTokenizer.from_pretrained(start), AutoImageProcessor.from_pretrained(start))
     samples = load_samples(run.data.shards, limit=run.export.calibrate_budget)
     batches = [prompt_inputs(model, processor, samples[i : i + 16]) for i in range(0, len(samples), 16)]
-    offset, n_bar = calibrate_budget(model, batches)
+    cfg = model.config
+    schedule = None
+    if run.export.calibrate_schedule:
+        from model.budget import counts_for_budget
+
+        lv = cfg.num_visual_tokens
+        schedule = counts_for_budget(cfg.atp_layers, cfg.text_config.num_hidden_layers, lv, cfg.target_tokens / lv)
+    offsets, n_bar = calibrate_budget(model, batches, schedule=schedule)
     logging.getLogger(__name__).info(
-        "budget calibrated on %d prompts: threshold bias offset %+.3f, N_bar %.2f (target %.2f)",
+        "budget calibrated on %d prompts: threshold bias offsets %s%s, N_bar %.2f (target %.2f)",
         len(samples),
-        offset,
+        ", ".join(f"{o:+.3f}" for o in offsets),
+        "" if schedule is None else f" (kept per module {schedule})",
         n_bar,
-        model.config.target_tokens,
+        cfg.target_tokens,
     )
