@@ -8,6 +8,8 @@ layers. This file is copied into exported checkpoints (trust_remote_code): stdli
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 # paper Table 2: ATP-LLaVA keeps [126, 88, 20] of 576 at I = [4, 14, 24] (N_bar 143.9)
@@ -121,3 +123,9 @@ def counts_for_budget(layers, num_layers: int, lv: int, share: float, ratios=Non
         if best is None or best[0] >= err(counts) - 1e-9:
             return counts
         counts = best[2]
+
+
+@functools.lru_cache(maxsize=64)
+def counts_for_budget_cached(layers: tuple, num_layers: int, lv: int, share: float) -> tuple[int, ...]:
+    """counts_for_budget with the default ratios, once per setting (the training loss asks every step)."""
+    return tuple(counts_for_budget(list(layers), num_layers, lv, share))

@@ -13,6 +13,7 @@ POSITION_MODES = ("preserve", "rope2d")
 SCORE_NORMS = ("minmax", "none")
 SELF_SCORES = ("attention", "duplication")  # METHOD sec 11
 MERGE_MODES = ("none", "nearest")  # METHOD sec 12
+BUDGET_LOSSES = ("n_bar", "per_module")  # METHOD sec 7
 ATTN_KERNELS = ("sdpa", "flash", "flex", "auto")  # model/kernels.py, docs/GPU.md
 
 
@@ -46,6 +47,9 @@ class AtpLlavaConfig(LlavaConfig):
     score_self: str = "attention"  # attention (the paper's S_self) | duplication (METHOD sec 11)
     merge: str = "none"  # none (the paper) | nearest: dropped tokens averaged into kept ones (METHOD sec 12)
     merge_temperature: int | float = 20.0
+    budget_loss: str = (
+        "n_bar"  # n_bar: |N_bar - target| (the paper) | per_module: each module to its Table-2-shaped count
+    )
     threshold_hidden: int = 256
     fixed_counts: list[int] | tuple[int, ...] | None = None
     mask_eps: int | float = 1e-6
@@ -84,6 +88,8 @@ class AtpLlavaConfig(LlavaConfig):
             raise ValueError(f"score_norm={self.score_norm!r}: expected one of {SCORE_NORMS}")
         if self.score_self not in SELF_SCORES:
             raise ValueError(f"score_self={self.score_self!r}: expected one of {SELF_SCORES}")
+        if self.budget_loss not in BUDGET_LOSSES:
+            raise ValueError(f"budget_loss={self.budget_loss!r}: expected one of {BUDGET_LOSSES}")
         if self.merge not in MERGE_MODES:
             raise ValueError(f"merge={self.merge!r}: expected one of {MERGE_MODES}")
         if self.attn_kernel not in ATTN_KERNELS:

@@ -36,7 +36,7 @@ from transformers.utils import ModelOutput
 
 from .atp_module import AtpModule
 from .attention import ATTN_IMPLEMENTATION, ScoreRequest
-from .budget import keep_share_per_module, tokens_per_layer
+from .budget import counts_for_budget_cached, group_spans, keep_share_per_module, tokens_per_layer
 from .configuration_atp_llava import AtpLlavaConfig
 from .kernels import KeyMask, check_requested
 from .pruning import AtpPruning, PolicyPruning
@@ -469,7 +469,14 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             logs["ntp"] = ntp.detach()
         if m_sums and cfg.pruning == "atp":
             l_atp = sum(i * (m * has_img).sum() / n_img / lv for i, m in zip(cfg.atp_layers, m_sums))
-            l_target = (n_bar - cfg.target_tokens).abs() / lv
+            if cfg.budget_loss == "per_module":  # each module to its count of the schedule, by its layers
+                n = visual_tokens.shape[1]
+                counts = counts_for_budget_cached(tuple(cfg.atp_layers), n, lv, cfg.target_tokens / lv)
+                kept = (visual_tokens[:, cfg.atp_layers] * has_img[:, None]).sum(0) / n_img
+                spans = group_spans(cfg.atp_layers, n)[1:]
+                l_target = sum(s / n * (k - c).abs() for s, k, c in zip(spans, kept, counts)) / lv
+            else:
+                l_target = (n_bar - cfg.target_tokens).abs() / lv
             logs.update(atp=l_atp.detach(), target=l_target.detach())
             if loss is not None and has_img.any():
                 loss = loss + cfg.lambda_atp * l_atp + cfg.lambda_target * l_target

@@ -107,6 +107,7 @@ class AtpConfig:
     score_self: Literal["attention", "duplication"] = "attention"
     merge: Literal["none", "nearest"] = "none"
     merge_temperature: float = 20.0
+    budget_loss: Literal["n_bar", "per_module"] = "n_bar"
     threshold_hidden: int = 256
     fixed_counts: Optional[list[int]] = None
     mask_eps: float = 1e-6

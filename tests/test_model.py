@@ -187,6 +187,30 @@ def test_gradient_reaches_thresholds_through_masked_layers(atp_layers, merge):
     assert m.config.text_config.num_hidden_layers - m.config.atp_layers[0] >= 2
 
 
+def test_per_module_budget_loss_pulls_each_module_to_its_count():
+    """budget_loss=per_module: L_target = sum_k span_k / N |kept_k - c_k| / Lv with c from
+    counts_for_budget (kept_k: the soft counts, which carry the thresholds' gradient)."""
+    from model.budget import counts_for_budget, group_spans
+
+    _, m = tiny_atp(budget_loss="per_module", lambda_atp=0.0)
+    with torch.no_grad():  # module 0 keeps nearly all, module 1 nearly none: errors of both signs
+        for mod, bias in zip(m.atp_modules, (-6.0, 6.0)):
+            mod.head_r.bias.fill_(bias)
+            mod.head_s.bias.fill_(bias)
+    m.train()
+    b = make_batch([3, 2], [4, 5], answers=[3, 2], seed=3)
+    out = m(**b)
+    cfg = m.config
+    n = cfg.text_config.num_hidden_layers
+    counts = counts_for_budget(cfg.atp_layers, n, LV, cfg.target_tokens / LV)
+    kept = out.visual_tokens[:, cfg.atp_layers].mean(0)
+    spans = group_spans(cfg.atp_layers, n)[1:]
+    want = sum(s / n * abs(k - c) for s, k, c in zip(spans, kept.tolist(), counts)) / LV
+    assert out.atp_losses["target"].item() == pytest.approx(want, rel=1e-5)
+    n_bar_loss = abs(out.visual_tokens.mean().item() - cfg.target_tokens) / LV
+    assert abs(want - n_bar_loss) > 1e-3  # not the paper's |N_bar - target| under another name
+
+
 def test_merge_averages_each_dropped_token_into_the_kept_token_most_like_it():
     from model.pruning import merge_dropped
 
