@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from .budget import keep_share_per_module
+from .budget import counts_for_budget_cached, keep_share_per_module
 
 
 @torch.no_grad()
@@ -31,8 +31,13 @@ def calibrate_thresholds(model, **inputs) -> list[float]:
     cfg = model.config
     if cfg.pruning != "atp" or not cfg.atp_layers or getattr(model, "pruning_policy", None) is not None:
         return []
-    q = keep_share_per_module(
-        cfg.atp_layers, cfg.text_config.num_hidden_layers, cfg.num_visual_tokens, cfg.target_tokens
+    n, lv = cfg.text_config.num_hidden_layers, cfg.num_visual_tokens
+    q = keep_share_per_module(cfg.atp_layers, n, lv, cfg.target_tokens)
+    # budget_loss=per_module: start each module at the count that loss pulls it to, not at a share
+    counts = (
+        counts_for_budget_cached(tuple(cfg.atp_layers), n, lv, cfg.target_tokens / lv)
+        if cfg.budget_loss == "per_module"
+        else None
     )
     state = {"live": None, "theta": []}
 
@@ -47,7 +52,8 @@ def calibrate_thresholds(model, **inputs) -> list[float]:
             state["theta"].append(None)
             return output
         spatial = (s_spa > theta_s[:, None]) & live
-        want = (q * live.sum(-1).float()).round()
+        live_n = live.sum(-1).float()
+        want = (q * live_n).round() if counts is None else live_n.clamp_max(counts[len(state["theta"])])
         need = (want - spatial.sum(-1)).clamp_min(0).long()
         cand = torch.where(live & ~spatial, s_red.float(), float("-inf")).sort(-1, descending=True).values
         n = cand.shape[-1]

@@ -39,6 +39,22 @@ def test_first_pass_keeps_the_target_share():
     assert abs(n_bar.mean().item() - cfg.target_tokens) <= 1.0, n_bar  # analytic start: 9.5
 
 
+def test_per_module_budget_starts_each_module_at_its_count():
+    """budget_loss=per_module: the first pass keeps counts_for_budget's count at each module
+    (the schedule the loss pulls to), not a constant share of what reaches it."""
+    from model.budget import counts_for_budget
+
+    _, m = tiny_atp(atp_layers=(2, 4), target_tokens=8.0, budget_loss="per_module")
+    batch = make_batch([3] * 6, [5] * 6, seed=1)
+    batch.pop("labels")
+    cfg = m.config
+    counts = counts_for_budget(cfg.atp_layers, cfg.text_config.num_hidden_layers, LV, 8.0 / LV)
+    calibrate_thresholds(m, **batch)
+    kept, _ = _kept(m, batch)
+    for k, c in enumerate(counts):
+        assert abs(kept[:, k].float().mean().item() - c) <= 1.5, (k, kept[:, k], c)
+
+
 def test_no_images_or_no_atp_is_a_no_op():
     _, m = tiny_atp(atp_layers=(2, 4))
     before = [mod.head_r.bias.clone() for mod in m.atp_modules]
