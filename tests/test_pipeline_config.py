@@ -71,6 +71,7 @@ def test_presets_switch_a_group_of_keys_and_the_command_line_wins(tmp_path):
     ):
         a = run.atp
         assert (a.atp_layers, a.score_self, a.merge, run.export.calibrate_budget) == want
+        assert (a.budget_loss == "per_module") == run.export.calibrate_schedule == (run is default)
     assert paper.atp.target_tokens == default.atp.target_tokens  # keys outside the preset stay the file's
     assert load("preset=paper", "atp.merge=nearest").atp.merge == "nearest"
     with pytest.raises(ConfigError, match="'preset'.*'bogus'"):
