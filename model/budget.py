@@ -125,7 +125,13 @@ def counts_for_budget(layers, num_layers: int, lv: int, share: float, ratios=Non
         counts = best[2]
 
 
+def module_counts(config) -> tuple[int, ...]:
+    """The schedule of `budget_loss: per_module` (METHOD sec 13): counts_for_budget at the config's
+    target, shared by the threshold start, the loss and the export calibration."""
+    lv = config.num_visual_tokens
+    return _counts_cached(tuple(config.atp_layers), config.text_config.num_hidden_layers, lv, config.target_tokens / lv)
+
+
 @functools.lru_cache(maxsize=64)
-def counts_for_budget_cached(layers: tuple, num_layers: int, lv: int, share: float) -> tuple[int, ...]:
-    """counts_for_budget with the default ratios, once per setting (the training loss asks every step)."""
-    return tuple(counts_for_budget(list(layers), num_layers, lv, share))
+def _counts_cached(layers: tuple, num_layers: int, lv: int, share: float) -> tuple[int, ...]:
+    return tuple(counts_for_budget(list(layers), num_layers, lv, share))  # once per setting: the loss asks every step

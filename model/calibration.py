@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from .budget import counts_for_budget_cached, keep_share_per_module
+from .budget import keep_share_per_module, module_counts
 
 
 @torch.no_grad()
@@ -34,11 +34,7 @@ def calibrate_thresholds(model, **inputs) -> list[float]:
     n, lv = cfg.text_config.num_hidden_layers, cfg.num_visual_tokens
     q = keep_share_per_module(cfg.atp_layers, n, lv, cfg.target_tokens)
     # budget_loss=per_module: start each module at the count that loss pulls it to, not at a share
-    counts = (
-        counts_for_budget_cached(tuple(cfg.atp_layers), n, lv, cfg.target_tokens / lv)
-        if cfg.budget_loss == "per_module"
-        else None
-    )
+    counts = module_counts(cfg) if cfg.budget_loss == "per_module" else None
     state = {"live": None, "theta": []}
 
     def hook(module, args, output):

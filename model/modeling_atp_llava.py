@@ -36,7 +36,7 @@ from transformers.utils import ModelOutput
 
 from .atp_module import AtpModule
 from .attention import ATTN_IMPLEMENTATION, ScoreRequest
-from .budget import counts_for_budget_cached, group_spans, keep_share_per_module, tokens_per_layer
+from .budget import group_spans, keep_share_per_module, module_counts, tokens_per_layer
 from .configuration_atp_llava import AtpLlavaConfig
 from .kernels import KeyMask, check_requested
 from .pruning import AtpPruning, PolicyPruning
@@ -471,7 +471,7 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             l_atp = sum(i * (m * has_img).sum() / n_img / lv for i, m in zip(cfg.atp_layers, m_sums))
             if cfg.budget_loss == "per_module":  # each module to its count of the schedule, by its layers
                 n = visual_tokens.shape[1]
-                counts = counts_for_budget_cached(tuple(cfg.atp_layers), n, lv, cfg.target_tokens / lv)
+                counts = module_counts(cfg)
                 kept = (visual_tokens[:, cfg.atp_layers] * has_img[:, None]).sum(0) / n_img
                 spans = group_spans(cfg.atp_layers, n)[1:]
                 l_target = sum(s / n * (k - c).abs() for s, k, c in zip(spans, kept, counts)) / lv

@@ -33,10 +33,10 @@ from model.baselines import POLICIES, make_policy
 from model.budget import n_bar
 from pipeline.answers import TokenStats, greedy_answers, is_correct, prompt_for, split_processor
 from pipeline.report import prior_accuracy, record, write_report
+from pipeline.stages.variants import SFT_REFERENCE
 
 log = logging.getLogger(__name__)
 TRAINED = ("atp", "fixed")
-SFT_REFERENCE = "unpruned-sft"  # the unpruned model after the same sft recipe (stage `variants`)
 ALL_METHODS = TRAINED + POLICIES
 
 

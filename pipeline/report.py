@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from model.baselines import POLICIES
+from pipeline.stages.variants import SFT_REFERENCE
 
 if TYPE_CHECKING:
     from pipeline.evaluate import Result, Sample
@@ -119,7 +120,7 @@ def summary(records: list[dict]) -> dict:
     ref = next((r for r in records if r["method"] == "unpruned"), None)
     by = {(r["method"], r["budget"]): r for r in records}
     budgets = sorted({r["budget"] for r in records if r["budget"] is not None}, reverse=True)
-    sft = next((r for r in records if r["method"] == "unpruned-sft"), None)
+    sft = next((r for r in records if r["method"] == SFT_REFERENCE), None)
     out = {"unpruned_accuracy": None if ref is None else ref["accuracy"], "budgets": {}}
     if sft is not None:
         out["unpruned_sft_accuracy"] = sft["accuracy"]

@@ -15,6 +15,8 @@ from pipeline.template import BadSample, encode, parse_conversation
 from pipeline.tokenizer import build_word_tokenizer
 from shards import synthetic
 
+from tiny_pipeline import reversed_roles_shard
+
 N_IMG = 3  # image tokens per image in these tests
 
 
@@ -307,17 +309,6 @@ def test_shard_cut_inside_a_header_counts_its_lost_samples(tmp_path, tok, proc, 
     assert any("a-000001.tar: 4 of the 10 samples" in r.getMessage() for r in caplog.records)
 
 
-def _reversed_roles_shard(path, n=16):
-    """`n` records whose conversation starts with the assistant: every one is bad."""
-    path.mkdir(parents=True, exist_ok=True)
-    conv = json.dumps({"conversations": [{"from": "gpt", "value": "yes"}, {"from": "human", "value": "red?"}]})
-    with wds.TarWriter(str(path / "bad-000000.tar"), encoder=False) as w:
-        for i in range(n):
-            w.write({"__key__": f"bad{i}", "json": conv.encode()})
-    (path / "sizes.json").write_text(json.dumps({"bad-000000.tar": n}))
-    return path
-
-
 @pytest.mark.timeout(120)  # the bug: this loop never ended
 @pytest.mark.parametrize("workers", [0, 1])
 def test_every_sample_bad_stops_with_a_named_error(tmp_path, tok, proc, workers):
@@ -326,7 +317,7 @@ def test_every_sample_bad_stops_with_a_named_error(tmp_path, tok, proc, workers)
     process too; a good sample in between resets the count."""
     from pipeline.data import TooManyBadSamples
 
-    shards = _reversed_roles_shard(tmp_path / "bad")
+    shards = reversed_roles_shard(tmp_path / "bad")
     cfg = DataConfig(shards=str(shards), batch_size=4, num_workers=workers, shuffle_buffer=0, max_consecutive_bad=40)
     with pytest.raises(TooManyBadSamples, match=r"40 bad samples in a row .*bad_conversation"):
         next(iter(build_loader(cfg, tok, proc, **_kw(tok))))

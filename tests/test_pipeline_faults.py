@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tiny_pipeline import ENV, REPO, build, launch
+from tiny_pipeline import ENV, REPO, build, launch, reversed_roles_shard
 
 CKPT = Path("sft") / "checkpoints"
 
@@ -138,25 +138,12 @@ def test_a_stale_lock_is_taken_over(tmp_path, caplog, monkeypatch):
 # ------------------------------------------------------------------ data faults
 
 
-def _bad_shards(path: Path, n: int = 16) -> Path:
-    """`n` records with reversed roles (the assistant first): every sample is bad."""
-    import webdataset as wds
-
-    path.mkdir(parents=True)
-    conv = json.dumps({"conversations": [{"from": "gpt", "value": "yes"}, {"from": "human", "value": "red?"}]})
-    with wds.TarWriter(str(path / "bad-000000.tar"), encoder=False) as w:
-        for i in range(n):
-            w.write({"__key__": f"bad{i}", "json": conv.encode()})
-    (path / "sizes.json").write_text(json.dumps({"bad-000000.tar": n}))
-    return path
-
-
 def test_every_sample_bad_stops_the_run_with_a_named_error(tiny, tmp_path):
     """Probe: 16 records with reversed roles: 20 skip warnings, then the loader spun forever.
     Now data.max_consecutive_bad (default 100) bad samples in a row stop it, rc 1."""
     run = copy_run(tiny, tmp_path / "run")
     shutil.rmtree(run / "sft")
-    p = sft(tiny, run, f"data.shards={_bad_shards(tmp_path / 'bad')}", check=False, timeout=120)
+    p = sft(tiny, run, f"data.shards={reversed_roles_shard(tmp_path / 'bad')}", check=False, timeout=120)
     assert p.returncode == 1
     assert "TooManyBadSamples: 100 bad samples in a row (data.max_consecutive_bad=100)" in p.stderr
     assert "bad_conversation" in p.stderr and not (run / ".lock").exists()
@@ -171,7 +158,7 @@ def test_sigterm_is_honoured_while_the_loader_waits(tiny, tmp_path, calibrate):
     shutil.rmtree(run / "sft")
     log = tmp_path / "log"
     cmd = [sys.executable, "-m", "pipeline", "run", str(tiny["config"]), f"run_dir={run}", "stages=[sft]"]
-    cmd += [f"data.shards={_bad_shards(tmp_path / 'bad')}", "data.max_consecutive_bad=1000000000"]
+    cmd += [f"data.shards={reversed_roles_shard(tmp_path / 'bad')}", "data.max_consecutive_bad=1000000000"]
     cmd += [f"train.calibrate_thresholds={str(calibrate).lower()}"]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=out, stderr=subprocess.STDOUT)

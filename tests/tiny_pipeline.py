@@ -143,3 +143,18 @@ def build(root: Path) -> dict:
     synthetic.write(str(root / "shards"), "train", SAMPLES, 0, opt, maxcount=16, progress=False)
     cfg = write_config(root, parts, root / "shards")
     return {"root": root, "parts": parts, "config": cfg}
+
+
+def reversed_roles_shard(path: Path, n: int = 16) -> Path:
+    """`n` records whose conversation starts with the assistant: every sample is bad."""
+    import json
+
+    import webdataset as wds
+
+    path.mkdir(parents=True, exist_ok=True)
+    conv = json.dumps({"conversations": [{"from": "gpt", "value": "yes"}, {"from": "human", "value": "red?"}]})
+    with wds.TarWriter(str(path / "bad-000000.tar"), encoder=False) as w:
+        for i in range(n):
+            w.write({"__key__": f"bad{i}", "json": conv.encode()})
+    (path / "sizes.json").write_text(json.dumps({"bad-000000.tar": n}))
+    return path

@@ -97,10 +97,9 @@ def _calibrate_budget(model, run: RunConfig, start: Path) -> None:
     cfg = model.config
     schedule = None
     if run.export.calibrate_schedule:
-        from model.budget import counts_for_budget
+        from model.budget import module_counts
 
-        lv = cfg.num_visual_tokens
-        schedule = counts_for_budget(cfg.atp_layers, cfg.text_config.num_hidden_layers, lv, cfg.target_tokens / lv)
+        schedule = list(module_counts(cfg))
     offsets, n_bar = calibrate_budget(model, batches, schedule=schedule)
     logging.getLogger(__name__).info(
         "budget calibrated on %d prompts: threshold bias offsets %s%s, N_bar %.2f (target %.2f)",
