@@ -1,4 +1,10 @@
-"""The ATP module (METHOD sec 3): a tiny MLP that predicts two thresholds per image."""
+"""The ATP module (METHOD sec 3): a tiny MLP that predicts two thresholds per image.
+
+Its input is the paper's, [S_redundant, S_spatial] at the original Lv positions, plus optional
+features (`threshold_features`, METHOD sec 14) that let the thresholds follow the question and
+the image's content: `query`, the question's pooled hidden state at the pruning point, and
+`sorted`, S_redundant sorted (a position-free picture of how many tokens stand out).
+"""
 
 from __future__ import annotations
 
@@ -12,9 +18,12 @@ from transformers import initialization as init
 class AtpModule(nn.Module):
     """x = [S_redundant, S_spatial] at the original Lv positions -> (theta_r, theta_s), each in (0, 1)."""
 
-    def __init__(self, num_visual_tokens: int, hidden: int):
+    def __init__(self, num_visual_tokens: int, hidden: int, features=(), text_hidden: int = 0):
         super().__init__()
         self.fc = nn.Linear(2 * num_visual_tokens, hidden)
+        # extra inputs add into the hidden layer (no bias: fc has one)
+        self.query = nn.Linear(text_hidden, hidden, bias=False) if "query" in features else None
+        self.sorted = nn.Linear(num_visual_tokens, hidden, bias=False) if "sorted" in features else None
         self.act = nn.GELU()
         self.head_r = nn.Linear(hidden, 1)
         self.head_s = nn.Linear(hidden, 1)
@@ -25,11 +34,20 @@ class AtpModule(nn.Module):
         # transformers' guarded init: a no-op on weights already loaded from a checkpoint
         init.normal_(self.fc.weight, std=0.02)
         init.zeros_(self.fc.bias)
+        for extra in (self.query, self.sorted):
+            if extra is not None:
+                init.normal_(extra.weight, std=0.02)
         for head, theta in ((self.head_r, theta_r), (self.head_s, theta_s)):
             init.normal_(head.weight, std=std)
             init.constant_(head.bias, math.log(theta / (1 - theta)))
 
-    def forward(self, s_red: torch.Tensor, s_spa: torch.Tensor):
-        x = torch.cat([s_red, s_spa], dim=-1).to(self.fc.weight.dtype)
-        z = self.act(self.fc(x))
+    def forward(self, s_red: torch.Tensor, s_spa: torch.Tensor, query: torch.Tensor | None = None):
+        """query: [B, D] the question's pooled hidden state (needed with the `query` feature)."""
+        dtype = self.fc.weight.dtype
+        h = self.fc(torch.cat([s_red, s_spa], dim=-1).to(dtype))
+        if self.sorted is not None:
+            h = h + self.sorted(s_red.sort(-1, descending=True).values.to(dtype))
+        if self.query is not None:
+            h = h + self.query(query.to(dtype))
+        z = self.act(h)
         return torch.sigmoid(self.head_r(z)).squeeze(-1), torch.sigmoid(self.head_s(z)).squeeze(-1)

@@ -14,6 +14,7 @@ SCORE_NORMS = ("minmax", "none")
 SELF_SCORES = ("attention", "duplication")  # METHOD sec 11
 MERGE_MODES = ("none", "nearest")  # METHOD sec 12
 BUDGET_LOSSES = ("n_bar", "per_module")  # METHOD sec 7
+THRESHOLD_FEATURES = ("query", "sorted")  # METHOD sec 14
 ATTN_KERNELS = ("sdpa", "flash", "flex", "auto")  # model/kernels.py, docs/GPU.md
 
 
@@ -51,6 +52,7 @@ class AtpLlavaConfig(LlavaConfig):
         "n_bar"  # n_bar: |N_bar - target| (the paper) | per_module: each module to its Table-2-shaped count
     )
     threshold_hidden: int = 256
+    threshold_features: list[str] | tuple[str, ...] = ()  # METHOD sec 14: query | sorted, beside the scores
     fixed_counts: list[int] | tuple[int, ...] | None = None
     mask_eps: int | float = 1e-6
     attn_kernel: str = "sdpa"  # sdpa | flash | flex | auto (auto: flash / FlexAttention on CUDA when installed)
@@ -63,6 +65,7 @@ class AtpLlavaConfig(LlavaConfig):
             setattr(self, name, float(getattr(self, name)))
         if self.fixed_counts is not None:
             self.fixed_counts = [int(c) for c in self.fixed_counts]
+        self.threshold_features = [str(f) for f in self.threshold_features]
 
     # -- derived quantities ---------------------------------------------------------
     @property
@@ -90,6 +93,11 @@ class AtpLlavaConfig(LlavaConfig):
             raise ValueError(f"score_self={self.score_self!r}: expected one of {SELF_SCORES}")
         if self.budget_loss not in BUDGET_LOSSES:
             raise ValueError(f"budget_loss={self.budget_loss!r}: expected one of {BUDGET_LOSSES}")
+        bad = [f for f in self.threshold_features if f not in THRESHOLD_FEATURES]
+        if bad or len(set(self.threshold_features)) != len(self.threshold_features):
+            raise ValueError(
+                f"threshold_features={self.threshold_features}: expected distinct names from {THRESHOLD_FEATURES}"
+            )
         if self.merge not in MERGE_MODES:
             raise ValueError(f"merge={self.merge!r}: expected one of {MERGE_MODES}")
         if self.attn_kernel not in ATTN_KERNELS:

@@ -103,7 +103,10 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         check_requested(config.attn_kernel)  # a missing flash-attn fails here, naming the extra
         super().__init__(config)
         lv = config.num_visual_tokens
-        self.atp_modules = nn.ModuleList(AtpModule(lv, config.threshold_hidden) for _ in config.atp_layers)
+        self.atp_modules = nn.ModuleList(
+            AtpModule(lv, config.threshold_hidden, config.threshold_features, config.text_config.hidden_size)
+            for _ in config.atp_layers
+        )
         self._spatial = None  # S_spatial, fixed per image size; built on first use (not a buffer:
         # a non-persistent buffer is left uninitialised when transformers loads on the meta device)
         self.pruning_policy = None  # a training-free baseline (baselines.py); eval mode only, not in config
@@ -405,10 +408,10 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         q_valid = qmask.gather(1, order)
         return ScoreRequest(vis_index=vis_index, vis_weight=weight, q_index=order, q_valid=q_valid, compute=compute)
 
-    def _atp_step(self, k, scores, C, has_img, override, hard):
+    def _atp_step(self, k, scores, C, has_img, override, hard, query=None):
         """Masks of module k at the original Lv positions, its thresholds [B, 2] and, on the hard ATP
         path, which branch kept each token ([B, Lv] int8: 1 redundancy only, 2 spatial only, 3 both;
-        else None)."""
+        else None). query: [B, D] the question's pooled hidden state (`threshold_features: [query]`)."""
         cfg = self.config
         live = (C > 0.5) & has_img[:, None]
         s_self, s_cross = scores
@@ -416,7 +419,7 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             s_self, s_cross = minmax(s_self, live), minmax(s_cross, live)
         s_red = torch.where(live, (s_self + s_cross) / 2, 0.0)
         s_spa = torch.where(live, self.spatial_score(s_red), 0.0)
-        theta_r, theta_s = self.atp_modules[k](s_red, s_spa)
+        theta_r, theta_s = self.atp_modules[k](s_red, s_spa, query=query)
         theta = torch.stack([theta_r, theta_s], -1)
         if override is not None:
             return override.to(C.dtype) * live, theta, None

@@ -60,7 +60,8 @@ class AtpPruning:
 
     def select(self, k, flow, request):
         override = None if self.atp_masks is None else self.atp_masks[k]
-        M, theta, branch = self.model._atp_step(k, request.result, flow.C, self.has_img, override, self.hard)
+        query = question_state(flow.hidden, flow.qmask) if "query" in self.model.config.threshold_features else None
+        M, theta, branch = self.model._atp_step(k, request.result, flow.C, self.has_img, override, self.hard, query)
         self.thresholds.append(theta)
         self.m_sums.append(M.sum(-1))
         if branch is not None:
@@ -78,6 +79,16 @@ class AtpPruning:
         if self.branches:  # hard ATP: which branch kept each token ([B, K, Lv], `_atp_step`)
             out["branch"] = torch.stack(self.branches, 1)
         return out
+
+
+def question_state(hidden, qmask):
+    """[B, D]: the mean hidden state of the query tokens (METHOD sec 1's question) entering the pruning
+    point, RMS-normalised so its scale does not depend on the layer; gradient-free like the scores.
+    Rows without query tokens (text-only samples) are 0."""
+    h = hidden.detach().float()
+    w = qmask.float()[..., None]
+    mean = (h * w).sum(1) / w.sum(1).clamp_min(1.0)
+    return mean * torch.rsqrt(mean.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
 def merge_dropped(hidden, kept, dropped, temperature):

@@ -5,6 +5,7 @@
     python -m pipeline config [CONFIG] [key=value ...]       # print the resolved config
     python -m pipeline eval --checkpoint DIR --shards DIR --out DIR ...   # pipeline/evaluate.py
     python -m pipeline bench [...]                           # pipeline/bench.py: prefill time vs FLOPs
+    python -m pipeline headroom --checkpoint FIXED ...       # pipeline/headroom.py: adaptivity oracle
 
 CONFIG defaults to the embedded default (pipeline/configs/default.yaml). Launch the same
 command under `torchrun`, `deepspeed --module pipeline ...` or `srun`; pipeline.distributed
@@ -50,7 +51,8 @@ def parse(argv):
     return args
 
 
-TOOLS = {"eval": "pipeline.evaluate", "bench": "pipeline.bench"}  # commands with their own options
+# commands with their own options
+TOOLS = {"eval": "pipeline.evaluate", "bench": "pipeline.bench", "headroom": "pipeline.headroom"}
 
 
 def main(argv=None) -> int:

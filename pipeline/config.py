@@ -109,6 +109,7 @@ class AtpConfig:
     merge_temperature: float = 20.0
     budget_loss: Literal["n_bar", "per_module"] = "n_bar"
     threshold_hidden: int = 256
+    threshold_features: list[Literal["query", "sorted"]] = field(default_factory=list)  # METHOD sec 14
     fixed_counts: Optional[list[int]] = None
     mask_eps: float = 1e-6
     attn_kernel: Literal["sdpa", "flash", "flex", "auto"] = "sdpa"  # model/kernels.py, docs/GPU.md

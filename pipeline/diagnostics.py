@@ -10,7 +10,10 @@ collects, over the image samples:
 - `background_share`: the share of the tokens kept after the last point that are plain background;
 - for ATP (`atp_info["branch"]`, hard path): kept tokens per image after each module that only the
   redundancy branch, only the spatial branch, or both kept;
-- `n_bar_by_qtype`: N_bar per question type (TokenStats per type).
+- `n_bar_by_qtype`: N_bar per question type (TokenStats per type);
+- adaptivity: the spread of N_bar over images (`n_bar_spread`: std, 10th / 90th percentile) and
+  the rank correlation between an image's N_bar and its number of small shapes
+  (`rank_corr_n_bar_shapes`, Spearman; None when either does not vary).
 
 Methods that prune nothing (the unpruned model) get recall 1 and their plain background share.
 Samples without a scene (LLaVA-format shards) count in `n_bar_by_qtype` only.
@@ -36,12 +39,15 @@ class Diagnostics:
         self.n_obj = self.n_small = self.kept_last = self.kept_bg = 0
         self.branch = None  # [K, 3] kept tokens by branch, summed over images
         self.images = 0
+        self.n_bars, self.shapes = [], []  # per image with a scene: N_bar, small shapes
 
-    def add(self, qtype: str, labels, visual_tokens, keep=None, branch=None) -> None:
+    def add(self, qtype: str, labels, visual_tokens, keep=None, branch=None, n_shapes=None) -> None:
         """One image sample's prefill: labels [grid * grid], its object map (None: no scene);
         visual_tokens [num_layers]; keep [K, Lv] (None: nothing pruned); branch [K, Lv] int (ATP's
-        hard path) or None."""
+        hard path) or None; n_shapes: its number of small shapes (None: unknown)."""
         self.qtype_tokens[qtype].add(visual_tokens[None], [True])
+        self.n_bars.append(float(visual_tokens.float().mean()))
+        self.shapes.append(n_shapes)
         if labels is None:
             return
         keep = np.ones((1, labels.size), bool) if keep is None else keep.bool().numpy()[:, self.offset :]
@@ -60,6 +66,15 @@ class Diagnostics:
 
     def summary(self) -> dict:
         out = {"n_bar_by_qtype": {q: s.summary()["n_bar"] for q, s in sorted(self.qtype_tokens.items())}}
+        if self.n_bars:
+            nb = np.array(self.n_bars)
+            out["n_bar_spread"] = {
+                "std": float(nb.std()),
+                "p10": float(np.percentile(nb, 10)),
+                "p90": float(np.percentile(nb, 90)),
+            }
+            known = [(n, k) for n, k in zip(self.n_bars, self.shapes) if k is not None]
+            out["rank_corr_n_bar_shapes"] = spearman(*zip(*known)) if known else None
         if not self.images:
             return out
         recall = (self.kept_obj / max(self.n_obj, 1)).tolist()
@@ -76,6 +91,24 @@ class Diagnostics:
             per_image = self.branch / self.images
             out["kept_by_branch"] = {name: per_image[:, i].tolist() for i, name in enumerate(BRANCHES.values())}
         return out
+
+
+def spearman(x, y) -> float | None:
+    """Spearman's rank correlation (average ranks for ties); None when either side is constant."""
+    rx, ry = _ranks(np.asarray(x, float)), _ranks(np.asarray(y, float))
+    if rx.std() == 0 or ry.std() == 0:
+        return None
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def _ranks(a):
+    order = a.argsort(kind="stable")
+    ranks = np.empty(len(a))
+    ranks[order] = np.arange(len(a))
+    for v in np.unique(a):  # ties share their mean rank
+        tie = a == v
+        ranks[tie] = ranks[tie].mean()
+    return ranks
 
 
 def prefill_info(output) -> dict:

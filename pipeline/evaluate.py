@@ -51,6 +51,11 @@ class Sample:
     scene: dict | None = None  # synthetic shards: the shapes' boxes (pipeline/diagnostics.py)
     _maps: dict = field(default_factory=dict, repr=False, compare=False)
 
+    @property
+    def n_shapes(self) -> int | None:
+        """Small shapes in the image (None without a scene)."""
+        return None if self.scene is None else len(self.scene.get("small", []))
+
     def object_map(self, grid: int):
         """Which of a grid x grid tower's tokens cover a shape (`shards.objects`), None without a
         scene; made once per grid, then shared by every method an evaluation runs."""
@@ -137,7 +142,7 @@ def run_method(model, processor, samples: list[Sample], *, batch_size: int, max_
     stats["all"] = overall.summary()
     diag = Diagnostics(model.config.grid_size, model.config.num_visual_tokens)
     for i, s in enumerate(samples):
-        diag.add(s.qtype, s.object_map(model.config.grid_size), **prefill[i])
+        diag.add(s.qtype, s.object_map(model.config.grid_size), n_shapes=s.n_shapes, **prefill[i])
     tokenizer, _ = split_processor(processor)
     text_len = statistics.mean(len(tokenizer(prompt_for(s.question))["input_ids"]) for s in samples)
     return Result(correct=correct, tokens=stats, text_len=text_len, diagnostics=diag.summary())
@@ -267,7 +272,7 @@ def overlay_data(model, processor, samples: list[Sample]) -> list[dict]:
                     "image": s.image,
                     "keep": res.atp_info["keep"][0].float().cpu(),
                     "grid": cfg.grid_size,
-                    "title": f"{s.family}: {s.question}",
+                    "title": f"{s.family}: {s.question} ({int(res.visual_tokens[0].mean())} tokens)",
                     "layers": list(cfg.atp_layers),
                 }
             )
@@ -378,7 +383,20 @@ def _trained_describe(config) -> dict:
 
 
 def _overlay_samples(samples, n):
-    """Alternate families so the overlay shows both."""
+    """Pairs of a coarse and a fine question on the *same* image (synthetic scenes: the background
+    and the counting question), so the overlay shows whether the kept tokens follow the question;
+    without scenes, samples alternating between families."""
+    import dataclasses
+
+    from shards.synthetic import FAMILY_OF, QUESTIONS
+
+    scenes = [s for s in samples if s.scene is not None and s.n_shapes and s.n_shapes > 1]
+    if scenes:
+        picked = []
+        for s in scenes[: max(1, n // 2)]:
+            for q in ("background", "count_total"):
+                picked.append(dataclasses.replace(s, question=QUESTIONS[q], qtype=q, family=FAMILY_OF[q], _maps={}))
+        return picked
     fams = defaultdict(list)
     for s in samples:
         fams[s.family].append(s)

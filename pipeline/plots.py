@@ -79,7 +79,7 @@ def overlays(items: list[dict], path: Path) -> None:
         h, w = img.shape[:2]
         rows, cols = np.arange(h) * g // h, np.arange(w) * g // w  # pixel -> patch
         row[0].imshow(img)
-        row[0].set_title(it["title"][:40], fontsize=7)
+        row[0].set_title(it["title"][:64], fontsize=6)
         for j in range(k):
             mask = keep[j][np.ix_(rows, cols)]
             row[j + 1].imshow(img * (0.15 + 0.85 * mask[..., None]))

@@ -142,12 +142,31 @@ def summary(records: list[dict]) -> dict:
                 row["atp_minus_best_training_free"] = atp["accuracy"] - best_free["accuracy"]
             if ("fixed", b) in by:
                 row["atp_minus_fixed"] = atp["accuracy"] - by[("fixed", b)]["accuracy"]
+            row.update(adaptivity(atp))
             if atp.get("prefill_ms_ratio") and atp.get("flops_exact_ratio") and atp["flops_exact_ratio"] < 1:
                 # time reduction as a share of the FLOPs reduction (goal >= 0.9)
                 row["prefill_vs_flops_reduction"] = (1 - atp["prefill_ms_ratio"]) / (1 - atp["flops_exact_ratio"])
             if atp.get("atp_flops") and atp.get("flops_exact"):
                 row["atp_module_flops_share"] = atp["atp_flops"] / atp["flops_exact"]
         out["budgets"][str(b)] = row
+    return out
+
+
+def adaptivity(rec: dict) -> dict:
+    """How much a record's kept tokens follow the question and the image (issue: ATP must adapt):
+    N_bar fine / coarse, counting / background questions, the per-image spread and the rank
+    correlation of an image's N_bar with its number of small shapes (keys absent when unknown)."""
+    out = {}
+    fam = {f: sum(v) / len(v) for f, v in rec.get("tokens_per_layer_by_family", {}).items() if v}
+    if fam.get("coarse"):
+        out["fine_over_coarse_n_bar"] = fam.get("fine", 0.0) / fam["coarse"]
+    by_q = rec.get("n_bar_by_qtype", {})
+    if by_q.get("background") and by_q.get("count_total") is not None:
+        out["count_over_background_n_bar"] = by_q["count_total"] / by_q["background"]
+    if rec.get("n_bar_spread"):
+        out["n_bar_spread_std"] = rec["n_bar_spread"]["std"]
+    if rec.get("rank_corr_n_bar_shapes") is not None:
+        out["rank_corr_n_bar_shapes"] = rec["rank_corr_n_bar_shapes"]
     return out
 
 
@@ -247,6 +266,27 @@ def markdown(report: dict) -> str:
                 f"- atp @ {_f(r['budget'], '{:.0%}')}: "
                 + "; ".join(f"{k} {[round(x, 1) for x in v]}" for k, v in r["kept_by_branch"].items())
             )
+    lines += [
+        "",
+        "## Adaptivity",
+        "",
+        "How far each method's kept tokens follow the question and the image: N_bar of fine over coarse"
+        " questions, of counting over background questions, the spread of N_bar over images (std [10th,"
+        " 90th percentile]) and Spearman's rank correlation of an image's N_bar with its number of small shapes.",
+        "",
+        "| method | budget | fine / coarse | count / background | N_bar spread | rank corr. with shapes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        if r["budget"] is None:
+            continue
+        a, spread = adaptivity(r), r.get("n_bar_spread")
+        lines.append(
+            f"| {r['method']} | {_f(r['budget'], '{:.0%}')} | {_f(a.get('fine_over_coarse_n_bar'), '{:.2f}')} "
+            f"| {_f(a.get('count_over_background_n_bar'), '{:.2f}')} "
+            f"| {'-' if not spread else '{std:.1f} [{p10:.1f}, {p90:.1f}]'.format(**spread)} "
+            f"| {_f(a.get('rank_corr_n_bar_shapes'), '{:+.2f}')} |"
+        )
     lines += ["", "## Tokens kept after each ATP module, per family", ""]
     for r in records:
         if r["method"] == "atp":
@@ -254,6 +294,21 @@ def markdown(report: dict) -> str:
             lines.append(
                 f"- atp @ {_f(r['budget'], '{:.0%}')}: "
                 + "; ".join(f"{f} {[round(x, 1) for x in v]}" for f, v in sorted(fam.items()))
+            )
+    compared = {"atp_minus_fixed", "best_training_free"}
+    rows = [(b, v) for b, v in report["summary"]["budgets"].items() if compared & set(v)]
+    if rows:
+        lines += [
+            "",
+            "## ATP against `fixed` (same recipe and steps) and the best training-free method",
+            "",
+            "| budget | atp - fixed | best training-free | atp - best | atp N_bar % |",
+            "|---|---|---|---|---|",
+        ]
+        for b, v in rows:
+            lines.append(
+                f"| {float(b):.0%} | {_f(v.get('atp_minus_fixed'), '{:+.3f}')} | {v.get('best_training_free', '-')} "
+                f"| {_f(v.get('atp_minus_best_training_free'), '{:+.3f}')} | {_f(v.get('atp_n_bar_share'), '{:.1%}')} |"
             )
     lines += ["", "## Goals", "", "```", json.dumps(report["summary"], indent=1), "```", ""]
     lines += ["## Methods", ""]

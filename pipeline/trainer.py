@@ -46,7 +46,7 @@ from pipeline.build import apply_atp_fields
 from pipeline.config import RunConfig
 from pipeline.data import build_loader
 from pipeline.distributed import StopRequested, mark_preempted, use_cuda
-from pipeline.ds import build_ds_config, lr_schedule, use_bf16, zero3_enabled
+from pipeline.ds import build_ds_config, lr_schedule, use_autocast, use_bf16, zero3_enabled
 from pipeline.monitor import Monitor
 
 log = logging.getLogger(__name__)
@@ -89,9 +89,7 @@ def train(run: RunConfig, ctx, out: Path, start: Path, tb_dir: Path | None = Non
         run, world_size=dist.world_size, total_steps=total_steps, hidden_size=config.text_config.hidden_size, cuda=cuda
     )
     dtype = torch.bfloat16 if use_bf16(run, cuda) else torch.float32
-    autocast = torch.autocast(
-        "cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=run.train.precision == "bf16-autocast"
-    )
+    autocast = torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=use_autocast(run, cuda))
     with zero3_enabled(ds):
         model = AtpLlavaForConditionalGeneration.from_pretrained(start, config=config, dtype=dtype)
     model.config.use_cache = False

@@ -135,11 +135,15 @@ def test_report_schema_and_measured_numbers(main_job):
     kept = [sum(v[k] for v in atp["kept_by_branch"].values()) for k in range(3)]
     assert kept == pytest.approx([atp["tokens_per_layer"][i] for i in atp["describe"]["layers"]])
     assert report["summary"]["budgets"]["0.5"]["best_training_free"] in METHODS[2:]
+    # adaptivity in every report: per-image spread, the correlation with the scene's shapes
+    assert atp["n_bar_spread"]["p10"] <= atp["n_bar_spread"]["p90"]
+    assert "rank_corr_n_bar_shapes" in atp and "n_bar_spread_std" in report["summary"]["budgets"]["0.5"]
     assert report["meta"]["prior_accuracy"]["all"] >= 0
     for png in ("accuracy_vs_nbar.png", "kept_tokens_per_layer.png", "kept_tokens_overlay.png"):
         assert (main_job / "eval" / png).stat().st_size > 1000, png
     md = (main_job / "eval" / "report.md").read_text()
     assert all(f"| {m} |" in md for m in [*METHODS, "unpruned-sft"])
+    assert "## Adaptivity" in md and "| atp - fixed |" in md
 
 
 def test_base_parts_and_variants(main_job):
@@ -249,3 +253,29 @@ def test_diagnostics_count_object_and_background_tokens():
     assert s["background_share"] == pytest.approx((1 + 11) / (3 + 16))
     assert s["kept_by_branch"] == {"redundancy_only": [1.5, 0.5], "spatial_only": [1.0, 0.5], "both": [0.5, 0.5]}
     assert s["n_bar_by_qtype"] == {"cell_color": pytest.approx((25 / 3 + 16) / 2)}
+
+
+def test_adaptivity_measures():
+    """Per-image spread of N_bar, its rank correlation with the number of small shapes, and the
+    report's ratios (fine / coarse, counting / background)."""
+    from pipeline.diagnostics import Diagnostics, spearman
+    from pipeline.report import adaptivity
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 2, 2], [5, 5, 9, 9]) == pytest.approx(1.0)  # ties share their rank
+    assert spearman([1, 2, 3], [7, 7, 7]) is None
+    d = Diagnostics(grid=4, lv=16)
+    for tokens, shapes in ((4.0, 1), (8.0, 2), (6.0, 3), (12.0, 5)):
+        d.add("count_total", None, torch.full((3,), tokens), n_shapes=shapes)
+    s = d.summary()
+    assert s["rank_corr_n_bar_shapes"] == pytest.approx(0.8)
+    assert s["n_bar_spread"]["std"] == pytest.approx(torch.tensor([4.0, 8, 6, 12]).std(unbiased=False).item())
+    rec = {
+        **s,
+        "tokens_per_layer_by_family": {"coarse": [10.0, 10.0], "fine": [20.0, 10.0]},
+        "n_bar_by_qtype": {"background": 5.0, "count_total": 15.0},
+    }
+    a = adaptivity(rec)
+    assert a["fine_over_coarse_n_bar"] == pytest.approx(1.5) and a["count_over_background_n_bar"] == pytest.approx(3)
+    assert a["rank_corr_n_bar_shapes"] == pytest.approx(0.8)

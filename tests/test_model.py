@@ -69,18 +69,25 @@ def test_config_fields_take_natural_types(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "atp_layers,score_self,merge",
+    "atp_layers,score_self,merge,features",
     [
-        ((2, 4), "attention", "none"),
-        ((0, 3), "attention", "none"),  # a point before layer 0
-        ((2, 4), "duplication", "none"),
-        ((2, 4), "attention", "nearest"),
-        ((0, 3), "duplication", "nearest"),
+        ((2, 4), "attention", "none", ()),
+        ((0, 3), "attention", "none", ()),  # a point before layer 0
+        ((2, 4), "duplication", "none", ()),
+        ((2, 4), "attention", "nearest", ()),
+        ((0, 3), "duplication", "nearest", ()),
+        ((0, 3), "duplication", "nearest", ("query", "sorted")),  # METHOD sec 14
     ],
 )
 @pytest.mark.parametrize("position_mode", ["preserve", "rope2d"])
-def test_soft_path_with_binary_masks_equals_hard_path(position_mode, atp_layers, score_self, merge):
-    _, m = tiny_atp(position_mode=position_mode, atp_layers=atp_layers, score_self=score_self, merge=merge)
+def test_soft_path_with_binary_masks_equals_hard_path(position_mode, atp_layers, score_self, merge, features):
+    _, m = tiny_atp(
+        position_mode=position_mode,
+        atp_layers=atp_layers,
+        score_self=score_self,
+        merge=merge,
+        threshold_features=list(features),
+    )
     b = make_batch([2, 5, 3], [6, 3, 4], answers=[2, 2, 1], padding="left", seed=1)
     # spread the thresholds so the three samples keep different counts
     with torch.no_grad():
@@ -171,16 +178,21 @@ def test_duplication_score_ranks_a_unique_token_above_copies():
     assert torch.allclose(s[[0, 1, 3]], live, atol=1e-6)
 
 
-@pytest.mark.parametrize("atp_layers,merge", [((2, 4), "none"), ((0, 3), "none"), ((2, 4), "nearest")])
-def test_gradient_reaches_thresholds_through_masked_layers(atp_layers, merge):
+@pytest.mark.parametrize(
+    "atp_layers,merge,features",
+    [((2, 4), "none", ()), ((0, 3), "none", ()), ((2, 4), "nearest", ()), ((0, 3), "none", ("query", "sorted"))],
+)
+def test_gradient_reaches_thresholds_through_masked_layers(atp_layers, merge, features):
     # budget terms off: the gradient must come through the masked attention (and merging) alone
-    _, m = tiny_atp(lambda_atp=0.0, lambda_target=0.0, atp_layers=atp_layers, merge=merge)
+    _, m = tiny_atp(
+        lambda_atp=0.0, lambda_target=0.0, atp_layers=atp_layers, merge=merge, threshold_features=list(features)
+    )
     m.train()
     b = make_batch([3, 2], [4, 5], answers=[3, 2], seed=3)
     out = m(**b)
     out.loss.backward()
     for k, mod in enumerate(m.atp_modules):
-        for name in ("head_r", "head_s", "fc"):
+        for name in ("head_r", "head_s", "fc", *features):
             g = getattr(mod, name).weight.grad
             assert g is not None and g.abs().sum() > 0, (k, name)
     # the first module's mask enters at least two masked layers behind it
