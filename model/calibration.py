@@ -34,7 +34,7 @@ def calibrate_thresholds(model, **inputs) -> list[float]:
     n, lv = cfg.text_config.num_hidden_layers, cfg.num_visual_tokens
     q = keep_share_per_module(cfg.atp_layers, n, lv, cfg.target_tokens)
     # budget_loss=per_module: start each module at the count that loss pulls it to, not at a share
-    counts = module_counts(cfg) if cfg.budget_loss == "per_module" else None
+    counts = module_counts(cfg) if cfg.budget_loss in ("per_module", "dual") else None
     state = {"live": None, "theta": []}
 
     def hook(module, args, output):

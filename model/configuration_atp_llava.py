@@ -13,7 +13,7 @@ POSITION_MODES = ("preserve", "rope2d")
 SCORE_NORMS = ("minmax", "none")
 SELF_SCORES = ("attention", "duplication")  # METHOD sec 11
 MERGE_MODES = ("none", "nearest")  # METHOD sec 12
-BUDGET_LOSSES = ("n_bar", "per_module")  # METHOD sec 7
+BUDGET_LOSSES = ("n_bar", "per_module", "dual")  # METHOD sec 7, 13, 15
 THRESHOLD_FEATURES = ("query", "sorted")  # METHOD sec 14
 ATTN_KERNELS = ("sdpa", "flash", "flex", "auto")  # model/kernels.py, docs/GPU.md
 
@@ -28,6 +28,7 @@ FLOAT_FIELDS = (
     "target_tokens",
     "mask_eps",
     "merge_temperature",
+    "dual_lr",
 )
 
 
@@ -51,6 +52,7 @@ class AtpLlavaConfig(LlavaConfig):
     budget_loss: str = (
         "n_bar"  # n_bar: |N_bar - target| (the paper) | per_module: each module to its Table-2-shaped count
     )
+    dual_lr: int | float = 1.0  # budget_loss=dual: how fast the per-module token price follows the error
     threshold_hidden: int = 256
     threshold_features: list[str] | tuple[str, ...] = ()  # METHOD sec 14: query | sorted, beside the scores
     fixed_counts: list[int] | tuple[int, ...] | None = None

@@ -472,12 +472,18 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             logs["ntp"] = ntp.detach()
         if m_sums and cfg.pruning == "atp":
             l_atp = sum(i * (m * has_img).sum() / n_img / lv for i, m in zip(cfg.atp_layers, m_sums))
-            if cfg.budget_loss == "per_module":  # each module to its count of the schedule, by its layers
+            if cfg.budget_loss in ("per_module", "dual"):  # each module to its count of the schedule
                 n = visual_tokens.shape[1]
                 counts = module_counts(cfg)
                 kept = (visual_tokens[:, cfg.atp_layers] * has_img[:, None]).sum(0) / n_img
                 spans = group_spans(cfg.atp_layers, n)[1:]
-                l_target = sum(s / n * (k - c).abs() for s, k, c in zip(spans, kept, counts)) / lv
+                err = [s / n * (k - c) / lv for s, k, c in zip(spans, kept, counts)]
+                if cfg.budget_loss == "dual":  # a price per token (METHOD sec 15): samples trade tokens
+                    price = self._dual_prices(kept, counts)
+                    l_target = sum(p * e for p, e in zip(price, err))
+                    logs["price"] = price.mean()
+                else:
+                    l_target = sum(e.abs() for e in err)
             else:
                 l_target = (n_bar - cfg.target_tokens).abs() / lv
             logs.update(atp=l_atp.detach(), target=l_target.detach())
@@ -486,6 +492,20 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if loss is not None:
             logs["total"] = loss.detach()
         return loss, logs
+
+    @torch.no_grad()
+    def _dual_prices(self, kept, counts):
+        """budget_loss=dual (METHOD sec 15): the per-module token prices, raised while a module keeps
+        more than its count and lowered (to 0 at most) while it keeps fewer; updated in training only.
+        Kept on the model, not in the state dict: a resumed run starts again from 1."""
+        price = getattr(self, "_price", None)
+        if price is None or price.shape[0] != len(counts):
+            price = torch.ones(len(counts), device=kept.device)
+        if self.training:
+            rel = (kept.detach().float() - kept.new_tensor(counts).float()) / kept.new_tensor(counts).float()
+            price = (price.to(kept.device) + self.config.dual_lr * rel).clamp_min(0.0)
+        self._price = price
+        return price
 
     # -- decoding with a pruned cache -----------------------------------------------
     def _decode_step(self, input_ids, inputs_embeds, cache, logits_to_keep):

@@ -107,7 +107,8 @@ class AtpConfig:
     score_self: Literal["attention", "duplication"] = "attention"
     merge: Literal["none", "nearest"] = "none"
     merge_temperature: float = 20.0
-    budget_loss: Literal["n_bar", "per_module"] = "n_bar"
+    budget_loss: Literal["n_bar", "per_module", "dual"] = "n_bar"
+    dual_lr: float = 1.0
     threshold_hidden: int = 256
     threshold_features: list[Literal["query", "sorted"]] = field(default_factory=list)  # METHOD sec 14
     fixed_counts: Optional[list[int]] = None

@@ -223,6 +223,40 @@ def test_per_module_budget_loss_pulls_each_module_to_its_count():
     assert abs(want - n_bar_loss) > 1e-3  # not the paper's |N_bar - target| under another name
 
 
+def test_dual_budget_prices_follow_each_module_error():
+    """budget_loss=dual (METHOD sec 15): L_target = sum_k p_k span_k / N (kept_k - c_k) / Lv, a price
+    per token that rises while module k keeps more than c_k and falls (not below 0) while it keeps fewer."""
+    from model.budget import counts_for_budget, group_spans
+
+    _, m = tiny_atp(budget_loss="dual", lambda_atp=0.0, dual_lr=0.5)
+    with torch.no_grad():  # module 0 keeps nearly all, module 1 nearly none
+        for mod, bias in zip(m.atp_modules, (-6.0, 6.0)):
+            mod.head_r.bias.fill_(bias)
+            mod.head_s.bias.fill_(bias)
+    m.train()
+    b = make_batch([3, 2], [4, 5], answers=[3, 2], seed=3)
+    cfg = m.config
+    n = cfg.text_config.num_hidden_layers
+    counts = counts_for_budget(cfg.atp_layers, n, LV, cfg.target_tokens / LV)
+    spans = group_spans(cfg.atp_layers, n)[1:]
+    out = m(**b)
+    kept = out.visual_tokens[:, cfg.atp_layers].mean(0).tolist()
+    assert kept[0] > counts[0] and kept[1] < counts[1]
+    price = [1 + 0.5 * (k - c) / c for k, c in zip(kept, counts)]
+    assert m._price.tolist() == pytest.approx([price[0], max(price[1], 0.0)], rel=1e-5)
+    want = sum(max(p, 0) * s / n * (k - c) for p, s, k, c in zip(price, spans, kept, counts)) / LV
+    assert out.atp_losses["target"].item() == pytest.approx(want, rel=1e-4)
+    first = m._price.clone()
+    m(**b)  # a second training step (no optimizer step: the same counts) moves each price again
+    step = torch.tensor([0.5 * (k - c) / c for k, c in zip(kept, counts)])
+    assert torch.allclose(m._price, (first + step).clamp_min(0), atol=1e-5)
+    after_train = m._price.clone()
+    m.eval()
+    with torch.no_grad():
+        m(**b)
+    assert torch.equal(m._price, after_train)  # inference never moves the prices
+
+
 def test_merge_averages_each_dropped_token_into_the_kept_token_most_like_it():
     from model.pruning import merge_dropped
 
