@@ -3,7 +3,8 @@
     python -m pipeline headroom --checkpoint FIXED_EXPORT --train-shards DIR --eval-shards DIR --out DIR
         [--targets 0.25 0.15 0.11] [--shares ...] [--limit-train N] [--limit-eval N]
 
-A trained `fixed` model (exported; its tokens ranked by S_redundant) answers every question at each
+A model run with `pruning=fixed` (its tokens ranked by S_redundant; the untouched base measures
+the benchmark, a `fixed`-trained export what that model can use) answers every question at each
 of a grid of budgets (`--shares`: N_bar / Lv, counts from `counts_for_budget`). Its answers at one
 share do not depend on the other samples of a batch, so one sweep gives each question's correctness
 at every share, and any per-question allocation can be scored exactly from that table.
@@ -173,7 +174,11 @@ def write_markdown(res: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline headroom", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="an exported `fixed` model (a run's variants/fixed-PCT/export)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a saved model, run with pruning=fixed: a run's projector (the base) or variants/fixed-PCT/export",
+    )
     p.add_argument("--train-shards", required=True, help="questions that choose the allocation (train split)")
     p.add_argument("--eval-shards", required=True, help="questions that score it (eval split, untuned seed)")
     p.add_argument("--out", required=True)
