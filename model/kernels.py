@@ -131,7 +131,7 @@ def dense_bias(live, log_m, dtype, q_len=None):
     kpos = torch.arange(Lk, device=live.device)[None, :]
     allowed = ((kpos <= qpos)[None] & live[:, None, :]) | (kpos == qpos)[None]
     fill = log_m[:, None, :].to(dtype) if log_m is not None else torch.zeros((), dtype=dtype, device=live.device)
-    lo = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=live.device)
+    lo = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=live.device)  # torch.tensor: a host copy
     return torch.where(allowed, fill, lo)[:, None]
 
 
