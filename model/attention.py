@@ -3,8 +3,8 @@
 The decoder loop passes each group of layers' keys as a structured `kernels.KeyMask`
 (`atp_keys`): live keys, the soft mask's `log m` (METHOD sec 4) and the kernel chosen for them
 (`attn_kernel` in the config). The SDPA reference reads the dense additive bias the KeyMask
-carries (also passed as `attention_mask`, so stock attention functions still work); flash-attn
-and FlexAttention read the structured mask and never build L x L. In the layer before an ATP
+carries (also passed as `attention_mask`, so stock attention functions still work); flash-attn,
+FlexAttention and the channel kernel read the structured mask and never build L x L. In the layer before an ATP
 module the function also computes the block-wise redundancy scores from this layer's own q/k
 (`scores.redundancy_scores`): under ZeRO-3 a layer's weights exist only inside its own forward,
 and the q/k are already rotated here.
@@ -59,6 +59,8 @@ def atp_attention(
         )
     if kernel == "flash":
         return kernels.flash_attention(query, key, value, atp_keys.live, scaling, dropout), None
+    if kernel == "channel":
+        return kernels.channel_attention(query, key, value, atp_keys.key_bias, scaling, dropout), None
     if kernel == "flex" and dropout == 0.0:  # FlexAttention has no dropout
         return kernels.flex_masked_attention(query, key, value, atp_keys.block_mask, atp_keys.log_m_pad, scaling), None
     if attention_mask is None and atp_keys is not None:  # flex asked for dropout: the reference, with gradient

@@ -15,7 +15,7 @@ SELF_SCORES = ("attention", "duplication")  # METHOD sec 11
 MERGE_MODES = ("none", "nearest")  # METHOD sec 12
 BUDGET_LOSSES = ("n_bar", "per_module", "dual")  # METHOD sec 7, 13, 15
 THRESHOLD_FEATURES = ("query", "sorted")  # METHOD sec 14
-ATTN_KERNELS = ("sdpa", "flash", "flex", "auto")  # model/kernels.py, docs/GPU.md
+ATTN_KERNELS = ("sdpa", "flash", "flex", "channel", "auto")  # model/kernels.py, docs/GPU.md
 
 
 # Float fields are annotated `int | float` and cast below: huggingface_hub's strict validation
@@ -57,7 +57,7 @@ class AtpLlavaConfig(LlavaConfig):
     threshold_features: list[str] | tuple[str, ...] = ()  # METHOD sec 14: query | sorted, beside the scores
     fixed_counts: list[int] | tuple[int, ...] | None = None
     mask_eps: int | float = 1e-6
-    attn_kernel: str = "sdpa"  # sdpa | flash | flex | auto (auto: flash / FlexAttention on CUDA when installed)
+    attn_kernel: str = "sdpa"  # sdpa | flash | flex | channel | auto (docs/GPU.md)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -7,7 +7,10 @@ also picks the kernel (`select_kernel`) and prepares only what that kernel needs
 - "sdpa": the dense additive [B, 1, Lq, Lk] bias (the CPU reference, METHOD sec 4);
 - "flash": nothing; flash-attn reads the live keys through varlen packing (`unpad`/`repad`);
 - "flex": a FlexAttention block mask and the padded `log m` that `score_mod` adds, so the
-  masked training layers never materialise L x L and the gradient still reaches m.
+  masked training layers never materialise L x L and the gradient still reaches m;
+- "channel": the key bias [B, Lk] (`log m` on live keys, a finite floor on dead ones); the
+  attention call appends it to k as an extra channel (q gets a constant there), so a plain causal
+  flash kernel computes the masked attention and returns d log m through dK, without atomics.
 
 flash-attn is an optional extra (`pip install '.[gpu]'`): it is imported inside functions only,
 so this file (copied into exported checkpoints) never needs it.
@@ -16,15 +19,18 @@ so this file (copied into exported checkpoints) never needs it.
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-KERNELS = ("sdpa", "flash", "flex", "auto")
+KERNELS = ("sdpa", "flash", "flex", "channel", "auto")
 FLEX_BLOCK = 128  # FlexAttention's block size; padding to it avoids its NaN backward on ragged lengths
-_LOGM_FLOOR = -1e4  # exp(-1e4) == 0 in fp32: "off" without the dtype minimum overflowing the kernel's exp2
+# exp(-1e4) == 0 in fp32: "off" without the dtype minimum overflowing flex's exp2, or the channel
+# kernel's k channel (-1e4 / (scaling c), |c scaling| ~ 1, stays inside fp16's range)
+_LOGM_FLOOR = -1e4
 
 
 # -- availability probes (lazy: nothing here imports flash_attn at module import) ----------------
@@ -79,10 +85,11 @@ def _warn_once(msg: str) -> None:
 
 
 def select_kernel(requested: str, device, dtype: torch.dtype, masked: bool, training: bool) -> str:
-    """The kernel a group of layers runs: "sdpa", "flash" or "flex".
+    """The kernel a group of layers runs: "sdpa", "flash", "flex" or "channel".
 
     masked: the keys carry a soft mask (`log m`, training); flash-attn takes no additive bias
-    with gradient, so masked layers use flex (auto / flex) or the SDPA reference (flash).
+    with gradient, so masked layers use flex (auto / flex), `log m` as a q/k channel (channel) or
+    the SDPA reference (flash). Unmasked layers under "channel" run as under "auto" without flex.
     "auto" never warns: falling back is what it means. An explicit request that cannot be
     honoured here (CPU tensors, fp32 for flash) falls back to SDPA with a warning, once.
     """
@@ -95,6 +102,8 @@ def select_kernel(requested: str, device, dtype: torch.dtype, masked: bool, trai
             _warn_once(f"attn_kernel={requested!r} runs on CUDA only; these tensors are on {device}: using SDPA")
         return "sdpa"
     if masked:
+        if requested == "channel":
+            return "channel"
         if requested in ("auto", "flex") and flex_available(training):
             return "flex"
         if requested == "flash":
@@ -122,7 +131,7 @@ def dense_bias(live, log_m, dtype, q_len=None):
     kpos = torch.arange(Lk, device=live.device)[None, :]
     allowed = ((kpos <= qpos)[None] & live[:, None, :]) | (kpos == qpos)[None]
     fill = log_m[:, None, :].to(dtype) if log_m is not None else torch.zeros((), dtype=dtype, device=live.device)
-    lo = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=live.device)
+    lo = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=live.device)  # torch.tensor: a host copy
     return torch.where(allowed, fill, lo)[:, None]
 
 
@@ -145,10 +154,11 @@ class KeyMask:
     log_m: torch.Tensor | None  # [B, Lk] log of the soft mask (0 on text), None = unmasked
     dtype: torch.dtype  # dtype of the dense bias (the hidden states')
     q_len: int  # queries are the last q_len key positions (Lk at prefill)
-    kernel: str  # resolved: sdpa | flash | flex
+    kernel: str  # resolved: sdpa | flash | flex | channel
     dense: torch.Tensor | None = None  # sdpa only
     block_mask: object | None = None  # flex only
     log_m_pad: torch.Tensor | None = None  # flex only, [B, Lk padded]
+    key_bias: torch.Tensor | None = None  # channel only, [B, Lk]
 
     @classmethod
     def build(cls, live, log_m, dtype, requested="sdpa", training=False, q_len=None):
@@ -161,6 +171,8 @@ class KeyMask:
             km.dense = dense_bias(live, log_m, dtype, q_len)
         elif kernel == "flex":
             km.block_mask, km.log_m_pad = flex_prepare(live, log_m, q_len)
+        elif kernel == "channel":
+            km.key_bias = channel_key_bias(live, log_m)
         return km
 
     @property
@@ -276,3 +288,72 @@ def flex_masked_attention(q, k, v, block_mask, log_m_pad, scaling, compiled=None
     fn = _compiled_flex() if compiled else flex_attention
     out = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scaling, enable_gqa=k.shape[1] != H)
     return out[:, :, :Lq].transpose(1, 2)
+
+
+# -- log m as a q/k channel (masked training layers on any flash kernel) ---------------------------
+# A key-wise additive bias b_j is one more q/k channel: with q'_i = [q_i, c] and
+# k'_j = [k_j, b_j / (scaling c)], scaling q'.k' = scaling q.k + b_j. Any kernel that takes no bias
+# but returns dK (SDPA's flash / efficient backends, flash-attn) then computes the masked attention,
+# and the gradient to b is the channel's dK times 1 / (scaling c), summed over heads by autograd:
+# no scatter into [Lk] from every (head, query) tile, so no atomics (the low-rank bias of FlashBias,
+# arXiv 2505.12044). Dead keys take the floor in b, so only causality is left to the kernel.
+def channel_key_bias(live, log_m):
+    """[B, Lk] key bias: `log m` on live keys floored at _LOGM_FLOOR (exact zeros and the dtype minimum
+    give weight exp(-1e4) == 0, finite), the floor on dead keys. At least fp32: the split needs it."""
+    dtype = torch.promote_types(log_m.dtype, torch.float32)
+    floor = torch.full((), _LOGM_FLOOR, dtype=dtype, device=live.device)
+    return torch.where(live, log_m.to(dtype).clamp_min(_LOGM_FLOOR), floor)
+
+
+def channel_constant(scaling) -> float:
+    """c: a power of two (exact in every float dtype) near 1 / scaling, so the k channel holds about
+    b itself: -1e4 stays inside fp16's range."""
+    return 2.0 ** round(math.log2(1.0 / scaling))
+
+
+def channel_qkv(q, k, v, key_bias, scaling, multiple=8):
+    """q [B, H, Lq, d], k / v [B, Hkv, Lk, d], key_bias [B, Lk] -> q', k', v' with head dim padded to a
+    multiple of 8 (what the flash kernels accept; v too: SDPA's flash backend wants equal head dims).
+
+    fp32 / fp64 take one channel. fp16 / bf16 take two, hi + lo (b - hi rounded again), so b keeps
+    ~16 significant bits instead of 8 (bf16 alone would move log m = -8 by up to 0.03); the
+    gradient goes through lo only, whose derivative in b is exactly 1."""
+    d = q.shape[-1]
+    c = channel_constant(scaling)
+    x = key_bias / (scaling * c)
+    if k.dtype in (torch.float32, torch.float64):
+        chans = [x.to(k.dtype)]
+    else:
+        hi = x.detach().to(k.dtype)
+        chans = [hi, (x - hi.to(x.dtype)).to(k.dtype)]
+    n = len(chans)
+    pad = -(-(d + n) // multiple) * multiple - d - n
+    kc = torch.stack(chans, -1)[:, None].expand(-1, k.shape[1], -1, -1)
+    k2 = torch.cat([k, kc, k.new_zeros(*k.shape[:-1], pad)], -1)
+    q2 = torch.cat([q, q.new_full((*q.shape[:-1], n), c), q.new_zeros(*q.shape[:-1], pad)], -1)
+    return q2, k2, F.pad(v, (0, n + pad))
+
+
+def channel_attention(q, k, v, key_bias, scaling, dropout=0.0):
+    """softmax(q k^T * scaling + key_bias) v, causal (queries are the last Lq keys); q [B, H, Lq, d],
+    k / v [B, Hkv, Lk, d] (GQA native), key_bias [B, Lk] from `channel_key_bias`; returns [B, Lq, H, d].
+
+    flash-attn when installed (CUDA, fp16 / bf16), else SDPA (on CUDA its flash / efficient backends,
+    on CPU its flash kernel). Dead query rows see only floored keys: finite, unused."""
+    B, H, Lq, d = q.shape
+    Lk = k.shape[2]
+    q2, k2, v2 = channel_qkv(q, k, v, key_bias, scaling)
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and flash_available():
+        from flash_attn import flash_attn_func
+
+        q2, k2, v2 = (t.transpose(1, 2) for t in (q2, k2, v2))
+        return flash_attn_func(q2, k2, v2, dropout_p=dropout, softmax_scale=scaling, causal=True)[..., :d]
+    mask = None
+    if Lq != Lk:  # SDPA's is_causal aligns top-left; queries here are the last keys
+        from torch.nn.attention.bias import causal_lower_right
+
+        mask = causal_lower_right(Lq, Lk)
+    out = F.scaled_dot_product_attention(
+        q2, k2, v2, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scaling, enable_gqa=H != k.shape[1]
+    )
+    return out[..., :d].transpose(1, 2)

@@ -87,6 +87,7 @@ class _Flow:
     hidden: torch.Tensor  # [B, L, D]
     seq: _Seq
     qmask: torch.Tensor  # [B, L] bool: the query tokens (METHOD sec 1)
+    n_query: int  # most query tokens in a sample (read once: text is never pruned), the score requests' rows
     C: torch.Tensor  # [B, Lv] cumulative keep mask at the original visual positions
     keys: KeyMask  # what the next layers attend over
     rope: tuple  # (cos, sin) of seq.pos
@@ -171,19 +172,22 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         return self.config.pruning != "none" and len(self.config.atp_layers) > 0
 
     # -- inputs -> sequence metadata ----------------------------------------------
-    def _embed(self, input_ids, pixel_values, inputs_embeds):
+    def _embed(self, input_ids, pixel_values, inputs_embeds, vis_mask, qmask):
+        """Input embeddings with the image features scattered in, the features, and the most query
+        tokens in a sample: one host read for the checks and that count (a sync on a GPU)."""
         cfg = self.config
         embeds = self.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds
-        vis_mask = input_ids == cfg.image_token_id
         counts = vis_mask.sum(1)
         has_img = counts > 0
         lv = cfg.num_visual_tokens
-        for b in torch.nonzero(has_img & (counts != lv)).flatten().tolist():
+        bad = has_img & (counts != lv)
+        n_img, n_bad, n_query = torch.stack([has_img.sum(), bad.sum(), qmask.sum(1).amax()]).tolist()
+        if n_bad:
+            b = int(torch.nonzero(bad)[0])
             raise ValueError(
                 f"sample {b} holds {counts[b].item()} image tokens, but the vision tower gives "
                 f"{lv} per image ({cfg.grid_size}x{cfg.grid_size} grid); expand <image> to exactly {lv} tokens"
             )
-        n_img = int(has_img.sum())
         n_pix = 0 if pixel_values is None else pixel_values.shape[0]
         if n_pix != n_img:
             raise ValueError(
@@ -200,7 +204,7 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             )
             image_features = torch.cat(list(out.pooler_output), dim=0).to(embeds.dtype)
             embeds = embeds.masked_scatter(vis_mask[..., None], image_features)
-        return embeds, vis_mask, has_img, image_features
+        return embeds, image_features, n_query
 
     def _positions(self, pos1, vis, has_img):
         """[2, B, L] rotary positions: (p, p) for 1-D `preserve`; (start + r, start + c) for visual
@@ -279,9 +283,10 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         policy = getattr(self, "pruning_policy", None) if hard else None
         if policy is not None and atp_masks is not None:
             raise ValueError("atp_masks and model.pruning_policy both choose the kept tokens: set one of them")
+        seq, qmask, has_img = self._sequence(input_ids, attention_mask, position_ids, labels, query_mask)
         with policy.vision_tap(self) if policy is not None else contextlib.nullcontext():
-            embeds, vis_mask, has_img, image_features = self._embed(input_ids, pixel_values, inputs_embeds)
-        flow = self._start(embeds, input_ids, vis_mask, has_img, attention_mask, position_ids, labels, query_mask)
+            embeds, image_features, n_query = self._embed(input_ids, pixel_values, inputs_embeds, seq.vis >= 0, qmask)
+        flow = self._start(embeds, seq, qmask, has_img, n_query)
         pruning = self._pruning(policy, flow, embeds, has_img, atp_masks, hard)
         points = {} if pruning is None else {i: k for k, i in enumerate(pruning.layers)}
 
@@ -349,19 +354,27 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             return PolicyPruning(self, policy, flow, embeds, has_img)
         return AtpPruning(self, has_img, atp_masks, hard) if self.pruning_active else None
 
-    def _start(self, embeds, input_ids, vis_mask, has_img, attention_mask, position_ids, labels, query_mask):
-        """The flow entering the first decoder layer: every token, all of C, one KV group."""
+    def _sequence(self, input_ids, attention_mask, position_ids, labels, query_mask):
+        """Per-token metadata of the caller's layout (no embeddings needed): `_Seq`, the query mask, has_img [B]."""
         B, L = input_ids.shape
+        vis_mask = input_ids == self.config.image_token_id
+        has_img = vis_mask.any(1)
         live = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         pos1 = (live.long().cumsum(-1) - 1).clamp_min(0) if position_ids is None else position_ids.expand(B, L)
         vis = torch.where(vis_mask, vis_mask.long().cumsum(-1) - 1, -1)
         orig = torch.arange(L, device=input_ids.device).expand(B, L)
         seq = _Seq(live=live, pos=self._positions(pos1, vis, has_img), vis=vis, orig=orig)
+        return seq, self._query_mask(seq, has_img, labels, query_mask), has_img
+
+    def _start(self, embeds, seq, qmask, has_img, n_query):
+        """The flow entering the first decoder layer: every token, all of C, one KV group."""
+        B = seq.live.shape[0]
         C = has_img[:, None].to(embeds.dtype).expand(B, self.config.num_visual_tokens).clone()
         return _Flow(
             hidden=embeds,
             seq=seq,
-            qmask=self._query_mask(seq, has_img, labels, query_mask),
+            qmask=qmask,
+            n_query=max(n_query, 1),
             C=C,
             keys=self._keys(seq.live, None, embeds.dtype),
             rope=self._rope(embeds, seq.pos),
@@ -400,11 +413,12 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         present = torch.zeros(B, lv + 1, dtype=torch.bool, device=idx.device).scatter_(1, slot, seq.live)
         return vis_index, present[:, :lv]
 
-    def _score_request(self, seq, C, qmask, compute=None):
+    def _score_request(self, flow, compute=None):
+        seq, C, qmask = flow.seq, flow.C, flow.qmask
         vis_index, present = self._visual_slots(seq, C.shape[1])
         weight = C.detach() * present
-        nq = max(int(qmask.sum(1).max()), 1)
-        order = torch.sort((~qmask).to(torch.int8), dim=1, stable=True).indices[:, :nq]
+        # the query rows first; their count was read once (`_embed`), not at every pruning point
+        order = torch.sort((~qmask).to(torch.int8), dim=1, stable=True).indices[:, : flow.n_query]
         q_valid = qmask.gather(1, order)
         return ScoreRequest(vis_index=vis_index, vis_weight=weight, q_index=order, q_valid=q_valid, compute=compute)
 

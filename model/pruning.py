@@ -56,7 +56,7 @@ class AtpPruning:
         )
 
     def request(self, k, flow):
-        return self.model._score_request(flow.seq, flow.C, flow.qmask, compute=self.compute)
+        return self.model._score_request(flow, compute=self.compute)
 
     def select(self, k, flow, request):
         override = None if self.atp_masks is None else self.atp_masks[k]
@@ -128,7 +128,7 @@ class PolicyPruning:
 
     def request(self, k, flow):
         compute = self.policy.attention_compute(self.layers[k])
-        return None if compute is None else self.model._score_request(flow.seq, flow.C, flow.qmask, compute=compute)
+        return None if compute is None else self.model._score_request(flow, compute=compute)
 
     @torch.no_grad()
     def select(self, k, flow, request):

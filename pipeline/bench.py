@@ -2,8 +2,12 @@
 
 Measures, side by side in one process: unpruned prefill time; prefill time when the ATP layers
 keep counts that give N_bar = 25% / 15% / 11% of the visual tokens; the analytic FLOPs ratio
-of each (METHOD sec 8); and the ATP modules' own share of an ATP prefill (scores, threshold
-MLP, gather), timed by wrapping those functions. Medians of repeats.
+of each (METHOD sec 8); the ATP modules' own share of an ATP prefill (scores, threshold
+MLP, gather), timed by wrapping those functions; and the aten ops and host syncs of one forward,
+unpruned vs pruned (`pipeline/opcount.py`). Medians of repeats.
+
+`--attn` adds masked attention fwd+bwd on CPU (the soft path's kernels: SDPA with the dense bias,
+`log m` as a q/k channel, unmasked causal SDPA), interleaved, medians with their spread.
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ import time
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-from model import AtpLlavaForConditionalGeneration, model_costs
+from model import AtpLlavaForConditionalGeneration, kernels, model_costs
 from model import modeling_atp_llava as modeling
 from model.budget import counts_for_budget
+
+from .opcount import OpCounter
 
 
 def build(args, seed=0):
@@ -85,6 +91,74 @@ class _Clock:
         return inner
 
 
+def op_counts(m, run, fixed_counts):
+    """Aten ops and host syncs of one forward: unpruned, `fixed` at the given counts, ATP (hard)."""
+    out = {}
+    for name, pruning in (("unpruned", "none"), ("fixed", "fixed"), ("atp", "atp")):
+        m.config.pruning, m.config.fixed_counts = pruning, fixed_counts
+        with torch.no_grad(), OpCounter() as c:
+            run()
+        out[name] = c.summary()
+    return out
+
+
+def interleaved(fns, repeats, warmup=2):
+    """{name: [seconds]}: every repeat runs each fn once, in an order rotated per repeat, so drift
+    (other jobs, thermal) spreads over all of them."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    names, times = list(fns), {n: [] for n in fns}
+    for r in range(repeats):
+        for n in names[r % len(names) :] + names[: r % len(names)]:
+            t = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t)
+    return times
+
+
+def spread_stats(ts):
+    med = statistics.median(ts)
+    return {"median_s": med, "min_s": min(ts), "max_s": max(ts), "spread": (max(ts) - min(ts)) / med}
+
+
+def bench_attention(heads, head_dim, repeats, shapes=((640, 1), (2048, 1)), seed=0):
+    """Masked attention fwd+bwd on CPU (fp32): the dense-bias reference, the channel kernel, and
+    unmasked causal SDPA as the floor. FlexAttention is GPU-only here (eager CPU flex has no q/k/v
+    backward): `scripts/gpu_checks.py --parts bench_attn` times it beside these."""
+    rows = []
+    for L, B in shapes:
+        g = torch.Generator().manual_seed(seed)
+        q, k, v = (torch.randn(B, heads, L, head_dim, generator=g).requires_grad_() for _ in range(3))
+        live = torch.ones(B, L, dtype=torch.bool)
+        log_m = torch.zeros(B, L)
+        nv = min(576, L - 64)  # the image's keys carry the soft mask
+        log_m[:, 8 : 8 + nv] = torch.rand(B, nv, generator=g).clamp_min(0.02).log()
+        log_m.requires_grad_()
+        go = torch.randn(B, L, heads, head_dim, generator=g)
+        scale = head_dim**-0.5
+
+        def sdpa_bias():
+            kernels.sdpa_reference(q, k, v, live, log_m, scale).backward(go)
+
+        def channel():
+            kernels.channel_attention(q, k, v, kernels.channel_key_bias(live, log_m), scale).backward(go)
+
+        def sdpa_causal():
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).transpose(
+                1, 2
+            ).backward(go)
+
+        times = interleaved({"sdpa_bias": sdpa_bias, "channel": channel, "sdpa_causal": sdpa_causal}, repeats)
+        stats = {n: spread_stats(ts) for n, ts in times.items()}
+        base = stats["sdpa_causal"]["median_s"]
+        rows.append(
+            {"L": L, "B": B, "heads": heads, "head_dim": head_dim, "fwd_bwd": stats}
+            | {f"{n}_over_causal": st["median_s"] / base for n, st in stats.items() if n != "sdpa_causal"}
+        )
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--layers", type=int, default=10)  # N_bar 11% needs i_0 / N < 0.11
@@ -98,7 +172,28 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--attn", action="store_true", help="also time masked attention fwd+bwd (CPU kernels)")
+    p.add_argument("--attn-only", action="store_true", help="only the attention timing")
     args = p.parse_args(argv)
+    if args.attn or args.attn_only:
+        attn = bench_attention(args.heads, args.hidden // args.heads, max(args.repeats, 5))
+        print(
+            f"masked attention fwd+bwd, CPU fp32, {args.heads} heads x {args.hidden // args.heads}: "
+            "median ms [min, max] (spread), interleaved"
+        )
+        for r in attn:
+            cells = "  ".join(
+                f"{n} {st['median_s'] * 1e3:.1f} [{st['min_s'] * 1e3:.1f}, {st['max_s'] * 1e3:.1f}] "
+                f"({st['spread']:.0%})"
+                for n, st in r["fwd_bwd"].items()
+            )
+            ratios = ", ".join(f"{k} {v:.2f}" for k, v in r.items() if k.endswith("_over_causal"))
+            print(f"  L={r['L']} B={r['B']}: {cells}; {ratios}")
+        if args.attn_only:
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump({"attention_fwd_bwd": attn}, f, indent=2)
+            return {"attention_fwd_bwd": attn}
 
     m = build(args)
     lv, n = args.grid**2, args.layers
@@ -153,6 +248,7 @@ def main(argv=None):
             setattr(cls, name, fn)
         attention.redundancy_scores = saved_red
     atp_cost = model_costs(out.visual_tokens[0].tolist(), args.text, m.config)
+    counts = op_counts(m, run, counts_for_budget(args.atp_layers, n, lv, 0.25))
     result = {
         "model": {
             k: getattr(args, k)
@@ -164,7 +260,10 @@ def main(argv=None):
         "atp_share_of_prefill_time": statistics.median(shares),
         "atp_share_of_prefill_flops": atp_cost["atp_flops"] / atp_cost["flops_exact"],
         "atp_n_bar_share_at_init": atp_cost["n_bar"] / lv,
+        "forward_ops_syncs": counts,  # fixed: at N_bar 25%
     }
+    if args.attn:
+        result["attention_fwd_bwd"] = attn
     print(
         f"unpruned prefill: {t_full * 1e3:.1f} ms  ({args.layers} layers x {args.hidden}, "
         f"{lv} visual + {args.text} text, {args.dtype})"
@@ -180,6 +279,14 @@ def main(argv=None):
         f"ATP modules: {result['atp_share_of_prefill_time']:.2%} of an ATP prefill's time, "
         f"{result['atp_share_of_prefill_flops']:.2%} of its FLOPs"
     )
+    k = len(args.atp_layers)
+    base = counts["unpruned"]
+    for name, c in counts.items():
+        extra = (c["syncs"] - base["syncs"]) / k if name != "unpruned" else 0
+        print(
+            f"one forward, {name:<8}: {c['ops']:>5} aten ops (x{c['ops'] / base['ops']:.2f}), {c['syncs']} host syncs"
+            + (f" ({extra:+.1f} per pruning point)" if name != "unpruned" else "")
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

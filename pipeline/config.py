@@ -113,7 +113,7 @@ class AtpConfig:
     threshold_features: list[Literal["query", "sorted"]] = field(default_factory=list)  # METHOD sec 14
     fixed_counts: Optional[list[int]] = None
     mask_eps: float = 1e-6
-    attn_kernel: Literal["sdpa", "flash", "flex", "auto"] = "sdpa"  # model/kernels.py, docs/GPU.md
+    attn_kernel: Literal["sdpa", "flash", "flex", "channel", "auto"] = "sdpa"  # model/kernels.py, docs/GPU.md
 
 
 @dataclass

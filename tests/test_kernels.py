@@ -47,7 +47,7 @@ def expected(requested, device, dtype, masked, flash_ok):
     if requested == "sdpa" or device == "cpu":
         return "sdpa"
     if masked:
-        return "flex" if requested in ("auto", "flex") else "sdpa"
+        return {"auto": "flex", "flex": "flex", "channel": "channel"}.get(requested, "sdpa")
     if requested == "flex":
         return "flex"
     return "flash" if flash_ok and dtype != torch.float32 else "sdpa"
@@ -58,14 +58,15 @@ def expected(requested, device, dtype, masked, flash_ok):
 @pytest.mark.parametrize("masked", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
-@pytest.mark.parametrize("requested", ["sdpa", "flash", "flex", "auto"])
+@pytest.mark.parametrize("requested", ["sdpa", "flash", "flex", "channel", "auto"])
 def test_select_kernel_table(monkeypatch, requested, device, dtype, masked, training, flash_ok):
     monkeypatch.setattr(K, "flash_available", lambda: flash_ok)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = K.select_kernel(requested, device, dtype, masked, training)
     assert got == expected(requested, device, dtype, masked, flash_ok)
-    fell_back = requested in ("flash", "flex") and got != requested
+    # channel's unmasked layers run flash / SDPA by design, not as a fallback
+    fell_back = requested in ("flash", "flex") and got != requested or requested == "channel" and device == "cpu"
     assert bool(caught) == fell_back, [str(w.message) for w in caught]  # explicit requests say so; auto is silent
     if caught:
         assert "SDPA" in str(caught[0].message)
@@ -161,6 +162,95 @@ def test_flex_without_mask_is_causal_padded_attention():
     assert (out - sdpa_ref(q, k, v, live, None, 0.25))[live].abs().max() < 1e-5
 
 
+# -- channel: log m as a q/k channel, on SDPA's CPU flash kernel, against the SDPA reference ------
+def _soft_case(Lq, Lk, dtype, seed=0):
+    """GQA q/k/v, left padding plus a hole, and a log m with text keys (0), soft entries and exact zeros
+    (the dtype minimum, as `_key_log_mask` writes them)."""
+    q, k, v = qkv(Lq=Lq, Lk=Lk, dtype=torch.float64, seed=seed)
+    live = left_padded([Lk, Lk - 6, Lk - 20], Lk)
+    live[0, 10:14] = False
+    g = torch.Generator().manual_seed(seed + 1)
+    log_m = torch.rand(3, Lk, dtype=torch.float64, generator=g).clamp_min(0.02).log()
+    log_m[:, :5] = 0.0
+    log_m[1, 25:33] = torch.finfo(dtype).min
+    return (q, k, v, log_m), live
+
+
+def _fwd_bwd(fn, tensors, w, rows):
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    (out.double() * w)[rows].sum().backward()
+    return out.detach().double(), [t.grad.double() for t in leaves]
+
+
+def _rel(x, ref):
+    return float((x - ref).norm() / ref.norm())
+
+
+def _channel(live):
+    return lambda q, k, v, lm: K.channel_attention(q, k, v, K.channel_key_bias(live, lm), 0.25)
+
+
+def _reference(live, q_len=None):
+    return lambda q, k, v, lm: sdpa_ref(q, k, v, live, lm, 0.25, q_len)
+
+
+@pytest.mark.parametrize("q_len", [None, 3])
+@pytest.mark.parametrize("Lk", [37, 130])
+def test_channel_matches_sdpa_fp32_forward_and_every_gradient(q_len, Lk):
+    Lq = Lk if q_len is None else q_len
+    inputs, live = _soft_case(Lq, Lk, torch.float32)
+    rows = live[:, Lk - Lq :]
+    w = torch.randn(3, Lq, 4, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    ref_out, ref_g = _fwd_bwd(_reference(live, q_len), inputs, w, rows)  # float64
+    out, grads = _fwd_bwd(_channel(live), [t.float() for t in inputs], w, rows)
+    assert (out - ref_out)[rows].abs().max() < 1e-5
+    for name, got, ref in zip(("q", "k", "v", "log_m"), grads, ref_g):
+        assert (got - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max()), name
+    # exact zeros and dead keys get no mask gradient, as in the reference
+    assert (grads[3][1, 25:33] == 0).all() and (grads[3][~live] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_channel_low_precision_within_the_reference_error(dtype):
+    """bf16 / fp16 inputs (log m too, as in a bf16 model): relative L2 error against float64 at most
+    the GPU checks' tolerances and within 2x SDPA's own error in that dtype."""
+    inputs, live = _soft_case(130, 130, dtype)
+    w = torch.randn(3, 130, 4, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    ref_out, ref_g = _fwd_bwd(_reference(live), inputs, w, live)
+    low = [t.to(dtype) for t in inputs]
+    sd_out, sd_g = _fwd_bwd(_reference(live), low, w, live)
+    out, grads = _fwd_bwd(_channel(live), low, w, live)
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+    err, base = _rel(out[live], ref_out[live]), _rel(sd_out[live], ref_out[live])
+    assert err <= 1e-2 and err <= 2 * base + 1e-4, (err, base)
+    for name, got, sd, ref in zip(("q", "k", "v", "log_m"), grads, sd_g, ref_g):
+        err, base = _rel(got, ref), _rel(sd, ref)
+        assert err <= 2e-2 and err <= 2 * base + 1e-4, (name, err, base)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_channel_hi_lo_split_keeps_the_bias(dtype):
+    """c * scaling * (hi + lo) gives back b to ~1e-5 where one low-precision channel is off by ~1e-3;
+    the floor stays finite (fp16's range) and exactly zero weight."""
+    scaling = 128**-0.5
+    live = torch.ones(1, 200, dtype=torch.bool)
+    live[0, -1] = False
+    log_m = torch.linspace(-14, 0, 200)[None]
+    log_m[0, 0] = torch.finfo(torch.float32).min
+    b = K.channel_key_bias(live, log_m)
+    assert b[0, 0] == b[0, -1] == K._LOGM_FLOOR
+    q = torch.zeros(1, 1, 1, 128, dtype=dtype)
+    k = torch.zeros(1, 1, 200, 128, dtype=dtype)
+    q2, k2, v2 = K.channel_qkv(q, k, k, b, scaling)
+    assert q2.shape[-1] == k2.shape[-1] == v2.shape[-1] == 136 and torch.isfinite(k2).all()
+    got = (q2.float() @ k2.float().transpose(-1, -2))[0, 0, 0] * scaling
+    assert (got - b[0]).abs().max() <= 1e-5 * 1e4 and (got - b[0])[1:-1].abs().max() < 1e-4
+    one = k2[0, 0, :, 128].float() * K.channel_constant(scaling) * scaling  # hi alone
+    assert (one - b[0])[1:-1].abs().max() > 1e-3
+    assert torch.exp(got[0] - got[1:-1].max()) == 0
+
+
 # -- flash: the wrapper's layout and packing against SDPA, with a stand-in flash_attn --------------
 def _attn_bshd(q, k, v, scale):
     """flash-attn semantics on [B, L, heads, d]: GQA, causal aligned bottom-right."""
@@ -226,14 +316,16 @@ def test_attention_function_dispatches_on_the_key_mask(fake_flash):
     live = left_padded([12, 7, 10], 12)
     module = types.SimpleNamespace(training=False, num_key_value_groups=2, is_causal=True)
     outs = {}
-    for kernel in ("sdpa", "flash", "flex"):
+    for kernel in ("sdpa", "flash", "flex", "channel"):
         km = K.KeyMask.build(live, None, torch.float32)
         km.kernel = kernel  # as if selected on CUDA
         if kernel == "flex":
             km.block_mask, km.log_m_pad = K.flex_prepare(live, None, 12)
+        if kernel == "channel":
+            km.key_bias = K.channel_key_bias(live, torch.zeros(3, 12))
         outs[kernel] = atp_attention(module, q, k, v, km.dense, scaling=0.25, atp_keys=km)[0]
     assert fake_flash == ["varlen"]
-    for kernel in ("flash", "flex"):
+    for kernel in ("flash", "flex", "channel"):
         assert (outs[kernel] - outs["sdpa"])[live].abs().max() < 1e-5, kernel
 
 
@@ -266,33 +358,45 @@ def test_model_sdpa_and_auto_identical_on_cpu():
         assert torch.equal(x, y)
 
 
-@pytest.mark.parametrize("kernel", ["flex", "flash"])
+@pytest.mark.parametrize("kernel", ["flex", "flash", "channel"])
 def test_model_with_forced_kernel_matches_sdpa(monkeypatch, fake_flash, kernel):
-    """The whole loop (soft training, scores, hard prefill, pruned-cache decoding) on the flex / flash
-    code paths, forced on CPU (eager flex, stand-in flash), against the SDPA reference. The soft
-    path's gradient through flex needs CUDA (CPU flex has no q/k/v backward): forward only here."""
+    """The whole loop (soft training, scores, hard prefill, pruned-cache decoding) on the flex / flash /
+    channel code paths, forced on CPU (eager flex, stand-in flash, channel on SDPA's CPU flash kernel),
+    against the SDPA reference. The soft path's gradient through flex needs CUDA (CPU flex has no q/k/v
+    backward): forward only there; flash and channel compare the threshold gradients too."""
     _, m = tiny_atp()
     batch = make_batch([2, 5, 3], [6, 3, 4], answers=[2, 2, 1], seed=1)
-    ref = _run(m, batch, grad=kernel == "flash")
+    grad = kernel != "flex"
+    ref = _run(m, batch, grad=grad)
     select = K.select_kernel
+    calls = []
 
     def forced(requested, device, dtype, masked, training):
-        return "sdpa" if kernel == "flash" and masked else kernel  # flash never takes the soft mask
+        if kernel in ("flash", "channel") and masked:  # flash never takes the soft mask
+            return "sdpa" if kernel == "flash" else "channel"
+        return "sdpa" if kernel == "channel" else kernel
 
+    def counted(*a, **kw):
+        calls.append(1)
+        return channel(*a, **kw)
+
+    channel = K.channel_attention
+    monkeypatch.setattr(K, "channel_attention", counted)
     monkeypatch.setattr(K, "select_kernel", forced)
-    got = _run(m, batch, grad=kernel == "flash")
+    got = _run(m, batch, grad=grad)
     monkeypatch.setattr(K, "select_kernel", select)
     live = batch["attention_mask"].bool()
     loss, logits, grads, ev, gen = got
     assert torch.allclose(loss, ref[0], atol=1e-5)
     assert (logits - ref[1])[live].abs().max() < 1e-4
-    if kernel == "flash":  # training used SDPA for the masked layers, flash for the unmasked ones
+    if grad:  # flash: SDPA for the masked layers, flash for the unmasked ones; channel: the masked ones
         assert torch.allclose(grads, ref[2], atol=1e-5, rtol=1e-4)
     text = live & (batch["input_ids"] != 119)
     assert (ev - ref[3])[text].abs().max() < 1e-4
     assert torch.equal(gen, ref[4])
     if kernel == "flash":
         assert "varlen" in fake_flash
+    assert bool(calls) == (kernel == "channel")  # the masked layers after the first ATP module
 
 
 # -- CUDA (skipped here; scripts/gpu_checks.py is the full set) ---------------------------------------
