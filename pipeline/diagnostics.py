@@ -39,7 +39,7 @@ class Diagnostics:
         self.n_obj = self.n_small = self.kept_last = self.kept_bg = 0
         self.branch = None  # [K, 3] kept tokens by branch, summed over images
         self.images = 0
-        self.n_bars, self.shapes = [], []  # per image with a scene: N_bar, small shapes
+        self.n_bars, self.shapes = [], []  # per image sample: N_bar, small shapes (None: no scene)
 
     def add(self, qtype: str, labels, visual_tokens, keep=None, branch=None, n_shapes=None) -> None:
         """One image sample's prefill: labels [grid * grid], its object map (None: no scene);
