@@ -423,7 +423,9 @@ def _mark_complete(tag_dir: Path, record: dict | None = None) -> None:
     marker = {"step": step_of(tag_dir.name), "files": files}
     if record is not None:
         marker["saved_with"] = record
-    _write_atomic(tag_dir / COMPLETE, json.dumps(marker, indent=1) + "\n")
+    text = json.dumps(marker, indent=1)
+    text = re.sub(r"\[([\d,\s]*)\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)  # a shape per line
+    _write_atomic(tag_dir / COMPLETE, text + "\n")
 
 
 def _set_aside(tag_dir: Path) -> None:
