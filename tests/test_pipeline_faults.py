@@ -126,6 +126,38 @@ def test_a_two_rank_checkpoint_rerun_on_one_process_is_kept_and_resumes_on_two(t
     assert metric_steps(run) == list(range(1, 9))
 
 
+DISK_FILLS = """
+import sys, torch
+from pipeline import checkpoint
+real_save = torch.save
+def save(obj, f, *a, **k):  # what torch's writer raises on ENOSPC, for DeepSpeed's save of step 8
+    if "step00000008" in str(f):
+        raise RuntimeError("basic_ios::clear: iostream error")
+    return real_save(obj, f, *a, **k)
+torch.save = save
+checkpoint._free_bytes = lambda path: 4096
+from pipeline.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_disk_full_during_a_save_is_named(tiny, tmp_path):
+    """Probe: a disk that filled during a save ended the run with torch's bare "basic_ios::clear:
+    iostream error". Through DeepSpeed's real save: exit 1, the tag, bytes needed and free named."""
+    run = copy_run(tiny, tmp_path / "run")
+    args = ["run", str(tiny["config"]), f"run_dir={run}", "stages=[sft]", *tiny["common"], "train.max_steps=8"]
+    p = subprocess.run(
+        [sys.executable, "-c", DISK_FILLS, *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300
+    )
+    assert p.returncode == 1, p.stderr[-3000:]
+    needed = sum(f.stat().st_size for f in (run / CKPT / "step00000006").iterdir())
+    assert f"CheckpointDiskFull: no space left for checkpoint {run / CKPT}/step00000008: 4,096 bytes free" in p.stderr
+    assert f"({needed:,} bytes) needed (the size of step00000006)" in p.stderr
+    from pipeline import checkpoint
+
+    assert checkpoint.resume_tag(run / CKPT) == "step00000006" and not (run / ".lock").exists()
+
+
 # ------------------------------------------------------------------ run-directory lock
 
 
