@@ -203,9 +203,9 @@ def save(
         _fsync_tree(ckpt_dir / tag)  # each rank's own files are on disk before it checks in
     barrier()
     if rank() == 0:
-        with _naming_disk_full(ckpt_dir, tag, record):
+        with _naming_disk_full(ckpt_dir, tag, record):  # a marker that failed is not there: the tag is torn
             _mark_complete(ckpt_dir / tag, record)
-            _write_atomic(ckpt_dir / LATEST, tag)
+        _write_atomic(ckpt_dir / LATEST, tag)
         _prune(ckpt_dir, keep=max(keep, 1), current=tag)
     barrier()
     return tag
