@@ -12,7 +12,8 @@ command under `torchrun`, `deepspeed --module pipeline ...` or `srun`; pipeline.
 maps whichever environment it finds. A stage whose `run_dir/NAME/DONE` exists is skipped
 (`--force` reruns it); a rerun after a crash resumes sft from its newest complete checkpoint.
 One run at a time per run_dir (pipeline/lock.py): a second one exits 1 naming the first.
-Exit status: 0 done or stopped on SIGTERM/SIGUSR1 after saving, 2 bad config, 1 failure.
+Exit status: 0 done or stopped on SIGTERM/SIGUSR1 after saving, 2 bad config (a checkpoint
+saved with another world size, ZeRO stage or model included), 1 failure.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ def main(argv=None) -> int:
     dist = init_distributed()
     _setup_logging(dist.rank)
     names = run.stages if args.cmd == "run" else [args.name]
+    from pipeline.checkpoint import CheckpointMismatch
     from pipeline.lock import RunDirLocked, run_dir_lock
 
     try:
@@ -91,8 +93,8 @@ def main(argv=None) -> int:
     except RunDirLocked as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except ConfigError as e:  # a check that needs the built model config (pipeline.build)
-        print(e, file=sys.stderr)
+    except (ConfigError, CheckpointMismatch) as e:  # checks that need the built model (pipeline.build, sft)
+        print(f"error: {type(e).__name__}: {e}" if isinstance(e, CheckpointMismatch) else e, file=sys.stderr)
         return 2
     shutdown()  # only on success: after a failure the other ranks may never reach a barrier
     return 0

@@ -16,6 +16,15 @@ previous complete one, and kept aside as `TAG.broken` (never deleted). With seve
 tag that passes that check but fails to load stops the run with the tag named (their loads
 are collective: one rank cannot skip alone).
 
+A tag saved with another configuration (world size, ZeRO stage, parameter shapes or frozen
+set; recorded in its marker, pipeline/ckpt_record.py) is not broken: `load` refuses it before
+loading anything with CheckpointMismatch (exit status 2), naming what differs, and renames
+nothing; rerun with the configuration it was saved with to resume from it.
+
+A save that fails because the disk is full (torch reports only "basic_ios::clear: iostream
+error") raises CheckpointDiskFull naming the tag, the bytes it needs and the bytes free. The
+torn tag has no marker: the rerun resumes from the one before and its next save deletes it.
+
 Tags without a marker are saves that did not finish, once this directory has `FORMAT`
 (written by the first save of this code) or any marker: the next save deletes those newer
 than itself. A directory from before the markers (no FORMAT, no marker) resumes from the tag
@@ -33,6 +42,7 @@ pickle allow-listed (`safe_globals()`). No pickled code runs.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -40,6 +50,7 @@ import re
 import shutil
 from pathlib import Path
 
+from pipeline import ckpt_record
 from pipeline.distributed import barrier, rank
 
 log = logging.getLogger(__name__)
@@ -56,6 +67,15 @@ class CheckpointError(RuntimeError):
 
 class BrokenCheckpoint(CheckpointError):
     """A tag whose files are not what its COMPLETE marker records."""
+
+
+class CheckpointMismatch(CheckpointError):
+    """A sound tag saved with another configuration (world size, ZeRO stage, model): not loadable
+    by this run, and not broken either. The CLI exits 2 on it, as on a config error."""
+
+
+class CheckpointDiskFull(CheckpointError):
+    """A save that ran out of disk space; the message names the tag, the bytes needed and free."""
 
 
 class NonFiniteWeights(CheckpointError):
@@ -136,8 +156,39 @@ def resume_tag(ckpt_dir: str | os.PathLike) -> str | None:
     return good[0] if good else None
 
 
-def save(engine, ckpt_dir: str | os.PathLike, step: int, client_state: dict, keep: int = 2) -> str:
-    """Collective: every rank calls it. Returns the tag."""
+def saved_with(tag_dir: Path) -> dict:
+    """The run a tag was saved with: its marker's record, else what DeepSpeed's file names tell."""
+    marker = tag_dir / COMPLETE
+    if marker.is_file():
+        data = json.loads(marker.read_text())
+        if "saved_with" in data:
+            return data["saved_with"]
+        return ckpt_record.inferred(list(data["files"]))
+    return ckpt_record.inferred([p.name for p in tag_dir.iterdir()])
+
+
+def check_resumable(ckpt_dir: str | os.PathLike, now: dict | None, tag: str | None = None) -> None:
+    """Raise CheckpointMismatch if the resume tag (or `tag`) was saved with another
+    configuration than `now` (ckpt_record.record); no-op without a record or a tag."""
+    tag = tag or resume_tag(ckpt_dir)
+    if now is None or tag is None:
+        return
+    tag_dir = Path(ckpt_dir) / tag
+    diff = ckpt_record.differences(saved_with(tag_dir), now)
+    if diff:
+        raise CheckpointMismatch(
+            f"checkpoint {tag_dir} was saved with another configuration than this run's: {'; '.join(diff)}. "
+            "It is not broken and nothing was renamed: rerun with the configuration it was saved with to "
+            f"resume from it (resuming on another world size is not supported), or move {ckpt_dir} away "
+            "to start over."
+        )
+
+
+def save(
+    engine, ckpt_dir: str | os.PathLike, step: int, client_state: dict, keep: int = 2, record: dict | None = None
+) -> str:
+    """Collective: every rank calls it. Returns the tag. `record` (ckpt_record.record) goes
+    into the marker, for `check_resumable`."""
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)
     _refuse_newer_complete(ckpt_dir, step)  # on every rank: all raise, none waits at a barrier
@@ -147,22 +198,28 @@ def save(engine, ckpt_dir: str | os.PathLike, step: int, client_state: dict, kee
             _write_atomic(ckpt_dir / FORMAT, "tags carry a COMPLETE marker (pipeline/checkpoint.py)\n")
         (ckpt_dir / tag / COMPLETE).unlink(missing_ok=True)  # this tag is rewritten now
     barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    _fsync_tree(ckpt_dir / tag)  # each rank's own files are on disk before it checks in
+    with _naming_disk_full(ckpt_dir, tag, record):
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        _fsync_tree(ckpt_dir / tag)  # each rank's own files are on disk before it checks in
     barrier()
     if rank() == 0:
-        _mark_complete(ckpt_dir / tag)
+        with _naming_disk_full(ckpt_dir, tag, record):  # a marker that failed is not there: the tag is torn
+            _mark_complete(ckpt_dir / tag, record)
         _write_atomic(ckpt_dir / LATEST, tag)
         _prune(ckpt_dir, keep=max(keep, 1), current=tag)
     barrier()
     return tag
 
 
-def load(engine, ckpt_dir: str | os.PathLike, world_size: int = 1) -> tuple[str, dict] | None:
+def load(
+    engine, ckpt_dir: str | os.PathLike, world_size: int = 1, record: dict | None = None
+) -> tuple[str, dict] | None:
     """Restore engine (weights, optimizer, scheduler) from the newest complete checkpoint;
-    returns (tag, this rank's client state) or None for a fresh start. A tag that fails to
-    load is skipped for the previous one in a single process; with several ranks (whose
-    loads are collective) the error stops the run, naming the tag."""
+    returns (tag, this rank's client state) or None for a fresh start. A tag saved with
+    another configuration than `record` raises CheckpointMismatch before anything is loaded
+    or renamed. A tag that fails to load is skipped for the previous one in a single
+    process; with several ranks (whose loads are collective) the error stops the run,
+    naming the tag."""
     ckpt_dir = Path(ckpt_dir)
     good, broken = candidates(ckpt_dir)
     pointer = latest_tag(ckpt_dir)
@@ -171,6 +228,7 @@ def load(engine, ckpt_dir: str | os.PathLike, world_size: int = 1) -> tuple[str,
             log.warning("checkpoint %s/%s is broken (%s): skipped, kept as %s.broken", ckpt_dir, t, why, t)
     loaded = None
     for t in good:
+        check_resumable(ckpt_dir, record, tag=t)  # before any rename: a mismatch is not damage
         try:
             with safe_loads():
                 path, client_state = engine.load_checkpoint(
@@ -199,7 +257,7 @@ def load(engine, ckpt_dir: str | os.PathLike, world_size: int = 1) -> tuple[str,
             for t, _ in broken:
                 _set_aside(ckpt_dir / t)
             if legacy:  # from before the markers, trusted as `latest` said: marked now
-                _mark_complete(ckpt_dir / loaded[0])
+                _mark_complete(ckpt_dir / loaded[0], record)
         barrier()
     if loaded is None and broken:
         raise CheckpointError(f"{ckpt_dir}: every checkpoint is broken ({[t for t, _ in broken]}, kept as *.broken)")
@@ -277,6 +335,66 @@ def safe_loads():
             os.environ[key] = before
 
 
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+LOW_FREE = 16 * 2**20  # bytes: below this after a failed write, torch's nameless error is a full disk
+
+
+@contextlib.contextmanager
+def _naming_disk_full(ckpt_dir: Path, tag: str, record: dict | None):
+    """Turn a save's failure into CheckpointDiskFull when the disk is full: an ENOSPC/EDQUOT
+    OSError, or any error (torch's writer reports ENOSPC only as "basic_ios::clear: iostream
+    error" or "file write failed") while less than what the tag still needs is free."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        full = _disk_full(e, ckpt_dir, tag, record)
+        if full is None:
+            raise
+        raise full from e
+
+
+def _disk_full(e: BaseException, ckpt_dir: Path, tag: str, record: dict | None) -> CheckpointDiskFull | None:
+    free = _free_bytes(ckpt_dir)
+    written = _tree_bytes(ckpt_dir / tag)
+    previous = [t for t in tags(ckpt_dir) if t != tag and is_complete(ckpt_dir / t)]
+    if previous:
+        needed, basis = _tree_bytes(ckpt_dir / previous[-1]), f"the size of {previous[-1]}"
+    elif record is not None:
+        needed, basis = ckpt_record.estimate_bytes(record), "estimated from the model's parameters"
+    else:
+        needed, basis = None, None
+    errnos = {getattr(x, "errno", None) for x in _chain(e)}
+    if not errnos & set(FULL_ERRNOS) and free >= max((needed or 0) - written, LOW_FREE):
+        return None
+    need = f"about {_size(needed)} needed ({basis})" if needed is not None else "the size it needs is unknown"
+    resume = f"{previous[-1]} stays the resume point" if previous else "no earlier checkpoint exists"
+    return CheckpointDiskFull(
+        f"no space left for checkpoint {ckpt_dir / tag}: {_size(free)} free on its filesystem, {need}; "
+        f"{_size(written)} written when it failed ({type(e).__name__}: {e}). Nothing complete is lost: {resume}, "
+        f"and {tag} (no marker) is deleted by the next save. Free space or lower train.keep_checkpoints, then rerun."
+    )
+
+
+def _free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def _chain(e: BaseException | None):
+    while e is not None:
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _size(n: int) -> str:
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB ({n:,} bytes)"
+    return f"{n / 2**20:.1f} MiB ({n:,} bytes)" if n >= 2**20 else f"{n:,} bytes"
+
+
 def _refuse_newer_complete(ckpt_dir: Path, step: int) -> None:
     newer = [t for t in tags(ckpt_dir) if step_of(t) > step and is_complete(ckpt_dir / t)]
     if newer:
@@ -299,10 +417,15 @@ def _prune(ckpt_dir: Path, keep: int, current: str) -> None:
             shutil.rmtree(ckpt_dir / name, ignore_errors=True)
 
 
-def _mark_complete(tag_dir: Path) -> None:
+def _mark_complete(tag_dir: Path, record: dict | None = None) -> None:
     files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
     files.pop(COMPLETE, None)
-    _write_atomic(tag_dir / COMPLETE, json.dumps({"step": step_of(tag_dir.name), "files": files}, indent=1) + "\n")
+    marker = {"step": step_of(tag_dir.name), "files": files}
+    if record is not None:
+        marker["saved_with"] = record
+    text = json.dumps(marker, indent=1)
+    text = re.sub(r"\[([\d,\s]*)\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)  # a shape per line
+    _write_atomic(tag_dir / COMPLETE, text + "\n")
 
 
 def _set_aside(tag_dir: Path) -> None:

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as tdist
 
 from model import AtpLlavaConfig, AtpLlavaForConditionalGeneration
-from pipeline import checkpoint
+from pipeline import checkpoint, ckpt_record
 from pipeline.build import apply_atp_fields
 from pipeline.config import RunConfig
 from pipeline.data import build_loader
@@ -109,6 +109,10 @@ def train(run: RunConfig, ctx, out: Path, start: Path, tb_dir: Path | None = Non
             return False
         _calibrate(model, first, ds, autocast, dtype)
     groups = _param_groups(model, run)
+    # What a checkpoint must have been saved with to load here; a mismatch stops the run
+    # before the engine is built, and nothing is renamed (it is not a broken checkpoint).
+    record = ckpt_record.record(model, dist.world_size, ds["zero_optimization"]["stage"])
+    checkpoint.check_resumable(ckpt_dir, record)
     if run.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine, _, _, _ = deepspeed.initialize(
@@ -116,7 +120,7 @@ def train(run: RunConfig, ctx, out: Path, start: Path, tb_dir: Path | None = Non
     )
     group_names = [g["name"] for g in groups]
 
-    loaded = checkpoint.load(engine, ckpt_dir, world_size=dist.world_size)
+    loaded = checkpoint.load(engine, ckpt_dir, world_size=dist.world_size, record=record)
     step, nonfinite = 0, {"total": 0, "in_row": 0}
     if loaded is not None:
         tag, client = loaded
@@ -140,6 +144,7 @@ def train(run: RunConfig, ctx, out: Path, start: Path, tb_dir: Path | None = Non
             ckpt_dir,
             step,
             keep=run.train.keep_checkpoints,
+            record=record,
             client_state={"step": step, "data": data.position(), "rng": _get_rng(), "nonfinite": dict(nonfinite)},
         )
 

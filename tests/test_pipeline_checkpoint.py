@@ -135,6 +135,79 @@ def test_a_checkpoint_that_fails_to_load_falls_back_in_one_process(tmp_path, cap
         checkpoint.load(Failing(), tmp_path, world_size=2)  # collective loads: no rank skips alone
 
 
+def _record(world_size=2, zero_stage=3, hidden=8, freeze_first=False):
+    from pipeline import ckpt_record
+
+    module = torch.nn.Sequential(torch.nn.Linear(4, hidden), torch.nn.Linear(hidden, 2))
+    module[0].requires_grad_(not freeze_first)
+    return ckpt_record.record(module, world_size, zero_stage)
+
+
+@pytest.mark.parametrize(
+    "now,named",
+    [
+        (dict(world_size=1), "world size 2 when saved, 1 now"),
+        (dict(zero_stage=0), "ZeRO stage 3 when saved, 0 now"),
+        (dict(hidden=16), "3 parameter shapes differ (saved -> now): 0.weight [8, 4] -> [16, 4]"),
+        (dict(freeze_first=True), "frozen parameters differ: none trainable now, 0.bias, 0.weight frozen now"),
+    ],
+)
+def test_a_checkpoint_saved_with_another_configuration_is_refused_and_kept(tmp_path, now, named):
+    """Probe: 2-rank ZeRO-3 checkpoints rerun on 1 process failed to load, every one was renamed
+    *.broken, and the rerun on 2 ranks started from step 0. A configuration mismatch is now named
+    before anything is loaded, nothing is renamed (not even a torn newer tag), and the original
+    configuration resumes from the newest complete tag."""
+    for step in (2, 4, 6):
+        checkpoint.save(FakeEngine(), tmp_path, step, {"step": step}, keep=10, record=_record())
+    (tmp_path / "step00000008").mkdir()  # a torn save: no marker
+    (tmp_path / "step00000008" / FILES[0]).write_text("partial")
+    before = _dirs(tmp_path)
+    engine = FakeEngine()
+    with pytest.raises(checkpoint.CheckpointMismatch, match=r"step00000006 was saved with another") as e:
+        checkpoint.load(engine, tmp_path, world_size=now.get("world_size", 2), record=_record(**now))
+    assert named in str(e.value) and "nothing was renamed" in str(e.value)
+    assert engine.loaded == [] and _dirs(tmp_path) == before
+    assert checkpoint.load(FakeEngine(), tmp_path, world_size=2, record=_record()) == ("step00000006", {"step": 6})
+
+
+def test_a_mismatch_is_named_before_a_broken_newer_tag_is_set_aside(tmp_path):
+    for step in (2, 4):
+        checkpoint.save(FakeEngine(), tmp_path, step, {"step": step}, keep=10, record=_record())
+    os.truncate(tmp_path / "step00000004" / FILES[1], 1)
+    with pytest.raises(checkpoint.CheckpointMismatch, match=r"step00000002 .* world size 2 when saved, 1 now"):
+        checkpoint.load(FakeEngine(), tmp_path, world_size=1, record=_record(world_size=1))
+    assert _dirs(tmp_path) == ["step00000002", "step00000004"]
+    # the torn tag is still set aside when the configuration matches
+    assert checkpoint.load(FakeEngine(), tmp_path, world_size=2, record=_record())[0] == "step00000002"
+    assert _dirs(tmp_path) == ["step00000002", "step00000004.broken"]
+
+
+def test_markers_without_a_record_are_checked_by_deepspeeds_file_names(tmp_path):
+    """Tags marked before markers held `saved_with`: DeepSpeed's per-rank ZeRO-3 files give the
+    world size and the stage; the shapes are not known and not compared."""
+    tag = tmp_path / "step00000006"
+    tag.mkdir()
+    for r in (0, 1):
+        for kind in ("model", "optim"):
+            (tag / f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt").write_text("x")
+    checkpoint._mark_complete(tag)
+    (tmp_path / "FORMAT").write_text("")
+    with pytest.raises(checkpoint.CheckpointMismatch, match="world size 2 when saved, 1 now"):
+        checkpoint.check_resumable(tmp_path, _record(world_size=1))
+    with pytest.raises(checkpoint.CheckpointMismatch, match="ZeRO stage 3 when saved, 2 now"):
+        checkpoint.check_resumable(tmp_path, _record(zero_stage=2))
+    checkpoint.check_resumable(tmp_path, _record(hidden=16))  # shapes unknown: left to the load
+    # ZeRO-1/2 (and ZeRO-0 bf16): one model file, one optimizer file per data-parallel rank
+    for p in [*tag.iterdir()]:
+        p.unlink()
+    for name in ("mp_rank_00_model_states.pt", *(f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1))):
+        (tag / name).write_text("x")
+    checkpoint._mark_complete(tag)
+    with pytest.raises(checkpoint.CheckpointMismatch, match="ZeRO stage 0 or 1 or 2 when saved, 3 now"):
+        checkpoint.check_resumable(tmp_path, _record())
+    checkpoint.check_resumable(tmp_path, _record(zero_stage=2))
+
+
 def test_checkpoints_from_before_the_markers(tmp_path):
     """Tags without markers and no FORMAT: resumed from the one `latest` names (and marked
     then); without a usable `latest`, refused rather than guessed or deleted."""
@@ -210,3 +283,50 @@ def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path, caplog):
     monitor.close()
     assert sorted(read_metrics(path)) == [1, 2, 3]
     assert read_metrics(path)[3]["loss/total"] == 1.0
+
+
+class DiskFills(FakeEngine):
+    """Writes the first file, then fails as the disk fills: torch's own error or an OSError."""
+
+    def __init__(self, error):
+        super().__init__(fail_after_files=1)
+        self.error = error
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        try:
+            super().save_checkpoint(save_dir, tag, client_state, save_latest)
+        except RuntimeError:
+            raise self.error from None
+
+
+@pytest.mark.parametrize(
+    "error", [RuntimeError("basic_ios::clear: iostream error"), OSError(28, "No space left on device")]
+)
+def test_a_full_disk_during_a_save_is_named(tmp_path, monkeypatch, error):
+    """Probe: a disk that filled during a save ended the run with torch's bare "basic_ios::clear:
+    iostream error". Now the tag, the bytes needed (the previous tag's size) and free are named;
+    the previous tag stays the resume point."""
+    _save_steps(tmp_path, (2,))
+    needed = sum(p.stat().st_size for p in (tmp_path / "step00000002").iterdir())
+    monkeypatch.setattr(checkpoint, "_free_bytes", lambda path: 1234)
+    with pytest.raises(checkpoint.CheckpointDiskFull) as e:
+        checkpoint.save(DiskFills(error), tmp_path, 4, {"step": 4})
+    msg = str(e.value)
+    assert f"no space left for checkpoint {tmp_path / 'step00000004'}" in msg
+    assert f"1,234 bytes free on its filesystem, about {needed:,} bytes needed (the size of step00000002)" in msg
+    assert str(error) in msg and "step00000002 stays the resume point" in msg
+    assert checkpoint.resume_tag(tmp_path) == "step00000002" and checkpoint.latest_tag(tmp_path) == "step00000002"
+
+
+def test_a_first_save_estimates_its_size_and_other_errors_pass_unchanged(tmp_path, monkeypatch):
+    rec = _record()
+    monkeypatch.setattr(checkpoint, "_free_bytes", lambda path: 0)
+    torch_error = RuntimeError("basic_ios::clear: iostream error")
+    # no earlier tag: 16 bytes per trainable parameter (weights, fp32 master, two Adam moments), 58 of them
+    with pytest.raises(checkpoint.CheckpointDiskFull, match=r"about 928 bytes needed \(estimated from the model"):
+        checkpoint.save(DiskFills(torch_error), tmp_path, 2, {"step": 2}, record=rec)
+    # the same error with the disk far from full is not a full disk: raised as it was
+    monkeypatch.setattr(checkpoint, "_free_bytes", lambda path: 10 * 2**30)
+    with pytest.raises(RuntimeError, match="basic_ios") as e:
+        checkpoint.save(DiskFills(torch_error), tmp_path, 2, {"step": 2}, record=rec)
+    assert type(e.value) is RuntimeError

@@ -87,6 +87,77 @@ def test_truncated_file_in_the_newest_checkpoint_falls_back_to_the_previous(tiny
     assert metric_steps(run) == list(range(1, 9))
 
 
+def test_another_zero_stage_is_refused_and_nothing_renamed(tiny, tmp_path):
+    """A ZeRO-3 run's checkpoints rerun at ZeRO-0: exit 2 naming both stages, every tag kept."""
+    run = copy_run(tiny, tmp_path / "run")
+    p = sft(tiny, run, "train.max_steps=8", "train.zero_stage=0", check=False)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert f"CheckpointMismatch: checkpoint {run / CKPT}/step00000006 was saved with another" in p.stderr
+    assert "ZeRO stage 3 when saved, 0 now" in p.stderr and "nothing was renamed" in p.stderr
+    assert tags(run) == ["step00000002", "step00000004", "step00000006"]
+    assert metric_steps(run) == list(range(1, 7)) and not (run / ".lock").exists()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny, tmp_path_factory):
+    """The same 6 steps under 2-process ZeRO-3 (checkpoints at 2, 4, 6), from the fixture's projector."""
+    run = tmp_path_factory.mktemp("two_ranks") / "run"
+    shutil.copytree(tiny["root"] / "run" / "projector", run / "projector")
+    launch(["run", tiny["config"], f"run_dir={run}", "stages=[sft]", *tiny["common"]], nproc=2)
+    return run
+
+
+def test_a_two_rank_checkpoint_rerun_on_one_process_is_kept_and_resumes_on_two(tiny, two_ranks, tmp_path):
+    """Probe: 2-rank ZeRO-3 checkpoints rerun with 1 process: DeepSpeed refused them ("used a DP
+    world size of 2"), every one was renamed *.broken, and the rerun on 2 ranks restarted from
+    step 0. Now the 1-process run exits 2 naming both world sizes, renames nothing, and 2 ranks
+    resume from step 6."""
+    run = tmp_path / "run"
+    shutil.copytree(two_ranks, run)
+    (run / "sft" / "DONE").unlink()
+    p = sft(tiny, run, "train.max_steps=8", check=False)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert f"checkpoint {run / CKPT}/step00000006 was saved with another configuration" in p.stderr
+    assert "world size 2 when saved, 1 now" in p.stderr and "nothing was renamed" in p.stderr
+    assert tags(run) == ["step00000002", "step00000004", "step00000006"] and not (run / ".lock").exists()
+    p = launch(["run", tiny["config"], f"run_dir={run}", "stages=[sft]", *tiny["common"], "train.max_steps=8"])
+    assert f"resumed from {run / CKPT}/step00000006 at step 6" in p.stderr
+    assert tags(run) == ["step00000004", "step00000006", "step00000008"]
+    assert metric_steps(run) == list(range(1, 9))
+
+
+DISK_FILLS = """
+import sys, torch
+from pipeline import checkpoint
+real_save = torch.save
+def save(obj, f, *a, **k):  # what torch's writer raises on ENOSPC, for DeepSpeed's save of step 8
+    if "step00000008" in str(f):
+        raise RuntimeError("basic_ios::clear: iostream error")
+    return real_save(obj, f, *a, **k)
+torch.save = save
+checkpoint._free_bytes = lambda path: 4096
+from pipeline.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_disk_full_during_a_save_is_named(tiny, tmp_path):
+    """Probe: a disk that filled during a save ended the run with torch's bare "basic_ios::clear:
+    iostream error". Through DeepSpeed's real save: exit 1, the tag, bytes needed and free named."""
+    run = copy_run(tiny, tmp_path / "run")
+    args = ["run", str(tiny["config"]), f"run_dir={run}", "stages=[sft]", *tiny["common"], "train.max_steps=8"]
+    p = subprocess.run(
+        [sys.executable, "-c", DISK_FILLS, *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300
+    )
+    assert p.returncode == 1, p.stderr[-3000:]
+    needed = sum(f.stat().st_size for f in (run / CKPT / "step00000006").iterdir())
+    assert f"CheckpointDiskFull: no space left for checkpoint {run / CKPT}/step00000008: 4,096 bytes free" in p.stderr
+    assert f"({needed:,} bytes) needed (the size of step00000006)" in p.stderr
+    from pipeline import checkpoint
+
+    assert checkpoint.resume_tag(run / CKPT) == "step00000006" and not (run / ".lock").exists()
+
+
 # ------------------------------------------------------------------ run-directory lock
 
 
