@@ -130,10 +130,10 @@ class TrainConfig:
     min_lr_ratio: float = 0.0  # cosine floor, as a share of each group's lr
     grad_clip: float = 1.0
     zero_stage: Literal[0, 1, 2, 3] = 3
-    # auto: bf16 on CUDA; on CPU bf16-autocast where it has native bf16 matmuls, else fp32 (ds.use_autocast)
-    # | bf16 | fp32 | bf16-autocast: fp32 weights and optimizer, bf16 matmuls under torch.autocast
-    # (about 1.7x faster than fp32 on a CPU with AVX512-BF16; ~5x slower on an AVX2-only one)
-    precision: Literal["auto", "bf16", "fp32", "bf16-autocast"] = "auto"
+    # auto: bf16 on CUDA, fp32 on CPU | bf16 | fp32 | bf16-autocast: fp32 weights and optimizer, bf16
+    # matmuls under torch.autocast (about 1.7x faster than fp32 on a CPU with AVX512-BF16, ~5x slower
+    # on an AVX2-only one) | autocast-native: bf16-autocast on CUDA or a CPU with native bf16, else fp32
+    precision: Literal["auto", "bf16", "fp32", "bf16-autocast", "autocast-native"] = "auto"
     ds_config: str = field(default=str(REPO_ROOT / "ds_config.json"), metadata=PATH)
     # atp runs: start theta_r at the target share measured on the first batch (model/calibration.py)
     calibrate_thresholds: bool = True

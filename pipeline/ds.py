@@ -47,16 +47,16 @@ def use_bf16(run: RunConfig, cuda: bool) -> bool:
 
 
 def use_autocast(run: RunConfig, cuda: bool) -> bool:
-    """bf16 autocast over fp32 weights: asked for, or `auto` on a CPU with native bf16 matmuls
-    (AVX512-BF16 or AMX). Without them torch emulates bf16: measured 25 s per step of the
-    embedded default's sft on an AVX2-only EPYC against about 4 s in fp32 (docs/RESULTS.md)."""
-    if run.train.precision == "bf16-autocast":
-        return True
+    """bf16 autocast over fp32 weights: `bf16-autocast` always, `autocast-native` on CUDA or on a CPU
+    with native bf16 matmuls (AVX512-BF16 or AMX). Without them torch emulates bf16: measured 25 s
+    per step of the embedded default's sft on an AVX2-only EPYC against about 4 s in fp32
+    (docs/RESULTS.md)."""
+    if run.train.precision != "autocast-native":
+        return run.train.precision == "bf16-autocast"
     import torch
 
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private: absent means unknown, no
-    native = any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-    return run.train.precision == "auto" and not cuda and native
+    return cuda or any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def build_ds_config(run: RunConfig, *, world_size: int, total_steps: int, hidden_size: int, cuda: bool) -> dict:

@@ -131,7 +131,7 @@ def test_deepspeed_config_filled_from_the_run(tmp_path):
     z = ds["zero_optimization"]
     assert z["stage"] == 3 and z["overlap_comm"] and z["stage3_gather_16bit_weights_on_model_save"]
     assert "auto" not in json.dumps(ds)
-    auto = load_config(DEFAULT_CONFIG, ["train.precision=auto"])  # the default's own is bf16-autocast
+    auto = load_config(DEFAULT_CONFIG, ["train.precision=auto"])  # the default's own is autocast-native
     assert build_ds_config(auto, world_size=1, total_steps=1, hidden_size=64, cuda=True)["bf16"]["enabled"] is True
     assert build_ds_config(run, world_size=1, total_steps=1, hidden_size=64, cuda=True)["bf16"]["enabled"] is False
     # ds_config.json may not set what the YAML owns
@@ -321,3 +321,22 @@ def test_size_known_only_from_the_model_config_checked_when_built(tmp_path):
         build.source_parts(run)
     with pytest.raises(ConfigError, match=r"'atp.target_tokens'.*Lv = 576"):  # (336 / 14)^2
         load_config(_tiny_config(tmp_path / "b"), [*over[:2], "atp.target_tokens=600"])
+
+
+def test_autocast_native_follows_the_hardware(monkeypatch):
+    """The default's `autocast-native`: bf16 autocast on CUDA or a CPU with native bf16, fp32 elsewhere
+    (emulated bf16 costs ~5x on an AVX2-only CPU); `bf16-autocast` always autocasts."""
+    import torch
+
+    from pipeline.ds import use_autocast
+
+    run = load_config(DEFAULT_CONFIG)
+    assert run.train.precision == "autocast-native"
+    assert use_autocast(run, cuda=True)
+    for native in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+        assert use_autocast(run, cuda=False) is native
+    forced = load_config(DEFAULT_CONFIG, ["train.precision=bf16-autocast"])
+    assert use_autocast(forced, cuda=False)
+    assert not use_autocast(load_config(DEFAULT_CONFIG, ["train.precision=auto"]), cuda=False)
