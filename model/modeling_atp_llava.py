@@ -493,9 +493,7 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 spans = group_spans(cfg.atp_layers, n)[1:]
                 err = [s / n * (k - c) / lv for s, k, c in zip(spans, kept, counts)]
                 if cfg.budget_loss == "dual":  # a price per token (METHOD sec 15): samples trade tokens
-                    price = self._dual_prices(kept, counts)
-                    l_target = sum(p * e for p, e in zip(price, err))
-                    logs["price"] = price.mean()
+                    l_target = sum(p * e for p, e in zip(self._dual_prices(kept, counts), err))
                 else:
                     l_target = sum(e.abs() for e in err)
             else:
@@ -516,8 +514,8 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if price is None or price.shape[0] != len(counts):
             price = torch.ones(len(counts), device=kept.device)
         if self.training:
-            rel = (kept.detach().float() - kept.new_tensor(counts).float()) / kept.new_tensor(counts).float()
-            price = (price.to(kept.device) + self.config.dual_lr * rel).clamp_min(0.0)
+            c = kept.new_tensor(counts, dtype=torch.float32)
+            price = (price.to(kept.device) + self.config.dual_lr * (kept.float() - c) / c).clamp_min(0.0)
         self._price = price
         return price
 

@@ -15,6 +15,7 @@ known there and are not compared.
 
 from __future__ import annotations
 
+import math
 import re
 
 OPTIM_RE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
@@ -67,13 +68,7 @@ def estimate_bytes(rec: dict) -> int:
     """Rough size of one checkpoint of this run: 4 bytes per parameter (the weights) and 12
     more per trainable one (fp32 master copy and Adam's two moments)."""
     frozen = set(rec["frozen"])
-    total = 0
-    for name, shape in rec["shapes"].items():
-        n = 1
-        for d in shape:
-            n *= d
-        total += n * (4 if name in frozen else 16)
-    return total
+    return sum(math.prod(shape) * (4 if name in frozen else 16) for name, shape in rec["shapes"].items())
 
 
 def _shape_differences(saved: dict, now: dict) -> list[str]:

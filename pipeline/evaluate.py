@@ -390,7 +390,7 @@ def _overlay_samples(samples, n):
 
     from shards.synthetic import FAMILY_OF, QUESTIONS
 
-    scenes = [s for s in samples if s.scene is not None and s.n_shapes and s.n_shapes > 1]
+    scenes = [s for s in samples if (s.n_shapes or 0) > 1]
     if scenes:
         picked = []
         for s in scenes[: max(1, n // 2)]:

@@ -51,12 +51,12 @@ def allocate(correct: np.ndarray, n_bars: np.ndarray, groups: list[str], target:
     unit = 8
     cap = int(np.floor(target * len(groups) * unit + 1e-9))
     NEG = -1e18
+    costs = {g: np.ceil(n_bars * len(idx[g]) * unit - 1e-9).astype(int) for g in labels}  # [S] each
     best = np.full(cap + 1, NEG)
     best[0] = 0.0
     choice = []
     for g in labels:
-        gain = correct[idx[g]].sum(0).astype(float)  # [S]
-        cost = np.ceil(n_bars * len(idx[g]) * unit - 1e-9).astype(int)
+        gain, cost = correct[idx[g]].sum(0).astype(float), costs[g]  # [S]
         new = np.full(cap + 1, NEG)
         arg = np.full(cap + 1, -1)
         for s in range(len(n_bars)):
@@ -76,7 +76,7 @@ def allocate(correct: np.ndarray, n_bars: np.ndarray, groups: list[str], target:
     for g, arg in zip(reversed(labels), reversed(choice)):
         s = int(arg[c])
         out[g] = s
-        c -= int(np.ceil(n_bars[s] * len(idx[g]) * unit - 1e-9))
+        c -= int(costs[g][s])
     return out
 
 
