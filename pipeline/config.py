@@ -131,7 +131,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     zero_stage: Literal[0, 1, 2, 3] = 3
     # auto: bf16 on CUDA, fp32 on CPU | bf16 | fp32 | bf16-autocast: fp32 weights and optimizer, bf16
-    # matmuls under torch.autocast (about 1.7x faster than fp32 on a CPU with AVX512-BF16, ~5x slower
+    # matmuls under torch.autocast (about 1.7x faster than fp32 on a CPU with AVX512-BF16, ~6x slower
     # on an AVX2-only one) | autocast-native: bf16-autocast on CUDA or a CPU with native bf16, else fp32
     precision: Literal["auto", "bf16", "fp32", "bf16-autocast", "autocast-native"] = "auto"
     ds_config: str = field(default=str(REPO_ROOT / "ds_config.json"), metadata=PATH)

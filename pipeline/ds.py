@@ -48,9 +48,8 @@ def use_bf16(run: RunConfig, cuda: bool) -> bool:
 
 def use_autocast(run: RunConfig, cuda: bool) -> bool:
     """bf16 autocast over fp32 weights: `bf16-autocast` always, `autocast-native` on CUDA or on a CPU
-    with native bf16 matmuls (AVX512-BF16 or AMX). Without them torch emulates bf16: measured 25 s
-    per step of the embedded default's sft on an AVX2-only EPYC against about 4 s in fp32
-    (docs/RESULTS.md)."""
+    with native bf16 matmuls (AVX512-BF16 or AMX). Without them torch emulates bf16: 17.7 s per step
+    of the embedded default's sft on an AVX2-only EPYC against 2.7 s in fp32 (docs/RESULTS.md)."""
     if run.train.precision != "autocast-native":
         return run.train.precision == "bf16-autocast"
     import torch
