@@ -3,15 +3,15 @@
     python -m pipeline run [CONFIG] [key=value ...]          # the config's stages, in order
     python -m pipeline stage NAME [CONFIG] [key=value ...]   # one stage
     python -m pipeline config [CONFIG] [key=value ...]       # print the resolved config
-    python -m pipeline eval --checkpoint DIR --shards DIR --out DIR ...   # pipeline/evaluate.py
-    python -m pipeline bench [...]                           # pipeline/bench.py: prefill time vs FLOPs
-    python -m pipeline headroom --checkpoint FIXED ...       # pipeline/headroom.py: adaptivity oracle
+    python -m pipeline eval --checkpoint DIR --shards DIR --out DIR ...   # pipeline/eval/evaluate.py
+    python -m pipeline bench [...]                           # pipeline/eval/bench.py: prefill time vs FLOPs
+    python -m pipeline headroom --checkpoint FIXED ...       # pipeline/eval/headroom.py: adaptivity oracle
 
 CONFIG defaults to the embedded default (pipeline/configs/default.yaml). Launch the same
-command under `torchrun`, `deepspeed --module pipeline ...` or `srun`; pipeline.distributed
+command under `torchrun`, `deepspeed --module pipeline ...` or `srun`; pipeline.core.distributed
 maps whichever environment it finds. A stage whose `run_dir/NAME/DONE` exists is skipped
 (`--force` reruns it); a rerun after a crash resumes sft from its newest complete checkpoint.
-One run at a time per run_dir (pipeline/lock.py): a second one exits 1 naming the first.
+One run at a time per run_dir (pipeline/core/lock.py): a second one exits 1 naming the first.
 Exit status: 0 done or stopped on SIGTERM/SIGUSR1 after saving, 2 bad config (a checkpoint
 saved with another world size, ZeRO stage or model included), 1 failure.
 """
@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.config import ConfigError, load_config, save_config, to_yaml
+from pipeline.core.config import ConfigError, load_config, save_config, to_yaml
 
 log = logging.getLogger("pipeline")
 
@@ -53,7 +53,7 @@ def parse(argv):
 
 
 # commands with their own options
-TOOLS = {"eval": "pipeline.evaluate", "bench": "pipeline.bench", "headroom": "pipeline.headroom"}
+TOOLS = {"eval": "pipeline.eval.evaluate", "bench": "pipeline.eval.bench", "headroom": "pipeline.eval.headroom"}
 
 
 def main(argv=None) -> int:
@@ -78,14 +78,14 @@ def main(argv=None) -> int:
         return 0
 
     # First thing after the config: Python's default action for SIGUSR1 is to die.
-    from pipeline.distributed import StopSignal, init_distributed, shutdown
+    from pipeline.core.distributed import StopSignal, init_distributed, shutdown
 
     stop = StopSignal()
     dist = init_distributed()
     _setup_logging(dist.rank)
     names = run.stages if args.cmd == "run" else [args.name]
-    from pipeline.checkpoint import CheckpointMismatch
-    from pipeline.lock import RunDirLocked, run_dir_lock
+    from pipeline.core.lock import RunDirLocked, run_dir_lock
+    from pipeline.train.checkpoint import CheckpointMismatch
 
     try:
         with run_dir_lock(run.run_dir, dist.world_size, dist.rank):  # before anything is written
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     except RunDirLocked as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (ConfigError, CheckpointMismatch) as e:  # checks that need the built model (pipeline.build, sft)
+    except (ConfigError, CheckpointMismatch) as e:  # checks that need the built model (pipeline.train.build, sft)
         print(f"error: {type(e).__name__}: {e}" if isinstance(e, CheckpointMismatch) else e, file=sys.stderr)
         return 2
     shutdown()  # only on success: after a failure the other ranks may never reach a barrier

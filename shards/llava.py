@@ -75,7 +75,7 @@ def load_records(path: str) -> list:
 
 def record_problem(rec) -> str | None:
     """Why a record cannot become a sample (None: it can). Its shape only: roles and image
-    markers are the loader's (pipeline/template.py), as for any shard."""
+    markers are the loader's (pipeline/data/template.py), as for any shard."""
     if not isinstance(rec, dict):
         return "not_an_object"
     turns = rec.get("conversations")

@@ -34,7 +34,7 @@ py=${ATP_PYTHON:-}
 read -r -a entry <<<"${ATP_ENTRY:--m pipeline}"
 
 # Rendezvous: first node of the job, a port derived from the job id (same formula as
-# pipeline.distributed.port_from_job_id; stable across requeues). pipeline.distributed
+# pipeline.core.distributed.port_from_job_id; stable across requeues). pipeline.core.distributed
 # maps the per-task SLURM variables to RANK/WORLD_SIZE/LOCAL_RANK itself.
 export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)}
 export MASTER_PORT=${MASTER_PORT:-$((15000 + SLURM_JOB_ID % 20000))}

@@ -10,9 +10,9 @@ import webdataset as wds
 from PIL import Image
 from transformers import AutoTokenizer, CLIPImageProcessor
 
-from pipeline.data import DataConfig, build_loader, build_prompt_batch, collate
-from pipeline.template import BadSample, encode, parse_conversation
-from pipeline.tokenizer import build_word_tokenizer
+from pipeline.data.loader import DataConfig, build_loader, build_prompt_batch, collate
+from pipeline.data.template import BadSample, encode, parse_conversation
+from pipeline.data.tokenizer import build_word_tokenizer
 from shards import synthetic
 
 from tiny_pipeline import reversed_roles_shard
@@ -134,7 +134,7 @@ def test_truncation_never_cuts_image_tokens(tok):
 
 
 def test_pad_mode_fills_with_processor_mean(proc):
-    from pipeline.template import preprocess_image
+    from pipeline.data.template import preprocess_image
 
     pv = preprocess_image(Image.new("RGB", (40, 20), (255, 0, 0)), proc)  # wide: padded top and bottom
     mean, std = torch.tensor(proc.image_mean), torch.tensor(proc.image_std)
@@ -261,7 +261,7 @@ def test_bad_input_skipped_counted_logged_once(tmp_path, tok, proc, caplog, work
         overlong="drop",
     )
     loader = build_loader(cfg, tok, proc, **_kw(tok))
-    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.loader"):
         batches = list(loader)
     assert sorted(k for b in batches for k in b["keys"]) == sorted(expected)
     stats = loader.stats
@@ -302,7 +302,7 @@ def test_shard_cut_inside_a_header_counts_its_lost_samples(tmp_path, tok, proc, 
     (tmp_path / "sizes.json").write_text(json.dumps({"a-000000.tar": 10, "a-000001.tar": 10}))
     cfg = DataConfig(shards=str(tmp_path), batch_size=4, num_workers=0, shuffle_buffer=0, resampled=False)
     loader = build_loader(cfg, tok, proc, **_kw(tok))
-    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.loader"):
         keys = [k for b in loader for k in b["keys"]]
     assert len(keys) == 14
     assert loader.stats["lost_samples"] == 6
@@ -315,7 +315,7 @@ def test_every_sample_bad_stops_with_a_named_error(tmp_path, tok, proc, workers)
     """Probe: with every sample bad (16 records with reversed roles) the resampled loader
     skipped forever. Now `max_consecutive_bad` in a row raise TooManyBadSamples, from a worker
     process too; a good sample in between resets the count."""
-    from pipeline.data import TooManyBadSamples
+    from pipeline.data.loader import TooManyBadSamples
 
     shards = reversed_roles_shard(tmp_path / "bad")
     cfg = DataConfig(shards=str(shards), batch_size=4, num_workers=workers, shuffle_buffer=0, max_consecutive_bad=40)

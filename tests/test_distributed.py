@@ -1,4 +1,4 @@
-"""pipeline/distributed.py: launcher environment mapping (pure) and stop-signal agreement
+"""pipeline/core/distributed.py: launcher environment mapping (pure) and stop-signal agreement
 across two real gloo processes."""
 
 import json
@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from pipeline.distributed import expand_nodelist, expand_tasks_per_node, first_host, map_env, port_from_job_id
+from pipeline.core.distributed import expand_nodelist, expand_tasks_per_node, first_host, map_env, port_from_job_id
 
 
 def port():
@@ -129,7 +129,7 @@ def test_single_process_env():
 
 WORKER = r"""
 import json, sys, time
-from pipeline import distributed as dist
+from pipeline.core import distributed as dist
 stop = dist.StopSignal()
 info = dist.init_distributed()
 print("ready", flush=True)
@@ -147,7 +147,7 @@ dist.shutdown()
 @pytest.mark.timeout(300)  # first DeepSpeed CPU init on a machine JIT-builds its shm op
 @pytest.mark.parametrize("sig,target", [(signal.SIGUSR1, 1), (signal.SIGTERM, 0)])
 def test_stop_signal_agreement_two_gloo_ranks(sig, target):
-    from pipeline.distributed import free_port
+    from pipeline.core.distributed import free_port
 
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE"))}
     base.update(

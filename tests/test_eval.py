@@ -230,7 +230,7 @@ def test_base_goals():
 def test_diagnostics_count_object_and_background_tokens():
     """Object recall and background share on a hand-made scene: a big square over the top-left
     quarter of a 4x4 grid, one small square in the bottom-right patch."""
-    from pipeline.diagnostics import Diagnostics
+    from pipeline.eval.diagnostics import Diagnostics
     from shards.objects import object_map
 
     scene = {
@@ -258,8 +258,8 @@ def test_diagnostics_count_object_and_background_tokens():
 def test_adaptivity_measures():
     """Per-image spread of N_bar, its rank correlation with the number of small shapes, and the
     report's ratios (fine / coarse, counting / background)."""
-    from pipeline.diagnostics import Diagnostics, spearman
-    from pipeline.report import adaptivity
+    from pipeline.eval.diagnostics import Diagnostics, spearman
+    from pipeline.eval.report import adaptivity
 
     assert spearman([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)

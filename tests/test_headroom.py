@@ -1,11 +1,11 @@
-"""The adaptivity oracle (pipeline/headroom.py): an exact allocation under the budget."""
+"""The adaptivity oracle (pipeline/eval/headroom.py): an exact allocation under the budget."""
 
 import itertools
 
 import numpy as np
 import pytest
 
-from pipeline.headroom import allocate, score, uniform_at
+from pipeline.eval.headroom import allocate, score, uniform_at
 
 
 def _brute(correct, n_bars, groups, target):

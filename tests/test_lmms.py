@@ -1,12 +1,12 @@
-"""lmms-eval plugin (pipeline/lmms/) on a tiny exported checkpoint, offline, CPU.
+"""lmms-eval plugin (pipeline/eval/lmms/) on a tiny exported checkpoint, offline, CPU.
 
 One module fixture builds a tiny ATP-LLaVA with the word tokenizer and saves it as the
 export stage does (auto_map, modeling files, processor), converts 6 synthetic eval samples
 into the local tasks `synthetic_vqa` / `synthetic_mc`, and writes 2-row stand-ins for the
 seven offline benchmarks (their columns as the built-in tasks read them). One run of the
-wrapper (`python -m pipeline.lmms eval`, lmms-eval's own CLI and evaluator in a child
+wrapper (`python -m pipeline.eval.lmms eval`, lmms-eval's own CLI and evaluator in a child
 process) covers all nine tasks; the tests read that run and compare it with
-`pipeline.answers` computed directly on the same samples.
+`pipeline.eval.answers` computed directly on the same samples.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 pytest.importorskip("lmms_eval")
 
 from pipeline import answers  # noqa: E402
-from pipeline.lmms import cli  # noqa: E402
+from pipeline.eval.lmms import cli  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 LAYERS, LV, SAMPLES, MAX_NEW = 6, 16, 6, 3
@@ -48,8 +48,8 @@ def make_export(out: Path) -> None:
     from transformers import CLIPImageProcessor, LlavaForConditionalGeneration
 
     from model import AtpLlavaConfig, AtpLlavaForConditionalGeneration
-    from pipeline.build import make_processor
-    from pipeline.tokenizer import build_word_tokenizer
+    from pipeline.data.tokenizer import build_word_tokenizer
+    from pipeline.train.build import make_processor
 
     from tiny_models import tiny_llava_config
 
@@ -180,7 +180,7 @@ def make_benchmark_standins(root: Path) -> None:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from pipeline.lmms.synthetic import convert
+    from pipeline.eval.lmms.synthetic import convert
     from shards import synthetic
 
     root = tmp_path_factory.mktemp("lmms")
@@ -192,8 +192,8 @@ def setup(tmp_path_factory):
 
 
 def _lmms_eval(setup, tasks, include, out, extra, timeout):
-    """`python -m pipeline.lmms eval` on the export, in a child process, as a user runs it."""
-    cmd = [sys.executable, "-m", "pipeline.lmms", "eval", "--model-dir", setup / "export", "--tasks", tasks]
+    """`python -m pipeline.eval.lmms eval` on the export, in a child process, as a user runs it."""
+    cmd = [sys.executable, "-m", "pipeline.eval.lmms", "eval", "--model-dir", setup / "export", "--tasks", tasks]
     cmd += ["--include-path", include, "--output", out, *extra]
     return subprocess.run(
         list(map(str, cmd)), cwd=setup, env=_env(setup), capture_output=True, text=True, timeout=timeout
@@ -234,7 +234,7 @@ def run(setup):
 
 @pytest.fixture(scope="module")
 def direct(setup):
-    """The same samples through pipeline.answers, with the export loaded as the plugin loads it."""
+    """The same samples through pipeline.eval.answers, with the export loaded as the plugin loads it."""
     from datasets import load_dataset
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -255,7 +255,7 @@ def direct(setup):
     preds = answers.greedy_answers(
         model, processor, prompts, images, max_new_tokens=MAX_NEW, batch_size=4, stats=gen_stats, prefill=prefill
     )
-    # several batches: every prompt has its own prefill record (pipeline/diagnostics.py)
+    # several batches: every prompt has its own prefill record (pipeline/eval/diagnostics.py)
     assert len(prompts) > 4 and sorted(prefill) == list(range(len(prompts)))
     assert all(r["keep"] is not None and r["visual_tokens"].shape == (LAYERS,) for r in prefill.values())
     flat = [(i, c) for i, d in enumerate(docs) for c in d["choices"]]
@@ -278,7 +278,7 @@ def direct(setup):
 def test_plugin_found_through_entry_point():
     from lmms_eval.models import get_model
 
-    from pipeline.lmms.model import AtpLlavaLmms
+    from pipeline.eval.lmms.model import AtpLlavaLmms
 
     assert get_model("atp_llava") is AtpLlavaLmms
 
@@ -286,7 +286,7 @@ def test_plugin_found_through_entry_point():
 def test_loglikelihood_survives_unwrap_generation_output():
     from lmms_eval.api.instance import unwrap_generation_output
 
-    from pipeline.lmms.model import _loglikelihood_output
+    from pipeline.eval.lmms.model import _loglikelihood_output
 
     value, _ = unwrap_generation_output(_loglikelihood_output((-2.5, True)))
     assert value == (2.5, True) and isinstance(value, tuple)  # a negative log-likelihood, not a string
@@ -344,7 +344,7 @@ def test_seven_offline_benchmarks_run_from_local_copies(run):
     "pruning,extra", [("none", {}), ("fixed", {"fixed_counts": "6/2"}), ("uniform", {"share": 0.5})]
 )
 def test_pruning_modes(setup, pruning, extra):
-    from pipeline.lmms.model import AtpLlavaLmms
+    from pipeline.eval.lmms.model import AtpLlavaLmms
 
     lm = AtpLlavaLmms(pretrained=str(setup / "export"), pruning=pruning, batch_size=2, **extra)
     stats = answers.TokenStats()

@@ -454,7 +454,7 @@ def test_from_original_llava_parts(tmp_path):
     """LLaVA-1.5's own layout: a Llama dir with its tokenizer, a CLIP dir, mm_projector.bin in LLaVA's key names."""
     from transformers import CLIPVisionModel, LlamaForCausalLM
 
-    from pipeline.tokenizer import build_word_tokenizer
+    from pipeline.data.tokenizer import build_word_tokenizer
 
     cfg = tiny_llava_config()
     tok = build_word_tokenizer(["red", "blue"])

@@ -1,10 +1,10 @@
-"""The op / host-sync counter (pipeline/opcount.py) and the pruning step's sync budget: at most one
+"""The op / host-sync counter (pipeline/eval/opcount.py) and the pruning step's sync budget: at most one
 host sync per pruning point (the new sequence length), whatever selects the tokens."""
 
 import pytest
 import torch
 
-from pipeline.opcount import OpCounter
+from pipeline.eval.opcount import OpCounter
 
 from tiny_models import make_batch, tiny_atp
 

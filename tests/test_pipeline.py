@@ -33,7 +33,7 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="session")
 def zero3_run(tiny):
     """projector -> sft -> export under 2-process ZeRO-3: the run the other tests compare to."""
-    from pipeline.distributed import free_port
+    from pipeline.core.distributed import free_port
 
     # DeepSpeed names its CPU all-reduce files .._{uid}_{MASTER_ADDR}_{MASTER_PORT}_{rank}: a fixed
     # port picks out this run's own files, whatever other DeepSpeed runs share the machine
@@ -52,7 +52,7 @@ def fresh_run(tiny, name: str, stages: str = "[sft]") -> Path:
 
 
 def consolidated(run: Path) -> dict:
-    from pipeline.checkpoint import consolidated_state_dict
+    from pipeline.train.checkpoint import consolidated_state_dict
 
     return consolidated_state_dict(run / "sft" / "checkpoints")
 
@@ -189,7 +189,7 @@ def test_resume_after_sigkill_matches_uninterrupted(zero3_run, tiny):
     assert not (run / "sft" / "DONE").exists()
     resumed = launch(args)
     assert "resumed from" in resumed.stderr
-    from pipeline.monitor import read_metrics
+    from pipeline.train.monitor import read_metrics
 
     a, b = read_metrics(zero3_run / "sft" / "metrics.jsonl"), read_metrics(run / "sft" / "metrics.jsonl")
     assert sorted(b) == list(range(1, STEPS + 1))
@@ -228,7 +228,7 @@ def test_budget_losses_pull_n_bar_to_target(zero3_run, tiny):
         ],
         nproc=1,
     )
-    from pipeline.monitor import read_metrics
+    from pipeline.train.monitor import read_metrics
 
     m = read_metrics(run / "sft" / "metrics.jsonl")
     first = m[1]["atp/n_bar"]
@@ -305,7 +305,7 @@ def test_pruning_point_before_layer0_trains_under_zero3(tiny):
     m = AtpLlavaForConditionalGeneration.from_pretrained(run / "export")
     assert m.config.atp_layers == [0, 3]
     assert not torch.equal(m.atp_modules[0].head_r.weight, before)  # module 0's thresholds were trained
-    from pipeline.evaluate import load_model, load_samples, prompt_inputs
+    from pipeline.eval.evaluate import load_model, load_samples, prompt_inputs
 
     model, proc = load_model(run / "export")
     with torch.no_grad():

@@ -1,7 +1,7 @@
-"""Checkpoint bookkeeping (pipeline.checkpoint) without DeepSpeed's engine: a stand-in engine
+"""Checkpoint bookkeeping (pipeline.train.checkpoint) without DeepSpeed's engine: a stand-in engine
 writes a tag's files the way `save_checkpoint` does (or dies half-way) and loads them back;
 loads that go through torch.load use DeepSpeed's own TorchCheckpointEngine. Also the
-torn-line handling of metrics.jsonl (pipeline.monitor)."""
+torn-line handling of metrics.jsonl (pipeline.train.monitor)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import checkpoint
+from pipeline.train import checkpoint
 
 FILES = ["zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
 
@@ -77,7 +77,7 @@ def test_lost_latest_resumes_from_the_newest_complete_checkpoint(tmp_path, caplo
     _save_steps(tmp_path, (10, 15, 20))
     (tmp_path / "latest").unlink()
     engine = FakeEngine()
-    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.checkpoint"):
         tag, client = checkpoint.load(engine, tmp_path)
     assert (tag, client) == ("step00000020", {"step": 20})
     assert "'latest' is missing" in caplog.text
@@ -109,7 +109,7 @@ def test_a_truncated_file_is_named_and_its_checkpoint_skipped(tmp_path, caplog):
     _save_steps(tmp_path, (10, 15, 20))
     victim = tmp_path / "step00000020" / FILES[1]
     os.truncate(victim, 3)
-    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.checkpoint"):
         tag, client = checkpoint.load(FakeEngine(), tmp_path)
     assert (tag, client) == ("step00000015", {"step": 15})
     assert str(victim) in caplog.text and "3 bytes" in caplog.text
@@ -126,7 +126,7 @@ def test_a_checkpoint_that_fails_to_load_falls_back_in_one_process(tmp_path, cap
                 raise OSError(22, "Invalid argument")
             return super().load_checkpoint(load_dir, tag, **kw)
 
-    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.checkpoint"):
         assert checkpoint.load(Failing(), tmp_path)[0] == "step00000010"
     assert "step00000015 failed to load" in caplog.text
     assert (tmp_path / "step00000015.broken").is_dir()
@@ -136,7 +136,7 @@ def test_a_checkpoint_that_fails_to_load_falls_back_in_one_process(tmp_path, cap
 
 
 def _record(world_size=2, zero_stage=3, hidden=8, freeze_first=False):
-    from pipeline import ckpt_record
+    from pipeline.train import ckpt_record
 
     module = torch.nn.Sequential(torch.nn.Linear(4, hidden), torch.nn.Linear(hidden, 2))
     module[0].requires_grad_(not freeze_first)
@@ -272,11 +272,11 @@ def test_checkpoint_loads_run_no_pickled_code(tmp_path):
 def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path, caplog):
     """Probe: a crash mid-write left half a line in metrics.jsonl and every resume failed
     with JSONDecodeError. Now it is dropped with a warning and the run appends after it."""
-    from pipeline.monitor import Monitor, read_metrics
+    from pipeline.train.monitor import Monitor, read_metrics
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss/total": 2.0}\n{"step": 2, "loss/total": 1.5}\n{"step": 3, "loss/to')
-    with caplog.at_level(logging.WARNING, logger="pipeline.monitor"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.monitor"):
         monitor = Monitor(active=True, tb_dir=tmp_path / "tb", metrics_path=path, start_step=2, total_steps=4)
     assert "line 3 is not a whole record" in caplog.text
     monitor.step(3, {"loss/total": 1.0}, record={"loss/total": 1.0})

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import DEFAULT_CONFIG, ConfigError, load_config, save_config
+from pipeline.core.config import DEFAULT_CONFIG, ConfigError, load_config, save_config
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "pipeline" / "configs"
@@ -115,7 +115,7 @@ def test_saved_config_reloads_identically(tmp_path):
 
 
 def test_deepspeed_config_filled_from_the_run(tmp_path):
-    from pipeline.ds import build_ds_config, load_ds_json
+    from pipeline.train.ds import build_ds_config, load_ds_json
 
     run = load_config(DEFAULT_CONFIG, ["data.batch_size=3", "train.grad_accum=5", "train.grad_clip=0.5"])
     ds = build_ds_config(run, world_size=4, total_steps=100, hidden_size=64, cuda=False)
@@ -150,7 +150,7 @@ def test_deepspeed_config_filled_from_the_run(tmp_path):
 def test_lr_schedule_warmup_then_cosine_per_group():
     import torch
 
-    from pipeline.ds import lr_schedule
+    from pipeline.train.ds import lr_schedule
 
     run = load_config(DEFAULT_CONFIG, ["train.warmup_ratio=0.2", "train.min_lr_ratio=0.1"])
     params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
@@ -195,13 +195,13 @@ def test_base_round_from_parts_on_its_own_shards(tmp_path):
 
 
 def test_atp_section_mirrors_the_model_config_field_for_field(tmp_path):
-    """pipeline.config.AtpConfig is AtpLlavaConfig's own fields, same names, defaults and choices."""
+    """pipeline.core.config.AtpConfig is AtpLlavaConfig's own fields, same names, defaults and choices."""
     import dataclasses
     import typing
 
     from model import configuration_atp_llava as mc
-    from pipeline.config import AtpConfig, EvalConfig
-    from pipeline.evaluate import ALL_METHODS
+    from pipeline.core.config import AtpConfig, EvalConfig
+    from pipeline.eval.evaluate import ALL_METHODS
 
     own = {k for k in mc.AtpLlavaConfig.__annotations__ if not k.startswith("_") and k != "model_type"}
     pipe = {f.name: f for f in dataclasses.fields(AtpConfig)}
@@ -302,7 +302,7 @@ def test_bad_layers_exit_2_before_any_stage(override, tmp_path):
 def test_size_known_only_from_the_model_config_checked_when_built(tmp_path):
     """A LLaVA dir whose config.json leaves the layer count to transformers' default (32):
     the load-time check cannot know it; the build checks before reading tokenizer or weights."""
-    from pipeline import build
+    from pipeline.train import build
 
     llava = tmp_path / "llava"
     llava.mkdir()
@@ -328,7 +328,7 @@ def test_autocast_native_follows_the_hardware(monkeypatch):
     (emulated bf16 costs ~5x on an AVX2-only CPU); `bf16-autocast` always autocasts."""
     import torch
 
-    from pipeline.ds import use_autocast
+    from pipeline.train.ds import use_autocast
 
     run = load_config(DEFAULT_CONFIG)
     assert run.train.precision == "autocast-native"

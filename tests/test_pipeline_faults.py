@@ -128,7 +128,7 @@ def test_a_two_rank_checkpoint_rerun_on_one_process_is_kept_and_resumes_on_two(t
 
 DISK_FILLS = """
 import sys, torch
-from pipeline import checkpoint
+from pipeline.train import checkpoint
 real_save = torch.save
 def save(obj, f, *a, **k):  # what torch's writer raises on ENOSPC, for DeepSpeed's save of step 8
     if "step00000008" in str(f):
@@ -153,7 +153,7 @@ def test_a_disk_full_during_a_save_is_named(tiny, tmp_path):
     needed = sum(f.stat().st_size for f in (run / CKPT / "step00000006").iterdir())
     assert f"CheckpointDiskFull: no space left for checkpoint {run / CKPT}/step00000008: 4,096 bytes free" in p.stderr
     assert f"({needed:,} bytes) needed (the size of step00000006)" in p.stderr
-    from pipeline import checkpoint
+    from pipeline.train import checkpoint
 
     assert checkpoint.resume_tag(run / CKPT) == "step00000006" and not (run / ".lock").exists()
 
@@ -165,7 +165,7 @@ def test_a_second_run_on_a_locked_run_dir_is_refused(tiny, tmp_path):
     """Probe: two runs on one run_dir both exited 0, interleaving metrics.jsonl and config.yaml.
     Now the second one (this test process holds the lock, as a live first run would) exits 1
     naming the holder, before writing anything."""
-    from pipeline.lock import RunDirLock
+    from pipeline.core.lock import RunDirLock
 
     run = copy_run(tiny, tmp_path / "run")
     before = {name: (run / name).read_bytes() for name in ("config.yaml", "sft/metrics.jsonl")}
@@ -182,7 +182,7 @@ def test_a_second_run_on_a_locked_run_dir_is_refused(tiny, tmp_path):
 
 
 def test_a_stale_lock_is_taken_over(tmp_path, caplog, monkeypatch):
-    from pipeline.lock import LOCK, RunDirLock, RunDirLocked, _me
+    from pipeline.core.lock import LOCK, RunDirLock, RunDirLocked, _me
 
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
@@ -254,7 +254,7 @@ def test_sigterm_is_honoured_while_the_loader_waits(tiny, tmp_path, calibrate):
 
 NAN_INPUTS = """
 import sys
-import pipeline.trainer as trainer
+import pipeline.train.trainer as trainer
 which, calls, original = sys.argv[1], [0], trainer._model_inputs
 def poisoned(batch, device, dtype):
     inputs = original(batch, device, dtype)
@@ -277,8 +277,8 @@ def run_with_nan(tiny, run: Path, which: str, *overrides):
 
 
 def schedule(total: int, lr: float) -> list[float]:
-    """The lr of steps 1..total by pipeline.ds.lr_schedule (the tiny config's warmup 0.2)."""
-    from pipeline.ds import lr_schedule
+    """The lr of steps 1..total by pipeline.train.ds.lr_schedule (the tiny config's warmup 0.2)."""
+    from pipeline.train.ds import lr_schedule
 
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
     sched = lr_schedule(SimpleNamespace(train=SimpleNamespace(warmup_ratio=0.2, min_lr_ratio=0.0)), total)(opt)
@@ -332,9 +332,9 @@ def test_nonfinite_steps_in_a_row_stop_the_run(tiny, tmp_path):
 def test_export_refuses_nonfinite_weights(tiny, tmp_path, monkeypatch):
     """Probe: an export of NaN weights was written and marked DONE. Now it raises
     NonFiniteWeights, naming the count, and writes nothing."""
-    from pipeline import checkpoint
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
     from pipeline.stages import export
+    from pipeline.train import checkpoint
 
     run_dir = copy_run(tiny, tmp_path / "run", sft_done=True)
     real = checkpoint.consolidated_state_dict

@@ -175,7 +175,7 @@ def test_synthetic_balance(tmp_path, qtypes, turns, fine_share):
 
 
 def test_synthetic_vocabulary_covers_every_word(tmp_path):
-    from pipeline.tokenizer import build_word_tokenizer
+    from pipeline.data.tokenizer import build_word_tokenizer
 
     out = _write(tmp_path, "v", n=30, opt={"qtypes": tuple(synthetic.FAMILY_OF), "grid": 3, "turns": 5})
     import webdataset as wds

@@ -77,7 +77,7 @@ def _alive(pid: int) -> bool:
 
 
 def _free_port() -> int:
-    from pipeline.distributed import free_port
+    from pipeline.core.distributed import free_port
 
     return free_port()
 
@@ -251,7 +251,7 @@ def tag_step(tag) -> int:
 
 def final_params(run_dir) -> dict:
     """Full fp32 weights of `latest` (DeepSpeed's zero_to_fp32 over every rank's shards)."""
-    from pipeline.checkpoint import consolidated_state_dict
+    from pipeline.train.checkpoint import consolidated_state_dict
 
     return consolidated_state_dict(Path(run_dir) / TRAINER.ckpt_subdir)
 
@@ -310,7 +310,7 @@ def start_from_reference(reference, run_dir: Path) -> Path:
 
 
 def test_train_job_completes(cluster, reference):
-    from pipeline.checkpoint import tag_for
+    from pipeline.train.checkpoint import tag_for
 
     run_dir, jid, j = reference
     log = job_log(run_dir, jid)

@@ -49,7 +49,7 @@ def launch(args, nproc=2, timeout=300, check=True, master_port=None):
 def make_parts(root: Path) -> dict:
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
-    from pipeline.tokenizer import build_word_tokenizer
+    from pipeline.data.tokenizer import build_word_tokenizer
 
     torch.manual_seed(0)
     tok = build_word_tokenizer()

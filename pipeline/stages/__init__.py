@@ -28,13 +28,13 @@ DONE = "DONE"  # the marker of a complete stage (or variant part) directory
 
 @dataclass
 class Context:
-    dist: Any  # pipeline.distributed.DistInfo
-    stop: Any  # pipeline.distributed.StopSignal
+    dist: Any  # pipeline.core.distributed.DistInfo
+    stop: Any  # pipeline.core.distributed.StopSignal
 
 
 def check_names(names, key: str = "stages") -> None:
     """The one check of stage names (config `stages`, `python -m pipeline stage NAME`)."""
-    from pipeline.config import ConfigError
+    from pipeline.core.config import ConfigError
 
     for i, name in enumerate(names):
         if name not in STAGES:
@@ -47,7 +47,7 @@ def is_done(d: Path) -> bool:
 
 def mark_done(d: Path, text: str = "") -> None:
     """Rank 0 marks `d` complete."""
-    from pipeline.distributed import rank
+    from pipeline.core.distributed import rank
 
     if rank() == 0:
         Path(d).mkdir(parents=True, exist_ok=True)

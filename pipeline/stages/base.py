@@ -2,7 +2,7 @@
 
 No pretrained weights can be downloaded here, so this stage trains `model.scratch` (HF
 CLIPVisionModel + projector + Llama, real classes) from scratch on its own synthetic train
-shards, with the sft loop (pipeline.trainer.train) and pruning off, and writes the parts
+shards, with the sft loop (pipeline.train.trainer.train) and pruning off, and writes the parts
 in LLaVA-1.5's release layout, which the `projector` stage then reads with `source: parts`:
 
     run_dir/base/llama/              LlamaForCausalLM + the word tokenizer
@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from pipeline import build, checkpoint, trainer
-from pipeline.config import RunConfig
-from pipeline.distributed import barrier, use_cuda
-from pipeline.ds import build_ds_config
+from pipeline.core.config import RunConfig
+from pipeline.core.distributed import barrier, use_cuda
 from pipeline.stages import Context, is_done, mark_done
+from pipeline.train import build, checkpoint, trainer
+from pipeline.train.ds import build_ds_config
 
 log = logging.getLogger(__name__)
 PARTS = ("llama", "clip", "mm_projector.bin")
@@ -148,8 +148,8 @@ def write_model_dir(state: dict, init: Path, out: Path) -> None:
 def evaluate_base(run: RunConfig, out: Path) -> dict | None:
     """Score the base against its bar (base_goals): unpruned and random pruning at
     the smallest eval budget, on the eval shards, into out/eval/report.{json,md}."""
-    from pipeline.data import list_shards
-    from pipeline.evaluate import evaluate_checkpoints
+    from pipeline.data.loader import list_shards
+    from pipeline.eval.evaluate import evaluate_checkpoints
 
     e = run.eval
     try:

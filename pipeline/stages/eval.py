@@ -1,20 +1,20 @@
 """Stage `eval`: the run's models and the training-free baselines on the eval shards,
 at every budget of `eval.budgets`, into `run_dir/eval/report.{json,md}` and PNG plots
-(pipeline/evaluate.py). Rank 0 evaluates; the other ranks wait."""
+(pipeline/eval/evaluate.py). Rank 0 evaluates; the other ranks wait."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config import RunConfig
-from pipeline.distributed import barrier
+from pipeline.core.config import RunConfig
+from pipeline.core.distributed import barrier
 from pipeline.stages import Context
 
 
 def run(run: RunConfig, ctx: Context, out: Path) -> bool:
     if ctx.dist.rank == 0:
         from model import AtpLlavaConfig
-        from pipeline import evaluate
+        from pipeline.eval import evaluate
         from pipeline.stages.variants import SFT_REFERENCE, main_budget, variant_name
 
         run_dir = Path(run.run_dir)

@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 from model import AtpLlavaConfig, AtpLlavaForConditionalGeneration
-from pipeline import checkpoint
-from pipeline.build import apply_atp_fields, make_processor
-from pipeline.config import RunConfig
-from pipeline.distributed import barrier
+from pipeline.core.config import RunConfig
+from pipeline.core.distributed import barrier
 from pipeline.stages import Context
+from pipeline.train import checkpoint
+from pipeline.train.build import apply_atp_fields, make_processor
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -82,14 +82,14 @@ def export(run: RunConfig, out: Path, start: Path | None = None, ckpt_dir: Path 
 
 def _calibrate_budget(model, run: RunConfig, start: Path) -> None:
     """Meet the budget at inference: the first question of `export.calibrate_budget` training
-    samples, prompted as at evaluation (pipeline/answers.py), and one offset to every threshold
+    samples, prompted as at evaluation (pipeline/eval/answers.py), and one offset to every threshold
     bias (model/calibration.py), in fp32 before the cast to the export dtype."""
     import logging
 
     from transformers import AutoImageProcessor, AutoTokenizer
 
     from model.calibration import calibrate_budget
-    from pipeline.evaluate import load_samples, prompt_inputs
+    from pipeline.eval.evaluate import load_samples, prompt_inputs
 
     processor = (AutoTokenizer.from_pretrained(start), AutoImageProcessor.from_pretrained(start))
     samples = load_samples(run.data.shards, limit=run.export.calibrate_budget)

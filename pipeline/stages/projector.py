@@ -3,7 +3,7 @@ configured source and write it as an HF dir (`run_dir/projector`), the starting 
 of `sft`.
 
 All ranks take part: under ZeRO-3 the model is built partitioned and each module's
-weights are loaded gathered (pipeline.build); rank 0 writes the consolidated dir.
+weights are loaded gathered (pipeline.train.build); rank 0 writes the consolidated dir.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline import build
-from pipeline.config import RunConfig
-from pipeline.distributed import barrier, use_cuda
-from pipeline.ds import build_ds_config, use_bf16
+from pipeline.core.config import RunConfig
+from pipeline.core.distributed import barrier, use_cuda
 from pipeline.stages import Context
+from pipeline.train import build
+from pipeline.train.ds import build_ds_config, use_bf16
 
 
 def run(run: RunConfig, ctx: Context, out: Path) -> bool:

@@ -1,12 +1,12 @@
-"""Stage `sft`: the trainer (pipeline/trainer.py) from the projector stage's model into run_dir/sft."""
+"""Stage `sft`: the trainer (pipeline/train/trainer.py) from the projector stage's model into run_dir/sft."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import trainer
-from pipeline.config import RunConfig
+from pipeline.core.config import RunConfig
 from pipeline.stages import Context, require_done
+from pipeline.train import trainer
 
 
 def run(run: RunConfig, ctx: Context, out: Path) -> bool:

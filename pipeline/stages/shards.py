@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config import RunConfig
-from pipeline.distributed import barrier
+from pipeline.core.config import RunConfig
+from pipeline.core.distributed import barrier
 from pipeline.stages import Context
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from pipeline.config import RunConfig
-from pipeline.distributed import barrier
+from pipeline.core.config import RunConfig
+from pipeline.core.distributed import barrier
 from pipeline.stages import Context, is_done, mark_done, require_done
 
 log = logging.getLogger(__name__)
@@ -76,8 +76,8 @@ def variant_run(run: RunConfig, name: str, overrides: dict) -> RunConfig:
 
 def run(run: RunConfig, ctx: Context, out: Path) -> bool:
     from model import AtpLlavaConfig
-    from pipeline import trainer
     from pipeline.stages import export
+    from pipeline.train import trainer
 
     start = require_done(Path(run.run_dir) / "projector", "variants")
     plan = planned(run, AtpLlavaConfig.from_pretrained(start))

@@ -1,14 +1,14 @@
-"""`python -m pipeline.lmms`: lmms-eval on an exported checkpoint, failing loudly.
+"""`python -m pipeline.eval.lmms`: lmms-eval on an exported checkpoint, failing loudly.
 
-    python -m pipeline.lmms eval --model-dir runs/default/export --tasks paper7 \\
+    python -m pipeline.eval.lmms eval --model-dir runs/default/export --tasks paper7 \\
         --data-root /data/lmms_local --output runs/default/lmms [--pruning atp|none|fixed] \\
         [--batch-size 8] [--limit N] [--include-path DIR ...] [-- more lmms-eval arguments]
-    python -m pipeline.lmms convert-synthetic --shards data/synthetic/eval --out runs/lmms/synthetic
-    python -m pipeline.lmms tasks          # the offline tasks, their files, how to make them
+    python -m pipeline.eval.lmms convert-synthetic --shards data/synthetic/eval --out runs/lmms/synthetic
+    python -m pipeline.eval.lmms tasks          # the offline tasks, their files, how to make them
 
 `eval` runs lmms-eval's own CLI (`python -m lmms_eval eval --model atp_llava ...`) in a child
 process with every task folder mirrored into OUTPUT/tasks (the offline benchmarks of
-`pipeline/lmms/tasks/` with `data` linked to --data-root, and each --include-path), then
+`pipeline/eval/lmms/tasks/` with `data` linked to --data-root, and each --include-path), then
 checks what lmms-eval's exit status does not: lmms-eval catches a failing task or model and
 still exits 0. Failure (exit 1, the reason on stderr): a non-zero exit, "Error during
 evaluation" in its log, no new `*_results.json` under OUTPUT, or a requested task missing
@@ -303,7 +303,7 @@ def main(argv=None) -> int:
     if "--" in argv:
         at = argv.index("--")
         argv, extra = argv[:at], argv[at + 1 :]
-    p = argparse.ArgumentParser(prog="python -m pipeline.lmms", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m pipeline.eval.lmms", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("eval", help="run lmms-eval on an export dir and check its results")
     e.add_argument("--model-dir", required=True, help="an export dir (python -m pipeline stage export)")
@@ -330,7 +330,7 @@ def main(argv=None) -> int:
     if args.cmd == "eval":
         return run_eval(args)
     if args.cmd == "convert-synthetic":
-        from pipeline.lmms.synthetic import convert
+        from pipeline.eval.lmms.synthetic import convert
 
         out = convert(args.shards, args.out, args.limit)
         print(f"wrote {out}: tasks synthetic_vqa, synthetic_mc (use --include-path {out})")

@@ -25,7 +25,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from pipeline.answers import TokenStats
+from pipeline.eval.answers import TokenStats
 from shards.objects import BACKGROUND, SMALL
 
 BRANCHES = {1: "redundancy_only", 2: "spatial_only", 3: "both"}

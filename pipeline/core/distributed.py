@@ -37,7 +37,7 @@ Stop / preemption contract (followed by slurm/train.sbatch; see slurm/README.md)
   under SLURM (e.g. `sbatch --wrap "srun python -m pipeline ..."`), `mark_preempted`
   makes rank 0 run `scontrol requeue` itself (`requeue_self`).
 - The requeued job (same job id, SLURM_RESTART_COUNT>0) resumes from the newest complete
-  checkpoint (pipeline/checkpoint.py) like any rerun of the same command.
+  checkpoint (pipeline/train/checkpoint.py) like any rerun of the same command.
 """
 
 from __future__ import annotations

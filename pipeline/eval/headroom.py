@@ -98,7 +98,7 @@ def sweep(model, processor, samples, shares, batch_size: int) -> tuple[np.ndarra
     from tqdm import tqdm
 
     from model.budget import counts_for_budget, n_bar
-    from pipeline.answers import greedy_answers, is_correct, prompt_for
+    from pipeline.eval.answers import greedy_answers, is_correct, prompt_for
 
     cfg = model.config
     layers, N, lv = list(cfg.atp_layers), cfg.text_config.num_hidden_layers, cfg.num_visual_tokens
@@ -189,7 +189,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from pipeline.evaluate import _device, load_model, load_samples
+    from pipeline.eval.evaluate import _device, load_model, load_samples
 
     model, proc = load_model(a.checkpoint, pruning="fixed")
     lv = model.config.num_visual_tokens

@@ -1,6 +1,6 @@
 """Helpers for the offline task YAMLs beside this file (lmms-eval loads it by file path).
 
-`data/` beside this file holds (or links to) the local copies; `python -m pipeline.lmms
+`data/` beside this file holds (or links to) the local copies; `python -m pipeline.eval.lmms
 eval --data-root DIR` makes that link in its own copy of this folder.
 """
 

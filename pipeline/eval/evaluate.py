@@ -11,8 +11,8 @@ repeats) next to the unpruned model's. Methods:
 - `atp`, `fixed`: trained models (exported checkpoints; the `variants` stage trains one per budget);
 - the training-free policies of model/baselines.py (`POLICIES`: fastv, prumerge, ...), applied
   to the unpruned model.
-Writes report.json (one record per method x budget), report.md and PNG plots (pipeline/report.py).
-Scoring is pipeline/answers.py's, shared with the lmms-eval plugin.
+Writes report.json (one record per method x budget), report.md and PNG plots (pipeline/eval/report.py).
+Scoring is pipeline/eval/answers.py's, shared with the lmms-eval plugin.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import torch
 
 from model.baselines import POLICIES, make_policy
 from model.budget import n_bar
-from pipeline.answers import TokenStats, greedy_answers, is_correct, prompt_for, split_processor
-from pipeline.report import prior_accuracy, record, write_report
+from pipeline.eval.answers import TokenStats, greedy_answers, is_correct, prompt_for, split_processor
+from pipeline.eval.report import prior_accuracy, record, write_report
 from pipeline.stages.variants import SFT_REFERENCE
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class Sample:
     answer: str
     qtype: str
     family: str
-    scene: dict | None = None  # synthetic shards: the shapes' boxes (pipeline/diagnostics.py)
+    scene: dict | None = None  # synthetic shards: the shapes' boxes (pipeline/eval/diagnostics.py)
     _maps: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -73,7 +73,7 @@ def load_samples(shards: str, limit: int | None = None) -> list[Sample]:
     import webdataset as wds
     from PIL import Image
 
-    from pipeline.data import list_shards
+    from pipeline.data.loader import list_shards
 
     out = []
     for sample in wds.DataPipeline(wds.SimpleShardList(list_shards(shards)), wds.tarfile_to_samples()):
@@ -107,13 +107,13 @@ class Result:
     tokens: dict  # family -> TokenStats summary; "all" -> overall
     text_len: float
     timing: dict = field(default_factory=dict)
-    diagnostics: dict = field(default_factory=dict)  # pipeline/diagnostics.py
+    diagnostics: dict = field(default_factory=dict)  # pipeline/eval/diagnostics.py
 
 
 def run_method(model, processor, samples: list[Sample], *, batch_size: int, max_new_tokens: int) -> Result:
     """Greedy answers (hard pruning in eval mode), scored per sample, tokens per family, and where
     the kept tokens sit (`Diagnostics`)."""
-    from pipeline.diagnostics import Diagnostics
+    from pipeline.eval.diagnostics import Diagnostics
 
     by_family = defaultdict(list)
     for i, s in enumerate(samples):
@@ -181,8 +181,8 @@ def time_model(model, processor, samples: list[Sample], *, repeats: int, decode_
 
 
 def prompt_inputs(model, processor, samples: list[Sample]) -> dict:
-    """Model inputs of the samples' questions, prompted and tokenised as pipeline/answers.py does."""
-    from pipeline.answers import _model_inputs, encode_prompt
+    """Model inputs of the samples' questions, prompted and tokenised as pipeline/eval/answers.py does."""
+    from pipeline.eval.answers import _model_inputs, encode_prompt
 
     tokenizer, image_processor = split_processor(processor)
     cfg = model.config

@@ -1,4 +1,4 @@
-"""What a checkpoint was saved with, and whether this run can load it (pipeline/checkpoint.py).
+"""What a checkpoint was saved with, and whether this run can load it (pipeline/train/checkpoint.py).
 
 A tag's COMPLETE marker records the run it came from (`record`): the world size, the ZeRO
 stage, every parameter's full shape and the frozen ones. DeepSpeed can only load a tag into

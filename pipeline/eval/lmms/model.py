@@ -2,7 +2,7 @@
 
     lmms-eval --model atp_llava --model_args pretrained=runs/default/export,pruning=atp \\
         --tasks pope_local --batch_size 8 --output_path out/
-    (or `python -m pipeline.lmms eval ...`, which also checks the results)
+    (or `python -m pipeline.eval.lmms eval ...`, which also checks the results)
 
 model_args:
 - `pretrained`: an export dir (`python -m pipeline stage export`), loaded with
@@ -21,7 +21,7 @@ model_args:
   `batch_size` (lmms-eval's `--batch_size` lands here too), `stats_path` (where the token
   statistics go; the wrapper puts them beside lmms-eval's results).
 
-Both request types go through `pipeline.answers` (the eval stage's code): the task's context
+Both request types go through `pipeline.eval.answers` (the eval stage's code): the task's context
 becomes LLaVA-1.5's vicuna_v1 prompt `USER: <image>\\n{context} ASSISTANT:` (what the model was
 trained on), images are padded to a square (LLaVA-1.5's protocol), `generate_until` decodes
 greedily (temperature and sampling options are ignored, as in LLaVA's evaluation) and cuts
@@ -53,7 +53,7 @@ from loguru import logger as eval_logger
 from tqdm import tqdm
 
 from model.baselines import POLICIES, make_policy
-from pipeline import answers
+from pipeline.eval import answers
 
 # ------------------------------------------------------------------ pruning modes
 
@@ -118,7 +118,7 @@ def _loglikelihood_output(pair: tuple[float, bool]):
     The sign: lmms-eval 0.7's multiple_choice scoring picks `np.argmin` of the returned
     values (its LLaVA models return a loss, whatever the base class's docstring says), so
     the plugin returns -sum log P(continuation | prompt); argmin is then the most likely
-    choice, as `pipeline.answers.choice_loglikelihoods`' argmax.
+    choice, as `pipeline.eval.answers.choice_loglikelihoods`' argmax.
 
     The workaround: the pair goes back inside a GenerationResult; unwrap_generation_output
     returns `GenerationResult.text` untouched (it checks only the wrapper's type), so the

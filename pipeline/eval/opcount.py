@@ -130,6 +130,6 @@ class OpCounter(TorchDispatchMode):
 def _caller() -> str:
     for frame in reversed(traceback.extract_stack()[:-2]):
         path = frame.filename.replace("\\", "/")
-        if "/torch/" not in path and not path.endswith("pipeline/opcount.py"):
+        if "/torch/" not in path and not path.endswith("pipeline/eval/opcount.py"):
             return f"{path.rsplit('/', 2)[-2]}/{path.rsplit('/', 1)[-1]}:{frame.lineno} {frame.name}"
     return "?"

@@ -1,12 +1,12 @@
 """Answers from a model, and how they are scored: one module for every evaluator.
 
 The project's eval stage (`python -m pipeline stage eval`) and the lmms-eval plugin
-(`pipeline/lmms/`) both call these, so the same samples get the same scores in both.
+(`pipeline/eval/lmms/`) both call these, so the same samples get the same scores in both.
 
 - `normalize_answer` / `is_correct`: exact match after normalising (strip, first line,
   lower case, trailing punctuation dropped).
 - `prompt_for(question)`: LLaVA-1.5's vicuna_v1 prompt for one image question, ending in
-  "ASSISTANT:" (pipeline/template.py renders it).
+  "ASSISTANT:" (pipeline/data/template.py renders it).
 - `encode_prompt`: a rendered prompt -> token ids exactly as the training template tokenises
   it (text chunks around `<image>` tokenised separately, `<s>` first, `<image>` expanded to
   the model's Lv image tokens), so prompts match what the model was trained on.
@@ -19,7 +19,7 @@ The project's eval stage (`python -m pipeline stage eval`) and the lmms-eval plu
 `processor` is a LlavaProcessor (what `AutoProcessor.from_pretrained(export_dir)` returns)
 or a `(tokenizer, image_processor)` pair. Images are PIL images (None: a text-only prompt)
 and are padded to a square with the mean colour, then CLIP-preprocessed (LLaVA-1.5's
-`image_aspect_ratio: pad`, `pipeline.template.preprocess_image`).
+`image_aspect_ratio: pad`, `pipeline.data.template.preprocess_image`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import string
 
 import torch
 
-from pipeline.template import IMAGE_MARKER, Turn, preprocess_image, render
+from pipeline.data.template import IMAGE_MARKER, Turn, preprocess_image, render
 
 _TRAILING = string.punctuation + " \t"
 
@@ -68,7 +68,7 @@ def split_processor(processor):
 
 
 def encode_prompt(prompt: str, tokenizer, *, image_token_id: int, num_image_tokens: int) -> list[int]:
-    """Token ids of a rendered prompt, tokenised as `pipeline.template.encode` does: the text
+    """Token ids of a rendered prompt, tokenised as `pipeline.data.template.encode` does: the text
     chunks around the `<image>` marker separately, `<s>` first, the marker expanded to
     `num_image_tokens` image tokens."""
     chunks = prompt.split(IMAGE_MARKER)
@@ -129,7 +129,7 @@ def _batches(lengths: list[int], batch_size: int):
 
 class _Capture:
     """Forward hook keeping the prefill's `visual_tokens` (decode steps return None) and, in
-    `info`, what `pipeline.diagnostics` reads of it (keep masks, ATP's branches)."""
+    `info`, what `pipeline.eval.diagnostics` reads of it (keep masks, ATP's branches)."""
 
     def __init__(self, model):
         self.value = self.info = None
@@ -138,7 +138,7 @@ class _Capture:
     def _hook(self, module, args, output):
         vt = getattr(output, "visual_tokens", None)
         if vt is not None and self.value is None:
-            from pipeline.diagnostics import prefill_info
+            from pipeline.eval.diagnostics import prefill_info
 
             self.info = prefill_info(output)
             self.value = self.info["visual_tokens"]
@@ -204,7 +204,7 @@ def greedy_answers(
     """Greedy answers to rendered prompts (`prompt_for`, or any prompt holding at most one
     `<image>`), batched, left-padded; only the new tokens are decoded (special tokens
     skipped). In eval mode the model prunes for real; `stats` collects the tokens it kept, and
-    `prefill` (a dict) gets each prompt's prefill record (`pipeline.diagnostics.prefill_info` row) by index."""
+    `prefill` (a dict) gets each prompt's prefill record (`pipeline.eval.diagnostics.prefill_info` row) by index."""
     if model.training:
         raise RuntimeError("call model.eval() first: eval mode is what prunes for real")
     tokenizer, image_processor = split_processor(processor)
@@ -231,7 +231,7 @@ def greedy_answers(
         if stats is not None:
             stats.add(capture.value, [images[i] is not None for i in idx])
         if prefill is not None:
-            from pipeline.diagnostics import batch_row
+            from pipeline.eval.diagnostics import batch_row
 
             prefill.update({i: batch_row(capture.info, j) for j, i in enumerate(idx)})
         new = gen[:, inputs["input_ids"].shape[1] :]

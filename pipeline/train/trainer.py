@@ -4,17 +4,17 @@ Stages `sft`, `base` and `variants` call `train` (pipeline/stages/).
 - Model: `run_dir/projector` loaded by transformers under ZeRO-3 (partitioned at build,
   weights rank 0 -> partitions); vision tower frozen; two param groups, LM + projector at
   `train.lr_lm` and `atp_modules.*` at `train.lr_atp`; DeepSpeed's AdamW and
-  a warmup + cosine LambdaLR (pipeline.ds.lr_schedule), both per group.
+  a warmup + cosine LambdaLR (pipeline.train.ds.lr_schedule), both per group.
 - Loss: the model's own `out.loss` = L_ntp + lambda_ATP L_ATP + lambda_target L_target
   (METHOD sec 7), soft masks in train mode.
-- Data position: the loader runs in resampled mode (pipeline.data), a stream fixed by
+- Data position: the loader runs in resampled mode (pipeline.data.loader), a stream fixed by
   (data.seed, epoch, rank, worker); the checkpoint records (epoch, batches consumed in it)
   per rank, and a resumed run rebuilds the epoch's stream and drops that many batches.
   Replaying costs decode time but is exact, bad samples included.
-- Checkpoints every `train.checkpoint_every` steps and at the end (pipeline.checkpoint:
+- Checkpoints every `train.checkpoint_every` steps and at the end (pipeline.train.checkpoint:
   a completion marker per tag; a resume starts from the newest complete one), with step,
   data position, skip counts, non-finite step counts and RNG states in each rank's client state.
-- SIGTERM / SIGUSR1 (pipeline.distributed.StopSignal): all ranks agree after a step,
+- SIGTERM / SIGUSR1 (pipeline.core.distributed.StopSignal): all ranks agree after a step,
   save, and the stage returns incomplete (exit 0); USR1 before the end also leaves
   `run_dir/.preempted` for the requeue logic. A single process also stops while it waits
   for a step's first batch (nothing of the step done yet); several ranks stop after the
@@ -41,13 +41,13 @@ import torch
 import torch.distributed as tdist
 
 from model import AtpLlavaConfig, AtpLlavaForConditionalGeneration
-from pipeline import checkpoint, ckpt_record
-from pipeline.build import apply_atp_fields
-from pipeline.config import RunConfig
-from pipeline.data import build_loader
-from pipeline.distributed import StopRequested, mark_preempted, use_cuda
-from pipeline.ds import build_ds_config, lr_schedule, use_autocast, use_bf16, zero3_enabled
-from pipeline.monitor import Monitor
+from pipeline.core.config import RunConfig
+from pipeline.core.distributed import StopRequested, mark_preempted, use_cuda
+from pipeline.data.loader import build_loader
+from pipeline.train import checkpoint, ckpt_record
+from pipeline.train.build import apply_atp_fields
+from pipeline.train.ds import build_ds_config, lr_schedule, use_autocast, use_bf16, zero3_enabled
+from pipeline.train.monitor import Monitor
 
 log = logging.getLogger(__name__)
 LOSS_TERMS = ("total", "ntp", "atp", "target")

@@ -1,5 +1,5 @@
 """Evaluation reporting: records of a method's results, the summary of the goals, report.json,
-report.md and the plots (pipeline/plots.py). The running is pipeline/evaluate.py's."""
+report.md and the plots (pipeline/eval/plots.py). The running is pipeline/eval/evaluate.py's."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from model.baselines import POLICIES
 from pipeline.stages.variants import SFT_REFERENCE
 
 if TYPE_CHECKING:
-    from pipeline.evaluate import Result, Sample
+    from pipeline.eval.evaluate import Result, Sample
 
 
 def record(
@@ -98,7 +98,7 @@ def prior_accuracy(samples: list[Sample]) -> dict:
 def write_report(out: Path, records: list[dict], meta: dict, overlays: list | None = None, base_bar=None) -> dict:
     """report.json, report.md and the plots. base_bar(records, prior_accuracy) -> dict: a pass/fail bar
     of the caller's (the base stage's), kept as summary.base."""
-    from pipeline import plots
+    from pipeline.eval import plots
 
     out.mkdir(parents=True, exist_ok=True)
     report = {"meta": meta, "records": records, "summary": summary(records)}
@@ -241,7 +241,7 @@ def markdown(report: dict) -> str:
         "",
         "Object recall: the share of visual tokens covering a shape (small: a small shape) that reach the"
         " last layer; after each pruning point in brackets. Background: the share of the last layer's"
-        " visual tokens that cover no shape (pipeline/diagnostics.py).",
+        " visual tokens that cover no shape (pipeline/eval/diagnostics.py).",
         "",
         "| method | budget | object recall | small-shape recall | background share | N_bar by question type |",
         "|---|---|---|---|---|---|",

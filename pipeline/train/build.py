@@ -33,9 +33,9 @@ from model.loading import (
     part_to_model,
     tokenizer_with_image_token,
 )
-from pipeline.config import RunConfig, as_dict, check_model, visual_tokens
-from pipeline.distributed import rank
-from pipeline.ds import zero3_enabled
+from pipeline.core.config import RunConfig, as_dict, check_model, visual_tokens
+from pipeline.core.distributed import rank
+from pipeline.train.ds import zero3_enabled
 
 Tensors = dict[str, Callable[[], torch.Tensor]]  # model key -> lazy reader
 
@@ -278,7 +278,7 @@ def _llava_parts(run: RunConfig):
 def _scratch_parts(run: RunConfig):
     from transformers import CLIPImageProcessor
 
-    from pipeline.tokenizer import build_word_tokenizer
+    from pipeline.data.tokenizer import build_word_tokenizer
 
     s = run.model.scratch
     tokenizer = build_word_tokenizer()

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from pipeline.template import IMAGE_MARKER, SYSTEM_PROMPT
+from pipeline.data.template import IMAGE_MARKER, SYSTEM_PROMPT
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3, Llama's order plus a pad
 WORD_RE = re.compile(r"\w+|[^\w\s]+")  # what the Whitespace pre-tokenizer splits into

@@ -17,7 +17,7 @@ tag that passes that check but fails to load stops the run with the tag named (t
 are collective: one rank cannot skip alone).
 
 A tag saved with another configuration (world size, ZeRO stage, parameter shapes or frozen
-set; recorded in its marker, pipeline/ckpt_record.py) is not broken: `load` refuses it before
+set; recorded in its marker, pipeline/train/ckpt_record.py) is not broken: `load` refuses it before
 loading anything with CheckpointMismatch (exit status 2), naming what differs, and renames
 nothing; rerun with the configuration it was saved with to resume from it.
 
@@ -50,8 +50,8 @@ import re
 import shutil
 from pathlib import Path
 
-from pipeline import ckpt_record
-from pipeline.distributed import barrier, rank
+from pipeline.core.distributed import barrier, rank
+from pipeline.train import ckpt_record
 
 log = logging.getLogger(__name__)
 DIRNAME = "checkpoints"
@@ -195,7 +195,7 @@ def save(
     if rank() == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         if not (ckpt_dir / FORMAT).is_file():
-            _write_atomic(ckpt_dir / FORMAT, "tags carry a COMPLETE marker (pipeline/checkpoint.py)\n")
+            _write_atomic(ckpt_dir / FORMAT, "tags carry a COMPLETE marker (pipeline/train/checkpoint.py)\n")
         (ckpt_dir / tag / COMPLETE).unlink(missing_ok=True)  # this tag is rewritten now
     barrier()
     with _naming_disk_full(ckpt_dir, tag, record):

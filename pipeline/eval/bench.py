@@ -1,10 +1,10 @@
-"""Prefill benchmark of the hard-pruning path on a random-weight model (`python -m pipeline.bench`).
+"""Prefill benchmark of the hard-pruning path on a random-weight model (`python -m pipeline.eval.bench`).
 
 Measures, side by side in one process: unpruned prefill time; prefill time when the ATP layers
 keep counts that give N_bar = 25% / 15% / 11% of the visual tokens; the analytic FLOPs ratio
 of each (METHOD sec 8); the ATP modules' own share of an ATP prefill (scores, threshold
 MLP, gather), timed by wrapping those functions; and the aten ops and host syncs of one forward,
-unpruned vs pruned (`pipeline/opcount.py`). Medians of repeats.
+unpruned vs pruned (`pipeline/eval/opcount.py`). Medians of repeats.
 
 `--attn` adds masked attention fwd+bwd on CPU (the soft path's kernels: SDPA with the dense bias,
 `log m` as a q/k channel, unmasked causal SDPA), interleaved, medians with their spread.

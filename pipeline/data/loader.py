@@ -54,7 +54,7 @@ from PIL import Image
 from webdataset.autodecode import DecodingError
 from webdataset.utils import make_seed
 
-from pipeline.template import IGNORE_INDEX, IMAGE_MARKER, BadSample, encode, parse_conversation, preprocess_image
+from pipeline.data.template import IGNORE_INDEX, IMAGE_MARKER, BadSample, encode, parse_conversation, preprocess_image
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -475,15 +475,15 @@ def build_prompt_batch(
 
 
 def bench(argv=None):
-    """python -m pipeline.data bench --shards DIR [--workers 0,1,2] [--batches 30] ...
+    """python -m pipeline.data.loader bench --shards DIR [--workers 0,1,2] [--batches 30] ...
 
     Loader throughput (decode + preprocess + tokenise + collate), samples/s per worker count,
     with the embedded default's word tokenizer and a CLIP processor of --image-size."""
     from transformers import CLIPImageProcessor
 
-    from pipeline.tokenizer import build_word_tokenizer
+    from pipeline.data.tokenizer import build_word_tokenizer
 
-    p = argparse.ArgumentParser(prog="python -m pipeline.data bench")
+    p = argparse.ArgumentParser(prog="python -m pipeline.data.loader bench")
     p.add_argument("--shards", required=True)
     p.add_argument("--workers", default="0,1,2")
     p.add_argument("--batches", type=int, default=30)
@@ -526,6 +526,6 @@ if __name__ == "__main__":
     import sys
 
     if len(sys.argv) < 2 or sys.argv[1] != "bench":
-        sys.exit("usage: python -m pipeline.data bench --shards DIR [--workers 0,1,2] [--batches N]")
+        sys.exit("usage: python -m pipeline.data.loader bench --shards DIR [--workers 0,1,2] [--batches N]")
     logging.basicConfig(level=logging.WARNING)
     bench(sys.argv[2:])

@@ -1,13 +1,13 @@
 """lmms-eval (0.7.x) for exported ATP-LLaVA checkpoints.
 
-- `pipeline.lmms.model.AtpLlavaLmms`: the model plugin (`--model atp_llava`), registered
+- `pipeline.eval.lmms.model.AtpLlavaLmms`: the model plugin (`--model atp_llava`), registered
   through the entry-point group lmms-eval 0.7 reads, `lmms_eval.models` (setup.cfg
   `[options.entry_points]` -> `manifests()` below); lmms-eval loads it with
   `importlib.metadata.entry_points(group="lmms_eval.models")` when `lmms_eval.models` is
   imported, so nothing is copied into lmms-eval and no LMMS_EVAL_PLUGINS variable is needed.
-- `pipeline/lmms/tasks/`: offline copies of the seven paper benchmarks (local parquet files).
-- `pipeline.lmms.synthetic`: the embedded synthetic eval shards as two local tasks.
-- `python -m pipeline.lmms ...`: runs lmms-eval and fails loudly when it did not finish.
+- `pipeline/eval/lmms/tasks/`: offline copies of the seven paper benchmarks (local parquet files).
+- `pipeline.eval.lmms.synthetic`: the embedded synthetic eval shards as two local tasks.
+- `python -m pipeline.eval.lmms ...`: runs lmms-eval and fails loudly when it did not finish.
 
 This module imports only lmms-eval's registry (no torch), as entry points are loaded eagerly.
 """
@@ -22,5 +22,7 @@ def manifests():
     from lmms_eval.models.registry_v2 import ModelManifest
 
     return [
-        ModelManifest(model_id=MODEL_ID, simple_class_path="pipeline.lmms.model.AtpLlavaLmms", aliases=("atp-llava",))
+        ModelManifest(
+            model_id=MODEL_ID, simple_class_path="pipeline.eval.lmms.model.AtpLlavaLmms", aliases=("atp-llava",)
+        )
     ]

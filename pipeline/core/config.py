@@ -24,14 +24,14 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.data import DataConfig
+from pipeline.data.loader import DataConfig
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = REPO_ROOT / "pipeline" / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 
 # A field whose value is an input path carries this metadata; `check_paths` visits them,
-# and the path fields of schemas owned elsewhere (pipeline.data) listed here.
+# and the path fields of schemas owned elsewhere (pipeline.data.loader) listed here.
 PATH = {"path": True}
 # `${repo:embedded/base}` in a YAML: a path inside this checkout, whatever the working dir
 OmegaConf.register_resolver("repo", lambda rel: str(REPO_ROOT / rel), replace=True)
@@ -46,14 +46,14 @@ class ConfigError(ValueError):
 # key named. The ATP ones are written out (no transformers here); tests/test_pipeline_config.py
 # holds them to model/configuration_atp_llava.py's tuples.
 Pruning = Literal["none", "atp", "fixed"]
-# the comparison methods of pipeline/evaluate.py: trained ones, then model/baselines.py's POLICIES
+# the comparison methods of pipeline/eval/evaluate.py: trained ones, then model/baselines.py's POLICIES
 Method = Literal["atp", "fixed", "fastv", "prumerge", "prumerge+", "sparsevlm", "visionzip", "uniform", "random"]
 
 
 @dataclass
 class ScratchModelConfig:
     """A randomly initialised tiny LLaVA for the embedded default (no pretrained weights
-    exist offline); the word tokenizer of `pipeline.tokenizer` supplies the vocabulary."""
+    exist offline); the word tokenizer of `pipeline.data.tokenizer` supplies the vocabulary."""
 
     image_size: int = 96
     patch_size: int = 8
@@ -184,7 +184,7 @@ class BaseConfig:
 
 @dataclass
 class EvalConfig:
-    """Stages `variants` and `eval` (pipeline/evaluate.py): every method at matched budgets."""
+    """Stages `variants` and `eval` (pipeline/eval/evaluate.py): every method at matched budgets."""
 
     shards: str = "${run_dir}/shards/eval"
     budgets: list[float] = field(default_factory=lambda: [0.25, 0.15, 0.11])  # N_bar / Lv
@@ -376,7 +376,7 @@ def check_values(run: RunConfig) -> None:
 
 def check_model(run: RunConfig, num_layers: int | None, num_visual_tokens: int | None) -> None:
     """The ATP settings against the model's size (None: not known yet). `check` calls it when the
-    model's config files tell the size; pipeline.build again once the model config exists."""
+    model's config files tell the size; pipeline.train.build again once the model config exists."""
     a = run.atp
     if list(a.atp_layers) != sorted(set(a.atp_layers)):
         raise ConfigError(f"config error at 'atp.atp_layers': {a.atp_layers} must be strictly increasing")

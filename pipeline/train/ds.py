@@ -16,7 +16,7 @@ import copy
 import json
 import math
 
-from pipeline.config import ConfigError, RunConfig
+from pipeline.core.config import ConfigError, RunConfig
 
 # Filled from the YAML; ds_config.json must leave them "auto" (or out).
 OWNED = (
@@ -67,7 +67,7 @@ def build_ds_config(run: RunConfig, *, world_size: int, total_steps: int, hidden
     ds["train_batch_size"] = run.data.batch_size * t.grad_accum * world_size
     ds["gradient_clipping"] = t.grad_clip
     # The lr here is the LM group's; the ATP group carries its own lr in its param group
-    # (pipeline/trainer.py `_param_groups`), which DeepSpeed's optimizer and the client LambdaLR
+    # (pipeline/train/trainer.py `_param_groups`), which DeepSpeed's optimizer and the client LambdaLR
     # (`lr_schedule`) both respect.
     ds["optimizer"] = {
         "type": "AdamW",

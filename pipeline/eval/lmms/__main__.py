@@ -1,0 +1,5 @@
+import sys
+
+from pipeline.eval.lmms.cli import main
+
+sys.exit(main())

@@ -1,5 +1,0 @@
-import sys
-
-from pipeline.lmms.cli import main
-
-sys.exit(main())
