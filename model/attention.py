@@ -48,7 +48,11 @@ def atp_attention(
         bias = attention_mask if attention_mask is not None else atp_keys.score_bias()
         compute = atp_scores.compute if atp_scores.compute is not None else redundancy_scores
         # the score blocks index the padded layout: the packed path lays its q/k/v out that way for them
-        sq, sk, sv = (query, key, value) if kernel != "varlen" else (atp_keys.padded(t) for t in (query, key, value))
+        # (value only for a compute that may read it: the default's S_self does not)
+        sq, sk, sv = query, key, value
+        if kernel == "varlen":
+            sq, sk = atp_keys.padded(query), atp_keys.padded(key)
+            sv = None if atp_scores.compute is None else atp_keys.padded(value)
         atp_scores.result = compute(
             sq,
             sk,

@@ -403,15 +403,17 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         self._new_group(flow)
         return flow
 
-    def _new_group(self, flow):
-        """Keys, rope and KV group of the layers from here on (hard path: after each gather)."""
+    def _new_group(self, flow, rope=None):
+        """Keys, rope (given: the kept tokens' own, gathered) and KV group of the layers from here on
+        (hard path: after each gather)."""
         if flow.pack is None:
             flow.keys = self._keys(flow.seq.live, None, flow.hidden.dtype)
-            flow.rope = self._rope(flow.hidden, flow.seq.pos)
+            flow.rope = self._rope(flow.hidden, flow.seq.pos) if rope is None else rope
             flow.group_live.append(flow.seq.live)
         else:
             flow.keys = PackedKeys.prefill(flow.pack, flow.hidden.dtype)
-            flow.rope = self._rope(flow.hidden, flow.seq.pos.flatten(1).index_select(1, flow.pack.index)[:, None])
+            pos = flow.seq.pos.flatten(1).index_select(1, flow.pack.index)[:, None]
+            flow.rope = self._rope(flow.hidden, pos) if rope is None else rope
             flow.group_live.append(flow.pack)
 
     def _prune(self, flow, M, features, hard):
@@ -434,8 +436,8 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if not hard:
             flow.keys = self._keys(flow.seq.live, self._key_log_mask(flow.seq, flow.C), flow.hidden.dtype)
             return
-        flow.hidden, flow.seq, flow.qmask, flow.pack = self._gather(flow, keep)
-        self._new_group(flow)
+        flow.hidden, flow.seq, flow.qmask, flow.pack, take = self._gather(flow, keep)
+        self._new_group(flow, rope=tuple(take(t) for t in flow.rope))
 
     @staticmethod
     def _visual_slots(seq, lv):
@@ -464,8 +466,8 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         cfg = self.config
         live = (C > 0.5) & has_img[:, None]
         s_self, s_cross = scores
-        if cfg.score_norm == "minmax":
-            s_self, s_cross = minmax(s_self, live), minmax(s_cross, live)
+        if cfg.score_norm == "minmax":  # both scores in one pass: a pruning step's launches add up
+            s_self, s_cross = minmax(torch.stack([s_self, s_cross]), live)
         s_red = torch.where(live, (s_self + s_cross) / 2, 0.0)
         s_spa = torch.where(live, self.spatial_score(s_red), 0.0)
         theta_r, theta_s = self.atp_modules[k](s_red, s_spa, query=query)
@@ -486,7 +488,8 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def _gather(self, flow, keep):
         """Hard pruning: keep text and kept visual tokens, in order, right-aligned (left padding) in
         seq's layout; the packed path packs that layout's live tokens. The one host read: the new
-        length (packed: every sample's)."""
+        length (packed: every sample's). Returns hidden, seq, qmask, the packing and `take`, the same
+        selection for any per-token tensor of the old layout (the rotary cos / sin)."""
         hidden, seq, qmask = flow.hidden, flow.seq, flow.qmask
         B, L = seq.live.shape
         keep_tok = seq.live & ((seq.vis < 0) | keep.gather(1, seq.vis.clamp_min(0)))
@@ -501,10 +504,14 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         valid = torch.arange(new_len, device=hidden.device)[None] >= (new_len - n)[:, None]
         seq, qmask = seq.take(idx, valid), qmask.gather(1, idx) & valid
         if flow.pack is None:
-            return hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1])), seq, qmask, None
+
+            def take(t):
+                return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
+
+            return take(hidden), seq, qmask, None, take
         pack = Packing.build(seq.live, lens)
         src = pack.pack(flow.pack.rows().gather(1, idx))  # each kept token's packed row before the gather
-        return hidden.index_select(1, src), seq, qmask, pack
+        return hidden.index_select(1, src), seq, qmask, pack, lambda t: t.index_select(1, src)
 
     def _logits(self, hidden, seq, B, L, hard, logits_to_keep):
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
