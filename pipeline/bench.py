@@ -31,6 +31,7 @@ from model.budget import counts_for_budget
 from model.calibration import calibrate_budget, calibrate_thresholds
 
 from .opcount import OpCounter
+from .timing import MIN_REPEATS, fmt_ratio, fmt_time, interleaved, ratio_stats, spread_stats
 
 
 def build(args, seed=0):
@@ -95,47 +96,6 @@ class _Clock:
                 self.total += time.perf_counter() - t
 
         return inner
-
-
-def interleaved(fns, repeats, warmup=2):
-    """{name: [seconds]}: every repeat runs each fn once, in an order rotated per repeat, so drift
-    (other jobs, thermal) spreads over all of them. A fn that returns a float reports its own time
-    (e.g. the decode steps after an untimed prefill); otherwise its wall time counts."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    names, times = list(fns), {n: [] for n in fns}
-    for r in range(repeats):
-        for n in names[r % len(names) :] + names[: r % len(names)]:
-            t = time.perf_counter()
-            own = fns[n]()
-            times[n].append(own if isinstance(own, float) else time.perf_counter() - t)
-    return times
-
-
-SPREAD_MARK = 0.10  # a ratio whose repeats spread more than this around its median is marked
-
-
-def ratio_stats(ts, base):
-    """Median of the per-repeat ratios ts[r] / base[r] (interleaved: the same repeat saw the same
-    load), their [min, max] and spread; `noisy` when the spread exceeds SPREAD_MARK."""
-    rs = [t / b for t, b in zip(ts, base)]
-    med = statistics.median(rs)
-    spread = (max(rs) - min(rs)) / med
-    return {"ratio": med, "min": min(rs), "max": max(rs), "spread": spread, "noisy": spread > SPREAD_MARK}
-
-
-def fmt_ratio(r):
-    return f"{r['ratio']:.3f} [{r['min']:.3f}, {r['max']:.3f}]{'~' if r['noisy'] else ' '}"
-
-
-def fmt_time(st, unit=1e3):
-    return f"{st['median_s'] * unit:.1f} [{st['min_s'] * unit:.1f}, {st['max_s'] * unit:.1f}]"
-
-
-def spread_stats(ts):
-    med = statistics.median(ts)
-    return {"median_s": med, "min_s": min(ts), "max_s": max(ts), "spread": (max(ts) - min(ts)) / med}
 
 
 def bench_attention(heads, head_dim, repeats, shapes=((640, 1), (2048, 1)), seed=0):
@@ -387,8 +347,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.repeats < 5:
-        p.error("--repeats: at least 5 (medians of fewer are not published)")
+    if args.repeats < MIN_REPEATS:
+        p.error(f"--repeats: at least {MIN_REPEATS} (medians of fewer are not published)")
     result = {}
     if args.attn or args.attn_only:
         attn = bench_attention(args.heads, args.hidden // args.heads, args.repeats)
