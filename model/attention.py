@@ -4,7 +4,8 @@ The decoder loop passes each group of layers' keys as a structured `kernels.KeyM
 (`atp_keys`): live keys, the soft mask's `log m` (METHOD sec 4) and the kernel chosen for them
 (`attn_kernel` in the config). The SDPA reference reads the dense additive bias the KeyMask
 carries (also passed as `attention_mask`, so stock attention functions still work); flash-attn,
-FlexAttention and the channel kernel read the structured mask and never build L x L. In the layer before an ATP
+FlexAttention and the channel kernel read the structured mask and never build L x L; the packed
+hard path (`packed.PackedKeys`, kernel "varlen") attends per sample over packed tokens. In the layer before an ATP
 module the function also computes the block-wise redundancy scores from this layer's own q/k
 (`scores.redundancy_scores`): under ZeRO-3 a layer's weights exist only inside its own forward,
 and the q/k are already rotated here.
@@ -19,7 +20,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from . import kernels
+from . import kernels, packed
 from .scores import redundancy_scores
 
 ATTN_IMPLEMENTATION = "atp_sdpa"
@@ -46,17 +47,25 @@ def atp_attention(
     if atp_scores is not None:
         bias = attention_mask if attention_mask is not None else atp_keys.score_bias()
         compute = atp_scores.compute if atp_scores.compute is not None else redundancy_scores
+        # the score blocks index the padded layout: the packed path lays its q/k/v out that way for them
+        # (value only for a compute that may read it: the default's S_self does not)
+        sq, sk, sv = query, key, value
+        if kernel == "varlen":
+            sq, sk = atp_keys.padded(query), atp_keys.padded(key)
+            sv = None if atp_scores.compute is None else atp_keys.padded(value)
         atp_scores.result = compute(
-            query,
-            key,
+            sq,
+            sk,
             bias,
             scaling,
             atp_scores.vis_index,
             atp_scores.vis_weight,
             atp_scores.q_index,
             atp_scores.q_valid,
-            value=value,
+            value=sv,
         )
+    if kernel == "varlen":
+        return packed.varlen_attention(query, key, value, atp_keys, scaling, dropout), None
     if kernel == "flash":
         return kernels.flash_attention(query, key, value, atp_keys.live, scaling, dropout), None
     if kernel == "channel":

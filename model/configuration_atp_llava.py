@@ -16,6 +16,7 @@ MERGE_MODES = ("none", "nearest")  # METHOD sec 12
 BUDGET_LOSSES = ("n_bar", "per_module", "dual")  # METHOD sec 7, 13, 15
 THRESHOLD_FEATURES = ("query", "sorted")  # METHOD sec 14
 ATTN_KERNELS = ("sdpa", "flash", "flex", "channel", "auto")  # model/kernels.py, docs/GPU.md
+HARD_LAYOUTS = ("padded", "packed")  # model/packed.py
 
 
 # Float fields are annotated `int | float` and cast below: huggingface_hub's strict validation
@@ -58,6 +59,9 @@ class AtpLlavaConfig(LlavaConfig):
     fixed_counts: list[int] | tuple[int, ...] | None = None
     mask_eps: int | float = 1e-6
     attn_kernel: str = "sdpa"  # sdpa | flash | flex | channel | auto (docs/GPU.md)
+    # eval (hard) batches: padded to the longest sample after each pruning point (the reference) or
+    # packed, [sum of lengths, D] with variable-length attention and a per-sample KV cache (packed.py)
+    hard_layout: str = "padded"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -107,6 +111,8 @@ class AtpLlavaConfig(LlavaConfig):
                 f"attn_kernel={self.attn_kernel!r}: expected one of {ATTN_KERNELS} "
                 "(flash needs `pip install '.[gpu]'`; auto picks what is installed)"
             )
+        if self.hard_layout not in HARD_LAYOUTS:
+            raise ValueError(f"hard_layout={self.hard_layout!r}: expected one of {HARD_LAYOUTS}")
         if list(layers) != sorted(set(layers)):
             raise ValueError(f"atp_layers={layers}: must be strictly increasing")
         if layers and (layers[0] < 0 or layers[-1] >= n_layers):

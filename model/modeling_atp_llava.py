@@ -39,6 +39,7 @@ from .attention import ATTN_IMPLEMENTATION, ScoreRequest
 from .budget import group_spans, keep_share_per_module, module_counts, tokens_per_layer
 from .configuration_atp_llava import AtpLlavaConfig
 from .kernels import KeyMask, check_requested
+from .packed import DecodeCache, PackedKeys, Packing, decode_groups
 from .pruning import AtpPruning, PolicyPruning
 from .scores import minmax, spatial_scores
 
@@ -92,8 +93,13 @@ class _Flow:
     keys: KeyMask  # what the next layers attend over
     rope: tuple  # (cos, sin) of seq.pos
     counts: list  # [B] visual tokens seen by each group of layers
-    group_live: list  # key-padding mask of each group's KV cache
+    group_live: list  # each group's KV cache: its key-padding mask (padded) or its `Packing` (packed)
     keeps: list = field(default_factory=list)  # C after each pruning point
+    pack: Packing | None = None  # hard_layout packed: hidden is [1, N, D], the live tokens of seq in order
+
+    def padded_hidden(self):
+        """[B, L, D] hidden states in seq's layout (zeros where not live on the packed path)."""
+        return self.hidden if self.pack is None else self.pack.unpack(self.hidden[0])
 
 
 class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
@@ -172,16 +178,18 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         return self.config.pruning != "none" and len(self.config.atp_layers) > 0
 
     # -- inputs -> sequence metadata ----------------------------------------------
-    def _embed(self, input_ids, pixel_values, inputs_embeds, vis_mask, qmask):
-        """Input embeddings with the image features scattered in, the features, and the most query
-        tokens in a sample: one host read for the checks and that count (a sync on a GPU)."""
+    def _embed(self, input_ids, pixel_values, inputs_embeds, vis_mask, qmask, live=None):
+        """Input embeddings with the image features scattered in, the features, the most query tokens
+        in a sample and (given `live`) each sample's length: one host read for the checks and those
+        counts (a sync on a GPU)."""
         cfg = self.config
         embeds = self.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds
         counts = vis_mask.sum(1)
         has_img = counts > 0
         lv = cfg.num_visual_tokens
         bad = has_img & (counts != lv)
-        n_img, n_bad, n_query = torch.stack([has_img.sum(), bad.sum(), qmask.sum(1).amax()]).tolist()
+        read = torch.stack([has_img.sum(), bad.sum(), qmask.sum(1).amax()])
+        n_img, n_bad, n_query, *lens = (read if live is None else torch.cat([read, live.sum(1)])).tolist()
         if n_bad:
             b = int(torch.nonzero(bad)[0])
             raise ValueError(
@@ -204,7 +212,7 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             )
             image_features = torch.cat(list(out.pooler_output), dim=0).to(embeds.dtype)
             embeds = embeds.masked_scatter(vis_mask[..., None], image_features)
-        return embeds, image_features, n_query
+        return embeds, image_features, n_query, lens
 
     def _positions(self, pos1, vis, has_img):
         """[2, B, L] rotary positions: (p, p) for 1-D `preserve`; (start + r, start + c) for visual
@@ -283,10 +291,13 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         policy = getattr(self, "pruning_policy", None) if hard else None
         if policy is not None and atp_masks is not None:
             raise ValueError("atp_masks and model.pruning_policy both choose the kept tokens: set one of them")
+        packed = hard and self.config.hard_layout == "packed"
         seq, qmask, has_img = self._sequence(input_ids, attention_mask, position_ids, labels, query_mask)
         with policy.vision_tap(self) if policy is not None else contextlib.nullcontext():
-            embeds, image_features, n_query = self._embed(input_ids, pixel_values, inputs_embeds, seq.vis >= 0, qmask)
-        flow = self._start(embeds, seq, qmask, has_img, n_query)
+            embeds, image_features, n_query, lens = self._embed(
+                input_ids, pixel_values, inputs_embeds, seq.vis >= 0, qmask, seq.live if packed else None
+            )
+        flow = self._start(embeds, seq, qmask, has_img, n_query, lens if packed else None)
         pruning = self._pruning(policy, flow, embeds, has_img, atp_masks, hard)
         points = {} if pruning is None else {i: k for k, i in enumerate(pruning.layers)}
 
@@ -306,6 +317,8 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 atp_keys=flow.keys,
             )
         hidden = self.model.language_model.norm(flow.hidden)
+        if flow.pack is not None:
+            hidden = flow.pack.unpack(hidden[0])
         logits = self._logits(hidden, flow.seq, *input_ids.shape, hard, logits_to_keep)
 
         n_layers = self.config.text_config.num_hidden_layers
@@ -318,10 +331,13 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if cache is not None:
             seq = flow.seq
             cache.atp_state = {
-                "group_live": flow.group_live,
                 "group_of_layer": [sum(1 for i in prune_layers if i <= j) for j in range(n_layers)],
                 "next_pos": torch.where(seq.live, seq.pos.amax(0), -1).amax(1) + 1,
             }
+            if flow.pack is None:
+                cache.atp_state["group_live"] = flow.group_live
+            else:  # each group's packed segments: (cu_seqlens, host lengths)
+                cache.atp_state["group_packed"] = [(p.cu, p.lens) for p in flow.group_live]
         return AtpLlavaOutput(
             loss=loss,
             logits=logits,
@@ -366,21 +382,39 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         seq = _Seq(live=live, pos=self._positions(pos1, vis, has_img), vis=vis, orig=orig)
         return seq, self._query_mask(seq, has_img, labels, query_mask), has_img
 
-    def _start(self, embeds, seq, qmask, has_img, n_query):
-        """The flow entering the first decoder layer: every token, all of C, one KV group."""
+    def _start(self, embeds, seq, qmask, has_img, n_query, lens=None):
+        """The flow entering the first decoder layer: every token, all of C, one KV group; packed
+        when given each sample's length (`hard_layout: packed`)."""
         B = seq.live.shape[0]
         C = has_img[:, None].to(embeds.dtype).expand(B, self.config.num_visual_tokens).clone()
-        return _Flow(
-            hidden=embeds,
+        pack = None if lens is None else Packing.build(seq.live, lens)
+        flow = _Flow(
+            hidden=embeds if pack is None else pack.pack(embeds)[None],
             seq=seq,
             qmask=qmask,
             n_query=max(n_query, 1),
             C=C,
-            keys=self._keys(seq.live, None, embeds.dtype),
-            rope=self._rope(embeds, seq.pos),
+            keys=None,
+            rope=None,
             counts=[C.sum(-1)],
-            group_live=[seq.live],
+            group_live=[],
+            pack=pack,
         )
+        self._new_group(flow)
+        return flow
+
+    def _new_group(self, flow, rope=None):
+        """Keys, rope (given: the kept tokens' own, gathered) and KV group of the layers from here on
+        (hard path: after each gather)."""
+        if flow.pack is None:
+            flow.keys = self._keys(flow.seq.live, None, flow.hidden.dtype)
+            flow.rope = self._rope(flow.hidden, flow.seq.pos) if rope is None else rope
+            flow.group_live.append(flow.seq.live)
+        else:
+            flow.keys = PackedKeys.prefill(flow.pack, flow.hidden.dtype)
+            pos = flow.seq.pos.flatten(1).index_select(1, flow.pack.index)[:, None]
+            flow.rope = self._rope(flow.hidden, pos) if rope is None else rope
+            flow.group_live.append(flow.pack)
 
     def _prune(self, flow, M, features, hard):
         """After a pruning point, whoever chose M: the cumulative mask C, merged features if any, then
@@ -392,15 +426,18 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if features is not None:  # merging: new features for the kept tokens (soft: for every visual token)
             at = flow.seq.vis.clamp_min(0)
             on = (flow.seq.vis >= 0) & (keep.gather(1, at) if hard else True)
-            new = features.to(flow.hidden.dtype).gather(1, at[..., None].expand(-1, -1, flow.hidden.shape[-1]))
+            features = features.to(flow.hidden.dtype)
+            if flow.pack is None:
+                new = features.gather(1, at[..., None].expand(-1, -1, flow.hidden.shape[-1]))
+            else:  # the packed tokens' rows of features [B * Lv, D]
+                flat = at + torch.arange(at.shape[0], device=at.device)[:, None] * features.shape[1]
+                new, on = features.flatten(0, 1).index_select(0, flow.pack.pack(flat))[None], flow.pack.pack(on)[None]
             flow.hidden = torch.where(on[..., None], new, flow.hidden)
         if not hard:
             flow.keys = self._keys(flow.seq.live, self._key_log_mask(flow.seq, flow.C), flow.hidden.dtype)
             return
-        flow.hidden, flow.seq, flow.qmask = self._gather(flow.hidden, flow.seq, flow.qmask, keep)
-        flow.keys = self._keys(flow.seq.live, None, flow.hidden.dtype)
-        flow.rope = self._rope(flow.hidden, flow.seq.pos)
-        flow.group_live.append(flow.seq.live)
+        flow.hidden, flow.seq, flow.qmask, flow.pack, take = self._gather(flow, keep)
+        self._new_group(flow, rope=tuple(take(t) for t in flow.rope))
 
     @staticmethod
     def _visual_slots(seq, lv):
@@ -429,8 +466,8 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         cfg = self.config
         live = (C > 0.5) & has_img[:, None]
         s_self, s_cross = scores
-        if cfg.score_norm == "minmax":
-            s_self, s_cross = minmax(s_self, live), minmax(s_cross, live)
+        if cfg.score_norm == "minmax":  # both scores in one pass: a pruning step's launches add up
+            s_self, s_cross = minmax(torch.stack([s_self, s_cross]), live)
         s_red = torch.where(live, (s_self + s_cross) / 2, 0.0)
         s_spa = torch.where(live, self.spatial_score(s_red), 0.0)
         theta_r, theta_s = self.atp_modules[k](s_red, s_spa, query=query)
@@ -448,20 +485,33 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         m_s = torch.sigmoid((s_spa - theta_s[:, None].to(s_spa.dtype)) * T)
         return torch.maximum(m_r, m_s).to(C.dtype) * has_img[:, None], theta, None
 
-    def _gather(self, hidden, seq, qmask, keep):
-        """Hard pruning: keep text and kept visual tokens, in order, right-aligned (left padding)."""
+    def _gather(self, flow, keep):
+        """Hard pruning: keep text and kept visual tokens, in order, right-aligned (left padding) in
+        seq's layout; the packed path packs that layout's live tokens. The one host read: the new
+        length (packed: every sample's). Returns hidden, seq, qmask, the packing and `take`, the same
+        selection for any per-token tensor of the old layout (the rotary cos / sin)."""
+        hidden, seq, qmask = flow.hidden, flow.seq, flow.qmask
         B, L = seq.live.shape
         keep_tok = seq.live & ((seq.vis < 0) | keep.gather(1, seq.vis.clamp_min(0)))
         n = keep_tok.sum(1)
-        new_len = int(n.max())
+        lens = None if flow.pack is None else n.tolist()
+        new_len = int(n.max()) if lens is None else max(lens)
         rank = keep_tok.long().cumsum(1) - 1
         dest = torch.where(keep_tok, rank + (new_len - n)[:, None], new_len)
         idx = torch.zeros(B, new_len + 1, dtype=torch.long, device=hidden.device)
         idx.scatter_(1, dest, torch.arange(L, device=hidden.device).expand(B, L))
         idx = idx[:, :new_len]
         valid = torch.arange(new_len, device=hidden.device)[None] >= (new_len - n)[:, None]
-        hidden = hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1]))
-        return hidden, seq.take(idx, valid), qmask.gather(1, idx) & valid
+        seq, qmask = seq.take(idx, valid), qmask.gather(1, idx) & valid
+        if flow.pack is None:
+
+            def take(t):
+                return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
+
+            return take(hidden), seq, qmask, None, take
+        pack = Packing.build(seq.live, lens)
+        src = pack.pack(flow.pack.rows().gather(1, idx))  # each kept token's packed row before the gather
+        return hidden.index_select(1, src), seq, qmask, pack, lambda t: t.index_select(1, src)
 
     def _logits(self, hidden, seq, B, L, hard, logits_to_keep):
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
@@ -525,12 +575,18 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         hidden = self.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds
         B, q = hidden.shape[:2]
         pos1 = state["next_pos"][:, None] + torch.arange(q, device=hidden.device)
+        packed = "group_packed" in state
+        if packed:  # the B x q new tokens packed, sample by sample; each group's cache grows per sample
+            hidden, pos1 = hidden.reshape(1, B * q, -1), pos1.reshape(1, B * q)
+            keys, dests, state["group_packed"] = decode_groups(state["group_packed"], q)
+            layer_cache = DecodeCache(cache, state["group_of_layer"], dests)
+        else:
+            keys, layer_cache = [], cache
+            for g, live in enumerate(state["group_live"]):
+                live = torch.cat([live, live.new_ones(B, q)], 1)
+                state["group_live"][g] = live
+                keys.append(self._keys(live, None, hidden.dtype, q_len=q))  # the q new tokens are the last keys
         rope = self._rope(hidden, torch.stack([pos1, pos1]))
-        keys = []
-        for g, live in enumerate(state["group_live"]):
-            live = torch.cat([live, live.new_ones(B, q)], 1)
-            state["group_live"][g] = live
-            keys.append(self._keys(live, None, hidden.dtype, q_len=q))  # the q new tokens are the last keys
         for j, layer in enumerate(self.model.language_model.layers):
             g = state["group_of_layer"][j]
             hidden = layer(
@@ -538,11 +594,11 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 attention_mask=keys[g].dense,
                 position_embeddings=rope,
                 use_cache=True,
-                **{CACHE_KW: cache},
+                **{CACHE_KW: layer_cache},
                 atp_keys=keys[g],
             )
         state["next_pos"] = state["next_pos"] + q
-        hidden = self.model.language_model.norm(hidden)
+        hidden = self.model.language_model.norm(hidden).reshape(B, q, -1)
         keep = logits_to_keep if isinstance(logits_to_keep, int) and logits_to_keep > 0 else q
         return AtpLlavaOutput(logits=self.lm_head(hidden[:, -keep:]), **{CACHE_KW: cache})
 

@@ -60,7 +60,11 @@ class AtpPruning:
 
     def select(self, k, flow, request):
         override = None if self.atp_masks is None else self.atp_masks[k]
-        query = question_state(flow.hidden, flow.qmask) if "query" in self.model.config.threshold_features else None
+        query = (
+            question_state(flow.padded_hidden(), flow.qmask)
+            if "query" in self.model.config.threshold_features
+            else None
+        )
         M, theta, branch = self.model._atp_step(k, request.result, flow.C, self.has_img, override, self.hard, query)
         self.thresholds.append(theta)
         self.m_sums.append(M.sum(-1))
@@ -70,7 +74,8 @@ class AtpPruning:
         if cfg.merge == "none":
             return M, None
         vis_index, _ = self.model._visual_slots(flow.seq, flow.C.shape[1])
-        hidden = flow.hidden.gather(1, vis_index[..., None].expand(-1, -1, flow.hidden.shape[-1]))
+        hidden = flow.padded_hidden()
+        hidden = hidden.gather(1, vis_index[..., None].expand(-1, -1, hidden.shape[-1]))
         kept = flow.C * M
         return M, merge_dropped(hidden, kept, flow.C - kept, cfg.merge_temperature)
 
@@ -133,13 +138,14 @@ class PolicyPruning:
     @torch.no_grad()
     def select(self, k, flow, request):
         vis_index, present = self.model._visual_slots(flow.seq, flow.C.shape[1])
-        D = flow.hidden.shape[-1]
+        hidden = flow.padded_hidden()
+        D = hidden.shape[-1]
         live = (flow.C > 0.5) & present & self.has_img[:, None]
         ctx = PruneContext(
             model=self.model,
             layer=self.layers[k],
             live=live,
-            hidden=flow.hidden.gather(1, vis_index[..., None].expand(-1, -1, D)),
+            hidden=hidden.gather(1, vis_index[..., None].expand(-1, -1, D)),
             embeds=self.embeds,
             vis_orig=self.vis_orig,
             has_img=self.has_img,

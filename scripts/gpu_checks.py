@@ -1,6 +1,6 @@
 """All GPU checks and benchmarks of the attention kernels in one command (docs/GPU.md):
 
-    python scripts/gpu_checks.py --out DIR [--parts kernels,model,bench_attn,bench_prefill]
+    python scripts/gpu_checks.py --out DIR [--parts kernels,model,bench_attn,bench_prefill,packed] [--dry]
 
 - kernels: each GPU kernel (FlexAttention and the channel kernel with the soft mask, flash-attn dense and varlen, a
   decode step over a pruned cache) in bf16 against the float32 SDPA reference: forward output,
@@ -14,11 +14,17 @@
   (goal: masked <= 1.5x the unmasked flash kernel).
 - bench_prefill: hard-path prefill of a LLaVA-7B-shaped Llama (random weights, bf16) at
   N_bar = 25% vs unpruned, per kernel, against the FLOPs ratio.
+- packed: the packed hard path (`hard_layout: packed`, model/packed.py: varlen attention, per-sample
+  KV segments) vs the padded one: hard logits of a ragged batch in bf16, each against an fp32 padded
+  run (packed within MODEL_SLACK of padded's error); on the 7B-shaped model at batch 1 and 8,
+  prefill and per-token decode time, unpruned vs N_bar 25%, per layout; the aten ops and host syncs
+  of one forward (pipeline/eval/opcount.py) per layout.
 - profile_prefill (by name only): torch.profiler over the batch-1 prefill, unpruned and pruned:
   the top ops by host and by GPU time (batch 1 is launch-bound).
 
 Writes DIR/gpu_checks.json and prints tables. Exit status 1 if a correctness check fails, 2 without
-CUDA. Needs only the model/ package (no tests, no pipeline).
+CUDA. Needs only the model/ package and pipeline/eval/opcount.py (no tests). `--dry` runs the parts on
+this machine's CPU, fp32, on small shapes: the plumbing only, no number from it means anything.
 """
 
 from __future__ import annotations
@@ -49,6 +55,10 @@ ATTN_SHAPES = ((640, 16), (2048, 4))  # (L, batch) of the attention benchmark: 3
 PREFILL_MODEL = dict(
     layers=32, hidden=4096, ffn=11008, heads=32, kv_heads=32, atp_layers=[4, 14, 24]
 )  # LLaVA-7B's Llama
+SMALL = dict(layers=10, hidden=64, ffn=128, heads=4, kv_heads=2, atp_layers=[1, 4, 7])  # --dry
+DRY = False  # --dry: CPU, fp32, SMALL shapes, few iterations
+LOW = torch.bfloat16  # the low precision under test (fp32 under --dry: CPU bf16 is emulated)
+ITERS = 20
 
 
 def rel(x, ref, rows=None):
@@ -282,6 +292,8 @@ def check_model(have_flash):
 def cuda_ms(fn, iters=20, warmup=5):
     for _ in range(warmup):
         fn()
+    if DEV != "cuda":  # --dry: wall time
+        return statistics.median([_wall_ms(fn) for _ in range(iters)])
     torch.cuda.synchronize()
     times = []
     for _ in range(iters):
@@ -292,6 +304,12 @@ def cuda_ms(fn, iters=20, warmup=5):
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def _wall_ms(fn):
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3
 
 
 def bench_attn(have_flash):
@@ -372,11 +390,12 @@ def bench_attn(have_flash):
 
 def prefill_model():
     """The LLaVA-7B-shaped model of the prefill parts (bf16) and its kept counts at N_bar 25%."""
-    atp_layers = PREFILL_MODEL["atp_layers"]
-    cfg = llava_config(**PREFILL_MODEL, pruning="fixed", fixed_counts=[1] * len(atp_layers))
+    atp_layers = (SMALL if DRY else PREFILL_MODEL)["atp_layers"]
+    shape = SMALL if DRY else PREFILL_MODEL
+    cfg = llava_config(**shape, pruning="fixed", fixed_counts=[1] * len(atp_layers), vocab=1024 if DRY else 32064)
     lv = cfg.num_visual_tokens
-    q = keep_share_per_module(atp_layers, PREFILL_MODEL["layers"], lv, 0.25 * lv)
-    return build(cfg).to(torch.bfloat16), [max(1, round(lv * q ** (k + 1))) for k in range(len(atp_layers))]
+    q = keep_share_per_module(atp_layers, shape["layers"], lv, 0.25 * lv)
+    return build(cfg).to(LOW), [max(1, round(lv * q ** (k + 1))) for k in range(len(atp_layers))]
 
 
 def bench_prefill(have_flash, batch_sizes=(1, 8)):
@@ -413,6 +432,85 @@ def bench_prefill(have_flash, batch_sizes=(1, 8)):
             )
     del m
     torch.cuda.empty_cache()
+    return rows
+
+
+def packed_path(have_flash, batch_sizes=(1, 8), decode_tokens=8):
+    from transformers import DynamicCache
+
+    from model import CACHE_KW
+    from pipeline.eval.opcount import OpCounter
+
+    rows = []
+    # correctness: a ragged batch (different text lengths, different kept counts per sample)
+    cfg = llava_config(layers=8, hidden=1024, ffn=2816, heads=16, kv_heads=4, atp_layers=[2, 4, 6], vocab=4096)
+    if DRY:
+        cfg = llava_config(**SMALL, vocab=1024)
+    m = build(cfg)
+    b = batch(cfg, [64, 40, 23])
+    b.pop("labels")
+    lv = cfg.num_visual_tokens
+    g = torch.Generator().manual_seed(1)
+    masks = [(torch.rand(3, lv, generator=g) < torch.tensor([[0.7], [0.4], [0.2]])).float().to(DEV) for _ in range(3)]
+    text = b["attention_mask"].bool()
+    logits = {}
+    for tag, dtype, layout in (
+        ("fp32_padded", torch.float32, "padded"),
+        ("low_padded", LOW, "padded"),
+        ("low_packed", LOW, "packed"),
+    ):
+        m.to(dtype).config.hard_layout = layout
+        with torch.no_grad():
+            logits[tag] = m(**b, atp_masks=masks).logits.float()
+    m.to(torch.float32)
+    e_pad, e_pack = (rel(logits[t], logits["fp32_padded"], text) for t in ("low_padded", "low_packed"))
+    rows.append(
+        {
+            "check": "packed/logits_vs_padded",
+            "err_vs_fp32": {"padded": e_pad, "packed": e_pack},
+            "pass": e_pack <= MODEL_SLACK * e_pad + 1e-3,
+        }
+    )
+    del m
+    # speed: the 7B-shaped model (DRY: small), batch 1 and 8, prefill and decode per token, per layout
+    m, counts = prefill_model()
+    text_len = 64
+    for B in batch_sizes:
+        b = batch(m.config, [text_len - (i * text_len) // (2 * B) for i in range(B)])
+        b.pop("labels")
+        res = {"check": "packed/speed", "batch": B, "kept_counts": counts}
+        for layout in ("padded", "packed"):
+            for budget, pruning in (("unpruned", "none"), ("nbar25", "fixed")):
+                m.config.pruning, m.config.fixed_counts, m.config.hard_layout = pruning, counts, layout
+
+                def prefill(decode=0):
+                    cache = DynamicCache(config=m.config.text_config)  # noqa: F821 (m is deleted after its last use)
+                    out = m(**b, **{CACHE_KW: cache}, use_cache=True, logits_to_keep=1)  # noqa: F821
+                    tok = out.logits[:, -1:].argmax(-1)
+                    for _ in range(decode):
+                        tok = m(input_ids=tok, **{CACHE_KW: cache}, use_cache=True).logits[:, -1:].argmax(-1)  # noqa: F821
+
+                with torch.no_grad():
+                    t_pre = cuda_ms(prefill, iters=ITERS, warmup=ITERS)
+                    t_all = cuda_ms(lambda: prefill(decode_tokens), iters=ITERS, warmup=2)
+                    with OpCounter(sites=False) as c:
+                        prefill()
+                res[f"{layout}/{budget}"] = {
+                    "prefill_ms": t_pre,
+                    "decode_ms_per_token": (t_all - t_pre) / decode_tokens,
+                    "ops": c.ops,
+                    "compute_ops": c.compute_ops,
+                    "syncs": c.syncs,
+                }
+        for layout in ("padded", "packed"):
+            u, p = res[f"{layout}/unpruned"], res[f"{layout}/nbar25"]
+            res[f"{layout}/prefill_ratio"] = p["prefill_ms"] / u["prefill_ms"]
+            res[f"{layout}/decode_ratio"] = p["decode_ms_per_token"] / u["decode_ms_per_token"]
+            res[f"{layout}/ops_ratio"] = p["ops"] / u["ops"]
+        rows.append(res)
+    del m
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -484,6 +582,18 @@ def print_tables(res):
             f"{r['flex_masked_over_flash']:.2f}, channel_masked / {r['baseline']} = "
             f"{r['channel_masked_over_flash']:.2f} (goal <= 1.5)" + (f"  errors: {r['errors']}" if r["errors"] else "")
         )
+    for r in res.get("packed", []):
+        if r["check"] == "packed/logits_vs_padded":
+            print(f"{'PASS' if r['pass'] else 'FAIL'} {r['check']}  err vs fp32 {json.dumps(r['err_vs_fp32'])}")
+            continue
+        for layout in ("padded", "packed"):
+            u, p = r[f"{layout}/unpruned"], r[f"{layout}/nbar25"]
+            print(
+                f"{layout} B={r['batch']}: prefill {u['prefill_ms']:.1f} -> {p['prefill_ms']:.1f} ms "
+                f"(x{r[f'{layout}/prefill_ratio']:.3f}), decode {u['decode_ms_per_token']:.2f} -> "
+                f"{p['decode_ms_per_token']:.2f} ms/token (x{r[f'{layout}/decode_ratio']:.3f}), ops {u['ops']} -> "
+                f"{p['ops']} (x{r[f'{layout}/ops_ratio']:.2f}), syncs {u['syncs']} -> {p['syncs']}"
+            )
     for r in res.get("bench_prefill", []):
         print(
             f"prefill B={r['batch']} {r['kernel']:<5} unpruned {r['unpruned_ms']:.1f} ms, N_bar {r['n_bar_share']:.1%} "
@@ -495,9 +605,13 @@ def print_tables(res):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
-    p.add_argument("--parts", default="kernels,model,bench_attn,bench_prefill")
+    p.add_argument("--parts", help="default: kernels,model,bench_attn,bench_prefill,packed (--dry: packed)")
+    p.add_argument("--dry", action="store_true", help="CPU, fp32, small shapes: check the plumbing (parts: packed)")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.dry:
+        global DEV, DRY, LOW, ITERS
+        DEV, DRY, LOW, ITERS = "cpu", True, torch.float32, 2
+    elif not torch.cuda.is_available():
         print("gpu_checks: no CUDA device here; run this on a GPU machine (docs/GPU.md). Nothing was checked.")
         return 2
     os.makedirs(args.out, exist_ok=True)
@@ -506,7 +620,7 @@ def main(argv=None):
         "env": {
             "torch": torch.__version__,
             "cuda": torch.version.cuda,
-            "gpu": torch.cuda.get_device_name(),
+            "gpu": torch.cuda.get_device_name() if DEV == "cuda" else "none (--dry)",
             "python": platform.python_version(),
             "flash_attn": None,
             "tolerances": {"out": TOL_OUT, "grad": TOL_GRAD, "model_slack": MODEL_SLACK},
@@ -527,15 +641,18 @@ def main(argv=None):
         "bench_attn": bench_attn,
         "bench_prefill": bench_prefill,
         "profile_prefill": profile_prefill,
+        "packed": packed_path,
     }
-    for part in args.parts.split(","):
+    for part in (args.parts or ("packed" if args.dry else "kernels,model,bench_attn,bench_prefill,packed")).split(","):
         t = time.perf_counter()
         res[part] = parts[part](have_flash)
         res.setdefault("seconds", {})[part] = round(time.perf_counter() - t, 1)
         with open(os.path.join(args.out, "gpu_checks.json"), "w") as f:  # after each part: a timeout keeps the rest
             json.dump(res, f, indent=2)
     print_tables(res)
-    failed = [r["check"] for part in ("kernels", "model") for r in res.get(part, []) if not r.get("pass", True)]
+    failed = [
+        r["check"] for part in ("kernels", "model", "packed") for r in res.get(part, []) if not r.get("pass", True)
+    ]
     if failed:
         print("FAILED:", ", ".join(failed))
     return 1 if failed else 0

@@ -1,10 +1,15 @@
-"""Prefill benchmark of the hard-pruning path on a random-weight model (`python -m pipeline.eval.bench`).
+"""Benchmark of the hard-pruning path on a random-weight model (`python -m pipeline.eval.bench`).
 
-Measures, side by side in one process: unpruned prefill time; prefill time when the ATP layers
-keep counts that give N_bar = 25% / 15% / 11% of the visual tokens; the analytic FLOPs ratio
-of each (METHOD sec 8); the ATP modules' own share of an ATP prefill (scores, threshold
-MLP, gather), timed by wrapping those functions; and the aten ops and host syncs of one forward,
-unpruned vs pruned (`pipeline/eval/opcount.py`). Medians of repeats.
+At batch 1 and batch 8 (left-padded prompts of different text lengths, one image each), in the
+padded and the packed layout (`hard_layout`, model/packed.py), interleaved in one process: the
+prefill time of the unpruned model, of `fixed` at N_bar = 25% / 15% / 11% of the visual tokens
+and of ATP calibrated to N_bar 25% (its counts differ per image); the time per decoded token
+(pruned KV cache) unpruned vs N_bar 25%; each time's ratio to the unpruned one of the same layout,
+repeat by repeat, beside the analytic FLOPs ratio (METHOD sec 8). Every number is the median of
+>= 5 repeats after warm-up, with its [min, max]; a ratio whose spread ((max - min) / median over
+the repeats) exceeds 10% is marked `~`. Also the ATP modules' own share of an ATP prefill (scores,
+threshold MLP, gather), timed by wrapping those functions, and the aten ops and host syncs of one
+forward per method and layout (`pipeline/eval/opcount.py`).
 
 `--attn` adds masked attention fwd+bwd on CPU (the soft path's kernels: SDPA with the dense bias,
 `log m` as a q/k channel, unmasked causal SDPA), interleaved, medians with their spread.
@@ -18,13 +23,15 @@ import statistics
 import time
 
 import torch
-from transformers import LlavaConfig, LlavaForConditionalGeneration
+from transformers import DynamicCache, LlavaConfig, LlavaForConditionalGeneration
 
-from model import AtpLlavaForConditionalGeneration, kernels, model_costs
+from model import CACHE_KW, AtpLlavaForConditionalGeneration, attention, kernels, model_costs, packed
 from model import modeling_atp_llava as modeling
 from model.budget import counts_for_budget
+from model.calibration import calibrate_budget, calibrate_thresholds
 
 from .opcount import OpCounter
+from .timing import MIN_REPEATS, fmt_ratio, fmt_time, interleaved, ratio_stats, spread_stats
 
 
 def build(args, seed=0):
@@ -91,37 +98,6 @@ class _Clock:
         return inner
 
 
-def op_counts(m, run, fixed_counts):
-    """Aten ops and host syncs of one forward: unpruned, `fixed` at the given counts, ATP (hard)."""
-    out = {}
-    for name, pruning in (("unpruned", "none"), ("fixed", "fixed"), ("atp", "atp")):
-        m.config.pruning, m.config.fixed_counts = pruning, fixed_counts
-        with torch.no_grad(), OpCounter() as c:
-            run()
-        out[name] = c.summary()
-    return out
-
-
-def interleaved(fns, repeats, warmup=2):
-    """{name: [seconds]}: every repeat runs each fn once, in an order rotated per repeat, so drift
-    (other jobs, thermal) spreads over all of them."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    names, times = list(fns), {n: [] for n in fns}
-    for r in range(repeats):
-        for n in names[r % len(names) :] + names[: r % len(names)]:
-            t = time.perf_counter()
-            fns[n]()
-            times[n].append(time.perf_counter() - t)
-    return times
-
-
-def spread_stats(ts):
-    med = statistics.median(ts)
-    return {"median_s": med, "min_s": min(ts), "max_s": max(ts), "spread": (max(ts) - min(ts)) / med}
-
-
 def bench_attention(heads, head_dim, repeats, shapes=((640, 1), (2048, 1)), seed=0):
     """Masked attention fwd+bwd on CPU (fp32): the dense-bias reference, the channel kernel, and
     unmasked causal SDPA as the floor. FlexAttention is GPU-only here (eager CPU flex has no q/k/v
@@ -159,6 +135,196 @@ def bench_attention(heads, head_dim, repeats, shapes=((640, 1), (2048, 1)), seed
     return rows
 
 
+def prompts(args, batch, seed=0):
+    """`batch` left-padded prompts, one image each: 8 text tokens, the image, then the rest of the
+    text; sample b has args.text - b * args.text / (2 * batch) text tokens (batch 1: args.text)."""
+    g = torch.Generator().manual_seed(seed)
+    lv = args.grid**2
+    rows = []
+    for b in range(batch):
+        post = args.text - 8 - (b * args.text) // (2 * batch)
+        rows.append(
+            torch.cat(
+                [
+                    torch.randint(1, 900, (8,), generator=g),
+                    torch.full((lv,), 999),
+                    torch.randint(1, 900, (post,), generator=g),
+                ]
+            )
+        )
+    L = max(len(r) for r in rows)
+    ids = torch.zeros(batch, L, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, L - len(r) :], mask[b, L - len(r) :] = r, 1
+    pix = torch.randn(batch, 3, args.grid * 4, args.grid * 4, generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pix}
+
+
+def methods(args, lv):
+    """name -> the config fields it sets: unpruned, `fixed` at N_bar 25/15/11%, ATP (calibrated to 25%)."""
+    out = {"unpruned": dict(pruning="none")}
+    for share in (0.25, 0.15, 0.11):
+        counts = counts_for_budget(args.atp_layers, args.layers, lv, share)
+        out[f"fixed {share:.0%}"] = dict(pruning="fixed", fixed_counts=counts)
+    out["atp 25%"] = dict(pruning="atp")
+    return out
+
+
+def use(m, settings, layout):
+    m.config.hard_layout = layout
+    for k, v in settings.items():
+        setattr(m.config, k, v)
+
+
+def costs(m, inputs, settings):
+    """FLOPs and KV bytes of one prefill of the batch (summed over its samples), and N_bar / Lv."""
+    use(m, settings, "padded")
+    vt = m(**inputs, logits_to_keep=1).visual_tokens
+    text = (inputs["attention_mask"].bool() & (inputs["input_ids"] != 999)).sum(1).tolist()
+    per = [model_costs(vt[b].tolist(), text[b], m.config) for b in range(vt.shape[0])]
+    lv = m.config.num_visual_tokens
+    return {
+        "flops": sum(c["flops_exact"] for c in per),
+        "kv": sum(c["kv_cache_bytes"] for c in per),
+        "n_bar_share": float(vt.float().mean()) / lv,
+        "kept_last": vt[:, -1].tolist(),
+    }
+
+
+def decode_timer(m, inputs, settings, layout, steps):
+    """A fn that prefills with a fresh cache (untimed) and returns the time per decoded token."""
+
+    def run():
+        use(m, settings, layout)
+        cache = DynamicCache(config=m.config.text_config)
+        tok = m(**inputs, **{CACHE_KW: cache}, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+        t = time.perf_counter()
+        for _ in range(steps):
+            tok = m(input_ids=tok, **{CACHE_KW: cache}, use_cache=True).logits[:, -1:].argmax(-1)
+        return (time.perf_counter() - t) / steps
+
+    return run
+
+
+LAYOUTS = ("padded", "packed")
+DECODED = ("unpruned", "fixed 25%", "atp 25%")
+
+
+def op_counts(m, inputs, meths):
+    """Aten ops and host syncs of one forward per method and layout."""
+    out = {}
+    for layout in LAYOUTS:
+        for name, settings in meths.items():
+            use(m, settings, layout)
+            with OpCounter() as c:
+                m(**inputs, logits_to_keep=1)
+            out[f"{name} / {layout}"] = c.summary()
+    return out
+
+
+def bench_batch(m, args, batch, meths, clock):
+    inputs = prompts(args, batch)
+    cost = {name: costs(m, inputs, s) for name, s in meths.items()}
+    shares = []
+
+    def prefill(settings, layout, share=False):
+        def run():
+            use(m, settings, layout)
+            clock.total, t = 0.0, time.perf_counter()
+            m(**inputs, logits_to_keep=1)
+            if share:
+                shares.append(clock.total / (time.perf_counter() - t))
+
+        return run
+
+    fns = {
+        (n, lay): prefill(s, lay, n.startswith("atp") and lay == "packed") for n, s in meths.items() for lay in LAYOUTS
+    }
+    times = interleaved({f"{n} / {lay}": f for (n, lay), f in fns.items()}, args.repeats, args.warmup)
+    dec = {
+        f"{n} / {lay}": decode_timer(m, inputs, meths[n], lay, args.decode_tokens) for n in DECODED for lay in LAYOUTS
+    }
+    dtimes = interleaved(dec, args.repeats, args.warmup)
+    rows = []
+    for n in meths:
+        row = {
+            "method": n,
+            "n_bar_share": cost[n]["n_bar_share"],
+            "kept_last_layer": cost[n]["kept_last"],
+            "flops_ratio": cost[n]["flops"] / cost["unpruned"]["flops"],
+            "kv_ratio": cost[n]["kv"] / cost["unpruned"]["kv"],
+        }
+        for lay in LAYOUTS:
+            ts, base = times[f"{n} / {lay}"], times[f"unpruned / {lay}"]
+            row[lay] = {"prefill": spread_stats(ts), "ratio": ratio_stats(ts, base)}
+            if n in DECODED:
+                ds, dbase = dtimes[f"{n} / {lay}"], dtimes[f"unpruned / {lay}"]
+                row[lay]["decode_per_token"] = spread_stats(ds)
+                row[lay]["decode_ratio"] = ratio_stats(ds, dbase)
+        rows.append(row)
+    pv = {n: ratio_stats(times[f"{n} / packed"], times[f"{n} / padded"]) for n in meths}
+    return {
+        "batch": batch,
+        "rows": rows,
+        "packed_over_padded": pv,
+        "atp_share_of_prefill_time": statistics.median(shares) if shares else None,
+        "forward_ops_syncs": op_counts(m, inputs, meths),
+    }
+
+
+def print_batch(res, k):
+    print(
+        f"\nbatch {res['batch']}: prefill ms median [min, max] over repeats; ratio to unpruned of the same layout, "
+        "per repeat, median [min, max] (~: spread > 10%); red.: time reduction / FLOPs reduction"
+    )
+    print(
+        f"{'method':<11} {'N_bar':>6} {'FLOPs':>6} | {'padded ms':>22} {'ratio':>23} | "
+        f"{'packed ms':>22} {'ratio':>23} {'red.':>5}"
+    )
+    for r in res["rows"]:
+        cells = []
+        for lay in LAYOUTS:
+            c = r[lay]
+            cells.append(f"{fmt_time(c['prefill']):>22} {fmt_ratio(c['ratio']):>23}")
+        red = (
+            (1 - r["packed"]["ratio"]["ratio"]) / max(1 - r["flops_ratio"], 1e-9)
+            if r["method"] != "unpruned"
+            else float("nan")
+        )
+        print(
+            f"{r['method']:<11} {r['n_bar_share']:>6.1%} {r['flops_ratio']:>6.3f} | {cells[0]} | {cells[1]} {red:>5.2f}"
+        )
+    print(
+        "packed / padded prefill, per repeat: "
+        + ", ".join(f"{n} {fmt_ratio(v)}" for n, v in res["packed_over_padded"].items())
+    )
+    print("decode ms per token, median [min, max]; ratio to unpruned of the same layout:")
+    for r in res["rows"]:
+        if "decode_per_token" in r["packed"]:
+            print(
+                f"  {r['method']:<11} "
+                + " | ".join(
+                    f"{lay} {fmt_time(r[lay]['decode_per_token'])} {fmt_ratio(r[lay]['decode_ratio'])}"
+                    for lay in LAYOUTS
+                )
+            )
+    if res["atp_share_of_prefill_time"] is not None:
+        print(f"ATP modules: {res['atp_share_of_prefill_time']:.2%} of an ATP prefill's time (packed)")
+    ops = res["forward_ops_syncs"]
+    for lay in LAYOUTS:
+        base = ops[f"unpruned / {lay}"]
+        print(
+            f"one forward, {lay}: "
+            + ", ".join(
+                f"{name.split(' / ')[0]} {c['ops']} ops (x{c['ops'] / base['ops']:.2f}; not views "
+                f"{c['compute_ops']}, x{c['compute_ops'] / base['compute_ops']:.2f}) {c['syncs']} syncs"
+                for name, c in ops.items()
+                if name.endswith(lay)
+            )
+        )
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--layers", type=int, default=10)  # N_bar 11% needs i_0 / N < 0.11
@@ -169,128 +335,79 @@ def main(argv=None):
     p.add_argument("--grid", type=int, default=24, help="visual tokens = grid^2 (576 as LLaVA-1.5)")
     p.add_argument("--text", type=int, default=64)
     p.add_argument("--atp-layers", type=int, nargs="+", default=[1, 4, 7])
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per number (at least 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds before them")
+    p.add_argument("--decode-tokens", type=int, default=8)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--attn", action="store_true", help="also time masked attention fwd+bwd (CPU kernels)")
     p.add_argument("--attn-only", action="store_true", help="only the attention timing")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.repeats < MIN_REPEATS:
+        p.error(f"--repeats: at least {MIN_REPEATS} (medians of fewer are not published)")
+    result = {}
     if args.attn or args.attn_only:
-        attn = bench_attention(args.heads, args.hidden // args.heads, max(args.repeats, 5))
+        attn = bench_attention(args.heads, args.hidden // args.heads, args.repeats)
         print(
             f"masked attention fwd+bwd, CPU fp32, {args.heads} heads x {args.hidden // args.heads}: "
             "median ms [min, max] (spread), interleaved"
         )
         for r in attn:
-            cells = "  ".join(
-                f"{n} {st['median_s'] * 1e3:.1f} [{st['min_s'] * 1e3:.1f}, {st['max_s'] * 1e3:.1f}] "
-                f"({st['spread']:.0%})"
-                for n, st in r["fwd_bwd"].items()
-            )
+            cells = "  ".join(f"{n} {fmt_time(st)} ({st['spread']:.0%})" for n, st in r["fwd_bwd"].items())
             ratios = ", ".join(f"{k} {v:.2f}" for k, v in r.items() if k.endswith("_over_causal"))
             print(f"  L={r['L']} B={r['B']}: {cells}; {ratios}")
-        if args.attn_only:
-            if args.json:
-                with open(args.json, "w") as f:
-                    json.dump({"attention_fwd_bwd": attn}, f, indent=2)
-            return {"attention_fwd_bwd": attn}
+        result["attention_fwd_bwd"] = attn
+    if not args.attn_only:
+        result.update(bench_model(args))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
 
+
+@torch.no_grad()
+def bench_model(args):
     m = build(args)
-    lv, n = args.grid**2, args.layers
-    g = torch.Generator().manual_seed(0)
-    pre = torch.randint(1, 900, (1, 8), generator=g)
-    post = torch.randint(1, 900, (1, args.text - 8), generator=g)
-    ids = torch.cat([pre, torch.full((1, lv), 999), post], 1)
-    pix = torch.randn(1, 3, args.grid * 4, args.grid * 4, generator=g).to(m.dtype)
-    run = lambda: m(input_ids=ids, pixel_values=pix, logits_to_keep=1)
-
-    timed(run, 1)  # warm-up
-    m.config.pruning = "none"
-    t_full, out = timed(run, args.repeats)
-    cost_full = model_costs(out.visual_tokens[0].tolist(), args.text, m.config)
-    rows = []
-    m.config.pruning = "fixed"
-    for share in (0.25, 0.15, 0.11):
-        m.config.fixed_counts = counts_for_budget(args.atp_layers, n, lv, share)
-        t, out = timed(run, args.repeats)
-        cost = model_costs(out.visual_tokens[0].tolist(), args.text, m.config)
-        rows.append(
-            {
-                "n_bar_share": round(cost["n_bar"] / lv, 4),
-                "kept_counts": m.config.fixed_counts,
-                "prefill_s": t,
-                "time_ratio": t / t_full,
-                "flops_ratio_paper": cost["flops_paper"] / cost_full["flops_paper"],
-                "flops_ratio_exact": cost["flops_exact"] / cost_full["flops_exact"],
-                "kv_ratio": cost["kv_cache_bytes"] / cost_full["kv_cache_bytes"],
-            }
-        )
-
-    # the ATP modules' own share of an ATP prefill: score blocks, threshold MLP, gather
-    m.config.pruning = "atp"
+    lv = args.grid**2
+    meths = methods(args, lv)
+    # ATP at N_bar 25%: thresholds calibrated on the batch-8 prompts, so each image keeps its own count
+    use(m, meths["atp 25%"], "padded")
+    m.config.target_tokens = 0.25 * lv
+    calib = prompts(args, max(args.batches))
+    calibrate_thresholds(m, **calib)  # each module near its share, then one offset for N_bar itself
+    calibrate_budget(m, [calib], iters=10)
     clock = _Clock()
     cls = modeling.AtpLlavaForConditionalGeneration
-    saved = {name: getattr(cls, name) for name in ("_score_request", "_atp_step", "_gather")}
-    import model.attention as attention
-
-    saved_red = attention.redundancy_scores
+    wrapped = [(cls, n) for n in ("_score_request", "_atp_step", "_gather")]
+    wrapped += [(attention, "redundancy_scores"), (packed.PackedKeys, "padded")]
+    saved = [(o, n, getattr(o, n)) for o, n in wrapped]
     try:
-        for name, fn in saved.items():
-            setattr(cls, name, clock.wrap(fn))
-        attention.redundancy_scores = clock.wrap(saved_red)
-        shares = []
-        for _ in range(args.repeats):
-            clock.total = 0.0
-            t, out = timed(run, 1)
-            shares.append(clock.total / t)
+        for o, n, fn in saved:
+            setattr(o, n, clock.wrap(fn))
+        batches = [bench_batch(m, args, b, meths, clock) for b in args.batches]
     finally:
-        for name, fn in saved.items():
-            setattr(cls, name, fn)
-        attention.redundancy_scores = saved_red
-    atp_cost = model_costs(out.visual_tokens[0].tolist(), args.text, m.config)
-    counts = op_counts(m, run, counts_for_budget(args.atp_layers, n, lv, 0.25))
-    result = {
+        for o, n, fn in saved:
+            setattr(o, n, fn)
+    print(
+        f"\n{args.layers} layers x {args.hidden}, {lv} visual + {args.text} text tokens, {args.dtype}, "
+        f"{torch.get_num_threads()} threads, {args.repeats} repeats after {args.warmup} warm-up, interleaved"
+    )
+    for res in batches:
+        print_batch(res, len(args.atp_layers))
+    return {
         "model": {
             k: getattr(args, k)
             for k in ("layers", "hidden", "ffn", "heads", "kv_heads", "grid", "text", "atp_layers", "dtype")
         },
         "torch_threads": torch.get_num_threads(),
-        "unpruned_prefill_s": t_full,
-        "budgets": rows,
-        "atp_share_of_prefill_time": statistics.median(shares),
-        "atp_share_of_prefill_flops": atp_cost["atp_flops"] / atp_cost["flops_exact"],
-        "atp_n_bar_share_at_init": atp_cost["n_bar"] / lv,
-        "forward_ops_syncs": counts,  # fixed: at N_bar 25%
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "batches": batches,
     }
-    if args.attn:
-        result["attention_fwd_bwd"] = attn
-    print(
-        f"unpruned prefill: {t_full * 1e3:.1f} ms  ({args.layers} layers x {args.hidden}, "
-        f"{lv} visual + {args.text} text, {args.dtype})"
-    )
-    print(f"{'N_bar':>7} {'time':>9} {'time ratio':>11} {'FLOPs ratio':>12} {'KV ratio':>9}  reduction time/FLOPs")
-    for r in rows:
-        red = (1 - r["time_ratio"]) / max(1 - r["flops_ratio_exact"], 1e-9)
-        print(
-            f"{r['n_bar_share']:>7.1%} {r['prefill_s'] * 1e3:>7.1f}ms {r['time_ratio']:>11.3f} "
-            f"{r['flops_ratio_exact']:>12.3f} {r['kv_ratio']:>9.3f}  {red:.2f}"
-        )
-    print(
-        f"ATP modules: {result['atp_share_of_prefill_time']:.2%} of an ATP prefill's time, "
-        f"{result['atp_share_of_prefill_flops']:.2%} of its FLOPs"
-    )
-    k = len(args.atp_layers)
-    base = counts["unpruned"]
-    for name, c in counts.items():
-        extra = (c["syncs"] - base["syncs"]) / k if name != "unpruned" else 0
-        print(
-            f"one forward, {name:<8}: {c['ops']:>5} aten ops (x{c['ops'] / base['ops']:.2f}), {c['syncs']} host syncs"
-            + (f" ({extra:+.1f} per pruning point)" if name != "unpruned" else "")
-        )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
 
 
 if __name__ == "__main__":

@@ -149,35 +149,40 @@ def run_method(model, processor, samples: list[Sample], *, batch_size: int, max_
 
 
 @torch.no_grad()
-def time_model(model, processor, samples: list[Sample], *, repeats: int, decode_tokens: int) -> dict:
-    """Median prefill time of one batch of `samples`, and median time per decoded token
-    (pruned KV cache), over `repeats` after one warm-up."""
+def time_interleaved(entries, inputs, *, repeats: int, decode_tokens: int, warmup: int = 1) -> list[dict]:
+    """entries: [(model, policy or None)], all timed on the same `inputs`, interleaved
+    (`pipeline.eval.timing`): each repeat runs every entry's prefill and `decode_tokens` decode steps
+    (pruned KV cache) once, in a rotated order. Returns per entry the prefill and per-token decode
+    seconds of each repeat (warm-up dropped)."""
     from transformers import DynamicCache
 
     from model import CACHE_KW
+    from pipeline.eval.timing import interleaved
 
-    cfg = model.config
-    inputs = prompt_inputs(model, processor, samples)
-    prefill, decode = [], []
-    for r in range(repeats + 1):
-        cache = DynamicCache(config=cfg.text_config)
-        t0 = time.perf_counter()
-        out = model(**inputs, **{CACHE_KW: cache}, use_cache=True, logits_to_keep=1)
-        t1 = time.perf_counter()
-        tok = out.logits[:, -1:].argmax(-1)
-        for _ in range(decode_tokens):
-            out = model(input_ids=tok, **{CACHE_KW: cache}, use_cache=True)
-            tok = out.logits[:, -1:].argmax(-1)
-        t2 = time.perf_counter()
-        if r:  # the first pass warms up allocators and kernels
-            prefill.append(t1 - t0)
-            decode.append((t2 - t1) / decode_tokens)
-    return {
-        "prefill_ms": 1e3 * statistics.median(prefill),
-        "decode_ms_per_token": 1e3 * statistics.median(decode),
-        "timing_batch": len(samples),
-        "timing_repeats": repeats,
-    }
+    out = [{"prefill": [], "decode": []} for _ in entries]
+
+    def run(i):
+        model, policy = entries[i]
+
+        def fn():
+            model.pruning_policy = policy
+            try:
+                cache = DynamicCache(config=model.config.text_config)
+                t0 = time.perf_counter()
+                o = model(**inputs, **{CACHE_KW: cache}, use_cache=True, logits_to_keep=1)
+                t1 = time.perf_counter()
+                tok = o.logits[:, -1:].argmax(-1)
+                for _ in range(decode_tokens):
+                    tok = model(input_ids=tok, **{CACHE_KW: cache}, use_cache=True).logits[:, -1:].argmax(-1)
+                out[i]["prefill"].append(t1 - t0)
+                out[i]["decode"].append((time.perf_counter() - t1) / decode_tokens)
+            finally:
+                model.pruning_policy = None
+
+        return fn
+
+    interleaved({i: run(i) for i in range(len(entries))}, repeats, warmup)
+    return [{k: v[warmup:] for k, v in o.items()} for o in out]
 
 
 def prompt_inputs(model, processor, samples: list[Sample]) -> dict:
@@ -213,16 +218,21 @@ class Evaluator:
         self.kw = dict(batch_size=batch_size, max_new_tokens=max_new_tokens)
         self.timing = dict(repeats=timing_repeats, decode_tokens=decode_tokens)
         self.timing_samples = samples[:timing_batch]
+        self.timed: list = []  # (record, model, policy): timed together, interleaved, by `time_all`
         self.records: list[dict] = []
         self.reference: dict | None = None
         self.sft_reference: dict | None = None
         self.progress = progress
 
-    def add(self, method: str, budget: float | None, model, processor, describe: dict | None = None) -> dict:
+    def add(
+        self, method: str, budget: float | None, model, processor, describe: dict | None = None, policy=None
+    ) -> dict:
+        """Evaluate one method (`policy`: the pruning policy set on `model`); its timing waits for
+        `time_all`, which times every method added, interleaved (the model is kept until then)."""
         t0 = time.time()
         result = run_method(model, processor, self.samples, **self.kw)
-        result.timing = time_model(model, processor, self.timing_samples, **self.timing)
         rec = record(method, budget, result, self.samples, model.config, self.reference, describe)
+        self.timed.append((rec, model, policy))
         if self.sft_reference is not None and self.sft_reference["accuracy"]:
             rec["retention_vs_sft"] = rec["accuracy"] / self.sft_reference["accuracy"]
         rec["eval_seconds"] = round(time.time() - t0, 1)
@@ -240,6 +250,33 @@ class Evaluator:
             rec["eval_seconds"],
         )
         return rec
+
+    def time_all(self, processor) -> list[int]:
+        """Prefill and decode times of every method added, at batch 1 and at the timing batch, all
+        methods interleaved (`pipeline.eval.timing`): medians with [min, max], and ratios to `unpruned`
+        as the median of the per-repeat ratios, marked `noisy` when they spread over 10%. Returns the
+        batch sizes."""
+        from pipeline.eval.timing import ratio_stats, spread_stats
+
+        ref = next((i for i, (rec, _, _) in enumerate(self.timed) if rec["method"] == "unpruned"), None)
+        batches = sorted({1, len(self.timing_samples)})
+        for B in batches:
+            inputs = prompt_inputs(self.timed[0][1], processor, self.timing_samples[:B])
+            times = time_interleaved([(m, p) for _, m, p in self.timed], inputs, **self.timing)
+            for i, (rec, _, _) in enumerate(self.timed):
+                t = times[i]
+                row = {"prefill": spread_stats(t["prefill"]), "decode_per_token": spread_stats(t["decode"])}
+                if ref is not None:
+                    row["prefill_ratio"] = ratio_stats(t["prefill"], times[ref]["prefill"])
+                    row["decode_ratio"] = ratio_stats(t["decode"], times[ref]["decode"])
+                rec.setdefault("timing", {})[str(B)] = row
+                sfx = "" if B == batches[-1] else f"_b{B}"  # the flat keys: the timing batch's, and batch 1's
+                rec[f"prefill_ms{sfx}"] = 1e3 * row["prefill"]["median_s"]
+                rec[f"decode_ms_per_token{sfx}"] = 1e3 * row["decode_per_token"]["median_s"]
+                if ref is not None and i != ref:
+                    rec[f"prefill_ms_ratio{sfx}"] = row["prefill_ratio"]["ratio"]
+                    rec[f"decode_ms_per_token_ratio{sfx}"] = row["decode_ratio"]["ratio"]
+        return batches
 
 
 # ------------------------------------------------------------------ models
@@ -324,7 +361,6 @@ def evaluate_checkpoints(
                 if Path(models[method]).exists():
                     model, p = load_model(models[method], pruning="none")
                     ev.add(method, None, model, p)
-                    del model
                 else:
                     log.warning("no %s model (%s): skipped", method, models[method])
             elif method in TRAINED:
@@ -336,14 +372,15 @@ def evaluate_checkpoints(
                     ev.add(method, budget, model, p, describe=_trained_describe(model.config))
                     if method == "atp" and overlay_images and not overlays:
                         overlays = overlay_data(model, p, _overlay_samples(samples, overlay_images))
-                    del model
             else:
-                base.pruning_policy = make_policy(method, base.config, budget)
+                base.pruning_policy = policy = make_policy(method, base.config, budget)
                 try:
-                    ev.add(method, budget, base, proc, describe=base.pruning_policy.describe())
+                    ev.add(method, budget, base, proc, describe=policy.describe(), policy=policy)
                 finally:
                     base.pruning_policy = None
             bar.update()
+    log.info("timing %d methods, interleaved", len(ev.timed))
+    timing_batches = ev.time_all(proc)
     cfg = base.config
     meta = {
         "title": title,
@@ -359,6 +396,7 @@ def evaluate_checkpoints(
         "device": _device(),
         "date": time.strftime("%Y-%m-%d"),
         "timing_batch": len(ev.timing_samples),
+        "timing_batches": timing_batches,
         "timing_repeats": timing_repeats,
         "torch_threads": torch.get_num_threads(),
     }

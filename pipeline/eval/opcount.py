@@ -13,6 +13,7 @@ wraps it; of a CUDA tensor it is a counted copy).
     with OpCounter() as c:
         model(**batch)
     c.ops, c.syncs, c.sync_sites  # totals; where each sync came from
+    c.compute_ops  # the ops that are not views (a view launches no kernel on a GPU)
 """
 
 from __future__ import annotations
@@ -74,12 +75,17 @@ class OpCounter(TorchDispatchMode):
         super().__init__()
         self.sites = sites
         self.by_op: collections.Counter = collections.Counter()
+        self.views = 0
         self.by_sync: collections.Counter = collections.Counter()
         self.sync_sites: collections.Counter = collections.Counter()
 
     @property
     def ops(self) -> int:
         return sum(self.by_op.values())
+
+    @property
+    def compute_ops(self) -> int:
+        return self.ops - self.views
 
     @property
     def syncs(self) -> int:
@@ -113,6 +119,7 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.by_op[func.overloadpacket.__name__] += 1
+        self.views += func.is_view
         reason = sync_reason(func, args, kwargs)
         if reason is not None:
             self._count_sync(reason)
@@ -121,6 +128,7 @@ class OpCounter(TorchDispatchMode):
     def summary(self) -> dict:
         return {
             "ops": self.ops,
+            "compute_ops": self.compute_ops,
             "syncs": self.syncs,
             "by_sync": dict(self.by_sync),
             "sync_sites": {f"{r} @ {site}": n for (r, site), n in self.sync_sites.items()},

@@ -170,6 +170,30 @@ def adaptivity(rec: dict) -> dict:
     return out
 
 
+def _timing_note(meta) -> str:
+    from pipeline.eval.timing import MIN_REPEATS, SPREAD_MARK
+
+    n = meta.get("timing_repeats")
+    batches = " and ".join(map(str, meta.get("timing_batches") or [meta.get("timing_batch")]))
+    note = (
+        f"Times: every method interleaved in one process, at batch {batches}; median of {n} repeats after "
+        f"warm-up; a time ratio is the median of the per-repeat ratios to `unpruned`, `~` when those spread "
+        f"over {SPREAD_MARK:.0%}."
+    )
+    if n is not None and n < MIN_REPEATS:
+        note += f" **{n} repeat(s): fewer than {MIN_REPEATS}, the times are not for publication.**"
+    return note
+
+
+def _time_cell(r, batch, kind):
+    """A time ratio to unpruned at one batch size, `~` when its per-repeat ratios spread over 10%."""
+    t = (r.get("timing") or {}).get(str(batch), {})
+    ratio = t.get("prefill_ratio" if kind == "prefill" else "decode_ratio")
+    if ratio is None:
+        return "-"
+    return f"{ratio['ratio']:.3f}{'~' if ratio['noisy'] else ''}"
+
+
 def _f(x, fmt="{:.3f}"):
     return "-" if x is None else fmt.format(x)
 
@@ -181,8 +205,7 @@ def markdown(report: dict) -> str:
         "",
         f"{meta.get('samples')} eval samples ({meta.get('shards')}), Lv = {meta.get('lv')}, "
         f"{meta.get('num_layers')} decoder layers, ATP layers {meta.get('atp_layers')}; "
-        f"{meta.get('device')}, {meta.get('date')}. Times: median of {meta.get('timing_repeats')} "
-        f"repeats on a batch of {meta.get('timing_batch')}, same process.",
+        f"{meta.get('device')}, {meta.get('date')}. {_timing_note(meta)}",
         "",
     ]
     prior = meta.get("prior_accuracy")
@@ -195,7 +218,8 @@ def markdown(report: dict) -> str:
     families = sorted({f for r in records for f in r["accuracy_by_family"]})
     vs_sft = any("retention_vs_sft" in r for r in records)
     head = ["method", "budget", "N_bar", "N_bar %", "acc", *families, "retention", *["vs sft"] * vs_sft]
-    head += ["FLOPs", "KV", "prefill", "decode"]
+    batches = meta.get("timing_batches") or [meta.get("timing_batch")]
+    head += ["FLOPs", "KV", *(f"{k} B={b}" for k in ("prefill", "decode") for b in batches)]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         lines.append(
@@ -212,8 +236,7 @@ def markdown(report: dict) -> str:
                     *[_f(r.get("retention_vs_sft"), "{:.1%}")] * vs_sft,
                     _f(r.get("flops_exact_ratio"), "{:.3f}"),
                     _f(r.get("kv_cache_bytes_ratio"), "{:.3f}"),
-                    _f(r.get("prefill_ms_ratio"), "{:.3f}"),
-                    _f(r.get("decode_ms_per_token_ratio"), "{:.3f}"),
+                    *(_time_cell(r, b, k) for k in ("prefill", "decode") for b in batches),
                 ]
             )
             + " |"
