@@ -80,6 +80,7 @@ def free_port() -> int:
 class LocalCluster:
     dir: Path
     nodes: int = 1
+    cpus: int = 4  # per node, for nodes > 1 (ATP_SLURM_CPUS); the nodes share this machine's cores
     pids: dict = field(default_factory=dict)
     netns: list = field(default_factory=list)
 
@@ -99,6 +100,7 @@ class LocalCluster:
             ATP_SLURM_D_PORT=str(free_port()),
             ATP_SLURM_FIRST_JOB_ID=str(random.randrange(1, 19000)),
             ATP_SLURM_NODES=str(self.nodes),
+            ATP_SLURM_CPUS=str(self.cpus),
         )
         try:
             subprocess.run([CLUSTER / "start.sh", self.dir], env=env, check=True, timeout=120)
@@ -139,16 +141,18 @@ class LocalCluster:
                 pass
         return [pid for pid in out if alive(pid)]
 
-    def task_pids(self, node: int) -> list:
-        """PIDs of the job tasks (the pipeline's processes) running on node `node` (1-based)."""
+    def task_pids(self, node: int, job: str) -> list:
+        """PIDs of job `job`'s tasks (the pipeline's processes) on node `node` (1-based)."""
         out = subprocess.run(["ip", "netns", "pids", self.netns[node - 1]], capture_output=True, text=True)
         pids = []
         for pid in map(int, out.stdout.split()):
             try:
-                if b"pipeline" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
-                    pids.append(pid)
-            except OSError:
-                pass
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:  # gone meanwhile
+                continue
+            if b"pipeline" in cmdline and f"SLURM_JOB_ID={job}".encode() in environ and alive(pid):
+                pids.append(pid)
         return pids
 
     def __enter__(self):

@@ -58,7 +58,8 @@ LOST_WITHIN = 120  # seconds from the kill to the job's end
 @pytest.fixture(scope="module")
 def cluster2(tmp_path_factory):
     prepare_machine()
-    with LocalCluster(tmp_path_factory.mktemp("slurm2"), nodes=2) as c:  # stop() runs even on failure
+    # 8 CPUs a node: the two reference jobs (2 x 2 and 1 x 4 tasks) run side by side
+    with LocalCluster(tmp_path_factory.mktemp("slurm2"), nodes=2, cpus=8) as c:  # stop() runs even on failure
         yield c
 
 
@@ -77,28 +78,39 @@ def new_run(start, run_dir: Path) -> Path:
     return run_dir
 
 
+class References:
+    """Uninterrupted runs, submitted at once and run side by side with the tests' own jobs:
+    2 nodes x 2 tasks, and 1 node x 4 tasks. `get(name)` waits for one: (run_dir, job id, job)."""
+
+    def __init__(self, cluster, start, root: Path):
+        self.cluster, self.t0, self.jobs, self.done = cluster, time.time(), {}, {}
+        for name, nodes, per_node in (("two_nodes", 2, 2), ("one_node", 1, 4)):
+            run_dir = new_run(start, root / name)
+            self.jobs[name] = (
+                run_dir,
+                submit(cluster, start[0], run_dir, trainer=TRAINER, nodes=nodes, per_node=per_node),
+            )
+
+    def get(self, name: str) -> tuple:
+        if name not in self.done:
+            run_dir, jid = self.jobs[name]
+            self.done[name] = (run_dir, jid, wait_job(self.cluster, jid, run_dir))
+        return self.done[name]
+
+
 @pytest.fixture(scope="module")
 def references(cluster2, start, tmp_path_factory):
-    """Uninterrupted runs: 2 nodes x 2 tasks, and 1 node x 4 tasks (queued together; with 4
-    CPUs a node, SLURM runs them one after the other)."""
-    root = tmp_path_factory.mktemp("refs")
-    t0 = time.time()
-    runs = {}
-    for name, nodes, per_node in (("two_nodes", 2, 2), ("one_node", 1, 4)):
-        run_dir = new_run(start, root / name)
-        runs[name] = (run_dir, submit(cluster2, start[0], run_dir, trainer=TRAINER, nodes=nodes, per_node=per_node))
-    out = {name: (run_dir, jid, wait_job(cluster2, jid, run_dir)) for name, (run_dir, jid) in runs.items()}
-    out["seconds"] = time.time() - t0
-    return out
+    return References(cluster2, start, tmp_path_factory.mktemp("refs"))
 
 
 def losses(run_dir) -> list:
     return [m[TRAINER.loss_tag] for m in metrics(run_dir, TRAINER)]
 
 
-def test_nodes_have_own_hostname_address_and_shm(cluster2):
+def test_nodes_have_own_hostname_address_and_shm(cluster2, references):
     """What the training runs rely on: each node's tasks see their own hostname, address and
-    /dev/shm, and no route leads out of the namespaces."""
+    /dev/shm, and no route leads out of the namespaces. (Requests `references` first, so
+    those jobs start now.)"""
     probe = f"atp-probe-{os.getpid()}"
     out = subprocess.run(
         [
@@ -125,32 +137,7 @@ def test_nodes_have_own_hostname_address_and_shm(cluster2):
     assert not list(Path("/dev/shm").glob(f"{probe}-*")), "a node wrote to this host's /dev/shm"
 
 
-def test_two_nodes_match_one_node(references, capsys):
-    (two, jid2, j2), (one, jid1, j1) = references["two_nodes"], references["one_node"]
-    log2, log1 = job_log(two, jid2), job_log(one, jid1)
-    assert (j2["JobState"], j2["ExitCode"]) == ("COMPLETED", "0:0"), log2
-    assert (j1["JobState"], j1["ExitCode"]) == ("COMPLETED", "0:0"), log1
-    # rendezvous from the nodelist; ranks placed per node with node-local ranks
-    assert re.search(r"start: nodes=node\[1-2\] tasks=4 master=node1:\d+", log2), log2
-    assert "stage sft: start (world size 4: node1 ranks 0-1, node2 ranks 2-3)" in log2
-    assert re.search(r"stage sft: start \(world size 4: node[12] ranks 0-3\)", log1), log1
-    assert metric_steps(two, TRAINER) == metric_steps(one, TRAINER) == STEPS
-    a, b = losses(two), losses(one)
-    rel = [abs(x - y) / abs(y) for x, y in zip(a, b)]
-    report(
-        capsys,
-        f"2 nodes vs 1 node, 4 ranks, {TRAINER.steps} steps: max relative loss difference {max(rel):.3g} "
-        f"(steps {sum(r == 0 for r in rel)}/{len(rel)} bit-equal); both jobs, submitted together: "
-        f"{references['seconds']:.0f}s (queued together, run in turn)",
-    )
-    assert max(rel) <= 1e-5, list(zip(a, b))
-    for run_dir in (two, one):  # ZeRO-3: each of the 4 ranks holds about a quarter
-        mem = json.loads((run_dir / "sft" / "memory_rank3.json").read_text())
-        assert mem["zero_stage"] == 3 and mem["param_bytes_this_rank"] < 0.35 * mem["param_bytes_full_model"]
-
-
 def test_usr1_requeues_and_resumes_bit_identically(cluster2, start, references, tmp_path, capsys):
-    ref = references["two_nodes"][0]
     run_dir = new_run(start, tmp_path / "preempted")
     jid = submit(cluster2, start[0], run_dir, trainer=TRAINER, nodes=2, per_node=2)
     wait_for(lambda: latest_tag(run_dir, TRAINER), 600, "the first periodic checkpoint")
@@ -166,6 +153,7 @@ def test_usr1_requeues_and_resumes_bit_identically(cluster2, start, references, 
     assert re.search(rf"resumed from \S*/{saved} at step {tag_step(saved)}", log), log
     assert log.count("start (world size 4: node1 ranks 0-1, node2 ranks 2-3)") == 2  # both attempts on 2 nodes
     assert metric_steps(run_dir, TRAINER) == STEPS, "a step repeated or skipped"
+    ref = references.get("two_nodes")[0]
     assert losses(run_dir) == losses(ref)  # the same curve, bit for bit
     assert_same_params(final_params(run_dir, TRAINER), final_params(ref, TRAINER))
     report(
@@ -178,7 +166,6 @@ def test_usr1_requeues_and_resumes_bit_identically(cluster2, start, references, 
 def test_lost_node_fails_named_and_resubmission_resumes(cluster2, start, references, tmp_path, capsys):
     from pipeline.checkpoint import resume_tag
 
-    ref = references["two_nodes"][0]
     run_dir = new_run(start, tmp_path / "lost")
     ckpts = run_dir / TRAINER.ckpt_subdir
     jid = submit(cluster2, start[0], run_dir, trainer=TRAINER, nodes=2, per_node=2)
@@ -190,7 +177,7 @@ def test_lost_node_fails_named_and_resubmission_resumes(cluster2, start, referen
         300,
         "a step after the first checkpoint",
     )
-    tasks = cluster2.task_pids(2)
+    tasks = cluster2.task_pids(2, jid)
     assert len(tasks) == 2, tasks
     t_kill = time.time()
     for pid in tasks:  # node2's tasks die at once, as in a node failure
@@ -207,7 +194,7 @@ def test_lost_node_fails_named_and_resubmission_resumes(cluster2, start, referen
         r"error: PeerLost: rank [01] on node1 lost its connection to ranks 2-3 on node2 \(10\.213\.0\.2\)", log
     ), log
     assert re.search(r"srun: error: node2: tasks 2-3: Killed", log), log
-    wait_for(lambda: not cluster2.task_pids(1) and not cluster2.task_pids(2), 30, "no rank left running")
+    wait_for(lambda: not cluster2.task_pids(1, jid) and not cluster2.task_pids(2, jid), 30, "no rank left running")
     after = {p.relative_to(run_dir) for p in run_dir.rglob("*")}
     # nothing deleted: everything there at the kill is still there (the lock, released by rank 0, aside)
     assert before - after <= {Path(".lock")}, before - after
@@ -219,6 +206,7 @@ def test_lost_node_fails_named_and_resubmission_resumes(cluster2, start, referen
     assert (j2["JobState"], j2["ExitCode"]) == ("COMPLETED", "0:0"), log2
     assert re.search(rf"resumed from \S*/{newest} at step {tag_step(newest)}", log2), log2
     assert metric_steps(run_dir, TRAINER) == STEPS
+    ref = references.get("two_nodes")[0]
     assert losses(run_dir) == losses(ref)
     assert_same_params(final_params(run_dir, TRAINER), final_params(ref, TRAINER))
     report(
@@ -226,6 +214,30 @@ def test_lost_node_fails_named_and_resubmission_resumes(cluster2, start, referen
         f"2 nodes, node2's tasks killed after step {first}+: job FAILED in {t_end - t_kill:.1f}s; "
         f"resubmission resumed from {newest}",
     )
+
+
+def test_two_nodes_match_one_node(references, capsys):
+    (two, jid2, j2), (one, jid1, j1) = references.get("two_nodes"), references.get("one_node")
+    log2, log1 = job_log(two, jid2), job_log(one, jid1)
+    assert (j2["JobState"], j2["ExitCode"]) == ("COMPLETED", "0:0"), log2
+    assert (j1["JobState"], j1["ExitCode"]) == ("COMPLETED", "0:0"), log1
+    # rendezvous from the nodelist; ranks placed per node with node-local ranks
+    assert re.search(r"start: nodes=node\[1-2\] tasks=4 master=node1:\d+", log2), log2
+    assert "stage sft: start (world size 4: node1 ranks 0-1, node2 ranks 2-3)" in log2
+    assert re.search(r"stage sft: start \(world size 4: node[12] ranks 0-3\)", log1), log1
+    assert metric_steps(two, TRAINER) == metric_steps(one, TRAINER) == STEPS
+    a, b = losses(two), losses(one)
+    rel = [abs(x - y) / abs(y) for x, y in zip(a, b)]
+    report(
+        capsys,
+        f"2 nodes vs 1 node, 4 ranks, {TRAINER.steps} steps: max relative loss difference {max(rel):.3g} "
+        f"(steps {sum(r == 0 for r in rel)}/{len(rel)} bit-equal); both jobs done "
+        f"{time.time() - references.t0:.0f}s after their submission",
+    )
+    assert max(rel) <= 1e-5, list(zip(a, b))
+    for run_dir in (two, one):  # ZeRO-3: each of the 4 ranks holds about a quarter
+        mem = json.loads((run_dir / "sft" / "memory_rank3.json").read_text())
+        assert mem["zero_stage"] == 3 and mem["param_bytes_this_rank"] < 0.35 * mem["param_bytes_full_model"]
 
 
 def test_two_node_cluster_torn_down_when_a_test_fails(cluster2, tmp_path):
