@@ -25,7 +25,8 @@ ranks' next collective raises "Connection closed by peer [ADDR]:PORT" (gloo) at 
 `lost_peer` turns that into `PeerLost` naming the ranks and host at ADDR; the command exits
 1 and srun (`--kill-on-bad-exit`) ends the step. Nothing is deleted: a rerun resumes from the
 newest complete checkpoint. A peer that stops answering without closing (a frozen host)
-is only noticed at the process group's timeout (`timeout` of init_distributed).
+is only noticed at the process group's timeout (DeepSpeed's default: 10 min, env
+DEEPSPEED_TIMEOUT in minutes).
 
 Stop / preemption contract (followed by slurm/train.sbatch; see slurm/README.md)
 -------------------------------------------------------------------------------
