@@ -13,7 +13,8 @@ maps whichever environment it finds. A stage whose `run_dir/NAME/DONE` exists is
 (`--force` reruns it); a rerun after a crash resumes sft from its newest complete checkpoint.
 One run at a time per run_dir (pipeline/core/lock.py): a second one exits 1 naming the first.
 Exit status: 0 done or stopped on SIGTERM/SIGUSR1 after saving, 2 bad config (a checkpoint
-saved with another world size, ZeRO stage or model included), 1 failure.
+saved with another world size, ZeRO stage or model included), 1 failure (another rank lost
+included: "error: PeerLost: ..." names its ranks and host).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
         return 0
 
     # First thing after the config: Python's default action for SIGUSR1 is to die.
-    from pipeline.core.distributed import StopSignal, init_distributed, shutdown
+    from pipeline.core.distributed import StopSignal, init_distributed, lost_peer, shutdown
 
     stop = StopSignal()
     dist = init_distributed()
@@ -96,6 +97,11 @@ def main(argv=None) -> int:
     except (ConfigError, CheckpointMismatch) as e:  # checks that need the built model (pipeline.train.build, sft)
         print(f"error: {type(e).__name__}: {e}" if isinstance(e, CheckpointMismatch) else e, file=sys.stderr)
         return 2
+    except RuntimeError as e:  # a collective that lost another rank: name it, not a gloo traceback
+        if (lost := lost_peer(e)) is None:
+            raise
+        print(f"error: PeerLost: {lost}", file=sys.stderr)
+        return 1
     shutdown()  # only on success: after a failure the other ranks may never reach a barrier
     return 0
 
@@ -118,7 +124,8 @@ def _run_stages(run, names, dist, stop, force: bool) -> None:
             done.unlink(missing_ok=True)
             out.mkdir(parents=True, exist_ok=True)
         tdist.barrier()
-        log.info("stage %s: start (world size %d)", name, dist.world_size)
+        where = f": {dist.placement()}" if dist.hosts else ""
+        log.info("stage %s: start (world size %d%s)", name, dist.world_size, where)
         t0 = time.time()
         complete = stages.load(name)(run, stages.Context(dist=dist, stop=stop), out)
         tdist.barrier()

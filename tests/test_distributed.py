@@ -127,6 +127,50 @@ def test_single_process_env():
     )
 
 
+TWO_NODES = dict(
+    hosts=(("node1", "10.213.0.1"), ("node1", "10.213.0.1"), ("node2", "10.213.0.2"), ("node2", "10.213.0.2"))
+)
+
+
+def dist_info(rank, **kw):
+    from pipeline.core.distributed import DistInfo
+
+    return DistInfo(rank, 4, rank % 2, 2, "node1", 15000, "slurm", **kw)
+
+
+def test_placement_names_hosts_and_their_ranks():
+    assert dist_info(0, **TWO_NODES).placement() == "node1 ranks 0-1, node2 ranks 2-3"
+    scattered = (("a", "x"), ("b", "y"), ("a", "x"))
+    assert dist_info(0, hosts=scattered).placement() == "a ranks 0,2, b rank 1"
+
+
+def test_lost_peer_names_the_ranks_behind_the_address():
+    from pipeline.core.distributed import PeerLost, lost_peer
+
+    # gloo's message when a peer's process died (measured on the two-node local cluster)
+    gloo = RuntimeError(
+        "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+        "[10.213.0.2]:35520. This is typically caused by a remote worker crashing."
+    )
+    e = lost_peer(gloo, dist_info(1, **TWO_NODES))
+    assert isinstance(e, PeerLost)
+    assert "rank 1 on node1 lost its connection to ranks 2-3 on node2 (10.213.0.2)" in str(e)
+    assert "resume from the newest complete checkpoint" in str(e)
+    # found through the exception chain; this rank itself is not one of the lost
+    try:
+        try:
+            raise RuntimeError("Read error [10.213.0.1]:4242: Connection reset by peer")
+        except RuntimeError as inner:
+            raise ValueError("wrapped") from inner
+    except ValueError as outer:
+        assert "rank 1 on node1 (10.213.0.1)" in str(lost_peer(outer, dist_info(0, **TWO_NODES)))
+    # an address no rank reported, and no host table at all
+    assert "the rank at 10.9.9.9" in str(lost_peer(RuntimeError("Connection closed by peer [10.9.9.9]:1"), None))
+    # anything else is not a lost peer
+    assert lost_peer(RuntimeError("CUDA out of memory"), dist_info(0, **TWO_NODES)) is None
+    assert lost_peer(ValueError("Connection closed by peer [10.213.0.2]:1"), dist_info(0, **TWO_NODES)) is None
+
+
 WORKER = r"""
 import json, sys, time
 from pipeline.core import distributed as dist

@@ -16,6 +16,17 @@ DeepSpeed read (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_SIZE, MASTER_ADDR, MASTER_PO
 `init_distributed()` exports them into os.environ (DeepSpeed reads the environment and,
 without it, falls back to mpi4py discovery) and starts the process group through
 `deepspeed.init_distributed`: gloo on CPU, nccl on CUDA. `shutdown()` ends it cleanly.
+With more than one rank it also gathers every rank's host and address (`DistInfo.hosts`):
+the start line says which ranks run where, and `lost_peer` names the ranks behind the
+address of a connection that a collective lost.
+
+A rank that dies (its node's tasks killed, the node gone) closes its sockets; the other
+ranks' next collective raises "Connection closed by peer [ADDR]:PORT" (gloo) at once.
+`lost_peer` turns that into `PeerLost` naming the ranks and host at ADDR; the command exits
+1 and srun (`--kill-on-bad-exit`) ends the step. Nothing is deleted: a rerun resumes from the
+newest complete checkpoint. A peer that stops answering without closing (a frozen host)
+is only noticed at the process group's timeout (DeepSpeed's default: 10 min, env
+DEEPSPEED_TIMEOUT in minutes).
 
 Stop / preemption contract (followed by slurm/train.sbatch; see slurm/README.md)
 -------------------------------------------------------------------------------
@@ -67,10 +78,18 @@ class DistInfo:
     master_addr: str
     master_port: int
     launcher: str  # "torchrun" | "deepspeed" | "env" | "slurm" | "single"
+    hosts: tuple = ()  # (hostname, address) of every rank, in rank order; () for one rank
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def placement(self) -> str:
+        """ "node1 ranks 0-1, node2 ranks 2-3" (hosts in order of their first rank)."""
+        by_host: dict[str, list[int]] = {}
+        for r, (host, _) in enumerate(self.hosts):
+            by_host.setdefault(host, []).append(r)
+        return ", ".join(f"{h} {_ranks(rs)}" for h, rs in by_host.items())
 
 
 # ---------------------------------------------------------------- pure mapping helpers
@@ -130,6 +149,15 @@ def expand_tasks_per_node(spec: str) -> list[int]:
             raise ValueError(f"bad tasks-per-node spec {spec!r}")
         counts += [int(m.group(1))] * int(m.group(2) or 1)
     return counts
+
+
+def _ranks(ranks: list[int]) -> str:
+    """[2, 3] -> "ranks 2-3"; [0, 2] -> "ranks 0,2"; [1] -> "rank 1"."""
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    if ranks == list(range(ranks[0], ranks[-1] + 1)):
+        return f"ranks {ranks[0]}-{ranks[-1]}"
+    return "ranks " + ",".join(map(str, ranks))
 
 
 def port_from_job_id(job_id: str | int) -> int:
@@ -228,6 +256,11 @@ def init_distributed(backend: str | None = None) -> DistInfo:
     )
     if not cuda:
         _unlink_shm_buffer(m)
+    hosts = ()
+    if int(m["WORLD_SIZE"]) > 1:
+        hosts = [None] * int(m["WORLD_SIZE"])
+        tdist.all_gather_object(hosts, _host_and_address())
+        hosts = tuple(map(tuple, hosts))
     _info = DistInfo(
         int(m["RANK"]),
         int(m["WORLD_SIZE"]),
@@ -236,8 +269,19 @@ def init_distributed(backend: str | None = None) -> DistInfo:
         m["MASTER_ADDR"],
         int(m["MASTER_PORT"]),
         m["LAUNCHER"],
+        hosts,
     )
     return _info
+
+
+def _host_and_address() -> tuple[str, str | None]:
+    """This host's name and the address it resolves to, which gloo's sockets use (None if
+    the name does not resolve)."""
+    host = socket.gethostname()
+    try:
+        return host, socket.gethostbyname(host)
+    except OSError:
+        return host, None
 
 
 def _unlink_shm_buffer(m: Mapping[str, str]) -> None:
@@ -261,6 +305,42 @@ def shutdown() -> None:
         tdist.barrier()
         tdist.destroy_process_group()
     _info = None
+
+
+# ---------------------------------------------------------------- a lost peer
+
+
+class PeerLost(RuntimeError):
+    """A collective lost its connection to another rank: that rank died or its node went away."""
+
+
+# gloo: "Connection closed by peer [10.0.0.2]:35520", "Read error [10.0.0.2]:35520: Connection
+# reset by peer", "... Broken pipe"
+_LOST = re.compile(r"Connection closed by peer|Connection reset by peer|Broken pipe")
+_PEER_ADDR = re.compile(r"\[([0-9A-Fa-f.:]+)\]:\d+")
+
+
+def lost_peer(exc: BaseException, info: DistInfo | None = None) -> PeerLost | None:
+    """`exc` (or an exception it was raised from) is a collective's lost connection: a
+    PeerLost naming the ranks and host at the peer's address; None otherwise."""
+    info = info or _info
+    for _ in range(8):  # the exception and what it was raised from
+        if exc is None:
+            return None
+        msg = str(exc)
+        if isinstance(exc, RuntimeError) and _LOST.search(msg) and (m := _PEER_ADDR.search(msg)):
+            addr = m.group(1)
+            hosts = info.hosts if info else ()
+            ranks = [r for r, (_, a) in enumerate(hosts) if a == addr and r != info.rank]
+            where = f"{_ranks(ranks)} on {hosts[ranks[0]][0]} ({addr})" if ranks else f"the rank at {addr}"
+            me = f"rank {info.rank} on {hosts[info.rank][0]}" if hosts else "this rank"
+            return PeerLost(
+                f"{me} lost its connection to {where}: a rank there died or its node went away "
+                f"(its own log or srun's says why). Nothing was deleted; rerun the same command to "
+                f"resume from the newest complete checkpoint. ({msg.splitlines()[0][:200]})"
+            )
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 # ---------------------------------------------------------------- stop signals
