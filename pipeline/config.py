@@ -130,6 +130,10 @@ class TrainConfig:
     min_lr_ratio: float = 0.0  # cosine floor, as a share of each group's lr
     grad_clip: float = 1.0
     zero_stage: Literal[0, 1, 2, 3] = 3
+    # resume from a checkpoint saved with another global batch (batch_size x grad_accum x world
+    # size): refused by default (pipeline/ckpt_record.py); the LR schedule's length then follows
+    # the new batch, its position the step count
+    allow_batch_change: bool = False
     # auto: bf16 on CUDA, fp32 on CPU | bf16 | fp32 | bf16-autocast: fp32 weights and optimizer, bf16
     # matmuls under torch.autocast (about 1.7x faster than fp32 on a CPU with AVX512-BF16, ~6x slower
     # on an AVX2-only one) | autocast-native: bf16-autocast on CUDA or a CPU with native bf16, else fp32
