@@ -6,6 +6,7 @@
     python -m pipeline eval --checkpoint DIR --shards DIR --out DIR ...   # pipeline/evaluate.py
     python -m pipeline bench [...]                           # pipeline/bench.py: prefill time vs FLOPs
     python -m pipeline headroom --checkpoint FIXED ...       # pipeline/headroom.py: adaptivity oracle
+    python -m pipeline plan [CONFIG] --nodes N --gpus-per-node G --gpu-mem GiB   # pipeline/plan.py
 
 CONFIG defaults to the embedded default (pipeline/configs/default.yaml). Launch the same
 command under `torchrun`, `deepspeed --module pipeline ...` or `srun`; pipeline.distributed
@@ -13,7 +14,8 @@ maps whichever environment it finds. A stage whose `run_dir/NAME/DONE` exists is
 (`--force` reruns it); a rerun after a crash resumes sft from its newest complete checkpoint.
 One run at a time per run_dir (pipeline/lock.py): a second one exits 1 naming the first.
 Exit status: 0 done or stopped on SIGTERM/SIGUSR1 after saving, 2 bad config (a checkpoint
-saved with another world size, ZeRO stage or model included), 1 failure.
+saved with another ZeRO stage, model or global batch included; another world size under
+ZeRO-3 resumes), 1 failure.
 """
 
 from __future__ import annotations
@@ -53,7 +55,12 @@ def parse(argv):
 
 
 # commands with their own options
-TOOLS = {"eval": "pipeline.evaluate", "bench": "pipeline.bench", "headroom": "pipeline.headroom"}
+TOOLS = {
+    "eval": "pipeline.evaluate",
+    "bench": "pipeline.bench",
+    "headroom": "pipeline.headroom",
+    "plan": "pipeline.plan",
+}
 
 
 def main(argv=None) -> int:

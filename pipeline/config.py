@@ -287,8 +287,9 @@ def _error(e: OmegaConfBaseException, where: str) -> ConfigError:
     return ConfigError(f"config error at '{key}' ({where}): {msg}")
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Schema <- YAML <- preset <- overrides, interpolations resolved, checked. Raises ConfigError."""
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = (), files: bool = True) -> RunConfig:
+    """Schema <- YAML <- preset <- overrides, interpolations resolved, checked (`files=False`:
+    not whether the paths exist, for planning elsewhere). Raises ConfigError."""
     path = Path(path) if path else DEFAULT_CONFIG
     if not path.is_file():
         raise ConfigError(f"config error: config file {str(path)!r} does not exist")
@@ -310,7 +311,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         run = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise _error(e, "resolving") from None
-    check(run)
+    check(run, files=files)
     return run
 
 
@@ -333,7 +334,7 @@ def save_config(run: RunConfig, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-def check(run: RunConfig) -> None:
+def check(run: RunConfig, files: bool = True) -> None:
     """What OmegaConf's types cannot express: stage names, required and existing paths, value
     ranges, and the ATP settings against the model's size where its config files tell it."""
     from pipeline.stages import check_names  # the stage registry's own check; a plain dict, cheap
@@ -352,7 +353,8 @@ def check(run: RunConfig) -> None:
             check_values(merged)
         except ConfigError as e:
             raise ConfigError(f"{e} (from {key})") from None
-    check_paths(run)
+    if files:
+        check_paths(run)
 
 
 def check_values(run: RunConfig) -> None:
