@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, help="samples per epoch (default: sizes.json beside data.shards)")
     p.add_argument("--reserve", type=float, default=0.1, help="share of GPU memory kept free (default 0.1)")
     p.add_argument("--json", help="also write the plan here")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)  # options and key=value in any order
     config = a.rest.pop(0) if a.rest and "=" not in a.rest[0] else None
     try:
         run = load_config(config, a.rest, files=False)
@@ -363,7 +363,7 @@ def _dataset_size(run: RunConfig) -> int | None:
 
 def render(r: dict) -> str:
     c, pg, d, n = r["config"], r["per_gpu"], r["data"], r["parameters"]
-    gb = lambda x: f"{x / GiB:7.2f} GiB"  # noqa: E731
+    gb = lambda x: f"{x / GiB:7.2f} GiB" if x >= GiB else f"{x / 2**20:7.1f} MiB"  # noqa: E731
     act = pg["activation_per_sample_bytes"]
     gc = "on" if c["gradient_checkpointing"] else "off"
     lines = [

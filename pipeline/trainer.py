@@ -196,6 +196,7 @@ def train(run: RunConfig, ctx, out: Path, start: Path, tb_dir: Path | None = Non
         t0 = time.perf_counter()
         lrs = engine.get_lr()  # what this step uses
         stats, image_sample, data_s, finite = StepStats(config, accum), None, 0.0, True
+        seq_len = 0  # the longest padded micro-batch of the step, for the memory plan
         for i in range(accum):
             td = time.perf_counter()
             try:
@@ -205,6 +206,7 @@ def train(run: RunConfig, ctx, out: Path, start: Path, tb_dir: Path | None = Non
                 stop.should_stop()
                 return halt()
             data_s += time.perf_counter() - td
+            seq_len = max(seq_len, batch["input_ids"].shape[1])
             with autocast:
                 outputs = engine(**_model_inputs(batch, engine.device, dtype))
             engine.backward(outputs.loss)
@@ -237,7 +239,7 @@ def train(run: RunConfig, ctx, out: Path, start: Path, tb_dir: Path | None = Non
             scalars.update({f"data/skipped/{kind}": n for kind, n in skipped.items()})
             scalars["train/nonfinite_steps"] = nonfinite["total"]
             scalars["train/step_skipped"] = float(bad_step)
-            scalars.update(peak.scalars(engine.device))
+            scalars.update(peak.scalars(engine.device, seq_len))
             monitor.step(step, scalars, record=scalars)
         if nonfinite["in_row"] >= run.train.max_nonfinite_steps:
             monitor.close()
@@ -510,15 +512,16 @@ class PeakMemory:
     def __init__(self):
         self.baseline = _status_kib("VmRSS")
 
-    def scalars(self, device) -> dict:
+    def scalars(self, device, seq_len: int) -> dict:
+        """Also `data/max_seq_len`: the longest padded micro-batch this step (the plan's L)."""
         hwm = _status_kib("VmHWM")
-        vec = [hwm / 1024, (hwm - self.baseline) / 1024]
+        vec = [seq_len, hwm / 1024, (hwm - self.baseline) / 1024]
         if device.type == "cuda":
             vec.append(torch.cuda.max_memory_allocated(device) / 2**20)
         t = torch.tensor(vec, dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
         if tdist.is_initialized() and tdist.get_world_size() > 1:
             tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
-        names = ("mem/peak_rss_mb", "mem/peak_rss_above_baseline_mb", "mem/cuda_max_allocated_mb")
+        names = ("data/max_seq_len", "mem/peak_rss_mb", "mem/peak_rss_above_baseline_mb", "mem/cuda_max_allocated_mb")
         return dict(zip(names, t.tolist()))
 
 
