@@ -16,16 +16,19 @@ The memory plan of a run before it starts, per GPU (docs: pipeline/README.md "Pl
                             + (2h + 2h_kv + 4i) b_c (q, attention output, k, v; gate, up,
                               SiLU(gate), their product)
     soft-mask attention (training, SDPA with the dense additive mask, which has a gradient):
-      the softmax output H L^2 b_c per layer (SDPA's math path: the CPU, and CUDA when no
-      fused kernel takes a mask with a gradient) and the mask L^2 b_c once per group of layers
-      between pruning points (K + 1 groups); a fused kernel (attn_kernel=flash/flex/channel)
-      keeps neither
+      per layer the softmax output H L^2 b_c and the scaled copies of q and k L (h + h_kv) b_c
+      (SDPA's math path: the CPU, and CUDA when no fused kernel takes a mask with a
+      gradient), and the mask L^2 b_c once per group of layers between pruning points (K + 1
+      groups); a fused kernel (attn_kernel=flash/flex/channel) keeps none of them
     LM head: the logits L V b_c (returned) and the fp32 log-softmax L V 4 of the loss
     vision tower, when it trains: per layer and token 8 h_v + 2 i_v (+ H_v L_v with the
     softmax), L_v = patches (+ CLS)
   With gradient checkpointing (model.gradient_checkpointing) a layer keeps only its input
   (L h b_w) and one layer is recomputed at a time (its full activations once), the masks and
   the head unchanged.
+  Not modelled: the runtime's own working memory (DeepSpeed's engine and buckets, kernel
+  workspaces; about 90 MiB on the CPU for the embedded default, docs/RESULTS.md) and what
+  the allocator holds beyond the live tensors: --reserve covers them.
 - The largest micro-batch whose model states + micro-batch x activations fit in the GPU's
   memory less --reserve (CUDA context, allocator fragmentation, DeepSpeed's buckets).
 - Steps per epoch and tokens per step: the data's samples (sizes.json beside the shards, or
@@ -214,7 +217,7 @@ def element_sizes(precision: str) -> tuple[int, int]:
 def activations(s: Shape, L: int, b_w: int, b_c: int, train_vision: bool) -> dict:
     """Bytes per sample (the formulas of the module docstring)."""
     layer_tok = 4 * s.h * b_w + (2 * s.h + 2 * s.h_kv + 4 * s.i) * b_c
-    probs = s.heads * L * L * b_c  # per layer
+    probs = s.heads * L * L * b_c + L * (s.h + s.h_kv) * b_c  # per layer: softmax, and q/k scaled by the math path
     masks = s.groups * L * L * b_c
     head = L * s.vocab * (b_c + 4)
     layer = L * layer_tok + probs
