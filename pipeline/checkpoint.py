@@ -273,14 +273,14 @@ def fp32_digest(engine) -> str | None:
     if engine.zero_optimization_stage() != 3:
         return None
     me = tdist.get_rank() if tdist.is_initialized() else 0
-    total = torch.zeros((), dtype=torch.int64)
+    total = torch.zeros((), dtype=torch.int64, device=engine.device)  # on the device: no copies to the host
     for name, p in engine.module.named_parameters():
         local = safe_get_local_fp32_param(p) if p.requires_grad else None
         if local is None:
             local = p.ds_tensor
-        local = local.detach().float().reshape(-1).cpu()
+        local = local.detach().float().reshape(-1).to(total.device)
         size = p.ds_tensor.ds_numel  # the partition size: rank r holds [r*size, (r+1)*size) of the flat tensor
-        index = torch.arange(local.numel(), dtype=torch.int64) + me * size
+        index = torch.arange(local.numel(), dtype=torch.int64, device=total.device) + me * size
         keep = index < p.ds_numel  # the last partitions are padded
         bits = local.view(torch.int32).to(torch.int64)[keep] & 0xFFFFFFFF
         weight = (index[keep] * 0x9E3779B1 + zlib.crc32(name.encode())) % (2**31 - 1) + 1
