@@ -6,6 +6,7 @@
     python -m pipeline eval --checkpoint DIR --shards DIR --out DIR ...   # pipeline/eval/evaluate.py
     python -m pipeline bench [...]                           # pipeline/eval/bench.py: prefill time vs FLOPs
     python -m pipeline headroom --checkpoint FIXED ...       # pipeline/eval/headroom.py: adaptivity oracle
+    python -m pipeline plan [CONFIG] --nodes N --gpus-per-node G --gpu-mem GiB   # pipeline/train/plan.py
 
 CONFIG defaults to the embedded default (pipeline/configs/default.yaml). Launch the same
 command under `torchrun`, `deepspeed --module pipeline ...` or `srun`; pipeline.core.distributed
@@ -13,8 +14,9 @@ maps whichever environment it finds. A stage whose `run_dir/NAME/DONE` exists is
 (`--force` reruns it); a rerun after a crash resumes sft from its newest complete checkpoint.
 One run at a time per run_dir (pipeline/core/lock.py): a second one exits 1 naming the first.
 Exit status: 0 done or stopped on SIGTERM/SIGUSR1 after saving, 2 bad config (a checkpoint
-saved with another world size, ZeRO stage or model included), 1 failure (another rank lost
-included: "error: PeerLost: ..." names its ranks and host).
+saved with another ZeRO stage, model or global batch included; another world size under
+ZeRO-3 resumes), 1 failure (another rank lost included: "error: PeerLost: ..." names its
+ranks and host).
 """
 
 from __future__ import annotations
@@ -54,7 +56,12 @@ def parse(argv):
 
 
 # commands with their own options
-TOOLS = {"eval": "pipeline.eval.evaluate", "bench": "pipeline.eval.bench", "headroom": "pipeline.eval.headroom"}
+TOOLS = {
+    "eval": "pipeline.eval.evaluate",
+    "bench": "pipeline.eval.bench",
+    "headroom": "pipeline.eval.headroom",
+    "plan": "pipeline.train.plan",
+}
 
 
 def main(argv=None) -> int:

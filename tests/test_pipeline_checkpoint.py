@@ -135,18 +135,19 @@ def test_a_checkpoint_that_fails_to_load_falls_back_in_one_process(tmp_path, cap
         checkpoint.load(Failing(), tmp_path, world_size=2)  # collective loads: no rank skips alone
 
 
-def _record(world_size=2, zero_stage=3, hidden=8, freeze_first=False):
-    from pipeline.train import ckpt_record
+def _record(world_size=2, zero_stage=3, hidden=8, freeze_first=False, micro_batch=4):
+    from pipeline import ckpt_record
 
     module = torch.nn.Sequential(torch.nn.Linear(4, hidden), torch.nn.Linear(hidden, 2))
     module[0].requires_grad_(not freeze_first)
-    return ckpt_record.record(module, world_size, zero_stage)
+    return ckpt_record.record(module, world_size, zero_stage, global_batch=micro_batch * world_size)
 
 
 @pytest.mark.parametrize(
     "now,named",
     [
-        (dict(world_size=1), "world size 2 when saved, 1 now"),
+        (dict(world_size=1), "global batch 8 when saved, 4 now"),
+        (dict(world_size=1, zero_stage=0), "world size 2 when saved, 1 now (another world size is resumed under"),
         (dict(zero_stage=0), "ZeRO stage 3 when saved, 0 now"),
         (dict(hidden=16), "3 parameter shapes differ (saved -> now): 0.weight [8, 4] -> [16, 4]"),
         (dict(freeze_first=True), "frozen parameters differ: none trainable now, 0.bias, 0.weight frozen now"),
@@ -174,7 +175,7 @@ def test_a_mismatch_is_named_before_a_broken_newer_tag_is_set_aside(tmp_path):
     for step in (2, 4):
         checkpoint.save(FakeEngine(), tmp_path, step, {"step": step}, keep=10, record=_record())
     os.truncate(tmp_path / "step00000004" / FILES[1], 1)
-    with pytest.raises(checkpoint.CheckpointMismatch, match=r"step00000002 .* world size 2 when saved, 1 now"):
+    with pytest.raises(checkpoint.CheckpointMismatch, match=r"step00000002 .* global batch 8 when saved, 4 now"):
         checkpoint.load(FakeEngine(), tmp_path, world_size=1, record=_record(world_size=1))
     assert _dirs(tmp_path) == ["step00000002", "step00000004"]
     # the torn tag is still set aside when the configuration matches
@@ -192,8 +193,9 @@ def test_markers_without_a_record_are_checked_by_deepspeeds_file_names(tmp_path)
             (tag / f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt").write_text("x")
     checkpoint._mark_complete(tag)
     (tmp_path / "FORMAT").write_text("")
-    with pytest.raises(checkpoint.CheckpointMismatch, match="world size 2 when saved, 1 now"):
-        checkpoint.check_resumable(tmp_path, _record(world_size=1))
+    with pytest.raises(checkpoint.CheckpointMismatch, match="world size 2 when saved, 1 now, and the checkpoint"):
+        checkpoint.check_resumable(tmp_path, _record(world_size=1))  # its global batch is not known
+    assert checkpoint.check_resumable(tmp_path, _record(world_size=1), allow_batch_change=True)  # reshaped
     with pytest.raises(checkpoint.CheckpointMismatch, match="ZeRO stage 3 when saved, 2 now"):
         checkpoint.check_resumable(tmp_path, _record(zero_stage=2))
     checkpoint.check_resumable(tmp_path, _record(hidden=16))  # shapes unknown: left to the load
@@ -330,3 +332,33 @@ def test_a_first_save_estimates_its_size_and_other_errors_pass_unchanged(tmp_pat
     with pytest.raises(RuntimeError, match="basic_ios") as e:
         checkpoint.save(DiskFills(torch_error), tmp_path, 2, {"step": 2}, record=rec)
     assert type(e.value) is RuntimeError
+
+
+def test_another_world_size_is_reshaped_only_under_zero3_and_the_same_global_batch(tmp_path):
+    """2 ranks x 4 = 8: resumable on 1 x 8 or 4 x 2 (reshaped, through the universal checkpoint),
+    not on 1 x 4 unless allowed, not below ZeRO-3, never loaded directly."""
+    checkpoint.save(FakeEngine(), tmp_path, 2, {"step": 2}, record=_record())
+    assert checkpoint.check_resumable(tmp_path, _record()) is False
+    assert checkpoint.check_resumable(tmp_path, _record(world_size=1, micro_batch=8)) is True
+    assert checkpoint.check_resumable(tmp_path, _record(world_size=4, micro_batch=2)) is True
+    assert checkpoint.check_resumable(tmp_path, _record(world_size=1), allow_batch_change=True) is True
+    with pytest.raises(checkpoint.CheckpointMismatch, match="global batch 8 when saved, 16 now"):
+        checkpoint.check_resumable(tmp_path, _record(world_size=4))
+    plan = checkpoint.resume_plan(tmp_path, _record(world_size=4, micro_batch=2))
+    assert (plan.tag, plan.reshaped, plan.saved_with["world_size"]) == ("step00000002", True, 2)
+    with pytest.raises(checkpoint.CheckpointMismatch, match="loads through its universal conversion"):
+        checkpoint.load(FakeEngine(), tmp_path, world_size=1, record=_record(world_size=1, micro_batch=8))
+    assert _dirs(tmp_path) == ["step00000002"]
+
+
+def test_a_changed_architecture_is_named():
+    from pipeline import ckpt_record
+
+    saved, now = _record(), _record()
+    saved["architecture"] = {"atp_layers": [1, 3], "text.num_attention_heads": 4}
+    now["architecture"] = {"atp_layers": [1, 5], "text.num_attention_heads": 4}
+    assert ckpt_record.differences(saved, now) == [
+        "model architecture differs (saved -> now): atp_layers [1, 3] -> [1, 5]"
+    ]
+    del saved["architecture"]  # markers from before the record: not compared
+    assert ckpt_record.differences(saved, now) == []

@@ -110,15 +110,16 @@ def two_ranks(tiny, tmp_path_factory):
 def test_a_two_rank_checkpoint_rerun_on_one_process_is_kept_and_resumes_on_two(tiny, two_ranks, tmp_path):
     """Probe: 2-rank ZeRO-3 checkpoints rerun with 1 process: DeepSpeed refused them ("used a DP
     world size of 2"), every one was renamed *.broken, and the rerun on 2 ranks restarted from
-    step 0. Now the 1-process run exits 2 naming both world sizes, renames nothing, and 2 ranks
-    resume from step 6."""
+    step 0. Now the 1-process run (global batch 4 against the checkpoint's 8) exits 2 naming
+    both, renames nothing, and 2 ranks resume from step 6 (tests/test_resume_world.py resumes
+    on 1 and 4 ranks at the same global batch)."""
     run = tmp_path / "run"
     shutil.copytree(two_ranks, run)
     (run / "sft" / "DONE").unlink()
     p = sft(tiny, run, "train.max_steps=8", check=False)
     assert p.returncode == 2, p.stderr[-3000:]
     assert f"checkpoint {run / CKPT}/step00000006 was saved with another configuration" in p.stderr
-    assert "world size 2 when saved, 1 now" in p.stderr and "nothing was renamed" in p.stderr
+    assert "global batch 8 when saved, 4 now" in p.stderr and "nothing was renamed" in p.stderr
     assert tags(run) == ["step00000002", "step00000004", "step00000006"] and not (run / ".lock").exists()
     p = launch(["run", tiny["config"], f"run_dir={run}", "stages=[sft]", *tiny["common"], "train.max_steps=8"])
     assert f"resumed from {run / CKPT}/step00000006 at step 6" in p.stderr

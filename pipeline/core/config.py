@@ -130,6 +130,10 @@ class TrainConfig:
     min_lr_ratio: float = 0.0  # cosine floor, as a share of each group's lr
     grad_clip: float = 1.0
     zero_stage: Literal[0, 1, 2, 3] = 3
+    # resume from a checkpoint saved with another global batch (batch_size x grad_accum x world
+    # size): refused by default (pipeline/train/ckpt_record.py); the LR schedule's length then follows
+    # the new batch, its position the step count
+    allow_batch_change: bool = False
     # auto: bf16 on CUDA, fp32 on CPU | bf16 | fp32 | bf16-autocast: fp32 weights and optimizer, bf16
     # matmuls under torch.autocast (about 1.7x faster than fp32 on a CPU with AVX512-BF16, ~6x slower
     # on an AVX2-only one) | autocast-native: bf16-autocast on CUDA or a CPU with native bf16, else fp32
@@ -283,8 +287,9 @@ def _error(e: OmegaConfBaseException, where: str) -> ConfigError:
     return ConfigError(f"config error at '{key}' ({where}): {msg}")
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Schema <- YAML <- preset <- overrides, interpolations resolved, checked. Raises ConfigError."""
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = (), files: bool = True) -> RunConfig:
+    """Schema <- YAML <- preset <- overrides, interpolations resolved, checked (`files=False`:
+    not whether the paths exist, for planning elsewhere). Raises ConfigError."""
     path = Path(path) if path else DEFAULT_CONFIG
     if not path.is_file():
         raise ConfigError(f"config error: config file {str(path)!r} does not exist")
@@ -306,7 +311,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         run = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise _error(e, "resolving") from None
-    check(run)
+    check(run, files=files)
     return run
 
 
@@ -329,7 +334,7 @@ def save_config(run: RunConfig, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-def check(run: RunConfig) -> None:
+def check(run: RunConfig, files: bool = True) -> None:
     """What OmegaConf's types cannot express: stage names, required and existing paths, value
     ranges, and the ATP settings against the model's size where its config files tell it."""
     from pipeline.stages import check_names  # the stage registry's own check; a plain dict, cheap
@@ -348,7 +353,8 @@ def check(run: RunConfig) -> None:
             check_values(merged)
         except ConfigError as e:
             raise ConfigError(f"{e} (from {key})") from None
-    check_paths(run)
+    if files:
+        check_paths(run)
 
 
 def check_values(run: RunConfig) -> None:

@@ -3,10 +3,13 @@
 Stages (one `wds.DataPipeline` per rank, run in the DataLoader workers):
 
     shard list (brace pattern or folder)
-      exact:     SimpleShardList (same shuffled order on every rank) -> split by node -> split by worker
+      exact:     SimpleShardList (the same shuffled order in every reader) -> tarfile_to_samples
+                 -> shuffle buffer (the same seed in every reader) -> number the samples
+                 (the epoch's global positions) -> keep this reader's micro-batches
       resampled: ResampledShards (with replacement; seed per rank, worker and epoch)
-    -> tarfile_to_samples -> shuffle buffer -> decode (PIL, json) -> prepare (template,
-       tokenise, label-mask, CLIP preprocess) -> batched (pad) -> attach skip counts
+                 -> tarfile_to_samples -> shuffle buffer (seed per rank, worker and epoch)
+    -> decode (PIL, json) -> prepare (template, tokenise, label-mask, CLIP preprocess)
+    -> batched (pad; exact: one batch per micro-batch of positions) -> attach skip counts
 
 Conventions (other modules rely on them):
 - Batch: input_ids / attention_mask / labels [B, L] long, query_mask [B, L] bool,
@@ -26,10 +29,19 @@ Conventions (other modules rely on them):
   worker's stream) and `Loader.stats` (a Counter) accumulates them; `truncated` and
   `converted_image` count samples that were repaired, not skipped; `lost_samples` the
   samples a shard lacks against its sizes.json (a tar cut short).
-- Exact mode: each sample once per epoch over all ranks and workers, when there are at
-  least world_size * num_workers shards; uneven shard counts give ranks different batch
-  counts (a warning says so), so train with `resampled`, which gives every rank exactly
-  `num_batches` batches.
+- Exact mode: each sample once per epoch, in one global order that depends on (seed, epoch)
+  only, not on the world size or the workers. From position `start` on, the order is cut
+  into micro-batches of `batch_size` positions; micro-batch c goes to rank c % world_size
+  (and, within the rank, to DataLoader worker (c // world_size) % num_workers, which the
+  DataLoader's round robin returns in order). A run that consumed P samples therefore
+  resumes at `start=P` on any world size and batch size without repeating or missing a
+  sample of the epoch. Every reader reads every shard's bytes (decoding only its own
+  samples): world_size x num_workers reads of the data per epoch, from the page cache on
+  one node. A bad sample leaves its micro-batch short; a micro-batch with no good sample
+  leaves a counts-only item, so later ones keep their ranks and order. Shard-level errors
+  (a bad tar, lost samples) are counted by the reader of rank 0, worker 0 only.
+  `drop_last=True` gives every rank exactly `num_batches` = (N - start) // (world_size x
+  batch_size) batches (N from sizes.json), what training needs.
 """
 
 from __future__ import annotations
@@ -45,7 +57,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from functools import partial
-from itertools import islice
 from typing import Literal
 
 import torch
@@ -114,18 +125,53 @@ def _worker_id() -> int:
     return info.id if info else 0
 
 
-def _split_by_node(src, rank: int, world_size: int):
-    # explicit rank/world instead of wds.split_by_node (which reads torch.distributed / env)
-    yield from islice(src, rank, None, world_size)
-
-
 def _worker_seed(rank: int) -> int:
     return rank * 1000 + _worker_id()
 
 
-def _shuffle(src, bufsize: int, seed: int, epoch: int, rank: int):
-    # the seed is made inside the worker, so every (rank, worker, epoch) shuffles differently
-    yield from wds.shuffle(bufsize, initial=min(bufsize, 100), seed=make_seed(seed, epoch, rank, _worker_id()))(src)
+def _shuffle(src, bufsize: int, seed: int, epoch: int, rank: int | None):
+    # the seed is made inside the worker, so every (rank, worker, epoch) shuffles differently;
+    # rank None (exact mode): every reader shuffles alike, the global order
+    reader = () if rank is None else (rank, _worker_id())
+    yield from wds.shuffle(bufsize, initial=min(bufsize, 100), seed=make_seed(seed, epoch, *reader))(src)
+
+
+def _num_workers() -> int:
+    info = torch.utils.data.get_worker_info()
+    return info.num_workers if info else 1
+
+
+def _own_positions(src, start: int, batch_size: int, rank: int, world_size: int):
+    """Exact mode: number the global order and keep this reader's micro-batches from `start`
+    on (before decoding: the others' samples cost only their bytes)."""
+    workers, worker = _num_workers(), _worker_id()
+    for pos, sample in enumerate(src):
+        if pos < start:
+            continue
+        chunk = (pos - start) // batch_size
+        if chunk % world_size == rank and (chunk // world_size) % workers == worker:
+            sample["__chunk__"] = chunk
+            yield sample
+
+
+def _batch_chunks(src, collation_fn, world_size: int):
+    """Exact mode: one batch per micro-batch of positions; `{}` (a counts-only item) for one
+    whose samples were all bad, so the DataLoader's round robin keeps the order."""
+    stride = world_size * _num_workers()
+    group, current, expected = [], None, None
+    for sample in src:
+        chunk = sample.pop("__chunk__")
+        if chunk != current:
+            if group:
+                yield collation_fn(group)
+            expected = chunk if expected is None else expected + stride
+            while expected < chunk:
+                yield {}
+                expected += stride
+            group, current = [], chunk
+        group.append(sample)
+    if group:
+        yield collation_fn(group)
 
 
 # ---------------------------------------------------------------- bad samples
@@ -137,13 +183,16 @@ class TooManyBadSamples(RuntimeError):
 
 class SkipCounter:
     """The `handler=` of every stage: counts by kind, logs each skipped sample once, continues,
-    until `limit` errors in a row without a good sample (`good()`) raise TooManyBadSamples."""
+    until `limit` errors in a row without a good sample (`good()`) raise TooManyBadSamples.
+    `shard_errors(rank)`: whether this reader counts shard-level errors (exact mode: every
+    reader reads every shard, so only rank 0's worker 0 does)."""
 
-    def __init__(self, limit: int | None = None):
+    def __init__(self, limit: int | None = None, shard_errors=lambda: True):
         self.pending = Counter()  # not yet handed to the main process
         self.lines = Counter()
         self.bad_shards = set()
         self.limit, self.in_row, self.seen = limit, 0, Counter()
+        self.shard_errors = shard_errors
 
     def good(self) -> None:
         if self.in_row:
@@ -173,7 +222,7 @@ class SkipCounter:
             )
             found = re.search(r"name='([^']+)'", str(exn))
             where = url or (found.group(1) if found else "?")
-            if where not in self.bad_shards:
+            if where not in self.bad_shards and self.shard_errors():
                 self.bad_shards.add(where)
                 self.count("bad_tar", where, str(exn.args[0])[:120] if exn.args else repr(exn))
         # every error counts here, a bad shard met again (resampled) included
@@ -203,7 +252,7 @@ def _read_shards(src, stats: SkipCounter):
             n += 1
             yield sample
         expected = shard_size(shard["url"], sizes)
-        if expected is not None and n < expected:
+        if expected is not None and n < expected and stats.shard_errors():
             stats.pending["lost_samples"] += expected - n  # counted each read; logged once a shard
             if shard["url"] not in warned:
                 warned.add(shard["url"])
@@ -262,6 +311,8 @@ class Prepare:
         key = sample.get("__key__")
         try:
             out = self._prepare(sample, key)
+            if "__chunk__" in sample:  # exact mode: the micro-batch it belongs to
+                out["__chunk__"] = sample["__chunk__"]
             self.stats.good()
             return out
         except BadSample:
@@ -349,6 +400,8 @@ class Loader:
 
     def __iter__(self):
         n = 0
+        if self.num_batches is not None and self.num_batches <= 0:
+            return
         for batch in self.webloader:
             self.stats.update(batch.pop("skipped", {}))
             if "input_ids" not in batch:  # counts-only item from the end of a worker's stream
@@ -369,12 +422,17 @@ def build_pipeline(
     rank: int = 0,
     world_size: int = 1,
     epoch: int = 0,
+    start: int = 0,
     generation: bool = False,
 ) -> wds.DataPipeline:
+    """`start`: exact mode, the epoch's global sample position to begin at (a resume)."""
     urls = list_shards(cfg.shards)
     if cfg.max_consecutive_bad < 1:
         raise ValueError(f"config error at 'data.max_consecutive_bad': must be >= 1, got {cfg.max_consecutive_bad}")
-    stats = SkipCounter(limit=cfg.max_consecutive_bad)
+    if start and cfg.resampled:
+        raise ValueError("a start position is for exact mode (data.resampled=false)")
+    exact = not cfg.resampled
+    stats = SkipCounter(limit=cfg.max_consecutive_bad, shard_errors=lambda: not exact or rank == _worker_id() == 0)
     if cfg.resampled:
         source = [
             wds.ResampledShards(
@@ -382,19 +440,7 @@ def build_pipeline(
             )
         ]
     else:
-        workers = max(cfg.num_workers, 1)
-        if len(urls) % (world_size * workers):
-            log.warning(
-                "exact mode: %d shards over %d ranks x %d workers: ranks get different batch counts",
-                len(urls),
-                world_size,
-                workers,
-            )
-        source = [
-            wds.SimpleShardList(urls, seed=make_seed(cfg.seed, epoch)),  # same order on every rank
-            partial(_split_by_node, rank=rank, world_size=world_size),
-            wds.split_by_worker,
-        ]
+        source = [wds.SimpleShardList(urls, seed=make_seed(cfg.seed, epoch))]  # the same order in every reader
     prepare = Prepare(
         tokenizer,
         image_processor,
@@ -406,26 +452,29 @@ def build_pipeline(
         stats=stats,
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    collation_fn = partial(collate, pad_token_id=pad_id, padding_side="left" if generation else "right")
     return wds.DataPipeline(
         *source,
         partial(_read_shards, stats=stats),
-        partial(_shuffle, bufsize=cfg.shuffle_buffer, seed=cfg.seed, epoch=epoch, rank=rank)
+        partial(_shuffle, bufsize=cfg.shuffle_buffer, seed=cfg.seed, epoch=epoch, rank=None if exact else rank)
         if cfg.shuffle_buffer > 1
+        else None,
+        partial(_own_positions, start=start, batch_size=cfg.batch_size, rank=rank, world_size=world_size)
+        if exact
         else None,
         wds.decode(decode_member, handler=stats.handler),
         wds.map(prepare, handler=stats.handler),
-        wds.batched(
-            cfg.batch_size,
-            partial=True,
-            collation_fn=partial(collate, pad_token_id=pad_id, padding_side="left" if generation else "right"),
-        ),
+        partial(_batch_chunks, collation_fn=collation_fn, world_size=world_size)
+        if exact
+        else wds.batched(cfg.batch_size, partial=True, collation_fn=collation_fn),
         partial(_attach_stats, stats=stats),
     )
 
 
-def build_loader(cfg: DataConfig, tokenizer, image_processor, **kw) -> Loader:
+def build_loader(cfg: DataConfig, tokenizer, image_processor, drop_last: bool = False, **kw) -> Loader:
     """Batches for one rank (`kw`: build_pipeline's keywords). Resampled: exactly `num_batches`
-    per epoch on every rank."""
+    per epoch on every rank; exact with `drop_last`: the same, the epoch's last partial
+    global micro-batch round dropped (N from sizes.json)."""
     pipeline = build_pipeline(cfg, tokenizer, image_processor, **kw)
     webloader = wds.WebLoader(
         pipeline,
@@ -440,6 +489,11 @@ def build_loader(cfg: DataConfig, tokenizer, image_processor, **kw) -> Loader:
         if not total:
             raise ValueError("resampled mode needs epoch_samples or a sizes.json beside the shards")
         num_batches = max(1, total // (kw.get("world_size", 1) * cfg.batch_size))
+    elif drop_last:
+        total = dataset_size(list_shards(cfg.shards))
+        if not total:
+            raise ValueError("exact mode with drop_last needs a sizes.json beside the shards")
+        num_batches = (total - kw.get("start", 0)) // (kw.get("world_size", 1) * cfg.batch_size)
     return Loader(webloader, num_batches)
 
 

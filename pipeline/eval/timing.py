@@ -1,4 +1,4 @@
-"""Honest timings, shared by `pipeline.bench` and the evaluation report (`pipeline.evaluate`).
+"""Honest timings, shared by `pipeline.eval.bench` and the evaluation report (`pipeline.eval.evaluate`).
 
 The things compared run interleaved in one process (each repeat runs every one once, in an order
 rotated per repeat, so drift from other jobs spreads over all of them), after warm-up; a number is

@@ -16,10 +16,21 @@ previous complete one, and kept aside as `TAG.broken` (never deleted). With seve
 tag that passes that check but fails to load stops the run with the tag named (their loads
 are collective: one rank cannot skip alone).
 
-A tag saved with another configuration (world size, ZeRO stage, parameter shapes or frozen
-set; recorded in its marker, pipeline/train/ckpt_record.py) is not broken: `load` refuses it before
-loading anything with CheckpointMismatch (exit status 2), naming what differs, and renames
-nothing; rerun with the configuration it was saved with to resume from it.
+A tag saved with another configuration (ZeRO stage, parameter shapes, frozen set, model
+architecture, global batch; recorded in its marker, pipeline/train/ckpt_record.py) is not broken:
+`resume_plan` refuses it before loading anything with CheckpointMismatch (exit status 2),
+naming what differs, and renames nothing; rerun with the configuration it was saved with to
+resume from it.
+
+A ZeRO-3 tag saved on another world size is resumed through DeepSpeed's universal checkpoint:
+rank 0 converts it once (deepspeed.checkpoint.ds_to_universal) into `universal/TAG` beside
+the tags, with its own COMPLETE marker (a torn conversion is redone), and the engine, built
+with `checkpoint.load_universal`, loads it (`load(..., universal=True)`); the original tag is
+not touched. The marker of every ZeRO-3 save holds a digest of the fp32 master weights that
+does not depend on the partitioning (`fp32_digest`): after a reshaped load every rank
+recomputes it and a difference stops the run, so the resumed weights are bit-identical to
+the saved ones. The next save on the new world size writes a native tag and removes
+`universal/`.
 
 A save that fails because the disk is full (torch reports only "basic_ios::clear: iostream
 error") raises CheckpointDiskFull naming the tag, the bytes it needs and the bytes free. The
@@ -48,7 +59,9 @@ import logging
 import os
 import re
 import shutil
+import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 from pipeline.core.distributed import barrier, rank
 from pipeline.train import ckpt_record
@@ -58,6 +71,7 @@ DIRNAME = "checkpoints"
 LATEST = "latest"
 COMPLETE = "COMPLETE"  # per tag: written by rank 0 once every rank's files are on disk
 FORMAT = "FORMAT"  # per directory: its tags carry COMPLETE markers
+UNIVERSAL = "universal"  # per directory: tags converted for another world size
 TAG_RE = re.compile(r"^step(\d+)$")
 
 
@@ -167,31 +181,130 @@ def saved_with(tag_dir: Path) -> dict:
     return ckpt_record.inferred([p.name for p in tag_dir.iterdir()])
 
 
-def check_resumable(ckpt_dir: str | os.PathLike, now: dict | None, tag: str | None = None) -> None:
-    """Raise CheckpointMismatch if the resume tag (or `tag`) was saved with another
-    configuration than `now` (ckpt_record.record); no-op without a record or a tag."""
+def check_resumable(
+    ckpt_dir: str | os.PathLike, now: dict | None, tag: str | None = None, allow_batch_change: bool = False
+) -> bool:
+    """Raise CheckpointMismatch if the resume tag (or `tag`) was saved with a configuration
+    this run cannot load (ckpt_record.differences); else whether it needs reshaping (another
+    world size, through the universal checkpoint). False without a record or a tag."""
     tag = tag or resume_tag(ckpt_dir)
     if now is None or tag is None:
-        return
+        return False
     tag_dir = Path(ckpt_dir) / tag
-    diff = ckpt_record.differences(saved_with(tag_dir), now)
+    saved = saved_with(tag_dir)
+    diff = ckpt_record.differences(saved, now, allow_batch_change=allow_batch_change)
     if diff:
         raise CheckpointMismatch(
             f"checkpoint {tag_dir} was saved with another configuration than this run's: {'; '.join(diff)}. "
             "It is not broken and nothing was renamed: rerun with the configuration it was saved with to "
-            f"resume from it (resuming on another world size is not supported), or move {ckpt_dir} away "
-            "to start over."
+            f"resume from it, or move {ckpt_dir} away to start over."
         )
+    return ckpt_record.reshaped(saved, now)
+
+
+def resume_plan(ckpt_dir: str | os.PathLike, now: dict, allow_batch_change: bool = False):
+    """Before the engine exists: None for a fresh start, else (tag, reshaped, saved_with).
+    Raises CheckpointMismatch (nothing renamed) for a tag this run cannot load."""
+    tag = resume_tag(ckpt_dir)
+    if tag is None:
+        return None
+    reshape = check_resumable(ckpt_dir, now, tag, allow_batch_change=allow_batch_change)
+    return SimpleNamespace(tag=tag, reshaped=reshape, saved_with=saved_with(Path(ckpt_dir) / tag))
+
+
+def to_universal(ckpt_dir: str | os.PathLike, tag: str) -> Path:
+    """Collective. Rank 0 converts `tag` with DeepSpeed's ds_to_universal into
+    ckpt_dir/universal/TAG (once: a complete conversion is reused); the original is read
+    only. Returns the directory that `load(..., universal=True)` reads."""
+    ckpt_dir = Path(ckpt_dir)
+    root = ckpt_dir / UNIVERSAL
+    out = root / tag
+    if rank() == 0 and not is_complete(out):
+        import argparse
+
+        from deepspeed.checkpoint import ds_to_universal
+
+        shutil.rmtree(out, ignore_errors=True)  # a torn conversion
+        root.mkdir(parents=True, exist_ok=True)
+        log.info("converting %s to a universal checkpoint in %s (another world size)", ckpt_dir / tag, out)
+        args = argparse.Namespace(
+            input_folder=str(ckpt_dir / tag),
+            output_folder=str(out),
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=False,
+        )
+        with safe_loads(), contextlib.redirect_stdout(_LogWriter()):
+            ds_to_universal.main(args)
+        _fsync_tree(out)
+        _mark_complete(out, saved_with(ckpt_dir / tag), fp32_digest=saved_digest(ckpt_dir, tag))
+    barrier()
+    return root
+
+
+class _LogWriter:
+    """ds_to_universal prints its progress: into the log at debug level."""
+
+    def write(self, text: str) -> None:
+        if text.strip():
+            log.debug("ds_to_universal: %s", text.strip())
+
+    def flush(self) -> None:
+        pass
+
+
+def saved_digest(ckpt_dir: str | os.PathLike, tag: str) -> str | None:
+    marker = Path(ckpt_dir) / tag / COMPLETE
+    return json.loads(marker.read_text()).get("fp32_digest") if marker.is_file() else None
+
+
+def fp32_digest(engine) -> str | None:
+    """Collective. A digest of the fp32 master weights (the module's own tensors for frozen
+    parameters) that does not depend on how ZeRO-3 partitions them: every element's bits,
+    weighted by its parameter's name and its flat index, summed over the ranks modulo 2**64.
+    Equal digests: the same weights at the same places (up to a 2**-64 chance). None below
+    ZeRO-3."""
+    import torch
+    import torch.distributed as tdist
+    from deepspeed.utils import safe_get_local_fp32_param
+
+    if engine.zero_optimization_stage() != 3:
+        return None
+    me = tdist.get_rank() if tdist.is_initialized() else 0
+    total = torch.zeros((), dtype=torch.int64, device=engine.device)  # on the device: no copies to the host
+    for name, p in engine.module.named_parameters():
+        local = safe_get_local_fp32_param(p) if p.requires_grad else None
+        if local is None:
+            local = p.ds_tensor
+        local = local.detach().float().reshape(-1).to(total.device)
+        size = p.ds_tensor.ds_numel  # the partition size: rank r holds [r*size, (r+1)*size) of the flat tensor
+        index = torch.arange(local.numel(), dtype=torch.int64, device=total.device) + me * size
+        keep = index < p.ds_numel  # the last partitions are padded
+        bits = local.view(torch.int32).to(torch.int64)[keep] & 0xFFFFFFFF
+        weight = (index[keep] * 0x9E3779B1 + zlib.crc32(name.encode())) % (2**31 - 1) + 1
+        total += (bits * weight).sum()  # < 2**63 per element; the sum wraps modulo 2**64
+    if tdist.is_initialized() and tdist.get_world_size() > 1:
+        tdist.all_reduce(total)
+    return f"{int(total) % 2**64:016x}"
 
 
 def save(
-    engine, ckpt_dir: str | os.PathLike, step: int, client_state: dict, keep: int = 2, record: dict | None = None
+    engine,
+    ckpt_dir: str | os.PathLike,
+    step: int,
+    client_state: dict,
+    keep: int = 2,
+    record: dict | None = None,
+    digest: bool = False,
 ) -> str:
     """Collective: every rank calls it. Returns the tag. `record` (ckpt_record.record) goes
-    into the marker, for `check_resumable`."""
+    into the marker, for `check_resumable`; with `digest`, also `fp32_digest(engine)`."""
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)
     _refuse_newer_complete(ckpt_dir, step)  # on every rank: all raise, none waits at a barrier
+    weights = fp32_digest(engine) if digest else None
     if rank() == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         if not (ckpt_dir / FORMAT).is_file():
@@ -204,23 +317,33 @@ def save(
     barrier()
     if rank() == 0:
         with _naming_disk_full(ckpt_dir, tag, record):  # a marker that failed is not there: the tag is torn
-            _mark_complete(ckpt_dir / tag, record)
+            _mark_complete(ckpt_dir / tag, record, fp32_digest=weights)
         _write_atomic(ckpt_dir / LATEST, tag)
         _prune(ckpt_dir, keep=max(keep, 1), current=tag)
+        shutil.rmtree(ckpt_dir / UNIVERSAL, ignore_errors=True)  # a conversion is not needed past a native save
     barrier()
     return tag
 
 
 def load(
-    engine, ckpt_dir: str | os.PathLike, world_size: int = 1, record: dict | None = None
+    engine,
+    ckpt_dir: str | os.PathLike,
+    world_size: int = 1,
+    record: dict | None = None,
+    universal: str | None = None,
+    allow_batch_change: bool = False,
 ) -> tuple[str, dict] | None:
     """Restore engine (weights, optimizer, scheduler) from the newest complete checkpoint;
     returns (tag, this rank's client state) or None for a fresh start. A tag saved with
     another configuration than `record` raises CheckpointMismatch before anything is loaded
     or renamed. A tag that fails to load is skipped for the previous one in a single
     process; with several ranks (whose loads are collective) the error stops the run,
-    naming the tag."""
+    naming the tag. `universal`: the tag to load from its conversion (`to_universal`; the
+    engine built with checkpoint.load_universal), with no fallback, its weights checked
+    against the saved digest (rank 0's client state, for every rank)."""
     ckpt_dir = Path(ckpt_dir)
+    if universal is not None:
+        return _load_universal(engine, ckpt_dir, universal)
     good, broken = candidates(ckpt_dir)
     pointer = latest_tag(ckpt_dir)
     for t, why in broken:
@@ -228,7 +351,12 @@ def load(
             log.warning("checkpoint %s/%s is broken (%s): skipped, kept as %s.broken", ckpt_dir, t, why, t)
     loaded = None
     for t in good:
-        check_resumable(ckpt_dir, record, tag=t)  # before any rename: a mismatch is not damage
+        if check_resumable(ckpt_dir, record, tag=t, allow_batch_change=allow_batch_change):
+            raise CheckpointMismatch(  # before any rename: a mismatch is not damage
+                f"checkpoint {ckpt_dir / t} was saved on world size {saved_with(ckpt_dir / t)['world_size']}: "
+                "it loads through its universal conversion (resume_plan, to_universal), not directly; "
+                "nothing was renamed"
+            )
         try:
             with safe_loads():
                 path, client_state = engine.load_checkpoint(
@@ -262,6 +390,31 @@ def load(
     if loaded is None and broken:
         raise CheckpointError(f"{ckpt_dir}: every checkpoint is broken ({[t for t, _ in broken]}, kept as *.broken)")
     return loaded
+
+
+def _load_universal(engine, ckpt_dir: Path, tag: str) -> tuple[str, dict]:
+    root = ckpt_dir / UNIVERSAL
+    if not engine._config.load_universal_checkpoint:
+        raise CheckpointError("a universal checkpoint needs an engine built with checkpoint.load_universal=true")
+    with safe_loads():
+        path, client_state = engine.load_checkpoint(
+            str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+    if path is None:
+        raise CheckpointError(f"{root / tag}: DeepSpeed could not load the universal checkpoint")
+    want, got = saved_digest(root, tag), fp32_digest(engine)
+    if want is not None and got != want:
+        raise CheckpointError(
+            f"{root / tag}: the fp32 weights loaded on this world size differ from those saved in {ckpt_dir / tag} "
+            f"(digest {got}, saved {want}); the original is untouched: resume on its world size"
+        )
+    if rank() == 0:
+        log.info(
+            "loaded %s through its universal conversion: fp32 weights identical to the saved ones (digest %s)",
+            ckpt_dir / tag,
+            got,
+        )
+    return tag, client_state
 
 
 def consolidated_state_dict(ckpt_dir: str | os.PathLike) -> dict:
@@ -417,12 +570,14 @@ def _prune(ckpt_dir: Path, keep: int, current: str) -> None:
             shutil.rmtree(ckpt_dir / name, ignore_errors=True)
 
 
-def _mark_complete(tag_dir: Path, record: dict | None = None) -> None:
+def _mark_complete(tag_dir: Path, record: dict | None = None, fp32_digest: str | None = None) -> None:
     files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
     files.pop(COMPLETE, None)
     marker = {"step": step_of(tag_dir.name), "files": files}
     if record is not None:
         marker["saved_with"] = record
+    if fp32_digest is not None:
+        marker["fp32_digest"] = fp32_digest
     text = json.dumps(marker, indent=1)
     text = re.sub(r"\[([\d,\s]*)\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)  # a shape per line
     _write_atomic(tag_dir / COMPLETE, text + "\n")

@@ -7,10 +7,18 @@ Stages `sft`, `base` and `variants` call `train` (pipeline/stages/).
   a warmup + cosine LambdaLR (pipeline.train.ds.lr_schedule), both per group.
 - Loss: the model's own `out.loss` = L_ntp + lambda_ATP L_ATP + lambda_target L_target
   (METHOD sec 7), soft masks in train mode.
-- Data position: the loader runs in resampled mode (pipeline.data.loader), a stream fixed by
-  (data.seed, epoch, rank, worker); the checkpoint records (epoch, batches consumed in it)
-  per rank, and a resumed run rebuilds the epoch's stream and drops that many batches.
-  Replaying costs decode time but is exact, bad samples included.
+- Data position: the checkpoint records (epoch, global samples consumed in it: steps x
+  global batch). Exact mode (`data.resampled=false`, pipeline.data): one global order per
+  epoch, independent of the world size; a resumed run starts the epoch's loader at that
+  position, on any world size, and no sample of the epoch repeats (the others' bytes are
+  read, nothing is decoded). Resampled mode: a stream fixed by (data.seed, epoch, rank,
+  worker), drawn with replacement; a resumed run replays position / (world x batch)
+  batches of each rank's stream (exact on the same world size; on another one it continues
+  the new ranks' streams at the same sample count).
+- Another world size (ZeRO-3): the checkpoint is converted to DeepSpeed's universal
+  checkpoint and loaded from it (pipeline.train.checkpoint: `resume_plan`, `to_universal`), the
+  fp32 weights checked bit-identical against the saved digest; the global batch must stay
+  the same (`train.allow_batch_change=true` to change it).
 - Checkpoints every `train.checkpoint_every` steps and at the end (pipeline.train.checkpoint:
   a completion marker per tag; a resume starts from the newest complete one), with step,
   data position, skip counts, non-finite step counts and RNG states in each rank's client state.
@@ -85,6 +93,7 @@ def train(run: RunConfig, ctx, out: Path, start: Path, tb_dir: Path | None = Non
         total_steps = min(total_steps, run.train.max_steps)
 
     cuda = use_cuda()
+    peak = PeakMemory()  # the baseline: before the model is built
     ds = build_ds_config(
         run, world_size=dist.world_size, total_steps=total_steps, hidden_size=config.text_config.hidden_size, cuda=cuda
     )
@@ -111,8 +120,22 @@ def train(run: RunConfig, ctx, out: Path, start: Path, tb_dir: Path | None = Non
     groups = _param_groups(model, run)
     # What a checkpoint must have been saved with to load here; a mismatch stops the run
     # before the engine is built, and nothing is renamed (it is not a broken checkpoint).
-    record = ckpt_record.record(model, dist.world_size, ds["zero_optimization"]["stage"])
-    checkpoint.check_resumable(ckpt_dir, record)
+    zero_stage = ds["zero_optimization"]["stage"]
+    record = ckpt_record.record(model, dist.world_size, zero_stage, global_batch=ds["train_batch_size"])
+    plan = checkpoint.resume_plan(ckpt_dir, record, allow_batch_change=run.train.allow_batch_change)
+    universal = None
+    if plan is not None and plan.reshaped:
+        log.warning(
+            "checkpoint %s/%s was saved on world size %s, this run has %d: resuming through DeepSpeed's "
+            "universal checkpoint (the original is kept)",
+            ckpt_dir,
+            plan.tag,
+            plan.saved_with["world_size"],
+            dist.world_size,
+        )
+        checkpoint.to_universal(ckpt_dir, plan.tag)
+        ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
+        universal = plan.tag
     if run.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine, _, _, _ = deepspeed.initialize(
@@ -120,15 +143,22 @@ def train(run: RunConfig, ctx, out: Path, start: Path, tb_dir: Path | None = Non
     )
     group_names = [g["name"] for g in groups]
 
-    loaded = checkpoint.load(engine, ckpt_dir, world_size=dist.world_size, record=record)
+    loaded = checkpoint.load(
+        engine,
+        ckpt_dir,
+        world_size=dist.world_size,
+        record=record,
+        universal=universal,
+        allow_batch_change=run.train.allow_batch_change,
+    )
     step, nonfinite = 0, {"total": 0, "in_row": 0}
     if loaded is not None:
         tag, client = loaded
         step = client["step"]
-        data.restore(client["data"])
+        data.restore(client["data"], reshaped=universal is not None)
         _set_rng(client["rng"])
         nonfinite.update(client.get("nonfinite", {}))
-        log.info("resumed from %s/%s at step %d, data %s", ckpt_dir, tag, step, client["data"])
+        log.info("resumed from %s/%s at step %d, data %s", ckpt_dir, tag, step, data.position())
     monitor = Monitor(
         active=dist.rank == 0,
         tb_dir=tb_dir or run_dir / "tb",
@@ -139,13 +169,15 @@ def train(run: RunConfig, ctx, out: Path, start: Path, tb_dir: Path | None = Non
     _report_memory(engine, out, dist, monitor)
 
     def save():
+        position = data.position() | {"skipped_all_ranks": data.skipped_all_ranks()}  # for another world size
         checkpoint.save(
             engine,
             ckpt_dir,
             step,
             keep=run.train.keep_checkpoints,
             record=record,
-            client_state={"step": step, "data": data.position(), "rng": _get_rng(), "nonfinite": dict(nonfinite)},
+            digest=zero_stage == 3,
+            client_state={"step": step, "data": position, "rng": _get_rng(), "nonfinite": dict(nonfinite)},
         )
 
     def halt() -> bool:
@@ -164,6 +196,7 @@ def train(run: RunConfig, ctx, out: Path, start: Path, tb_dir: Path | None = Non
         t0 = time.perf_counter()
         lrs = engine.get_lr()  # what this step uses
         stats, image_sample, data_s, finite = StepStats(config, accum), None, 0.0, True
+        seq_len = 0  # the longest padded micro-batch of the step, for the memory plan
         for i in range(accum):
             td = time.perf_counter()
             try:
@@ -173,6 +206,7 @@ def train(run: RunConfig, ctx, out: Path, start: Path, tb_dir: Path | None = Non
                 stop.should_stop()
                 return halt()
             data_s += time.perf_counter() - td
+            seq_len = max(seq_len, batch["input_ids"].shape[1])
             with autocast:
                 outputs = engine(**_model_inputs(batch, engine.device, dtype))
             engine.backward(outputs.loss)
@@ -205,6 +239,7 @@ def train(run: RunConfig, ctx, out: Path, start: Path, tb_dir: Path | None = Non
             scalars.update({f"data/skipped/{kind}": n for kind, n in skipped.items()})
             scalars["train/nonfinite_steps"] = nonfinite["total"]
             scalars["train/step_skipped"] = float(bad_step)
+            scalars.update(peak.scalars(engine.device, seq_len))
             monitor.step(step, scalars, record=scalars)
         if nonfinite["in_row"] >= run.train.max_nonfinite_steps:
             monitor.close()
@@ -277,15 +312,12 @@ def _any_rank(flag: bool) -> bool:
 
 
 class DataStream:
-    """Batches across epochs for this rank, with a position the checkpoint can hold."""
+    """Batches across epochs for this rank, with a position the checkpoint can hold: the
+    epoch and the global samples consumed in it (`sample`), the same on every rank."""
 
     def __init__(self, run: RunConfig, tokenizer, image_processor, config, dist):
-        if not run.data.resampled:
-            raise ValueError(
-                "config error at 'data.resampled': sft needs true (every rank must take "
-                "the same number of steps, or ZeRO-3's collectives hang)"
-            )
-        self.make = lambda epoch: build_loader(
+        self.exact = not run.data.resampled
+        self.make = lambda epoch, start=0: build_loader(
             run.data,
             tokenizer,
             image_processor,
@@ -294,18 +326,27 @@ class DataStream:
             rank=dist.rank,
             world_size=dist.world_size,
             epoch=epoch,
+            drop_last=True,
+            **({"start": start} if self.exact else {}),
         )
+        self.rank, self.per_batch = dist.rank, dist.world_size * run.data.batch_size  # samples per batch round
         self.batches_per_epoch = self.make(0).num_batches
-        self.epoch, self.batch = 0, 0
+        self.epoch, self.start, self.batch = 0, 0, 0  # exact: the loader opens at `start`; batches taken since
         self.skipped = Counter()  # skips of finished epochs (and of the run before a resume)
         self._loader = self._it = None
 
     def position(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch, "skipped": dict(self._skips())}
+        sample = self.start + self.batch * self.per_batch
+        return {"epoch": self.epoch, "sample": sample, "skipped": dict(self._skips())}
 
-    def restore(self, pos: dict) -> None:
-        self.epoch, self.batch = pos["epoch"], pos["batch"]
-        self.skipped = Counter(pos["skipped"])
+    def restore(self, pos: dict, reshaped: bool = False) -> None:
+        """`reshaped`: saved on another world size, `pos` is rank 0's: the skip counts of
+        all ranks go to rank 0, none to the others."""
+        sample = pos["sample"] if "sample" in pos else pos["batch"] * self.per_batch  # older checkpoints
+        self.epoch = pos["epoch"]
+        self.start, self.batch = (sample, 0) if self.exact else (0, sample // self.per_batch)
+        skipped = pos.get("skipped_all_ranks", pos["skipped"]) if reshaped else pos["skipped"]
+        self.skipped = Counter(skipped if (self.rank == 0 or not reshaped) else {})
         self._loader = self._it = None
 
     def next(self, wait=contextlib.nullcontext) -> dict:
@@ -320,15 +361,15 @@ class DataStream:
                     break
                 except StopIteration:
                     self.skipped = self._skips()
-                    self.epoch, self.batch = self.epoch + 1, 0
+                    self.epoch, self.start, self.batch = self.epoch + 1, 0, 0
                     self._loader = self._it = None
         self.batch += 1
         return batch
 
     def _open(self) -> None:
-        loader = self.make(self.epoch)
+        loader = self.make(self.epoch, self.start)
         it = iter(loader)
-        for _ in range(self.batch):  # replay to the recorded position
+        for _ in range(self.batch):  # resampled: replay to the recorded position
             next(it)
         loader.stats.clear()  # the replayed skips are already in self.skipped
         self._loader, self._it = loader, it  # only now: an interrupted replay leaves nothing half-open
@@ -460,6 +501,40 @@ def _param_groups(model, run: RunConfig) -> list[dict]:
         {"name": "atp", "params": atp, "lr": run.train.lr_atp},
     ]
     return [g for g in groups if g["params"]]
+
+
+class PeakMemory:
+    """Peak memory of this process for the metrics (`mem/*`, the largest over the ranks):
+    on CUDA torch's max_memory_allocated; always the peak RSS (VmHWM) and the peak above the
+    RSS measured when this object was made (before the model is built), what
+    `python -m pipeline plan` estimates on a CPU."""
+
+    def __init__(self):
+        self.baseline = _status_kib("VmRSS")
+
+    def scalars(self, device, seq_len: int) -> dict:
+        """Also `data/max_seq_len`: the longest padded micro-batch this step (the plan's L)."""
+        hwm = _status_kib("VmHWM")
+        vec = [seq_len, hwm / 1024, (hwm - self.baseline) / 1024]
+        if device.type == "cuda":
+            vec.append(torch.cuda.max_memory_allocated(device) / 2**20)
+        t = torch.tensor(vec, dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+        if tdist.is_initialized() and tdist.get_world_size() > 1:
+            tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+        names = ("data/max_seq_len", "mem/peak_rss_mb", "mem/peak_rss_above_baseline_mb", "mem/cuda_max_allocated_mb")
+        return dict(zip(names, t.tolist()))
+
+
+def _status_kib(field: str) -> float:
+    """A /proc/self/status memory field in KiB (0 where there is no /proc)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return 0.0
 
 
 def _report_memory(engine, out: Path, dist, monitor: Monitor) -> None:
