@@ -22,7 +22,7 @@ import torch
 
 pytest.importorskip("lmms_eval")
 
-from pipeline import answers  # noqa: E402
+from pipeline.eval import answers  # noqa: E402
 from pipeline.eval.lmms import cli  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

@@ -136,7 +136,7 @@ def test_a_checkpoint_that_fails_to_load_falls_back_in_one_process(tmp_path, cap
 
 
 def _record(world_size=2, zero_stage=3, hidden=8, freeze_first=False, micro_batch=4):
-    from pipeline import ckpt_record
+    from pipeline.train import ckpt_record
 
     module = torch.nn.Sequential(torch.nn.Linear(4, hidden), torch.nn.Linear(hidden, 2))
     module[0].requires_grad_(not freeze_first)
@@ -352,7 +352,7 @@ def test_another_world_size_is_reshaped_only_under_zero3_and_the_same_global_bat
 
 
 def test_a_changed_architecture_is_named():
-    from pipeline import ckpt_record
+    from pipeline.train import ckpt_record
 
     saved, now = _record(), _record()
     saved["architecture"] = {"atp_layers": [1, 3], "text.num_attention_heads": 4}

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from pipeline import plan
 from pipeline.core.config import load_config
+from pipeline.train import plan
 
 DEFAULT = "pipeline/configs/default.yaml"
 

@@ -114,6 +114,7 @@ class AtpConfig:
     fixed_counts: Optional[list[int]] = None
     mask_eps: float = 1e-6
     attn_kernel: Literal["sdpa", "flash", "flex", "channel", "auto"] = "sdpa"  # model/kernels.py, docs/GPU.md
+    hard_layout: Literal["padded", "packed"] = "padded"  # the hard path's batch layout (model/packed.py)
 
 
 @dataclass
