@@ -275,14 +275,10 @@ def _llava_parts(run: RunConfig):
     return config, tokenizer, AutoImageProcessor.from_pretrained(d), checkpoint_tensors(d, llava_key)
 
 
-def _scratch_parts(run: RunConfig):
-    from transformers import CLIPImageProcessor
-
-    from pipeline.data.tokenizer import build_word_tokenizer
-
+def scratch_configs(run: RunConfig, tokenizer) -> tuple[dict, dict]:
+    """The text (Llama) and vision (CLIP) config dicts of `model.scratch` (the embedded default's
+    shape), shared by the model build and `pipeline plan`."""
     s = run.model.scratch
-    tokenizer = build_word_tokenizer()
-    grid = s.image_size // s.patch_size
     vision = dict(
         model_type="clip_vision_model",
         hidden_size=s.vision_hidden_size,
@@ -307,6 +303,18 @@ def _scratch_parts(run: RunConfig):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    return text, vision
+
+
+def _scratch_parts(run: RunConfig):
+    from transformers import CLIPImageProcessor
+
+    from pipeline.data.tokenizer import build_word_tokenizer
+
+    s = run.model.scratch
+    tokenizer = build_word_tokenizer()
+    grid = s.image_size // s.patch_size
+    text, vision = scratch_configs(run, tokenizer)
     config = AtpLlavaConfig(
         vision_config=vision,
         text_config=text,

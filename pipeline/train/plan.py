@@ -283,26 +283,9 @@ def _from_base(run: RunConfig) -> tuple[dict, dict, str]:
         clip = _read_json(w / "clip" / "config.json")
         return _read_json(w / "llama" / "config.json"), clip.get("vision_config", clip), str(w)
     from pipeline.data.tokenizer import build_word_tokenizer
+    from pipeline.train.build import scratch_configs
 
-    s = run.model.scratch
-    text = dict(
-        model_type="llama",
-        vocab_size=len(build_word_tokenizer()),
-        hidden_size=s.hidden_size,
-        intermediate_size=s.intermediate_size,
-        num_hidden_layers=s.num_layers,
-        num_attention_heads=s.num_heads,
-        num_key_value_heads=s.num_kv_heads,
-        max_position_embeddings=s.max_position_embeddings,
-    )
-    vision = dict(
-        hidden_size=s.vision_hidden_size,
-        intermediate_size=s.vision_intermediate_size,
-        num_hidden_layers=s.vision_layers,
-        num_attention_heads=s.vision_heads,
-        image_size=s.image_size,
-        patch_size=s.patch_size,
-    )
+    text, vision = scratch_configs(run, build_word_tokenizer())
     return text, vision, "model.scratch"
 
 
