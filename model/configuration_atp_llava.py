@@ -30,6 +30,8 @@ FLOAT_FIELDS = (
     "mask_eps",
     "merge_temperature",
     "dual_lr",
+    "marginal_weight",
+    "marginal_span",
 )
 
 
@@ -54,6 +56,10 @@ class AtpLlavaConfig(LlavaConfig):
         "n_bar"  # n_bar: |N_bar - target| (the paper) | per_module: each module to its Table-2-shaped count
     )
     dual_lr: int | float = 1.0  # budget_loss=dual: how fast the per-module token price follows the error
+    # METHOD sec 16: each sample's marginal value of tokens (its loss at two fixed budgets) moves its
+    # count; 0 = off (the paper)
+    marginal_weight: int | float = 0.0
+    marginal_span: int | float = 0.5  # the two budgets: (1 -/+ span) x each module's count
     threshold_hidden: int = 256
     threshold_features: list[str] | tuple[str, ...] = ()  # METHOD sec 14: query | sorted, beside the scores
     fixed_counts: list[int] | tuple[int, ...] | None = None
@@ -113,6 +119,16 @@ class AtpLlavaConfig(LlavaConfig):
             )
         if self.hard_layout not in HARD_LAYOUTS:
             raise ValueError(f"hard_layout={self.hard_layout!r}: expected one of {HARD_LAYOUTS}")
+        if self.marginal_weight < 0 or not 0 < self.marginal_span < 1:
+            raise ValueError(
+                f"marginal_weight={self.marginal_weight}, marginal_span={self.marginal_span}: "
+                "expected a weight >= 0 and a span in (0, 1)"
+            )
+        if self.marginal_weight > 0 and (self.pruning != "atp" or self.budget_loss == "n_bar"):
+            raise ValueError(
+                "marginal_weight > 0 needs pruning='atp' and a per-module schedule (budget_loss per_module "
+                "or dual): the two budgets are that schedule's counts scaled by 1 -/+ marginal_span"
+            )
         if list(layers) != sorted(set(layers)):
             raise ValueError(f"atp_layers={layers}: must be strictly increasing")
         if layers and (layers[0] < 0 or layers[-1] >= n_layers):

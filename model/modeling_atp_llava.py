@@ -324,10 +324,15 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         n_layers = self.config.text_config.num_hidden_layers
         prune_layers = list(points)
         visual_tokens = tokens_per_layer(flow.counts, prune_layers, n_layers)
-        ntp = None
+        ntp = values = None
         if labels is not None:
             ntp = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
-        loss, atp_losses = self._losses(ntp, visual_tokens, [] if pruning is None else pruning.m_sums, has_img)
+            if not hard and self._marginal_on(has_img):
+                batch = dict(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
+                batch.update(position_ids=position_ids, labels=labels, query_mask=query_mask)
+                values = self._marginal_values(batch)
+        m_sums = [] if pruning is None else pruning.m_sums
+        loss, atp_losses = self._losses(ntp, visual_tokens, m_sums, has_img, values)
         if cache is not None:
             seq = flow.seq
             cache.atp_state = {
@@ -524,8 +529,9 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         full.scatter_(1, torch.where(seq.live, seq.orig, L)[..., None].expand_as(logits), logits)
         return full[:, :L].contiguous()
 
-    def _losses(self, ntp, visual_tokens, m_sums, has_img):
-        """L = L_ntp + lambda_ATP L_ATP + lambda_target L_target (METHOD sec 7), over image samples."""
+    def _losses(self, ntp, visual_tokens, m_sums, has_img, values=None):
+        """L = L_ntp + lambda_ATP L_ATP + lambda_target L_target (METHOD sec 7), over image samples;
+        plus marginal_weight L_marginal when given each sample's marginal value of tokens (sec 16)."""
         cfg = self.config
         lv = cfg.num_visual_tokens
         n_img = has_img.sum().clamp_min(1)
@@ -551,9 +557,36 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             logs.update(atp=l_atp.detach(), target=l_target.detach())
             if loss is not None and has_img.any():
                 loss = loss + cfg.lambda_atp * l_atp + cfg.lambda_target * l_target
+            if values is not None and loss is not None:
+                v = values[has_img].float()
+                advantage = (v - v.mean()) / (v.std(unbiased=False) + 1e-6)
+                share = visual_tokens.mean(1)[has_img] / lv  # each sample's N_bar share, through its soft masks
+                l_marginal = -(advantage.to(share.dtype) * share).mean()
+                logs["marginal"] = l_marginal.detach()
+                loss = loss + cfg.marginal_weight * l_marginal
         if loss is not None:
             logs["total"] = loss.detach()
         return loss, logs
+
+    def _marginal_on(self, has_img) -> bool:
+        cfg = self.config
+        return cfg.marginal_weight > 0 and cfg.pruning == "atp" and int(has_img.sum()) > 1
+
+    @torch.no_grad()
+    def _marginal_values(self, batch):
+        """METHOD sec 16: [B] each sample's answer loss at the low budget minus at the high one, both
+        the schedule's counts under the fixed ranking (1 -/+ marginal_span), so a sample's value does
+        not depend on where its own thresholds stand. Two gradient-free forwards (the inner ones run
+        with pruning='fixed', so they neither recurse nor move the dual prices)."""
+        cfg = self.config
+        lv, span = cfg.num_visual_tokens, cfg.marginal_span
+        losses = []
+        for scale in (1 - span, 1 + span):
+            fixed = [min(lv, max(1, round(c * scale))) for c in module_counts(cfg)]
+            with _config_set(cfg, pruning="fixed", fixed_counts=fixed):
+                logits = self.forward(**batch).logits
+            losses.append(per_sample_ntp(logits, batch["labels"]))
+        return losses[0] - losses[1]
 
     @torch.no_grad()
     def _dual_prices(self, kept, counts):
@@ -606,6 +639,28 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if self.training:
             raise RuntimeError("generate() discards tokens for real (METHOD sec 5): call model.eval() first")
         return super().generate(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _config_set(config, **fields):
+    """Set config fields for the duration of a block, restored even if the block raises."""
+    before = {k: getattr(config, k) for k in fields}
+    try:
+        for k, v in fields.items():
+            setattr(config, k, v)
+        yield config
+    finally:
+        for k, v in before.items():
+            setattr(config, k, v)
+
+
+def per_sample_ntp(logits, labels):
+    """[B] mean next-token loss over each sample's supervised tokens (0 where it has none)."""
+    target = labels[:, 1:]
+    ce = nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), target, ignore_index=-100, reduction="none"
+    )  # [B, L-1]
+    return ce.sum(1) / (target != -100).sum(1).clamp_min(1)
 
 
 AutoConfig.register("atp_llava", AtpLlavaConfig, exist_ok=True)

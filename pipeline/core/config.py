@@ -109,6 +109,8 @@ class AtpConfig:
     merge_temperature: float = 20.0
     budget_loss: Literal["n_bar", "per_module", "dual"] = "n_bar"
     dual_lr: float = 1.0
+    marginal_weight: float = 0.0  # METHOD sec 16
+    marginal_span: float = 0.5
     threshold_hidden: int = 256
     threshold_features: list[Literal["query", "sorted"]] = field(default_factory=list)  # METHOD sec 14
     fixed_counts: Optional[list[int]] = None

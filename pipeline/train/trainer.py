@@ -58,7 +58,7 @@ from pipeline.train.ds import build_ds_config, lr_schedule, use_autocast, use_bf
 from pipeline.train.monitor import Monitor
 
 log = logging.getLogger(__name__)
-LOSS_TERMS = ("total", "ntp", "atp", "target")
+LOSS_TERMS = ("total", "ntp", "atp", "target", "marginal")
 REPAIRED = ("truncated", "converted_image")  # counted by the loader, but kept, not skipped
 
 
