@@ -201,7 +201,7 @@ def test_atp_section_mirrors_the_model_config_field_for_field(tmp_path):
 
     from model import configuration_atp_llava as mc
     from pipeline.core.config import AtpConfig, EvalConfig
-    from pipeline.eval.evaluate import ALL_METHODS
+    from pipeline.eval.methods import ALL_METHODS
 
     own = {k for k in mc.AtpLlavaConfig.__annotations__ if not k.startswith("_") and k != "model_type"}
     pipe = {f.name: f for f in dataclasses.fields(AtpConfig)}

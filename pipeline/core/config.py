@@ -24,14 +24,12 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.data.loader import DataConfig
-
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "pipeline" / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 
 # A field whose value is an input path carries this metadata; `check_paths` visits them,
-# and the path fields of schemas owned elsewhere (pipeline.data.loader) listed here.
+# and the path fields that are plain strings (interpolated defaults) are listed here.
 PATH = {"path": True}
 # `${repo:embedded/base}` in a YAML: a path inside this checkout, whatever the working dir
 OmegaConf.register_resolver("repo", lambda rel: str(REPO_ROOT / rel), replace=True)
@@ -47,7 +45,11 @@ class ConfigError(ValueError):
 # holds them to model/configuration_atp_llava.py's tuples.
 Pruning = Literal["none", "atp", "fixed"]
 # the comparison methods of pipeline/eval/evaluate.py: trained ones, then model/baselines.py's POLICIES
+# (pipeline/eval/methods.py, the registry, refuses to import if the two differ)
 Method = Literal["atp", "fixed", "fastv", "prumerge", "prumerge+", "sparsevlm", "visionzip", "uniform", "random"]
+# the stages of pipeline/stages/__init__.py's registry, in their usual order (it refuses to
+# import if the two differ); a closed choice, so a bad name fails at merge with its index named
+StageName = Literal["shards", "base", "projector", "sft", "export", "variants", "eval"]
 
 
 @dataclass
@@ -67,6 +69,22 @@ class ScratchModelConfig:
     num_kv_heads: int = 4
     intermediate_size: int = 384
     max_position_embeddings: int = 1024
+
+
+@dataclass
+class DataConfig:
+    """The loader's settings (pipeline/data/loader.py); `batch_size` is the per-rank micro-batch."""
+
+    shards: str = "data/synthetic/train"  # brace pattern ("dir/train-{000000..000009}.tar") or a folder
+    batch_size: int = 16
+    num_workers: int = 2
+    shuffle_buffer: int = 500  # samples; <= 1 disables shuffling
+    resampled: bool = True  # shards with replacement: equal steps on every rank
+    max_length: int = 512
+    seed: int = 0
+    overlong: Literal["truncate", "drop"] = "truncate"  # truncate: never inside image tokens
+    epoch_samples: int = 0  # resampled: samples per epoch over all ranks; 0 = dataset size (sizes.json)
+    max_consecutive_bad: int = 100  # bad samples in a row (per rank and worker) before TooManyBadSamples
 
 
 @dataclass
@@ -233,7 +251,7 @@ class RunConfig:
     # holds the result with `presets` empty; `preset` then only names what was applied.
     preset: Optional[str] = None
     presets: dict[str, Any] = field(default_factory=dict)
-    stages: list[str] = field(default_factory=lambda: ["projector", "sft", "export"])
+    stages: list[StageName] = field(default_factory=lambda: ["projector", "sft", "export"])
     model: ModelConfig = field(default_factory=ModelConfig)
     atp: AtpConfig = field(default_factory=AtpConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -336,11 +354,9 @@ def save_config(run: RunConfig, path: str | os.PathLike) -> None:
 
 
 def check(run: RunConfig, files: bool = True) -> None:
-    """What OmegaConf's types cannot express: stage names, required and existing paths, value
-    ranges, and the ATP settings against the model's size where its config files tell it."""
-    from pipeline.stages import check_names  # the stage registry's own check; a plain dict, cheap
-
-    check_names(run.stages)
+    """What OmegaConf's types cannot express: required and existing paths (`files=False`: not
+    checked), value ranges, and the ATP settings against the model's size where its config
+    files tell it."""
     for name in SOURCE_NEEDS[run.model.source]:
         if get(run, f"model.{name}") is None:
             raise ConfigError(f"config error at 'model.{name}': required when model.source={run.model.source!r}")

@@ -5,14 +5,22 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from model.baselines import POLICIES
-from pipeline.stages.variants import SFT_REFERENCE
+from pipeline.eval.methods import POLICIES, SFT_REFERENCE
+from pipeline.eval.samples import Sample
 
-if TYPE_CHECKING:
-    from pipeline.eval.evaluate import Result, Sample
+
+@dataclass
+class Result:
+    """One method's measurements on the samples, before they become a report record."""
+
+    correct: list[bool]
+    tokens: dict  # family -> TokenStats summary; "all" -> overall
+    text_len: float
+    timing: dict = field(default_factory=dict)
+    diagnostics: dict = field(default_factory=dict)  # pipeline/eval/diagnostics.py
 
 
 def record(
