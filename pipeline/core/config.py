@@ -6,7 +6,8 @@ unknown key or a wrong type fails at once with the full key in the message, and 
 that every input path exists before anything slow is imported. Paths under `run_dir`
 are stage outputs and are checked by the stage that reads them.
 
-Kept light on purpose (omegaconf + the data schema only): `python -m pipeline` must be
+Kept light on purpose (omegaconf, yaml and the model's stdlib-only ATP value rules,
+model/atp_values.py; no torch, held by tests/test_layout.py): `python -m pipeline` must be
 able to reject a bad config in well under 5 s, before torch, DeepSpeed or a model load.
 """
 
@@ -23,6 +24,9 @@ from typing import Any, Literal, Optional
 import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from model.atp_values import AtpValueError
+from model.atp_values import check as check_atp_values
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "pipeline" / "configs"
@@ -389,34 +393,18 @@ def check_values(run: RunConfig) -> None:
     names = [round(b * 100) for b in run.eval.budgets]  # pipeline/stages/variants.py's variant names
     if len(set(names)) < len(names):
         raise ConfigError(f"config error at 'eval.budgets': {run.eval.budgets} give the same percent twice")
-    a = run.atp
-    if a.pruning == "fixed" and (a.fixed_counts is None or len(a.fixed_counts) != len(a.atp_layers)):
-        raise ConfigError(
-            f"config error at 'atp.fixed_counts': pruning=fixed needs one count per layer of {a.atp_layers}"
-        )
     check_model(run, *model_size(run))
 
 
 def check_model(run: RunConfig, num_layers: int | None, num_visual_tokens: int | None) -> None:
-    """The ATP settings against the model's size (None: not known yet). `check` calls it when the
-    model's config files tell the size; pipeline.train.build again once the model config exists."""
+    """The ATP settings against the model's size (None: not known yet), by the model's own rules
+    (model/atp_values.py, stdlib only). `check` calls it when the model's config files tell the
+    size; pipeline.train.build again once the model config exists."""
     a = run.atp
-    if list(a.atp_layers) != sorted(set(a.atp_layers)):
-        raise ConfigError(f"config error at 'atp.atp_layers': {a.atp_layers} must be strictly increasing")
-    # 0 is legal: a point before layer 0 scores with layer 0's own q/k (docs/METHOD.md sec 10)
-    if a.atp_layers and a.atp_layers[0] < 0:
-        raise ConfigError(f"config error at 'atp.atp_layers': {a.atp_layers}: an index is below 0")
-    if num_layers is not None and a.atp_layers and a.atp_layers[-1] >= num_layers:
-        raise ConfigError(
-            f"config error at 'atp.atp_layers': {a.atp_layers}: each index must be in [0, {num_layers - 1}] "
-            f"(the LM has {num_layers} layers)"
-        )
-    lv = num_visual_tokens
-    if not a.target_tokens > 0 or (lv is not None and a.target_tokens > lv):
-        raise ConfigError(
-            f"config error at 'atp.target_tokens': {a.target_tokens} must be in (0, Lv]"
-            + (f" (Lv = {lv} visual tokens)" if lv is not None else "")
-        )
+    try:
+        check_atp_values(a.atp_layers, num_layers, a.pruning, a.fixed_counts, a.target_tokens, num_visual_tokens)
+    except AtpValueError as e:
+        raise ConfigError(f"config error at 'atp.{e.field}': {e}") from None
 
 
 def model_size(run: RunConfig) -> tuple[int | None, int | None]:
