@@ -1,6 +1,7 @@
 """Compare two pipeline output folders record by record: every report.json under them (records and
 summary, all fields but timings and the environment) and every metrics.jsonl (every scalar but
-perf/*). Exit 1 on a difference. Used to hold a refactor to "behaviour unchanged":
+the measured ones: perf/* times, mem/* peak memory). Exit 1 on a difference. Used to hold a
+refactor to "behaviour unchanged":
 
     python scripts/compare_runs.py OUT_BEFORE OUT_AFTER
 """
@@ -12,6 +13,7 @@ from pathlib import Path
 # measured in the process, or describing it: differ between any two runs
 VOLATILE = ("eval_seconds", "device", "date", "models", "title", "torch_threads")
 TIMED = ("prefill", "decode", "timing", "_ms")
+MEASURED = ("perf/", "mem/")  # metrics.jsonl: times and peak memory of this process
 
 
 def stable(x):
@@ -54,13 +56,13 @@ def compare_metrics(a: Path, b: Path) -> int:
     for rel in files(a, "metrics.jsonl"):
         ca, cb = (
             [
-                {k: v for k, v in json.loads(line).items() if not k.startswith("perf/")}
+                {k: v for k, v in json.loads(line).items() if not k.startswith(MEASURED)}
                 for line in (d / rel).read_text().splitlines()
             ]
             for d in (a, b)
         )
         n = sum(x != y for x, y in zip(ca, cb)) + abs(len(ca) - len(cb))
-        print(f"{rel}: {len(ca)} lines, {n} differ (every scalar but perf/*)")
+        print(f"{rel}: {len(ca)} lines, {n} differ (every scalar but perf/*, mem/*)")
         bad += n
     return bad
 
