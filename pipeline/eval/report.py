@@ -8,7 +8,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.eval.methods import POLICIES, SFT_REFERENCE
+from pipeline.eval.methods import POLICIES, SFT_REFERENCE, UNPRUNED
 from pipeline.eval.samples import Sample
 
 
@@ -125,7 +125,7 @@ def write_report(out: Path, records: list[dict], meta: dict, overlays: list | No
 
 def summary(records: list[dict]) -> dict:
     """The method's goals, computed from the records (reported whether met or not)."""
-    ref = next((r for r in records if r["method"] == "unpruned"), None)
+    ref = next((r for r in records if r["method"] == UNPRUNED), None)
     by = {(r["method"], r["budget"]): r for r in records}
     budgets = sorted({r["budget"] for r in records if r["budget"] is not None}, reverse=True)
     sft = next((r for r in records if r["method"] == SFT_REFERENCE), None)

@@ -183,7 +183,9 @@ def base_goals(records: list[dict], prior: dict) -> dict:
     """The embedded base's bar: unpruned coarse >= 0.95 and fine >= 0.85, every
     question type above its no-image prior, and random pruning at the smallest budget losing
     >= 10 points on fine and less on coarse (else the benchmark does not discriminate)."""
-    ref = next((r for r in records if r["method"] == "unpruned"), None)
+    from pipeline.eval.methods import UNPRUNED
+
+    ref = next((r for r in records if r["method"] == UNPRUNED), None)
     if ref is None:
         return {}
     fam, qt = ref["accuracy_by_family"], ref["accuracy_by_qtype"]
