@@ -34,13 +34,13 @@ from transformers import AutoConfig, AutoModelForImageTextToText, LlavaForCondit
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from transformers.utils import ModelOutput
 
-from .atp_module import AtpModule
+from .atp_module import AtpModule, hard_keep
 from .attention import ATTN_IMPLEMENTATION, ScoreRequest
 from .budget import group_spans, keep_share_per_module, module_counts, tokens_per_layer
 from .configuration_atp_llava import AtpLlavaConfig
 from .kernels import KeyMask, check_requested
 from .packed import DecodeCache, PackedKeys, Packing, decode_groups
-from .pruning import AtpPruning, PolicyPruning
+from .pruning import AtpPruning, PolicyPruning, timed
 from .scores import minmax, spatial_scores
 
 # transformers 5.24 renamed `past_key_values` to `cache` (forward keyword and model outputs) and
@@ -117,6 +117,7 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         self._spatial = None  # S_spatial, fixed per image size; built on first use (not a buffer:
         # a non-persistent buffer is left uninitialised when transformers loads on the meta device)
         self.pruning_policy = None  # a training-free baseline (baselines.py); eval mode only, not in config
+        self.pruning_clock = None  # a pruning.PruningClock: the pruning work's wall time (benchmarks)
         self.post_init()
 
     # -- construction -------------------------------------------------------------
@@ -455,6 +456,7 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         present = torch.zeros(B, lv + 1, dtype=torch.bool, device=idx.device).scatter_(1, slot, seq.live)
         return vis_index, present[:, :lv]
 
+    @timed
     def _score_request(self, flow, compute=None):
         seq, C, qmask = flow.seq, flow.C, flow.qmask
         vis_index, present = self._visual_slots(seq, C.shape[1])
@@ -462,8 +464,16 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         # the query rows first; their count was read once (`_embed`), not at every pruning point
         order = torch.sort((~qmask).to(torch.int8), dim=1, stable=True).indices[:, : flow.n_query]
         q_valid = qmask.gather(1, order)
-        return ScoreRequest(vis_index=vis_index, vis_weight=weight, q_index=order, q_valid=q_valid, compute=compute)
+        return ScoreRequest(
+            vis_index=vis_index,
+            vis_weight=weight,
+            q_index=order,
+            q_valid=q_valid,
+            compute=compute,
+            clock=self.pruning_clock,
+        )
 
+    @timed
     def _atp_step(self, k, scores, C, has_img, override, hard, query=None):
         """Masks of module k at the original Lv positions, its thresholds [B, 2] and, on the hard ATP
         path, which branch kept each token ([B, Lv] int8: 1 redundancy only, 2 spatial only, 3 both;
@@ -483,13 +493,14 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             rank = torch.where(live, s_red, -1.0).argsort(-1, descending=True).argsort(-1)
             return ((rank < cfg.fixed_counts[k]) & live).to(C.dtype), theta, None
         if hard:
-            red, spa = (s_red > theta_r[:, None]) & live, (s_spa > theta_s[:, None]) & live
+            red, spa = hard_keep(s_red, s_spa, theta_r[:, None], theta_s[:, None], live)
             return (red | spa).to(C.dtype), theta, (red.to(torch.int8) + 2 * spa.to(torch.int8))
         T = cfg.mask_temperature
         m_r = torch.sigmoid((s_red - theta_r[:, None].to(s_red.dtype)) * T)
         m_s = torch.sigmoid((s_spa - theta_s[:, None].to(s_spa.dtype)) * T)
         return torch.maximum(m_r, m_s).to(C.dtype) * has_img[:, None], theta, None
 
+    @timed
     def _gather(self, flow, keep):
         """Hard pruning: keep text and kept visual tokens, in order, right-aligned (left padding) in
         seq's layout; the packed path packs that layout's live tokens. The one host read: the new
