@@ -13,7 +13,8 @@ import collections
 
 import torch
 
-from pipeline.data.loader import DataConfig, build_loader
+from pipeline.core.config import DataConfig
+from pipeline.data.loader import build_loader
 from pipeline.eval.evaluate import load_model
 
 
