@@ -4,7 +4,7 @@ sequences, 16 layers, ATP at three points, gradient checkpointing over the soft 
 The default suite checks the pieces: checkpointing leaves the gradients of a soft-mask forward
 unchanged and drops its saved activations, and one forward + backward at the full shape gives a
 finite loss whose gradient reaches every ATP module. The run itself (2-process ZeRO-3, 200
-steps, about an hour on a free 2-core CPU) is `-m slow`; docs/RESULTS.md has its numbers."""
+steps, 1.5 h or more on a 2-core CPU) is `-m slow`; docs/RESULTS.md has its numbers."""
 
 from __future__ import annotations
 
