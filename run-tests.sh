@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up .venv from nothing (first run only) and runs the default test suite.
-# Extra arguments go to pytest, e.g. `./run-tests.sh -m "not slurm"` or `./run-tests.sh tests/test_model.py`.
+# Extra arguments go to pytest, e.g. `./run-tests.sh -m slow` or `./run-tests.sh tests/test_model.py`.
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/setup-env.sh

@@ -20,4 +20,4 @@ grep -iE '^(torch|transformers|huggingface.hub|deepspeed|accelerate|tokenizers|s
   "$venv/versions.txt" || true
 export DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false
 # fast tests: the default suite without the local SLURM cluster
-"$venv/bin/python" -m pytest tests -q -m "not slurm" "$@"
+"$venv/bin/python" -m pytest tests -q -m "not slow and not slurm" "$@"
