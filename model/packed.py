@@ -77,9 +77,10 @@ class PackedKeys:
     def prefill(cls, packing, dtype):
         return cls(packing.cu, packing.cu, packing.lens, packing.lens, packing, dtype)
 
-    def score_bias(self):
-        """The padded layout's dense bias, for the block-wise scores of the layer before a pruning point."""
-        return dense_bias(self.packing.live, None, self.dtype)
+    def score_bias(self, rows):
+        """The padded layout's bias on the query rows `rows` [B, Q], for the block-wise scores of the
+        layer before a pruning point."""
+        return dense_bias(self.packing.live, None, self.dtype, rows=rows)
 
     def padded(self, x):
         """[1, heads, N, d] -> [B, heads, L, d] in the padded layout (zeros where not live)."""
