@@ -125,7 +125,7 @@ def varlen_attention(q, k, v, keys, scaling, dropout=0.0):
                 v[:, :, sk : sk + lk],
                 attn_mask=mask,
                 dropout_p=dropout,
-                is_causal=mask is None and lq == lk and lq > 1,
+                is_causal=bool(mask is None and lq == lk and lq > 1),  # a plain bool under torch.compile too
                 scale=scaling,
                 enable_gqa=H != Hkv,
             )
