@@ -318,7 +318,6 @@ def bench_batch(m, args, batch, meths, clock):
     return {
         "batch": batch,
         "rows": rows,
-        "compiled": bench_compiled(m, inputs, meths, args) if args.compile else None,
         "packed_over_padded": pv,
         "atp_share_of_prefill_time": statistics.median(shares) if shares else None,
         "forward_ops_syncs": op_counts(m, inputs, meths),
@@ -454,6 +453,8 @@ def bench_model(args):
     finally:
         for o, n, fn in saved:
             setattr(o, n, fn)
+    for res in batches:  # without the clock's wrappers: a timer inside a compiled layer would break its graph
+        res["compiled"] = bench_compiled(m, prompts(args, res["batch"]), meths, args) if args.compile else None
     print(
         f"\n{args.layers} layers x {args.hidden}, {lv} visual + {args.text} text tokens, {args.dtype}, "
         f"{torch.get_num_threads()} threads, {args.repeats} repeats after {args.warmup} warm-up, interleaved"
