@@ -113,7 +113,7 @@ def varlen_attention(q, k, v, keys, scaling, dropout=0.0):
             )
             return out[None]
     outs, sq, sk = [], 0, 0
-    # is_causal from a config flag, not from the lengths: under torch.compile(dynamic=True) they are
+    # is_causal from a flag of the keys, not from the lengths: under torch.compile(dynamic=True) they are
     # symbolic and SDPA takes no symbolic bool
     for lq, lk in zip(keys.lens_q, keys.lens_k):
         mask = None
