@@ -51,3 +51,12 @@ class AtpModule(nn.Module):
             h = h + self.query(query.to(dtype))
         z = self.act(h)
         return torch.sigmoid(self.head_r(z)).squeeze(-1), torch.sigmoid(self.head_s(z)).squeeze(-1)
+
+
+def hard_keep(s_red, s_spa, theta_r, theta_s, live):
+    """The hard (inference) keep rule, METHOD sec 5: a live token stays when its redundancy score
+    exceeds theta_r or its spatial score exceeds theta_s. Scores and `live` [B, Lv]; thresholds
+    broadcast against them ([B, 1], or a number). Returns the two branches [B, Lv] bool; the kept
+    tokens are `red | spa`. The decoder loop (`_atp_step`) and the threshold calibration
+    (calibration.py) both prune by it."""
+    return (s_red > theta_r) & live, (s_spa > theta_s) & live

@@ -13,6 +13,7 @@ and the q/k are already rotated here.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ class ScoreRequest:
     # what to compute from the layer's q/k (same arguments as `scores.redundancy_scores`, the default);
     # training-free baselines ask for `scores.visual_attention` instead
     compute: Callable | None = None
+    clock: object | None = None  # the model's `pruning.PruningClock`, if any: the scores' time goes there
 
 
 def atp_attention(
@@ -45,30 +47,8 @@ def atp_attention(
 ):
     kernel = "sdpa" if atp_keys is None else atp_keys.kernel
     if atp_scores is not None:
-        rows = atp_scores.q_index
-        if atp_keys is not None:  # the mask of the query rows alone: built for them off the SDPA path
-            bias = atp_keys.score_bias(rows)
-        else:
-            bias = attention_mask.expand(rows.shape[0], 1, -1, -1)
-            bias = bias.gather(2, rows[:, None, :, None].expand(-1, 1, -1, bias.shape[-1]))
-        compute = atp_scores.compute if atp_scores.compute is not None else redundancy_scores
-        # the score blocks index the padded layout: the packed path lays its q/k/v out that way for them
-        # (value only for a compute that may read it: the default's S_self does not)
-        sq, sk, sv = query, key, value
-        if kernel == "varlen":
-            sq, sk = atp_keys.padded(query), atp_keys.padded(key)
-            sv = None if atp_scores.compute is None else atp_keys.padded(value)
-        atp_scores.result = compute(
-            sq,
-            sk,
-            bias,
-            scaling,
-            atp_scores.vis_index,
-            atp_scores.vis_weight,
-            atp_scores.q_index,
-            atp_scores.q_valid,
-            value=sv,
-        )
+        with atp_scores.clock.measure() if atp_scores.clock is not None else contextlib.nullcontext():
+            _scores(atp_scores, kernel, query, key, value, attention_mask, atp_keys, scaling)
     if kernel == "varlen":
         return packed.varlen_attention(query, key, value, atp_keys, scaling, dropout), None
     if kernel == "flash":
@@ -80,6 +60,34 @@ def atp_attention(
     if attention_mask is None and atp_keys is not None:  # flex asked for dropout: the reference, with gradient
         attention_mask = kernels.dense_bias(atp_keys.live, atp_keys.log_m, atp_keys.dtype, atp_keys.q_len)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def _scores(atp_scores, kernel, query, key, value, attention_mask, atp_keys, scaling):
+    """Fill `atp_scores.result` from this layer's q/k (and v, for a compute that reads it)."""
+    rows = atp_scores.q_index
+    if atp_keys is not None:  # the mask of the query rows alone: built for them off the SDPA path
+        bias = atp_keys.score_bias(rows)
+    else:
+        bias = attention_mask.expand(rows.shape[0], 1, -1, -1)
+        bias = bias.gather(2, rows[:, None, :, None].expand(-1, 1, -1, bias.shape[-1]))
+    compute = atp_scores.compute if atp_scores.compute is not None else redundancy_scores
+    # the score blocks index the padded layout: the packed path lays its q/k/v out that way for them
+    # (value only for a compute that may read it: the default's S_self does not)
+    sq, sk, sv = query, key, value
+    if kernel == "varlen":
+        sq, sk = atp_keys.padded(query), atp_keys.padded(key)
+        sv = None if atp_scores.compute is None else atp_keys.padded(value)
+    atp_scores.result = compute(
+        sq,
+        sk,
+        bias,
+        scaling,
+        atp_scores.vis_index,
+        atp_scores.vis_weight,
+        atp_scores.q_index,
+        atp_scores.q_valid,
+        value=sv,
+    )
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, atp_attention)

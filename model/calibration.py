@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from .atp_module import hard_keep
 from .budget import keep_share_per_module, module_counts
 
 
@@ -47,7 +48,7 @@ def calibrate_thresholds(model, **inputs) -> list[float]:
         if not rows.any():
             state["theta"].append(None)
             return output
-        spatial = (s_spa > theta_s[:, None]) & live
+        spatial = hard_keep(s_red, s_spa, theta_r[:, None], theta_s[:, None], live)[1]  # theta_s's branch: fixed here
         live_n = live.sum(-1).float()
         want = (q * live_n).round() if counts is None else live_n.clamp_max(counts[len(state["theta"])])
         need = (want - spatial.sum(-1)).clamp_min(0).long()
@@ -60,7 +61,8 @@ def calibrate_thresholds(model, **inputs) -> list[float]:
         theta = float(per_row[rows].median().clamp(1e-3, 1 - 1e-3))
         state["theta"].append(theta)
         new_r = torch.full_like(theta_r, theta)
-        state["live"] = live & ((s_red > theta) | spatial)
+        red, spatial = hard_keep(s_red, s_spa, theta, theta_s[:, None], live)  # what the model will keep
+        state["live"] = red | spatial
         return new_r, theta_s
 
     was_training = model.training

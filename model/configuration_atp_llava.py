@@ -2,11 +2,14 @@
 
 Every choice the paper leaves open is a field here with METHOD's default, so training,
 inference and export read one object. This file is copied into exported checkpoints
-(trust_remote_code), so it imports only transformers.
+(trust_remote_code), so it imports only transformers (and huggingface_hub's strict dataclass,
+which transformers' configs use) and atp_values.py beside it.
 """
 
 from huggingface_hub.dataclasses import strict
 from transformers import LlavaConfig
+
+from .atp_values import check as check_atp_values
 
 PRUNING_MODES = ("none", "atp", "fixed")
 POSITION_MODES = ("preserve", "rope2d")
@@ -30,6 +33,8 @@ FLOAT_FIELDS = (
     "mask_eps",
     "merge_temperature",
     "dual_lr",
+    "marginal_weight",
+    "marginal_span",
 )
 
 
@@ -54,6 +59,10 @@ class AtpLlavaConfig(LlavaConfig):
         "n_bar"  # n_bar: |N_bar - target| (the paper) | per_module: each module to its Table-2-shaped count
     )
     dual_lr: int | float = 1.0  # budget_loss=dual: how fast the per-module token price follows the error
+    # METHOD sec 16: each sample's marginal value of tokens (its loss at two fixed budgets) moves its
+    # count; 0 = off (the paper)
+    marginal_weight: int | float = 0.0
+    marginal_span: int | float = 0.5  # the two budgets: (1 -/+ span) x each module's count
     threshold_hidden: int = 256
     threshold_features: list[str] | tuple[str, ...] = ()  # METHOD sec 14: query | sorted, beside the scores
     fixed_counts: list[int] | tuple[int, ...] | None = None
@@ -113,19 +122,15 @@ class AtpLlavaConfig(LlavaConfig):
             )
         if self.hard_layout not in HARD_LAYOUTS:
             raise ValueError(f"hard_layout={self.hard_layout!r}: expected one of {HARD_LAYOUTS}")
-        if list(layers) != sorted(set(layers)):
-            raise ValueError(f"atp_layers={layers}: must be strictly increasing")
-        if layers and (layers[0] < 0 or layers[-1] >= n_layers):
-            raise ValueError(
-                f"atp_layers={layers}: each index must be in [0, {n_layers - 1}] (a module before layer i "
-                f"uses the attention of layer i-1, before layer 0 layer 0's own q/k on the input embeddings; "
-                f"the LM has {n_layers} layers)"
-            )
-        if self.pruning == "fixed":
-            if self.fixed_counts is None or len(self.fixed_counts) != len(layers):
-                raise ValueError(
-                    f"fixed_counts={self.fixed_counts}: pruning='fixed' needs one count per ATP layer {layers}"
-                )
+        check_atp_values(  # the rules shared with the pipeline
+            layers,
+            n_layers,
+            self.pruning,
+            self.fixed_counts,
+            budget_loss=self.budget_loss,
+            marginal_weight=self.marginal_weight,
+            marginal_span=self.marginal_span,
+        )
         if self.vision_feature_select_strategy == "full" and self.position_mode == "rope2d":
             raise ValueError(
                 "position_mode='rope2d' needs a square token grid (vision_feature_select_strategy='default')"

@@ -34,13 +34,13 @@ from transformers import AutoConfig, AutoModelForImageTextToText, LlavaForCondit
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from transformers.utils import ModelOutput
 
-from .atp_module import AtpModule
+from .atp_module import AtpModule, hard_keep
 from .attention import ATTN_IMPLEMENTATION, ScoreRequest
 from .budget import group_spans, keep_share_per_module, module_counts, tokens_per_layer
 from .configuration_atp_llava import AtpLlavaConfig
 from .kernels import KeyMask, check_requested
 from .packed import DecodeCache, PackedKeys, Packing, decode_groups
-from .pruning import AtpPruning, PolicyPruning
+from .pruning import AtpPruning, PolicyPruning, timed
 from .scores import minmax, spatial_scores
 
 # transformers 5.24 renamed `past_key_values` to `cache` (forward keyword and model outputs) and
@@ -117,6 +117,7 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         self._spatial = None  # S_spatial, fixed per image size; built on first use (not a buffer:
         # a non-persistent buffer is left uninitialised when transformers loads on the meta device)
         self.pruning_policy = None  # a training-free baseline (baselines.py); eval mode only, not in config
+        self.pruning_clock = None  # a pruning.PruningClock: the pruning work's wall time (benchmarks)
         self._compiled_layers = None  # the decoder layers under torch.compile (`compile_layers`), made once
         self._layer_calls = None  # what the decoder loop calls: the compiled layers, or None for the layers
         self.post_init()
@@ -342,10 +343,15 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         n_layers = self.config.text_config.num_hidden_layers
         prune_layers = list(points)
         visual_tokens = tokens_per_layer(flow.counts, prune_layers, n_layers)
-        ntp = None
+        ntp = values = None
         if labels is not None:
             ntp = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
-        loss, atp_losses = self._losses(ntp, visual_tokens, [] if pruning is None else pruning.m_sums, has_img)
+            if not hard and self._marginal_on(has_img):
+                batch = dict(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
+                batch.update(position_ids=position_ids, labels=labels, query_mask=query_mask)
+                values = self._marginal_values(batch)
+        m_sums = [] if pruning is None else pruning.m_sums
+        loss, atp_losses = self._losses(ntp, visual_tokens, m_sums, has_img, values)
         if cache is not None:
             seq = flow.seq
             cache.atp_state = {
@@ -468,6 +474,7 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         present = torch.zeros(B, lv + 1, dtype=torch.bool, device=idx.device).scatter_(1, slot, seq.live)
         return vis_index, present[:, :lv]
 
+    @timed
     def _score_request(self, flow, compute=None):
         seq, C, qmask = flow.seq, flow.C, flow.qmask
         vis_index, present = self._visual_slots(seq, C.shape[1])
@@ -475,8 +482,16 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         # the query rows first; their count was read once (`_embed`), not at every pruning point
         order = torch.sort((~qmask).to(torch.int8), dim=1, stable=True).indices[:, : flow.n_query]
         q_valid = qmask.gather(1, order)
-        return ScoreRequest(vis_index=vis_index, vis_weight=weight, q_index=order, q_valid=q_valid, compute=compute)
+        return ScoreRequest(
+            vis_index=vis_index,
+            vis_weight=weight,
+            q_index=order,
+            q_valid=q_valid,
+            compute=compute,
+            clock=self.pruning_clock,
+        )
 
+    @timed
     def _atp_step(self, k, scores, C, has_img, override, hard, query=None):
         """Masks of module k at the original Lv positions, its thresholds [B, 2] and, on the hard ATP
         path, whether each token is above each threshold ([B, Lv, 2] bool, redundancy and spatial; the
@@ -496,14 +511,15 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if cfg.pruning == "fixed":
             rank = torch.where(live, s_red, -1.0).argsort(-1, descending=True).argsort(-1)
             return ((rank < cfg.fixed_counts[k]) & live).to(C.dtype), theta, None
-        if hard:  # both scores are 0 off the live tokens and the thresholds > 0: no `& live`
-            above = torch.stack([s_red, s_spa], -1) > theta[:, None, :]
-            return above.any(-1).to(C.dtype), theta, above
+        if hard:  # METHOD sec 5's rule (atp_module.hard_keep); the branches for the diagnostics
+            red, spa = hard_keep(s_red, s_spa, theta_r[:, None], theta_s[:, None], live)
+            return (red | spa).to(C.dtype), theta, torch.stack([red, spa], -1)
         T = cfg.mask_temperature
         m_r = torch.sigmoid((s_red - theta_r[:, None].to(s_red.dtype)) * T)
         m_s = torch.sigmoid((s_spa - theta_s[:, None].to(s_spa.dtype)) * T)
         return torch.maximum(m_r, m_s).to(C.dtype) * has_img[:, None], theta, None
 
+    @timed
     def _gather(self, flow, keep):
         """Hard pruning: keep text and kept visual tokens, in order, right-aligned (left padding) in
         seq's layout; the packed path packs that layout's live tokens. The one host read: the new
@@ -543,8 +559,9 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         full.scatter_(1, torch.where(seq.live, seq.orig, L)[..., None].expand_as(logits), logits)
         return full[:, :L].contiguous()
 
-    def _losses(self, ntp, visual_tokens, m_sums, has_img):
-        """L = L_ntp + lambda_ATP L_ATP + lambda_target L_target (METHOD sec 7), over image samples."""
+    def _losses(self, ntp, visual_tokens, m_sums, has_img, values=None):
+        """L = L_ntp + lambda_ATP L_ATP + lambda_target L_target (METHOD sec 7), over image samples;
+        plus marginal_weight L_marginal when given each sample's marginal value of tokens (sec 16)."""
         cfg = self.config
         lv = cfg.num_visual_tokens
         n_img = has_img.sum().clamp_min(1)
@@ -570,9 +587,36 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             logs.update(atp=l_atp.detach(), target=l_target.detach())
             if loss is not None and has_img.any():
                 loss = loss + cfg.lambda_atp * l_atp + cfg.lambda_target * l_target
+            if values is not None and loss is not None:
+                v = values[has_img].float()
+                advantage = (v - v.mean()) / (v.std(unbiased=False) + 1e-6)
+                share = visual_tokens.mean(1)[has_img] / lv  # each sample's N_bar share, through its soft masks
+                l_marginal = -(advantage.to(share.dtype) * share).mean()
+                logs["marginal"] = l_marginal.detach()
+                loss = loss + cfg.marginal_weight * l_marginal
         if loss is not None:
             logs["total"] = loss.detach()
         return loss, logs
+
+    def _marginal_on(self, has_img) -> bool:
+        cfg = self.config
+        return cfg.marginal_weight > 0 and cfg.pruning == "atp" and int(has_img.sum()) > 1
+
+    @torch.no_grad()
+    def _marginal_values(self, batch):
+        """METHOD sec 16: [B] each sample's answer loss at the low budget minus at the high one, both
+        the schedule's counts under the fixed ranking (1 -/+ marginal_span), so a sample's value does
+        not depend on where its own thresholds stand. Two gradient-free forwards (the inner ones run
+        with pruning='fixed', so they neither recurse nor move the dual prices)."""
+        cfg = self.config
+        lv, span = cfg.num_visual_tokens, cfg.marginal_span
+        losses = []
+        for scale in (1 - span, 1 + span):
+            fixed = [min(lv, max(1, round(c * scale))) for c in module_counts(cfg)]
+            with _config_set(cfg, pruning="fixed", fixed_counts=fixed):
+                logits = self.forward(**batch).logits
+            losses.append(per_sample_ntp(logits, batch["labels"]))
+        return losses[0] - losses[1]
 
     @torch.no_grad()
     def _dual_prices(self, kept, counts):
@@ -625,6 +669,28 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if self.training:
             raise RuntimeError("generate() discards tokens for real (METHOD sec 5): call model.eval() first")
         return super().generate(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _config_set(config, **fields):
+    """Set config fields for the duration of a block, restored even if the block raises."""
+    before = {k: getattr(config, k) for k in fields}
+    try:
+        for k, v in fields.items():
+            setattr(config, k, v)
+        yield config
+    finally:
+        for k, v in before.items():
+            setattr(config, k, v)
+
+
+def per_sample_ntp(logits, labels):
+    """[B] mean next-token loss over each sample's supervised tokens (0 where it has none)."""
+    target = labels[:, 1:]
+    ce = nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), target, ignore_index=-100, reduction="none"
+    )  # [B, L-1]
+    return ce.sum(1) / (target != -100).sum(1).clamp_min(1)
 
 
 AutoConfig.register("atp_llava", AtpLlavaConfig, exist_ok=True)

@@ -14,17 +14,55 @@ A pruning point i sits before decoder layer i (0 = before the first layer). A pr
 What follows a pruning point (C, counts, the gather, keys, rope, KV groups) is the loop's, in one
 place (`AtpLlavaForConditionalGeneration._prune`), whoever selected the tokens.
 
+`PruningClock`: the model's measurement point for that work (`model.pruning_clock`), so a
+benchmark reads the pruning share of a forward without wrapping the model's methods.
+
 This file is copied into exported checkpoints (trust_remote_code): relative imports only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import time
 from dataclasses import dataclass
 
 import torch
 
 from .scores import redundancy_scores
+
+
+class PruningClock:
+    """Host wall time of a forward's pruning work, in `seconds`: the score request, the scores
+    the layer before a pruning point computes in its attention, the thresholds and masks
+    (`_atp_step`) and the gather. Set `model.pruning_clock = PruningClock()` (None: nothing is
+    measured); pipeline/eval/bench.py reports it as the ATP share of a prefill. On CUDA it counts
+    launch time, not kernel time, unless the caller synchronises."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    @contextlib.contextmanager
+    def measure(self):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - t
+
+
+def timed(method):
+    """A model method whose wall time goes into `self.pruning_clock` when one is set."""
+
+    @functools.wraps(method)
+    def inner(self, *args, **kwargs):
+        clock = self.pruning_clock
+        if clock is None:
+            return method(self, *args, **kwargs)
+        with clock.measure():
+            return method(self, *args, **kwargs)
+
+    return inner
 
 
 @dataclass

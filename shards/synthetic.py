@@ -102,6 +102,9 @@ class Options:
     fine_share: float = 0.5
     qtypes: tuple = tuple(DEFAULT_QTYPES)
     noise: float = 0.0  # per-pixel noise std; colour jitter per shape already varies colours
+    # words of context before the first question: long sequences (LLaVA-1.5's 2048) for shape
+    # and throughput runs; drawn from the benchmark's own words, so the word tokenizer knows them
+    context_words: int = 0
 
 
 # ---------------------------------------------------------------- scene
@@ -304,7 +307,7 @@ def make_sample(index: int, split: str, seed: int, opt: Options, planner: Planne
             question, answer = ask(alt, scene, rng, planner, asked, opt.grid)
         asked.add(question)
         conversations += [
-            {"from": "human", "value": ("<image>\n" if t == 0 else "") + question},
+            {"from": "human", "value": ("<image>\n" + _context(split, seed, index, opt) if t == 0 else "") + question},
             {"from": "gpt", "value": answer},
         ]
         questions.append(dict(family=FAMILY_OF[qtype], qtype=qtype, answer=answer))
@@ -316,6 +319,16 @@ def make_sample(index: int, split: str, seed: int, opt: Options, planner: Planne
         "png": render_scene(scene, opt, rng, np_rng),
         "json": json.dumps(meta, sort_keys=True).encode(),
     }
+
+
+def _context(split: str, seed: int, index: int, opt: Options) -> str:
+    """`opt.context_words` words of filler before the first question (its own random stream:
+    the rest of the sample is the same with or without it)."""
+    if not opt.context_words:
+        return ""
+    rng = random.Random(f"context/{split}/{seed}/{index}")
+    words = sorted({w for t in (*COLORS, *BACKGROUNDS, *KINDS, *CELLS[opt.grid], "small big shape") for w in t.split()})
+    return " ".join(rng.choice(words) for _ in range(opt.context_words)) + ". "
 
 
 def write(out: str, split: str, n: int, seed: int, opt: Options, maxcount: int = 500, progress=True):
@@ -355,6 +368,9 @@ def main(argv=None):
     p.add_argument("--qtypes", default=",".join(DEFAULT_QTYPES), help=f"from {sorted(FAMILY_OF)}")
     p.add_argument("--noise", type=float, default=0.0, help="pixel noise std (0: PNGs stay ~3 KB)")
     p.add_argument("--maxcount", type=int, default=500, help="samples per shard")
+    p.add_argument(
+        "--context-words", type=int, default=0, help="filler words before the first question (long sequences)"
+    )
     a = p.parse_args(argv)
     qtypes = tuple(q for q in a.qtypes.split(",") if q)
     unknown = set(qtypes) - set(FAMILY_OF)
@@ -369,6 +385,7 @@ def main(argv=None):
         fine_share=a.fine_share,
         qtypes=qtypes,
         noise=a.noise,
+        context_words=a.context_words,
     )
     sizes = write(a.out, a.split, a.samples, a.seed, opt, a.maxcount)
     print(f"wrote {sum(sizes.values())} samples in {len(sizes)} shards to {a.out}")

@@ -279,3 +279,18 @@ def test_adaptivity_measures():
     a = adaptivity(rec)
     assert a["fine_over_coarse_n_bar"] == pytest.approx(1.5) and a["count_over_background_n_bar"] == pytest.approx(3)
     assert a["rank_corr_n_bar_shapes"] == pytest.approx(0.8)
+
+
+def test_one_budget_rule_and_method_registry():
+    """A trained checkpoint is filed under the eval budget within 0.005 of its share, or none
+    (the `variants`/`eval` stages and `python -m pipeline eval` share pipeline/eval/methods.py)."""
+    from pipeline.eval.methods import ALL_METHODS, SFT_REFERENCE, kind, match_budget, variant_name
+
+    assert match_budget(36 / 144, [0.25, 0.15, 0.11]) == 0.25
+    assert match_budget(0.2, [0.25, 0.15, 0.11]) is None  # nearest is 0.005+ away: not filed
+    assert match_budget(0.25, []) is None
+    kinds = [kind(m) for m in ("unpruned", SFT_REFERENCE, "atp", "fastv")]
+    assert kinds == ["reference", "reference", "trained", "policy"]
+    assert variant_name("fixed", 0.11) == "fixed-11" and set(METHODS) == set(ALL_METHODS)
+    with pytest.raises(ValueError, match="unknown method"):
+        kind("bogus")

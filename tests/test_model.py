@@ -257,6 +257,55 @@ def test_dual_budget_prices_follow_each_module_error():
     assert torch.equal(m._price, after_train)  # inference never moves the prices
 
 
+def test_marginal_value_moves_each_sample_count_by_its_loss_at_two_budgets():
+    """marginal_weight (METHOD sec 16): each sample's value is its answer loss at (1 - span) x the
+    schedule minus at (1 + span) x, both under the fixed ranking; L_marginal = -mean(a_i share_i) with
+    a the standardised values, so the gradient raises the count of samples that lose more without
+    tokens. The inner passes leave the config as it was and do not move the dual prices."""
+    from model.budget import module_counts
+    from model.modeling_atp_llava import per_sample_ntp
+
+    _, m = tiny_atp(budget_loss="dual", lambda_atp=0.0, marginal_weight=1.0, marginal_span=0.5)
+    m.train()
+    b = make_batch([3, 2, 4], [4, 5, 2], answers=[3, 2, 4], seed=5)
+    cfg = m.config
+    out = m(**b)
+    assert cfg.pruning == "atp" and cfg.fixed_counts is None  # restored after the inner passes
+
+    def loss_at(scale):
+        fixed = [min(LV, max(1, round(c * scale))) for c in module_counts(cfg)]
+        _, ref = tiny_atp(pruning="fixed", fixed_counts=fixed)
+        ref.load_state_dict(m.state_dict())
+        ref.train()
+        with torch.no_grad():
+            return per_sample_ntp(ref(**b).logits, b["labels"])
+
+    v = loss_at(0.5) - loss_at(1.5)
+    a = (v - v.mean()) / (v.std(unbiased=False) + 1e-6)
+    share = out.visual_tokens.mean(1) / LV
+    want = -(a * share).mean()
+    assert out.atp_losses["marginal"].item() == pytest.approx(want.item(), rel=1e-4, abs=1e-6)
+
+    m.zero_grad()
+    want.backward()  # the term alone: its gradient reaches the threshold heads
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.atp_modules.parameters())
+    assert a.argmax() != a.argmin()  # the values differ, so the term pulls counts apart
+
+    _, plain = tiny_atp(budget_loss="dual", lambda_atp=0.0)
+    plain.load_state_dict(m.state_dict())
+    plain.train()
+    base = plain(**b)
+    assert out.loss.item() - base.loss.item() == pytest.approx(out.atp_losses["marginal"].item(), abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kw", [dict(marginal_weight=1.0), dict(marginal_weight=1.0, budget_loss="dual", marginal_span=1.0)]
+)
+def test_marginal_value_needs_a_schedule_and_a_span_below_one(kw):
+    with pytest.raises(Exception, match="marginal"):  # hub strict-dataclass error wrapping ValueError
+        tiny_atp(**kw)
+
+
 def test_merge_averages_each_dropped_token_into_the_kept_token_most_like_it():
     from model.pruning import merge_dropped
 

@@ -127,3 +127,32 @@ def test_varlen_attention_equals_padded_sdpa_per_sample(q_lens, k_lens):
 def test_bad_layout_is_named():
     with pytest.raises(Exception, match="hard_layout=.ragged."):  # hub strict-dataclass error wrapping ValueError
         tiny_atp(hard_layout="ragged")
+
+
+def test_the_pruning_clock_times_each_piece_of_pruning_work_and_changes_nothing():
+    """`model.pruning_clock` (what pipeline/eval/bench.py reads instead of wrapping the model's
+    methods): every pruning point's score request, scores, masks and gather are measured, in both
+    layouts, and the forward's results are those of a run without it."""
+    from model.pruning import PruningClock
+
+    class Counting(PruningClock):
+        entered = 0
+
+        def measure(self):
+            self.entered += 1
+            return super().measure()
+
+    _, m = tiny_atp()
+    m.eval()
+    inputs = prompt("left")
+    ref = both(m, **inputs)
+    m.pruning_clock = clock = Counting()
+    out = both(m, **inputs)
+    k = len(m.config.atp_layers)
+    assert clock.entered == 2 * 4 * k  # 2 layouts x (request, scores, masks, gather) per pruning point
+    assert clock.seconds > 0
+    for a, b in zip(ref, out):
+        assert torch.equal(a.logits, b.logits) and torch.equal(a.atp_info["keep"], b.atp_info["keep"])
+    m.pruning_clock, seconds = None, clock.seconds
+    both(m, **inputs)
+    assert clock.seconds == seconds and clock.entered == 8 * k

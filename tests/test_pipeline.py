@@ -305,7 +305,8 @@ def test_pruning_point_before_layer0_trains_under_zero3(tiny):
     m = AtpLlavaForConditionalGeneration.from_pretrained(run / "export")
     assert m.config.atp_layers == [0, 3]
     assert not torch.equal(m.atp_modules[0].head_r.weight, before)  # module 0's thresholds were trained
-    from pipeline.eval.evaluate import load_model, load_samples, prompt_inputs
+    from pipeline.eval.evaluate import load_model
+    from pipeline.eval.samples import load_samples, prompt_inputs
 
     model, proc = load_model(run / "export")
     with torch.no_grad():

@@ -135,12 +135,16 @@ def test_a_checkpoint_that_fails_to_load_falls_back_in_one_process(tmp_path, cap
         checkpoint.load(Failing(), tmp_path, world_size=2)  # collective loads: no rank skips alone
 
 
-def _record(world_size=2, zero_stage=3, hidden=8, freeze_first=False, micro_batch=4):
+DATA = {"seed": 0, "shards": ["s/a.tar", "s/b.tar"]}
+
+
+def _record(world_size=2, zero_stage=3, hidden=8, freeze_first=False, micro_batch=4, data=None):
     from pipeline.train import ckpt_record
 
     module = torch.nn.Sequential(torch.nn.Linear(4, hidden), torch.nn.Linear(hidden, 2))
     module[0].requires_grad_(not freeze_first)
-    return ckpt_record.record(module, world_size, zero_stage, global_batch=micro_batch * world_size)
+    data = DATA if data is None else {**DATA, **data}
+    return ckpt_record.record(module, world_size, zero_stage, global_batch=micro_batch * world_size, data=data)
 
 
 @pytest.mark.parametrize(
@@ -151,6 +155,9 @@ def _record(world_size=2, zero_stage=3, hidden=8, freeze_first=False, micro_batc
         (dict(zero_stage=0), "ZeRO stage 3 when saved, 0 now"),
         (dict(hidden=16), "3 parameter shapes differ (saved -> now): 0.weight [8, 4] -> [16, 4]"),
         (dict(freeze_first=True), "frozen parameters differ: none trainable now, 0.bias, 0.weight frozen now"),
+        # the data stream the saved position is a place in (torchtune warns on such changes)
+        (dict(data={"seed": 1}), "data.seed 0 when saved, 1 now"),
+        (dict(data={"shards": ["s/a.tar"]}), "data.shards differ (2 shards when saved, 1 now): s/b.tar only then"),
     ],
 )
 def test_a_checkpoint_saved_with_another_configuration_is_refused_and_kept(tmp_path, now, named):

@@ -135,6 +135,7 @@ def test_deepspeed_config_filled_from_the_run(tmp_path):
     assert build_ds_config(auto, world_size=1, total_steps=1, hidden_size=64, cuda=True)["bf16"]["enabled"] is True
     assert build_ds_config(run, world_size=1, total_steps=1, hidden_size=64, cuda=True)["bf16"]["enabled"] is False
     # ds_config.json may not set what the YAML owns
+    kw = dict(world_size=1, total_steps=1, hidden_size=64, cuda=False)
     bad = tmp_path / "ds.json"
     bad.write_text(json.dumps({**load_ds_json(run.train.ds_config), "train_batch_size": 64}))
     with pytest.raises(ConfigError, match="train_batch_size"):
@@ -145,6 +146,13 @@ def test_deepspeed_config_filled_from_the_run(tmp_path):
             hidden_size=64,
             cuda=False,
         )
+    # nor the ZeRO stage: train.zero_stage is its one owner (it used to win over the JSON silently)
+    stage = load_ds_json(run.train.ds_config)
+    stage["zero_optimization"]["stage"] = 2
+    bad.write_text(json.dumps(stage))
+    with pytest.raises(ConfigError, match="zero_optimization.stage"):
+        load_ds_json(str(bad))
+    assert build_ds_config(load_config(DEFAULT_CONFIG, ["train.zero_stage=1"]), **kw)["zero_optimization"]["stage"] == 1
 
 
 def test_lr_schedule_warmup_then_cosine_per_group():
@@ -201,7 +209,7 @@ def test_atp_section_mirrors_the_model_config_field_for_field(tmp_path):
 
     from model import configuration_atp_llava as mc
     from pipeline.core.config import AtpConfig, EvalConfig
-    from pipeline.eval.evaluate import ALL_METHODS
+    from pipeline.eval.methods import ALL_METHODS
 
     own = {k for k in mc.AtpLlavaConfig.__annotations__ if not k.startswith("_") and k != "model_type"}
     pipe = {f.name: f for f in dataclasses.fields(AtpConfig)}

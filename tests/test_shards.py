@@ -413,3 +413,28 @@ def test_llava_output_appears_only_when_complete(llava_fixture, tmp_path, monkey
     _convert(path, root, out, "--maxcount", "1", "--overwrite")
     assert json.loads((out / "sizes.json").read_text()) == {f"llava-00000{i}.tar": 1 for i in range(3)}
     assert not (tmp_path / "shards.partial").exists() and not (tmp_path / "shards.old").exists()
+
+
+def test_synthetic_context_words_lengthen_only_the_first_question(tmp_path):
+    """--context-words: that many benchmark words before the first question (the 2048-token runs);
+    images, questions and answers are those of the same sample without it."""
+    import webdataset as wds
+
+    from pipeline.data.tokenizer import build_word_tokenizer
+
+    plain, long = _write(tmp_path, "plain", n=6), _write(tmp_path, "long", n=6, opt={"context_words": 300})
+
+    def samples(d):
+        return [s for f in sorted(os.listdir(d)) if f.endswith(".tar") for s in wds.WebDataset(str(d / f))]
+
+    tok = build_word_tokenizer()
+    for a, b in zip(samples(plain), samples(long), strict=True):
+        assert a["png"] == b["png"]
+        ca, cb = json.loads(a["json"])["conversations"], json.loads(b["json"])["conversations"]
+        assert ca[1:] == cb[1:]
+        first_a, first_b = ca[0]["value"], cb[0]["value"]
+        assert first_b.startswith("<image>\n") and first_b.endswith(first_a.removeprefix("<image>\n"))
+        context = first_b.removeprefix("<image>\n").removesuffix(first_a.removeprefix("<image>\n"))
+        assert len(context.split()) == 300
+        ids = tok(context, add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in ids  # every word is in the word tokenizer's vocabulary

@@ -6,7 +6,8 @@ unknown key or a wrong type fails at once with the full key in the message, and 
 that every input path exists before anything slow is imported. Paths under `run_dir`
 are stage outputs and are checked by the stage that reads them.
 
-Kept light on purpose (omegaconf + the data schema only): `python -m pipeline` must be
+Kept light on purpose (omegaconf, yaml and the model's stdlib-only ATP value rules,
+model/atp_values.py; no torch, held by tests/test_layout.py): `python -m pipeline` must be
 able to reject a bad config in well under 5 s, before torch, DeepSpeed or a model load.
 """
 
@@ -24,14 +25,15 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.data.loader import DataConfig
+from model.atp_values import AtpValueError
+from model.atp_values import check as check_atp_values
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "pipeline" / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 
 # A field whose value is an input path carries this metadata; `check_paths` visits them,
-# and the path fields of schemas owned elsewhere (pipeline.data.loader) listed here.
+# and the path fields that are plain strings (interpolated defaults) are listed here.
 PATH = {"path": True}
 # `${repo:embedded/base}` in a YAML: a path inside this checkout, whatever the working dir
 OmegaConf.register_resolver("repo", lambda rel: str(REPO_ROOT / rel), replace=True)
@@ -47,7 +49,11 @@ class ConfigError(ValueError):
 # holds them to model/configuration_atp_llava.py's tuples.
 Pruning = Literal["none", "atp", "fixed"]
 # the comparison methods of pipeline/eval/evaluate.py: trained ones, then model/baselines.py's POLICIES
+# (pipeline/eval/methods.py, the registry, refuses to import if the two differ)
 Method = Literal["atp", "fixed", "fastv", "prumerge", "prumerge+", "sparsevlm", "visionzip", "uniform", "random"]
+# the stages of pipeline/stages/__init__.py's registry, in their usual order (it refuses to
+# import if the two differ); a closed choice, so a bad name fails at merge with its index named
+StageName = Literal["shards", "base", "projector", "sft", "export", "variants", "eval"]
 
 
 @dataclass
@@ -67,6 +73,22 @@ class ScratchModelConfig:
     num_kv_heads: int = 4
     intermediate_size: int = 384
     max_position_embeddings: int = 1024
+
+
+@dataclass
+class DataConfig:
+    """The loader's settings (pipeline/data/loader.py); `batch_size` is the per-rank micro-batch."""
+
+    shards: str = "data/synthetic/train"  # brace pattern ("dir/train-{000000..000009}.tar") or a folder
+    batch_size: int = 16
+    num_workers: int = 2
+    shuffle_buffer: int = 500  # samples; <= 1 disables shuffling
+    resampled: bool = True  # shards with replacement: equal steps on every rank
+    max_length: int = 512
+    seed: int = 0
+    overlong: Literal["truncate", "drop"] = "truncate"  # truncate: never inside image tokens
+    epoch_samples: int = 0  # resampled: samples per epoch over all ranks; 0 = dataset size (sizes.json)
+    max_consecutive_bad: int = 100  # bad samples in a row (per rank and worker) before TooManyBadSamples
 
 
 @dataclass
@@ -109,6 +131,8 @@ class AtpConfig:
     merge_temperature: float = 20.0
     budget_loss: Literal["n_bar", "per_module", "dual"] = "n_bar"
     dual_lr: float = 1.0
+    marginal_weight: float = 0.0  # METHOD sec 16
+    marginal_span: float = 0.5
     threshold_hidden: int = 256
     threshold_features: list[Literal["query", "sorted"]] = field(default_factory=list)  # METHOD sec 14
     fixed_counts: Optional[list[int]] = None
@@ -233,7 +257,7 @@ class RunConfig:
     # holds the result with `presets` empty; `preset` then only names what was applied.
     preset: Optional[str] = None
     presets: dict[str, Any] = field(default_factory=dict)
-    stages: list[str] = field(default_factory=lambda: ["projector", "sft", "export"])
+    stages: list[StageName] = field(default_factory=lambda: ["projector", "sft", "export"])
     model: ModelConfig = field(default_factory=ModelConfig)
     atp: AtpConfig = field(default_factory=AtpConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -336,11 +360,9 @@ def save_config(run: RunConfig, path: str | os.PathLike) -> None:
 
 
 def check(run: RunConfig, files: bool = True) -> None:
-    """What OmegaConf's types cannot express: stage names, required and existing paths, value
-    ranges, and the ATP settings against the model's size where its config files tell it."""
-    from pipeline.stages import check_names  # the stage registry's own check; a plain dict, cheap
-
-    check_names(run.stages)
+    """What OmegaConf's types cannot express: required and existing paths (`files=False`: not
+    checked), value ranges, and the ATP settings against the model's size where its config
+    files tell it."""
     for name in SOURCE_NEEDS[run.model.source]:
         if get(run, f"model.{name}") is None:
             raise ConfigError(f"config error at 'model.{name}': required when model.source={run.model.source!r}")
@@ -373,34 +395,28 @@ def check_values(run: RunConfig) -> None:
     names = [round(b * 100) for b in run.eval.budgets]  # pipeline/stages/variants.py's variant names
     if len(set(names)) < len(names):
         raise ConfigError(f"config error at 'eval.budgets': {run.eval.budgets} give the same percent twice")
-    a = run.atp
-    if a.pruning == "fixed" and (a.fixed_counts is None or len(a.fixed_counts) != len(a.atp_layers)):
-        raise ConfigError(
-            f"config error at 'atp.fixed_counts': pruning=fixed needs one count per layer of {a.atp_layers}"
-        )
     check_model(run, *model_size(run))
 
 
 def check_model(run: RunConfig, num_layers: int | None, num_visual_tokens: int | None) -> None:
-    """The ATP settings against the model's size (None: not known yet). `check` calls it when the
-    model's config files tell the size; pipeline.train.build again once the model config exists."""
+    """The ATP settings against the model's size (None: not known yet), by the model's own rules
+    (model/atp_values.py, stdlib only). `check` calls it when the model's config files tell the
+    size; pipeline.train.build again once the model config exists."""
     a = run.atp
-    if list(a.atp_layers) != sorted(set(a.atp_layers)):
-        raise ConfigError(f"config error at 'atp.atp_layers': {a.atp_layers} must be strictly increasing")
-    # 0 is legal: a point before layer 0 scores with layer 0's own q/k (docs/METHOD.md sec 10)
-    if a.atp_layers and a.atp_layers[0] < 0:
-        raise ConfigError(f"config error at 'atp.atp_layers': {a.atp_layers}: an index is below 0")
-    if num_layers is not None and a.atp_layers and a.atp_layers[-1] >= num_layers:
-        raise ConfigError(
-            f"config error at 'atp.atp_layers': {a.atp_layers}: each index must be in [0, {num_layers - 1}] "
-            f"(the LM has {num_layers} layers)"
+    try:
+        check_atp_values(
+            a.atp_layers,
+            num_layers,
+            a.pruning,
+            a.fixed_counts,
+            a.target_tokens,
+            num_visual_tokens,
+            budget_loss=a.budget_loss,
+            marginal_weight=a.marginal_weight,
+            marginal_span=a.marginal_span,
         )
-    lv = num_visual_tokens
-    if not a.target_tokens > 0 or (lv is not None and a.target_tokens > lv):
-        raise ConfigError(
-            f"config error at 'atp.target_tokens': {a.target_tokens} must be in (0, Lv]"
-            + (f" (Lv = {lv} visual tokens)" if lv is not None else "")
-        )
+    except AtpValueError as e:
+        raise ConfigError(f"config error at 'atp.{e.field}': {e}") from None
 
 
 def model_size(run: RunConfig) -> tuple[int | None, int | None]:

@@ -55,9 +55,7 @@ import os
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass
 from functools import partial
-from typing import Literal
 
 import torch
 import webdataset as wds
@@ -65,25 +63,12 @@ from PIL import Image
 from webdataset.autodecode import DecodingError
 from webdataset.utils import make_seed
 
+from pipeline.core.config import DataConfig  # the schema lives with the run config
 from pipeline.data.template import IGNORE_INDEX, IMAGE_MARKER, BadSample, encode, parse_conversation, preprocess_image
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 LOG_LINES_PER_KIND = 20  # per process; the counts stay complete
-
-
-@dataclass
-class DataConfig:
-    shards: str = "data/synthetic/train"  # brace pattern ("dir/train-{000000..000009}.tar") or a folder
-    batch_size: int = 16
-    num_workers: int = 2
-    shuffle_buffer: int = 500  # samples; <= 1 disables shuffling
-    resampled: bool = True  # shards with replacement: equal steps on every rank
-    max_length: int = 512
-    seed: int = 0
-    overlong: Literal["truncate", "drop"] = "truncate"  # truncate: never inside image tokens
-    epoch_samples: int = 0  # resampled: samples per epoch over all ranks; 0 = dataset size (sizes.json)
-    max_consecutive_bad: int = 100  # bad samples in a row (per rank and worker) before TooManyBadSamples
 
 
 # ---------------------------------------------------------------- shard list

@@ -87,7 +87,7 @@ def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def _model_inputs(model, tokenizer, image_processor, rows: list[list[int]], images: list, query_ends=None):
+def model_inputs(model, tokenizer, image_processor, rows: list[list[int]], images: list, query_ends=None):
     """Left-padded input_ids / attention_mask, pixel_values for the rows with an image, and
     (with `query_ends`) a query_mask: the text after the image up to query_ends[i] (exclusive,
     index in the unpadded row)."""
@@ -138,13 +138,26 @@ class _Capture:
     def _hook(self, module, args, output):
         vt = getattr(output, "visual_tokens", None)
         if vt is not None and self.value is None:
-            from pipeline.eval.diagnostics import prefill_info
-
             self.info = prefill_info(output)
             self.value = self.info["visual_tokens"]
 
     def close(self):
         self.handle.remove()
+
+
+def prefill_info(output) -> dict:
+    """What `Diagnostics.add` reads from a prefill's output, per batch row (CPU tensors)."""
+    info = output.atp_info or {}
+    return {
+        "visual_tokens": output.visual_tokens.detach().float().cpu(),
+        "keep": None if "keep" not in info else (info["keep"] > 0.5).cpu(),
+        "branch": None if "branch" not in info else info["branch"].cpu(),
+    }
+
+
+def batch_row(info: dict, j: int) -> dict:
+    """Row j of a batch's `prefill_info`."""
+    return {k: None if v is None else v[j] for k, v in info.items()}
 
 
 class TokenStats:
@@ -204,7 +217,7 @@ def greedy_answers(
     """Greedy answers to rendered prompts (`prompt_for`, or any prompt holding at most one
     `<image>`), batched, left-padded; only the new tokens are decoded (special tokens
     skipped). In eval mode the model prunes for real; `stats` collects the tokens it kept, and
-    `prefill` (a dict) gets each prompt's prefill record (`pipeline.eval.diagnostics.prefill_info` row) by index."""
+    `prefill` (a dict) gets each prompt's prefill record (a `prefill_info` row) by index."""
     if model.training:
         raise RuntimeError("call model.eval() first: eval mode is what prunes for real")
     tokenizer, image_processor = split_processor(processor)
@@ -215,7 +228,7 @@ def greedy_answers(
     ]
     out: list[str | None] = [None] * len(rows)
     for idx in _batches([len(r) for r in rows], batch_size):
-        inputs = _model_inputs(model, tokenizer, image_processor, [rows[i] for i in idx], [images[i] for i in idx])
+        inputs = model_inputs(model, tokenizer, image_processor, [rows[i] for i in idx], [images[i] for i in idx])
         capture = _Capture(model)
         try:
             gen = model.generate(
@@ -231,8 +244,6 @@ def greedy_answers(
         if stats is not None:
             stats.add(capture.value, [images[i] is not None for i in idx])
         if prefill is not None:
-            from pipeline.eval.diagnostics import batch_row
-
             prefill.update({i: batch_row(capture.info, j) for j, i in enumerate(idx)})
         new = gen[:, inputs["input_ids"].shape[1] :]
         for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
@@ -291,7 +302,7 @@ def choice_loglikelihoods(
     out: list[tuple[float, bool] | None] = [None] * len(rows)
     for idx in _batches([len(r) for r in rows], batch_size):
         batch_rows = [rows[i] for i in idx]
-        inputs = _model_inputs(
+        inputs = model_inputs(
             model,
             tokenizer,
             image_processor,

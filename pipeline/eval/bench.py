@@ -8,7 +8,7 @@ and of ATP calibrated to N_bar 25% (its counts differ per image); the time per d
 repeat by repeat, beside the analytic FLOPs ratio (METHOD sec 8). Every number is the median of
 >= 5 repeats after warm-up, with its [min, max]; a ratio whose spread ((max - min) / median over
 the repeats) exceeds 10% is marked `~`. Also the ATP modules' own share of an ATP prefill (scores,
-threshold MLP, gather), timed by wrapping those functions, and the aten ops and host syncs of one
+threshold MLP, gather), measured by the model's own `pruning.PruningClock`, and the aten ops and host syncs of one
 forward per method and layout (`pipeline/eval/opcount.py`).
 
 `--compile` adds eager vs the decoder layers under `torch.compile(dynamic=True)` (`compile_layers`;
@@ -28,10 +28,10 @@ import time
 import torch
 from transformers import DynamicCache, LlavaConfig, LlavaForConditionalGeneration
 
-from model import CACHE_KW, AtpLlavaForConditionalGeneration, attention, kernels, model_costs, packed
-from model import modeling_atp_llava as modeling
+from model import CACHE_KW, AtpLlavaForConditionalGeneration, kernels, model_costs
 from model.budget import counts_for_budget
 from model.calibration import calibrate_budget, calibrate_thresholds
+from model.pruning import PruningClock
 
 from .opcount import OpCounter
 from .timing import MIN_REPEATS, fmt_ratio, fmt_time, interleaved, ratio_stats, spread_stats
@@ -82,23 +82,6 @@ def timed(fn, repeats):
             out = fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times), out
-
-
-class _Clock:
-    """Accumulates wall time spent in the wrapped ATP functions."""
-
-    def __init__(self):
-        self.total = 0.0
-
-    def wrap(self, fn):
-        def inner(*a, **k):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                self.total += time.perf_counter() - t
-
-        return inner
 
 
 def bench_attention(heads, head_dim, repeats, shapes=((640, 1), (2048, 1)), seed=0):
@@ -282,10 +265,10 @@ def bench_batch(m, args, batch, meths, clock):
     def prefill(settings, layout, share=False):
         def run():
             use(m, settings, layout)
-            clock.total, t = 0.0, time.perf_counter()
+            clock.seconds, t = 0.0, time.perf_counter()
             m(**inputs, logits_to_keep=1)
             if share:
-                shares.append(clock.total / (time.perf_counter() - t))
+                shares.append(clock.seconds / (time.perf_counter() - t))
 
         return run
 
@@ -441,19 +424,12 @@ def bench_model(args):
     calib = prompts(args, max(args.batches))
     calibrate_thresholds(m, **calib)  # each module near its share, then one offset for N_bar itself
     calibrate_budget(m, [calib], iters=10)
-    clock = _Clock()
-    cls = modeling.AtpLlavaForConditionalGeneration
-    wrapped = [(cls, n) for n in ("_score_request", "_atp_step", "_gather")]
-    wrapped += [(attention, "redundancy_scores"), (packed.PackedKeys, "padded")]
-    saved = [(o, n, getattr(o, n)) for o, n in wrapped]
+    m.pruning_clock = clock = PruningClock()
     try:
-        for o, n, fn in saved:
-            setattr(o, n, clock.wrap(fn))
         batches = [bench_batch(m, args, b, meths, clock) for b in args.batches]
     finally:
-        for o, n, fn in saved:
-            setattr(o, n, fn)
-    for res in batches:  # without the clock's wrappers: a timer inside a compiled layer would break its graph
+        m.pruning_clock = None
+    for res in batches:  # without the clock: a timer inside a compiled layer would break its graph
         res["compiled"] = bench_compiled(m, prompts(args, res["batch"]), meths, args) if args.compile else None
     print(
         f"\n{args.layers} layers x {args.hidden}, {lv} visual + {args.text} text tokens, {args.dtype}, "

@@ -109,18 +109,3 @@ def _ranks(a):
         tie = a == v
         ranks[tie] = ranks[tie].mean()
     return ranks
-
-
-def prefill_info(output) -> dict:
-    """What `Diagnostics.add` reads from a prefill's output, per batch row (CPU tensors)."""
-    info = output.atp_info or {}
-    return {
-        "visual_tokens": output.visual_tokens.detach().float().cpu(),
-        "keep": None if "keep" not in info else (info["keep"] > 0.5).cpu(),
-        "branch": None if "branch" not in info else info["branch"].cpu(),
-    }
-
-
-def batch_row(info: dict, j: int) -> dict:
-    """Row j of a batch's `prefill_info`."""
-    return {k: None if v is None else v[j] for k, v in info.items()}

@@ -18,96 +18,26 @@ Scoring is pipeline/eval/answers.py's, shared with the lmms-eval plugin.
 from __future__ import annotations
 
 import argparse
-import io
-import json
+import dataclasses
 import logging
 import statistics
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from model.baselines import POLICIES, make_policy
-from model.budget import n_bar
+from model.baselines import make_policy
+from pipeline.core.config import EvalConfig
 from pipeline.eval.answers import TokenStats, greedy_answers, is_correct, prompt_for, split_processor
-from pipeline.eval.report import prior_accuracy, record, write_report
-from pipeline.stages.variants import SFT_REFERENCE
+from pipeline.eval.methods import ALL_METHODS, SFT_REFERENCE, TRAINED, UNPRUNED, kind, match_budget, trained_share
+from pipeline.eval.report import Result, prior_accuracy, record, write_report
+from pipeline.eval.samples import Sample, load_samples, prompt_inputs
 
 log = logging.getLogger(__name__)
-TRAINED = ("atp", "fixed")
-ALL_METHODS = TRAINED + POLICIES
-
-
-@dataclass
-class Sample:
-    key: str
-    image: object  # PIL image
-    question: str
-    answer: str
-    qtype: str
-    family: str
-    scene: dict | None = None  # synthetic shards: the shapes' boxes (pipeline/eval/diagnostics.py)
-    _maps: dict = field(default_factory=dict, repr=False, compare=False)
-
-    @property
-    def n_shapes(self) -> int | None:
-        """Small shapes in the image (None without a scene)."""
-        return None if self.scene is None else len(self.scene.get("small", []))
-
-    def object_map(self, grid: int):
-        """Which of a grid x grid tower's tokens cover a shape (`shards.objects`), None without a
-        scene; made once per grid, then shared by every method an evaluation runs."""
-        if self.scene is None:
-            return None
-        if grid not in self._maps:
-            from shards.objects import object_map
-
-            self._maps[grid] = object_map(self.scene, self.image.size[0], grid)
-        return self._maps[grid]
-
-
-def load_samples(shards: str, limit: int | None = None) -> list[Sample]:
-    """The eval split's first question of each sample, in shard order."""
-    import webdataset as wds
-    from PIL import Image
-
-    from pipeline.data.loader import list_shards
-
-    out = []
-    for sample in wds.DataPipeline(wds.SimpleShardList(list_shards(shards)), wds.tarfile_to_samples()):
-        meta = json.loads(sample["json"])
-        image_key = next(k for k in ("png", "jpg", "jpeg") if k in sample)
-        conv = meta["conversations"]
-        out.append(
-            Sample(
-                key=sample["__key__"],
-                image=Image.open(io.BytesIO(sample[image_key])).convert("RGB"),
-                question=conv[0]["value"].replace("<image>", "").strip(),
-                answer=conv[1]["value"],
-                qtype=meta["qtype"],
-                family=meta["family"],
-                scene=meta.get("scene"),
-            )
-        )
-        if limit and len(out) >= limit:
-            break
-    if not out:
-        raise ValueError(f"no eval samples in {shards}")
-    return out
 
 
 # ------------------------------------------------------------------ one model, one method
-
-
-@dataclass
-class Result:
-    correct: list[bool]
-    tokens: dict  # family -> TokenStats summary; "all" -> overall
-    text_len: float
-    timing: dict = field(default_factory=dict)
-    diagnostics: dict = field(default_factory=dict)  # pipeline/eval/diagnostics.py
 
 
 def run_method(model, processor, samples: list[Sample], *, batch_size: int, max_new_tokens: int) -> Result:
@@ -185,21 +115,6 @@ def time_interleaved(entries, inputs, *, repeats: int, decode_tokens: int, warmu
     return [{k: v[warmup:] for k, v in o.items()} for o in out]
 
 
-def prompt_inputs(model, processor, samples: list[Sample]) -> dict:
-    """Model inputs of the samples' questions, prompted and tokenised as pipeline/eval/answers.py does."""
-    from pipeline.eval.answers import _model_inputs, encode_prompt
-
-    tokenizer, image_processor = split_processor(processor)
-    cfg = model.config
-    rows = [
-        encode_prompt(
-            prompt_for(s.question), tokenizer, image_token_id=cfg.image_token_id, num_image_tokens=cfg.num_visual_tokens
-        )
-        for s in samples
-    ]
-    return _model_inputs(model, tokenizer, image_processor, rows, [s.image for s in samples])
-
-
 class Evaluator:
     """Runs methods on shared samples and collects records; `reference` is the unpruned one."""
 
@@ -212,7 +127,6 @@ class Evaluator:
         timing_batch: int,
         timing_repeats: int,
         decode_tokens: int,
-        progress: bool = True,
     ):
         self.samples = samples
         self.kw = dict(batch_size=batch_size, max_new_tokens=max_new_tokens)
@@ -222,7 +136,6 @@ class Evaluator:
         self.records: list[dict] = []
         self.reference: dict | None = None
         self.sft_reference: dict | None = None
-        self.progress = progress
 
     def add(
         self, method: str, budget: float | None, model, processor, describe: dict | None = None, policy=None
@@ -236,7 +149,7 @@ class Evaluator:
         if self.sft_reference is not None and self.sft_reference["accuracy"]:
             rec["retention_vs_sft"] = rec["accuracy"] / self.sft_reference["accuracy"]
         rec["eval_seconds"] = round(time.time() - t0, 1)
-        if method == "unpruned":
+        if method == UNPRUNED:
             self.reference = rec
         elif method == SFT_REFERENCE:
             self.sft_reference = rec
@@ -258,7 +171,7 @@ class Evaluator:
         batch sizes."""
         from pipeline.eval.timing import ratio_stats, spread_stats
 
-        ref = next((i for i, (rec, _, _) in enumerate(self.timed) if rec["method"] == "unpruned"), None)
+        ref = next((i for i, (rec, _, _) in enumerate(self.timed) if rec["method"] == UNPRUNED), None)
         batches = sorted({1, len(self.timing_samples)})
         for B in batches:
             inputs = prompt_inputs(self.timed[0][1], processor, self.timing_samples[:B])
@@ -316,62 +229,48 @@ def overlay_data(model, processor, samples: list[Sample]) -> list[dict]:
     return out
 
 
-def evaluate_checkpoints(
-    models: dict,
-    shards: str,
-    out: Path,
-    *,
-    budgets,
-    methods,
-    limit=None,
-    batch_size=32,
-    max_new_tokens=4,
-    timing_batch=8,
-    timing_repeats=5,
-    decode_tokens=8,
-    overlay_images=4,
-    title="",
-    base_bar=None,
-) -> dict:
-    """models: "unpruned" -> dir, optionally SFT_REFERENCE -> dir (the unpruned model after the
+def evaluate_checkpoints(models: dict, out: Path, settings: EvalConfig, *, title="", base_bar=None) -> dict:
+    """models: UNPRUNED -> dir, optionally SFT_REFERENCE -> dir (the unpruned model after the
     same sft: a second reference), ("atp"|"fixed", budget) -> dir (missing ones are skipped with
-    a warning). Policies run on the unpruned model. methods None: ALL_METHODS."""
+    a warning). Policies run on the unpruned model. `settings` (the run config's `eval` section,
+    the one home of the defaults): shards, budgets, methods (None: ALL_METHODS), sizes."""
     from tqdm import tqdm
 
-    methods = ALL_METHODS if methods is None else methods
-    samples = load_samples(shards, limit)
+    s = settings
+    budgets, methods = s.budgets, ALL_METHODS if s.methods is None else s.methods
+    samples = load_samples(s.shards, s.limit)
     ev = Evaluator(
         samples,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        timing_batch=timing_batch,
-        timing_repeats=timing_repeats,
-        decode_tokens=decode_tokens,
+        batch_size=s.batch_size,
+        max_new_tokens=s.max_new_tokens,
+        timing_batch=s.timing_batch,
+        timing_repeats=s.timing_repeats,
+        decode_tokens=s.decode_tokens,
     )
-    base, proc = load_model(models["unpruned"], pruning="none")
-    jobs = [("unpruned", None)] + [(SFT_REFERENCE, None)] * (SFT_REFERENCE in models)
+    base, proc = load_model(models[UNPRUNED], pruning="none")
+    jobs = [(UNPRUNED, None)] + [(SFT_REFERENCE, None)] * (SFT_REFERENCE in models)
     jobs += [(m, b) for b in budgets for m in methods]
     overlays = []
     with tqdm(total=len(jobs), desc="eval", unit="method") as bar:
         for method, budget in jobs:
             bar.set_postfix_str(f"{method} {'' if budget is None else f'{budget:.0%}'}")
-            if method == "unpruned":
+            if method == UNPRUNED:
                 ev.add(method, None, base, proc)
-            elif method == SFT_REFERENCE:
+            elif kind(method) == "reference":
                 if Path(models[method]).exists():
                     model, p = load_model(models[method], pruning="none")
                     ev.add(method, None, model, p)
                 else:
                     log.warning("no %s model (%s): skipped", method, models[method])
-            elif method in TRAINED:
+            elif kind(method) == "trained":
                 path = models.get((method, budget))
                 if path is None or not Path(path).exists():
                     log.warning("no %s model for budget %s (%s): skipped", method, budget, path)
                 else:
                     model, p = load_model(path, pruning=method)
                     ev.add(method, budget, model, p, describe=_trained_describe(model.config))
-                    if method == "atp" and overlay_images and not overlays:
-                        overlays = overlay_data(model, p, _overlay_samples(samples, overlay_images))
+                    if method == "atp" and s.overlay_images and not overlays:
+                        overlays = overlay_data(model, p, _overlay_samples(samples, s.overlay_images))
             else:
                 base.pruning_policy = policy = make_policy(method, base.config, budget)
                 try:
@@ -384,7 +283,7 @@ def evaluate_checkpoints(
     cfg = base.config
     meta = {
         "title": title,
-        "shards": str(shards),
+        "shards": str(s.shards),
         "samples": len(samples),
         "lv": cfg.num_visual_tokens,
         "num_layers": cfg.text_config.num_hidden_layers,
@@ -393,11 +292,11 @@ def evaluate_checkpoints(
         "methods": list(methods),
         "models": {str(k): str(v) for k, v in models.items()},
         "prior_accuracy": prior_accuracy(samples),
-        "device": _device(),
+        "device": device_description(),
         "date": time.strftime("%Y-%m-%d"),
         "timing_batch": len(ev.timing_samples),
         "timing_batches": timing_batches,
-        "timing_repeats": timing_repeats,
+        "timing_repeats": s.timing_repeats,
         "torch_threads": torch.get_num_threads(),
     }
     return write_report(out, ev.records, meta, overlays, base_bar=base_bar)
@@ -446,7 +345,7 @@ def _overlay_samples(samples, n):
     return picked
 
 
-def _device() -> str:
+def device_description() -> str:
     import os
     import platform
 
@@ -457,6 +356,7 @@ def _device() -> str:
 
 
 def main(argv=None) -> int:
+    d = EvalConfig()  # the defaults, as a run config's `eval` section has them
     p = argparse.ArgumentParser(prog="python -m pipeline eval", description=__doc__.splitlines()[0])
     p.add_argument(
         "--checkpoint",
@@ -467,7 +367,7 @@ def main(argv=None) -> int:
     p.add_argument("--shards", required=True, help="eval shards (folder or brace pattern)")
     p.add_argument("--out", required=True)
     p.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS)
-    p.add_argument("--budgets", nargs="+", type=float, default=[0.25, 0.15, 0.11])
+    p.add_argument("--budgets", nargs="+", type=float, default=list(d.budgets))
     p.add_argument(
         "--trained",
         nargs="*",
@@ -481,40 +381,36 @@ def main(argv=None) -> int:
         help=f"the unpruned model after the same sft recipe (a run's variants/{SFT_REFERENCE}/export): "
         "a second reference, `retention_vs_sft` in the report",
     )
-    p.add_argument("--limit", type=int)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--timing-repeats", type=int, default=5)
+    p.add_argument("--limit", type=int, default=d.limit)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--timing-repeats", type=int, default=d.timing_repeats)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from model import AtpLlavaConfig
 
     cfg = AtpLlavaConfig.from_pretrained(a.checkpoint)
-    models = {"unpruned": a.checkpoint}
+    models = {UNPRUNED: a.checkpoint}
     if cfg.pruning in TRAINED:  # the checkpoint itself, at the budget it was trained for
-        share = (cfg.target_tokens if cfg.pruning == "atp" else _fixed_n_bar(cfg)) / cfg.num_visual_tokens
-        near = min(a.budgets, key=lambda b: abs(b - share))
-        models[(cfg.pruning, near)] = a.checkpoint
+        budget = match_budget(trained_share(cfg), a.budgets)
+        if budget is None:
+            log.warning("%s (%s) matches none of the budgets %s: not filed", a.checkpoint, cfg.pruning, a.budgets)
+        else:
+            models[(cfg.pruning, budget)] = a.checkpoint
     if a.sft_reference:
         models[SFT_REFERENCE] = a.sft_reference
     for spec in a.trained:
         key, path = spec.split("=", 1)
         method, budget = key.split(":")
         models[(method, float(budget))] = path
-    evaluate_checkpoints(
-        models,
-        a.shards,
-        Path(a.out),
+    settings = dataclasses.replace(
+        d,
+        shards=a.shards,
         budgets=a.budgets,
         methods=a.methods,
         limit=a.limit,
         batch_size=a.batch_size,
         timing_repeats=a.timing_repeats,
-        title=a.checkpoint,
     )
+    evaluate_checkpoints(models, Path(a.out), settings, title=a.checkpoint)
     print(f"report: {Path(a.out) / 'report.md'}")
     return 0
-
-
-def _fixed_n_bar(cfg) -> float:
-    """N_bar (METHOD sec 7) of a `fixed` model's counts."""
-    return n_bar(cfg.atp_layers, cfg.fixed_counts, cfg.text_config.num_hidden_layers, cfg.num_visual_tokens)

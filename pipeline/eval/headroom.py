@@ -189,7 +189,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from pipeline.eval.evaluate import _device, load_model, load_samples
+    from pipeline.eval.evaluate import device_description, load_model
+    from pipeline.eval.samples import load_samples
 
     model, proc = load_model(a.checkpoint, pruning="fixed")
     lv = model.config.num_visual_tokens
@@ -205,7 +206,7 @@ def main(argv=None) -> int:
         "eval_samples": len(eval_),
         "shares": shares,
         "date": time.strftime("%Y-%m-%d"),
-        "device": _device(),
+        "device": device_description(),
     }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -9,12 +9,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from pipeline.eval.methods import UNPRUNED  # noqa: E402
+
 
 def pareto(records: list[dict], path: Path) -> None:
     """Accuracy vs achieved N_bar share, one line per method; the unpruned model as a line."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
-    ref = next((r for r in records if r["method"] == "unpruned"), None)
-    methods = [m for m in dict.fromkeys(r["method"] for r in records) if m != "unpruned"]
+    ref = next((r for r in records if r["method"] == UNPRUNED), None)
+    methods = [m for m in dict.fromkeys(r["method"] for r in records) if m != UNPRUNED]
     for ax, (title, get) in zip(
         axes,
         (
@@ -32,7 +34,7 @@ def pareto(records: list[dict], path: Path) -> None:
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=m, lw=2.5 if m == "atp" else 1.2)
         if ref is not None and get(ref) is not None:
-            ax.axhline(get(ref), color="k", ls="--", lw=1, label="unpruned")
+            ax.axhline(get(ref), color="k", ls="--", lw=1, label=UNPRUNED)
         ax.set_title(f"accuracy ({title} questions)")
         ax.set_xlabel("achieved N_bar / Lv")
         ax.grid(alpha=0.3)

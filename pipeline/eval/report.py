@@ -5,14 +5,22 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from model.baselines import POLICIES
-from pipeline.stages.variants import SFT_REFERENCE
+from pipeline.eval.methods import POLICIES, SFT_REFERENCE, UNPRUNED
+from pipeline.eval.samples import Sample
 
-if TYPE_CHECKING:
-    from pipeline.eval.evaluate import Result, Sample
+
+@dataclass
+class Result:
+    """One method's measurements on the samples, before they become a report record."""
+
+    correct: list[bool]
+    tokens: dict  # family -> TokenStats summary; "all" -> overall
+    text_len: float
+    timing: dict = field(default_factory=dict)
+    diagnostics: dict = field(default_factory=dict)  # pipeline/eval/diagnostics.py
 
 
 def record(
@@ -117,7 +125,7 @@ def write_report(out: Path, records: list[dict], meta: dict, overlays: list | No
 
 def summary(records: list[dict]) -> dict:
     """The method's goals, computed from the records (reported whether met or not)."""
-    ref = next((r for r in records if r["method"] == "unpruned"), None)
+    ref = next((r for r in records if r["method"] == UNPRUNED), None)
     by = {(r["method"], r["budget"]): r for r in records}
     budgets = sorted({r["budget"] for r in records if r["budget"] is not None}, reverse=True)
     sft = next((r for r in records if r["method"] == SFT_REFERENCE), None)

@@ -1,6 +1,7 @@
-"""The stage registry: name -> "module:function". Adding a stage is one entry here (and
-its name in a config's `stages` list). Entries are strings so that listing the stages
-(config checks, the CLI) imports nothing heavy.
+"""The stage registry: name -> "module:function". Adding a stage is one entry here, its name
+in `pipeline.core.config.StageName` (the config's closed choice; this module refuses to import
+when the two differ) and in a config's `stages` list. Entries are strings so that listing the
+stages imports nothing heavy.
 
 A stage function is `run(run: RunConfig, ctx: Context, out: Path) -> bool`: called on
 every rank, it writes into `out` (= run_dir/NAME) and returns True when its output is
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
+
+from pipeline.core.config import ConfigError, StageName
 
 STAGES = {
     "shards": "pipeline.stages.shards:run",  # synthetic shards for the embedded default
@@ -23,6 +26,8 @@ STAGES = {
     "variants": "pipeline.stages.variants:run",  # the trained comparison models of `eval`
     "eval": "pipeline.stages.eval:run",
 }
+if tuple(STAGES) != get_args(StageName):
+    raise ImportError(f"pipeline.stages.STAGES {tuple(STAGES)} != pipeline.core.config.StageName {get_args(StageName)}")
 DONE = "DONE"  # the marker of a complete stage (or variant part) directory
 
 
@@ -33,9 +38,8 @@ class Context:
 
 
 def check_names(names, key: str = "stages") -> None:
-    """The one check of stage names (config `stages`, `python -m pipeline stage NAME`)."""
-    from pipeline.core.config import ConfigError
-
+    """The check of a stage name given on the command line (`python -m pipeline stage NAME`);
+    the config's `stages` are checked by their schema type."""
     for i, name in enumerate(names):
         if name not in STAGES:
             raise ConfigError(f"config error at '{key}[{i}]': unknown stage {name!r}; known: {sorted(STAGES)}")

@@ -17,6 +17,7 @@ Commands: embedded/README.md.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -150,6 +151,7 @@ def evaluate_base(run: RunConfig, out: Path) -> dict | None:
     the smallest eval budget, on the eval shards, into out/eval/report.{json,md}."""
     from pipeline.data.loader import list_shards
     from pipeline.eval.evaluate import evaluate_checkpoints
+    from pipeline.eval.methods import UNPRUNED
 
     e = run.eval
     try:
@@ -159,19 +161,10 @@ def evaluate_base(run: RunConfig, out: Path) -> dict | None:
     if not found:
         log.warning("no eval shards at %s: base not evaluated (run the shards stage first)", e.shards)
         return None
+    # the run's eval settings, narrowed to random pruning at the smallest budget, timed once
+    settings = dataclasses.replace(e, budgets=[min(e.budgets)], methods=["random"], timing_repeats=1, overlay_images=0)
     report = evaluate_checkpoints(
-        {"unpruned": str(out / "model")},
-        e.shards,
-        out / "eval",
-        budgets=[min(e.budgets)],
-        methods=["random"],
-        limit=e.limit,
-        batch_size=e.batch_size,
-        max_new_tokens=e.max_new_tokens,
-        timing_repeats=1,
-        overlay_images=0,
-        title="base",
-        base_bar=base_goals,
+        {UNPRUNED: str(out / "model")}, out / "eval", settings, title="base", base_bar=base_goals
     )
     goals = report["summary"]["base"]
     log.info(
@@ -190,7 +183,9 @@ def base_goals(records: list[dict], prior: dict) -> dict:
     """The embedded base's bar: unpruned coarse >= 0.95 and fine >= 0.85, every
     question type above its no-image prior, and random pruning at the smallest budget losing
     >= 10 points on fine and less on coarse (else the benchmark does not discriminate)."""
-    ref = next((r for r in records if r["method"] == "unpruned"), None)
+    from pipeline.eval.methods import UNPRUNED
+
+    ref = next((r for r in records if r["method"] == UNPRUNED), None)
     if ref is None:
         return {}
     fam, qt = ref["accuracy_by_family"], ref["accuracy_by_qtype"]

@@ -15,11 +15,12 @@ def run(run: RunConfig, ctx: Context, out: Path) -> bool:
     if ctx.dist.rank == 0:
         from model import AtpLlavaConfig
         from pipeline.eval import evaluate
-        from pipeline.stages.variants import SFT_REFERENCE, main_budget, variant_name
+        from pipeline.eval.methods import SFT_REFERENCE, UNPRUNED, variant_name
+        from pipeline.stages.variants import main_budget
 
         run_dir = Path(run.run_dir)
         lv = AtpLlavaConfig.from_pretrained(run_dir / "projector").num_visual_tokens
-        models = {"unpruned": run_dir / "projector"}
+        models = {UNPRUNED: run_dir / "projector"}
         if run.eval.sft_reference:
             models[SFT_REFERENCE] = run_dir / "variants" / SFT_REFERENCE / "export"
         for method in run.eval.trained:
@@ -28,21 +29,6 @@ def run(run: RunConfig, ctx: Context, out: Path) -> bool:
         b = main_budget(run, lv)
         if b is not None and run.export.pruning == "atp":
             models[("atp", b)] = run_dir / "export"
-        e = run.eval
-        evaluate.evaluate_checkpoints(
-            models,
-            e.shards,
-            out,
-            budgets=e.budgets,
-            methods=e.methods,
-            limit=e.limit,
-            batch_size=e.batch_size,
-            max_new_tokens=e.max_new_tokens,
-            timing_batch=e.timing_batch,
-            timing_repeats=e.timing_repeats,
-            decode_tokens=e.decode_tokens,
-            overlay_images=e.overlay_images,
-            title=str(run_dir),
-        )
+        evaluate.evaluate_checkpoints(models, out, run.eval, title=str(run_dir))
     barrier()
     return True

@@ -89,7 +89,7 @@ def _calibrate_budget(model, run: RunConfig, start: Path) -> None:
     from transformers import AutoImageProcessor, AutoTokenizer
 
     from model.calibration import calibrate_budget
-    from pipeline.eval.evaluate import load_samples, prompt_inputs
+    from pipeline.eval.samples import load_samples, prompt_inputs
 
     processor = (AutoTokenizer.from_pretrained(start), AutoImageProcessor.from_pretrained(start))
     samples = load_samples(run.data.shards, limit=run.export.calibrate_budget)

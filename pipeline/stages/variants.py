@@ -22,23 +22,15 @@ from omegaconf import OmegaConf
 
 from pipeline.core.config import RunConfig
 from pipeline.core.distributed import barrier
+from pipeline.eval.methods import SFT_REFERENCE, TRAINED, match_budget, variant_name
 from pipeline.stages import Context, is_done, mark_done, require_done
 
 log = logging.getLogger(__name__)
 
 
-SFT_REFERENCE = "unpruned-sft"
-
-
-def variant_name(method: str, budget: float) -> str:
-    return f"{method}-{round(budget * 100)}"
-
-
 def main_budget(run: RunConfig, lv: int) -> float | None:
     """The eval budget the main sft's ATP model was trained for (None if none matches)."""
-    share = run.atp.target_tokens / lv
-    near = min(run.eval.budgets, key=lambda b: abs(b - share))
-    return near if abs(near - share) < 0.005 else None
+    return match_budget(run.atp.target_tokens / lv, run.eval.budgets)
 
 
 def planned(run: RunConfig, config) -> dict[str, dict]:
@@ -57,7 +49,7 @@ def planned(run: RunConfig, config) -> dict[str, dict]:
             elif method == "fixed":
                 atp = {"pruning": "fixed", "fixed_counts": counts_for_budget(list(run.atp.atp_layers), n_layers, lv, b)}
             else:
-                raise ValueError(f"config error at 'eval.trained': {method!r} is not a trained method (atp, fixed)")
+                raise ValueError(f"config error at 'eval.trained': {method!r} is not a trained method {TRAINED}")
             out[variant_name(method, b)] = {"atp": atp, "export": {"pruning": atp["pruning"]}}
     if run.eval.sft_reference:
         out[SFT_REFERENCE] = {"atp": {"pruning": "none"}, "export": {"pruning": "none", "calibrate_budget": 0}}

@@ -2,13 +2,14 @@
 
 A tag's COMPLETE marker records the run it came from (`record`): the world size, the ZeRO
 stage, the global batch, the model's architecture (`architecture`), every parameter's full
-shape and the frozen ones. Another ZeRO stage, shape, frozen set or architecture cannot be
-loaded; another global batch would change what a step means (the data position, the LR
-schedule's length) and is refused unless the run allows it (`train.allow_batch_change`).
-Another world size under ZeRO-3 (both runs) is loaded through DeepSpeed's universal
-checkpoint (`reshaped`); under other stages it is refused. Those are the run's
-configuration, not damage to the files, so `differences` names them before anything is
-loaded and nothing is set aside.
+shape and the frozen ones, and the data stream's identity (data seed, shard list). Another ZeRO
+stage, shape, frozen set or architecture cannot be loaded; another global batch would change
+what a step means (the data position, the LR schedule's length) and is refused unless the run
+allows it (`train.allow_batch_change`); another data seed or shard list would make the saved
+position a place in another stream (a resume would silently see other samples). Another world
+size under ZeRO-3 (both runs) is loaded through DeepSpeed's universal checkpoint (`reshaped`);
+under other stages it is refused. Those are the run's configuration, not damage to the files,
+so `differences` names them before anything is loaded and nothing is set aside.
 
 Markers written before the record existed carry no `saved_with`: DeepSpeed's own file names
 still tell the world size (one `*zero_pp_rank_R_*optim_states.pt` per data-parallel rank)
@@ -26,9 +27,10 @@ ZERO3_MODEL_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_\d+_model_states\.pt$"
 SHOWN = 3  # differing parameters named per kind; the rest are counted
 
 
-def record(module, world_size: int, zero_stage: int, global_batch: int | None = None) -> dict:
+def record(module, world_size: int, zero_stage: int, global_batch: int | None = None, data: dict | None = None) -> dict:
     """This run's layout. Under ZeRO-3 a parameter's full shape is `ds_shape` (its `shape` is
-    the local partition, empty on most ranks)."""
+    the local partition, empty on most ranks). `data`: the stream's identity
+    (`DataStream.identity`: seed, shards)."""
     params = dict(module.named_parameters())
     rec = {
         "world_size": int(world_size),
@@ -40,6 +42,8 @@ def record(module, world_size: int, zero_stage: int, global_batch: int | None = 
     config = getattr(module, "config", None)
     if config is not None and hasattr(config, "text_config"):
         rec["architecture"] = architecture(config)
+    if data is not None:
+        rec["data"] = data
     return rec
 
 
@@ -112,6 +116,29 @@ def differences(saved: dict, now: dict, allow_batch_change: bool = False) -> lis
             f"frozen parameters differ: {_names(was - new)} trainable now, {_names(new - was)} frozen now "
             "(model.freeze_*)"
         )
+    if "data" in saved and "data" in now:
+        out += _data_differences(saved["data"], now["data"])
+    return out
+
+
+def _data_differences(saved: dict, now: dict) -> list[str]:
+    """The data stream: another seed or shard list makes the saved position (global samples of
+    the epoch) a place in another order. The batch size is the global batch's business
+    (`differences`): the position is counted in samples, so the stream may be cut another way."""
+    out = (
+        [f"data.seed {saved['seed']} when saved, {now['seed']} now"]
+        if saved.get("seed", now["seed"]) != now["seed"]
+        else []
+    )
+    if "shards" in saved and saved["shards"] != now["shards"]:
+        gone, new = (
+            [s for s in saved["shards"] if s not in now["shards"]],
+            [s for s in now["shards"] if s not in saved["shards"]],
+        )
+        what = (
+            f"{_names(gone)} only then, {_names(new)} only now" if gone or new else "the same shards in another order"
+        )
+        out.append(f"data.shards differ ({len(saved['shards'])} shards when saved, {len(now['shards'])} now): {what}")
     return out
 
 

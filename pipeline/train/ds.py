@@ -1,7 +1,7 @@
-"""The DeepSpeed config: `ds_config.json` holds what is DeepSpeed's own business (ZeRO
-stage 3, overlap_comm, gathering 16-bit weights on save); everything the run YAML also
-describes (batch sizes, optimizer, scheduler, precision, clipping) is "auto" there and
-filled here (the scheduler as a client LambdaLR), so the YAML stays the one source of truth.
+"""The DeepSpeed config: `ds_config.json` holds what is DeepSpeed's own business (overlap_comm,
+bucket sizes, gathering 16-bit weights on save); everything the run YAML also describes (batch
+sizes, optimizer, scheduler, precision, clipping, the ZeRO stage: `train.zero_stage`) is "auto"
+there and filled here (the scheduler as a client LambdaLR), so the YAML stays the one source of truth.
 
 Also the switch that tells transformers a ZeRO-3 run is on (`zero3_enabled`): while it is
 held, `from_pretrained` / `_from_config` build under `deepspeed.zero.Init` and load weights
@@ -27,13 +27,18 @@ OWNED = (
     "optimizer",
     "scheduler",
 )
+# ... and inside zero_optimization: the stage is train.zero_stage's (one owner per key)
+OWNED_ZERO = ("stage",)
 
 
 def load_ds_json(path: str) -> dict:
     with open(path) as f:
         ds = json.load(f)
-    for key in OWNED:
-        if key in ds and ds[key] != "auto":
+    zero = ds.get("zero_optimization", {})
+    owned = [(k, ds) for k in OWNED] + [(f"zero_optimization.{k}", zero) for k in OWNED_ZERO]
+    for key, section in owned:
+        name = key.rsplit(".", 1)[-1]
+        if name in section and section[name] != "auto":
             raise ConfigError(
                 f"config error at '{path}:{key}': set it in the run YAML (train.*); "
                 'ds_config.json must leave it "auto"'

@@ -26,6 +26,11 @@ The memory plan of a run before it starts, per GPU (docs: pipeline/README.md "Pl
   With gradient checkpointing (model.gradient_checkpointing) a layer keeps only its input
   (L h b_w) and one layer is recomputed at a time (its full activations once), the masks and
   the head unchanged.
+- The backward's working set on top of what is kept, per sample: the soft-mask attention's
+  backward in one layer holds the gradients of the softmax output and of the scores (2 H L^2
+  b_c) and the mask's gradient (L^2 b_c) at once. Negligible at a few hundred tokens, it is
+  two fifths of the peak with checkpointing at L = 2048 (torch's MemTracker at
+  shape576.yaml's shape: 80.5 MiB of 200 MiB; docs/RESULTS.md "The 576-token run").
   Not modelled: the runtime's own working memory (DeepSpeed's engine and buckets, kernel
   workspaces; about 90 MiB on the CPU for the embedded default, docs/RESULTS.md) and what
   the allocator holds beyond the live tensors: --reserve covers them.
@@ -215,7 +220,8 @@ def element_sizes(precision: str) -> tuple[int, int]:
 
 
 def activations(s: Shape, L: int, b_w: int, b_c: int, train_vision: bool) -> dict:
-    """Bytes per sample (the formulas of the module docstring)."""
+    """Bytes per sample (the formulas of the module docstring): `without_gc` / `with_gc` the peak,
+    `saved_*` what autograd keeps for the backward."""
     layer_tok = 4 * s.h * b_w + (2 * s.h + 2 * s.h_kv + 4 * s.i) * b_c
     probs = s.heads * L * L * b_c + L * (s.h + s.h_kv) * b_c  # per layer: softmax, and q/k scaled by the math path
     masks = s.groups * L * L * b_c
@@ -225,12 +231,17 @@ def activations(s: Shape, L: int, b_w: int, b_c: int, train_vision: bool) -> dic
     vision_layer = s.patches * (8 * s.h_v + 2 * s.i_v) * b_c + s.heads_v * s.patches**2 * b_c
     if train_vision:
         vision = s.layers_v * vision_layer
-    without_gc = s.layers * layer + masks + head + vision
     vision_gc = (s.layers_v * s.patches * s.h_v * b_w + vision_layer) if train_vision else 0
-    with_gc = s.layers * L * s.h * b_w + layer + masks + head + vision_gc
+    working = (2 * s.heads + 1) * L * L * b_c  # one layer's attention backward: d(softmax), d(scores), d(mask)
+    saved = s.layers * layer + masks + head + vision
+    saved_gc = s.layers * L * s.h * b_w + layer + masks + head + vision_gc
     return {
-        "without_gc": without_gc,
-        "with_gc": with_gc,
+        # the peak per sample: what is kept for the backward, and the backward's working set
+        "without_gc": saved + working,
+        "with_gc": saved_gc + working,
+        "saved_without_gc": saved,
+        "saved_with_gc": saved_gc,
+        "backward_working": working,
         "soft_mask_attention": s.layers * probs + masks,
         "soft_mask_attention_with_gc": probs + masks,
         "lm_head": head,
@@ -369,6 +380,7 @@ def render(r: dict) -> str:
         f"    of which soft-mask attention (softmax + masks): {gb(act['soft_mask_attention'])} without, "
         f"{gb(act['soft_mask_attention_with_gc'])} with checkpointing (a fused kernel keeps neither)",
         f"    of which LM head (logits + fp32 log-softmax):   {gb(act['lm_head'])}",
+        f"    of which the backward's working set (one layer's attention gradients): {gb(act['backward_working'])}",
         f"  at micro-batch {c['micro_batch']} (checkpointing {gc}): {gb(pg['total_bytes'])} of "
         f"{c['gpu_mem_gib'] * (1 - c['reserve']):.2f} GiB usable -> {'fits' if pg['fits'] else 'DOES NOT FIT'}",
         f"  largest micro-batch that fits: {pg['largest_micro_batch']['without_gc']} without, "

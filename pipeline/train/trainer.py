@@ -14,7 +14,8 @@ Stages `sft`, `base` and `variants` call `train` (pipeline/stages/).
   read, nothing is decoded). Resampled mode: a stream fixed by (data.seed, epoch, rank,
   worker), drawn with replacement; a resumed run replays position / (world x batch)
   batches of each rank's stream (exact on the same world size; on another one it continues
-  the new ranks' streams at the same sample count).
+  the new ranks' streams at the same sample count). The checkpoint's record holds the data
+  seed and shard list; a resume with others is refused (pipeline.train.ckpt_record).
 - Another world size (ZeRO-3): the checkpoint is converted to DeepSpeed's universal
   checkpoint and loaded from it (pipeline.train.checkpoint: `resume_plan`, `to_universal`), the
   fp32 weights checked bit-identical against the saved digest; the global batch must stay
@@ -51,14 +52,14 @@ import torch.distributed as tdist
 from model import AtpLlavaConfig, AtpLlavaForConditionalGeneration
 from pipeline.core.config import RunConfig
 from pipeline.core.distributed import StopRequested, mark_preempted, use_cuda
-from pipeline.data.loader import build_loader
+from pipeline.data.loader import build_loader, list_shards
 from pipeline.train import checkpoint, ckpt_record
 from pipeline.train.build import apply_atp_fields
 from pipeline.train.ds import build_ds_config, lr_schedule, use_autocast, use_bf16, zero3_enabled
 from pipeline.train.monitor import Monitor
 
 log = logging.getLogger(__name__)
-LOSS_TERMS = ("total", "ntp", "atp", "target")
+LOSS_TERMS = ("total", "ntp", "atp", "target", "marginal")
 REPAIRED = ("truncated", "converted_image")  # counted by the loader, but kept, not skipped
 
 
@@ -69,146 +70,172 @@ class NonFiniteTraining(RuntimeError):
 def train(run: RunConfig, ctx, out: Path, start: Path, tb_dir: Path | None = None) -> bool:
     """The training loop: from the HF dir `start` into `out`, TensorBoard scalars into `tb_dir`
     (default run_dir/tb). ctx: a stage's Context (dist, stop). False: stopped on a signal."""
-    import deepspeed
-    from transformers import AutoImageProcessor, AutoTokenizer
+    return SftRecipe(run, ctx, out, start, tb_dir).run()
 
-    dist, stop = ctx.dist, ctx.stop
-    run_dir = Path(run.run_dir)
-    if run.train.max_nonfinite_steps < 1:
-        raise ValueError(
-            f"config error at 'train.max_nonfinite_steps': must be >= 1, got {run.train.max_nonfinite_steps}"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    _seed_everything(run.seed)
 
-    tokenizer = AutoTokenizer.from_pretrained(start)
-    image_processor = AutoImageProcessor.from_pretrained(start)
-    config = apply_atp_fields(AtpLlavaConfig.from_pretrained(start), run)
-    data = DataStream(run, tokenizer, image_processor, config, dist)
-    steps_per_epoch = data.batches_per_epoch // run.train.grad_accum
-    if steps_per_epoch < 1:
-        raise ValueError(f"an epoch has {data.batches_per_epoch} batches per rank, fewer than train.grad_accum")
-    total_steps = steps_per_epoch * run.train.epochs
-    if run.train.max_steps:
-        total_steps = min(total_steps, run.train.max_steps)
+class SftRecipe:
+    """One sft run, in the order it happens: `setup` (model, data, DeepSpeed engine; False when
+    a signal came while waiting for the calibration batch), `resume` (the newest complete
+    checkpoint, if any), `step` (one optimizer step, with its logging, checks and saves),
+    `save`, `halt` (save and stop on a signal) and `close`. `run` strings them together."""
 
-    cuda = use_cuda()
-    peak = PeakMemory()  # the baseline: before the model is built
-    ds = build_ds_config(
-        run, world_size=dist.world_size, total_steps=total_steps, hidden_size=config.text_config.hidden_size, cuda=cuda
-    )
-    dtype = torch.bfloat16 if use_bf16(run, cuda) else torch.float32
-    autocast = torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=use_autocast(run, cuda))
-    with zero3_enabled(ds):
-        model = AtpLlavaForConditionalGeneration.from_pretrained(start, config=config, dtype=dtype)
-    model.config.use_cache = False
-    ckpt_dir = out / checkpoint.DIRNAME
-    # One process can stop cleanly while it waits for data (nothing of a step done yet);
-    # ranks stop together after a step, their wait bounded by data.max_consecutive_bad.
-    wait = stop.interruptible if dist.world_size == 1 else contextlib.nullcontext
-    if run.train.calibrate_thresholds and config.pruning == "atp" and checkpoint.resume_tag(ckpt_dir) is None:
-        try:
-            with wait():
-                first = next(iter(data.make(0)))
-        except StopRequested as e:
-            log.warning("%s while waiting for the first batch: stopping before training", e)
-            stop.should_stop()
-            if stop.preempted:
-                mark_preempted(run_dir)
+    def __init__(self, run: RunConfig, ctx, out: Path, start: Path, tb_dir: Path | None = None):
+        self.cfg, self.dist, self.stop = run, ctx.dist, ctx.stop
+        self.out, self.start, self.run_dir = out, start, Path(run.run_dir)
+        self.tb_dir = tb_dir or self.run_dir / "tb"
+        self.ckpt_dir = out / checkpoint.DIRNAME
+        self.step_no, self.saved_at = 0, 0
+        self.nonfinite = {"total": 0, "in_row": 0}
+        self.monitor: Monitor | None = None
+        # One process can stop cleanly while it waits for data (nothing of a step done yet);
+        # ranks stop together after a step, their wait bounded by data.max_consecutive_bad.
+        self.wait = self.stop.interruptible if self.dist.world_size == 1 else contextlib.nullcontext
+
+    def run(self) -> bool:
+        if not self.setup():
             return False
-        _calibrate(model, first, ds, autocast, dtype)
-    groups = _param_groups(model, run)
-    # What a checkpoint must have been saved with to load here; a mismatch stops the run
-    # before the engine is built, and nothing is renamed (it is not a broken checkpoint).
-    zero_stage = ds["zero_optimization"]["stage"]
-    record = ckpt_record.record(model, dist.world_size, zero_stage, global_batch=ds["train_batch_size"])
-    plan = checkpoint.resume_plan(ckpt_dir, record, allow_batch_change=run.train.allow_batch_change)
-    universal = None
-    if plan is not None and plan.reshaped:
-        log.warning(
-            "checkpoint %s/%s was saved on world size %s, this run has %d: resuming through DeepSpeed's "
-            "universal checkpoint (the original is kept)",
-            ckpt_dir,
-            plan.tag,
-            plan.saved_with["world_size"],
-            dist.world_size,
+        self.resume()
+        while self.step_no < self.total_steps:
+            try:
+                self.step()
+            except StopRequested as e:
+                log.warning("%s while waiting for the data of step %d", e, self.step_no + 1)
+                self.stop.should_stop()
+                return self.halt()
+            if self.step_no < self.total_steps and self.stop.should_stop():
+                return self.halt()
+        self.close()
+        return True
+
+    # -------------------------------------------------------------- setup and resume
+
+    def setup(self) -> bool:
+        import deepspeed
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        run, dist, start = self.cfg, self.dist, self.start
+        if run.train.max_nonfinite_steps < 1:
+            raise ValueError(
+                f"config error at 'train.max_nonfinite_steps': must be >= 1, got {run.train.max_nonfinite_steps}"
+            )
+        self.out.mkdir(parents=True, exist_ok=True)
+        _seed_everything(run.seed)
+
+        tokenizer = AutoTokenizer.from_pretrained(start)
+        self.image_processor = AutoImageProcessor.from_pretrained(start)
+        self.config = config = apply_atp_fields(AtpLlavaConfig.from_pretrained(start), run)
+        self.data = DataStream(run, tokenizer, self.image_processor, config, dist)
+        steps_per_epoch = self.data.batches_per_epoch // run.train.grad_accum
+        if steps_per_epoch < 1:
+            raise ValueError(
+                f"an epoch has {self.data.batches_per_epoch} batches per rank, fewer than train.grad_accum"
+            )
+        self.total_steps = steps_per_epoch * run.train.epochs
+        if run.train.max_steps:
+            self.total_steps = min(self.total_steps, run.train.max_steps)
+
+        cuda = use_cuda()
+        self.peak = PeakMemory()  # the baseline: before the model is built
+        ds = build_ds_config(
+            run,
+            world_size=dist.world_size,
+            total_steps=self.total_steps,
+            hidden_size=config.text_config.hidden_size,
+            cuda=cuda,
         )
-        checkpoint.to_universal(ckpt_dir, plan.tag)
-        ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
-        universal = plan.tag
-    if run.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=groups, config=ds, lr_scheduler=lr_schedule(run, total_steps)
-    )
-    group_names = [g["name"] for g in groups]
-
-    loaded = checkpoint.load(
-        engine,
-        ckpt_dir,
-        world_size=dist.world_size,
-        record=record,
-        universal=universal,
-        allow_batch_change=run.train.allow_batch_change,
-    )
-    step, nonfinite = 0, {"total": 0, "in_row": 0}
-    if loaded is not None:
-        tag, client = loaded
-        step = client["step"]
-        data.restore(client["data"], reshaped=universal is not None)
-        _set_rng(client["rng"])
-        nonfinite.update(client.get("nonfinite", {}))
-        log.info("resumed from %s/%s at step %d, data %s", ckpt_dir, tag, step, data.position())
-    monitor = Monitor(
-        active=dist.rank == 0,
-        tb_dir=tb_dir or run_dir / "tb",
-        metrics_path=out / "metrics.jsonl",
-        start_step=step,
-        total_steps=total_steps,
-    )
-    _report_memory(engine, out, dist, monitor)
-
-    def save():
-        position = data.position() | {"skipped_all_ranks": data.skipped_all_ranks()}  # for another world size
-        checkpoint.save(
-            engine,
-            ckpt_dir,
-            step,
-            keep=run.train.keep_checkpoints,
-            record=record,
-            digest=zero_stage == 3,
-            client_state={"step": step, "data": position, "rng": _get_rng(), "nonfinite": dict(nonfinite)},
+        self.dtype = torch.bfloat16 if use_bf16(run, cuda) else torch.float32
+        self.autocast = torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=use_autocast(run, cuda))
+        with zero3_enabled(ds):
+            model = AtpLlavaForConditionalGeneration.from_pretrained(start, config=config, dtype=self.dtype)
+        model.config.use_cache = False
+        if run.train.calibrate_thresholds and config.pruning == "atp" and checkpoint.resume_tag(self.ckpt_dir) is None:
+            try:
+                with self.wait():
+                    first = next(iter(self.data.make(0)))
+            except StopRequested as e:
+                log.warning("%s while waiting for the first batch: stopping before training", e)
+                self.stop.should_stop()
+                if self.stop.preempted:
+                    mark_preempted(self.run_dir)
+                return False
+            _calibrate(model, first, ds, self.autocast, self.dtype)
+        groups = _param_groups(model, run)
+        # What a checkpoint must have been saved with to load here; a mismatch stops the run
+        # before the engine is built, and nothing is renamed (it is not a broken checkpoint).
+        self.zero_stage = ds["zero_optimization"]["stage"]  # train.zero_stage, filled by build_ds_config
+        self.record = ckpt_record.record(
+            model, dist.world_size, self.zero_stage, global_batch=ds["train_batch_size"], data=self.data.identity()
         )
+        plan = checkpoint.resume_plan(self.ckpt_dir, self.record, allow_batch_change=run.train.allow_batch_change)
+        self.universal = None  # the tag loaded through DeepSpeed's universal checkpoint, if any
+        if plan is not None and plan.reshaped:
+            log.warning(
+                "checkpoint %s/%s was saved on world size %s, this run has %d: resuming through DeepSpeed's "
+                "universal checkpoint (the original is kept)",
+                self.ckpt_dir,
+                plan.tag,
+                plan.saved_with["world_size"],
+                dist.world_size,
+            )
+            checkpoint.to_universal(self.ckpt_dir, plan.tag)
+            ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
+            self.universal = plan.tag
+        if run.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=groups, config=ds, lr_scheduler=lr_schedule(run, self.total_steps)
+        )
+        self.group_names = [g["name"] for g in groups]
+        return True
 
-    def halt() -> bool:
-        log.warning("%s: saving at step %d and stopping", stop.signal_name, step)
-        if saved_at != step:
-            save()
-        if stop.preempted:
-            mark_preempted(run_dir)
-        monitor.close()
-        return False
+    def resume(self) -> None:
+        """The newest complete checkpoint's weights, optimizer, step, data position, RNG and
+        non-finite counts (none: step 0); then the monitor, which drops what a crashed run
+        logged after that step."""
+        loaded = checkpoint.load(
+            self.engine,
+            self.ckpt_dir,
+            world_size=self.dist.world_size,
+            record=self.record,
+            universal=self.universal,
+            allow_batch_change=self.cfg.train.allow_batch_change,
+        )
+        if loaded is not None:
+            tag, client = loaded
+            self.step_no = client["step"]
+            self.data.restore(client["data"], reshaped=self.universal is not None)
+            _set_rng(client["rng"])
+            self.nonfinite.update(client.get("nonfinite", {}))
+            log.info("resumed from %s/%s at step %d, data %s", self.ckpt_dir, tag, self.step_no, self.data.position())
+        self.monitor = Monitor(
+            active=self.dist.rank == 0,
+            tb_dir=self.tb_dir,
+            metrics_path=self.out / "metrics.jsonl",
+            start_step=self.step_no,
+            total_steps=self.total_steps,
+        )
+        _report_memory(self.engine, self.out, self.dist, self.monitor)
+        self.engine.train()
+        self.saved_at = self.step_no
 
-    engine.train()
-    saved_at = step
-    accum = run.train.grad_accum
-    while step < total_steps:
+    # -------------------------------------------------------------- one optimizer step
+
+    def step(self) -> None:
+        """One optimizer step over `train.grad_accum` micro-batches, then its scalars, the
+        non-finite check, the kept-token image, the checkpoint and the fault injection.
+        StopRequested: a signal while waiting for the step's first batch (nothing done)."""
+        run, engine = self.cfg, self.engine
         t0 = time.perf_counter()
         lrs = engine.get_lr()  # what this step uses
-        stats, image_sample, data_s, finite = StepStats(config, accum), None, 0.0, True
-        seq_len = 0  # the longest padded micro-batch of the step, for the memory plan
+        accum = run.train.grad_accum
+        stats, image_sample, data_s, finite = StepStats(self.config, accum), None, 0.0, True
         for i in range(accum):
             td = time.perf_counter()
-            try:
-                batch = data.next(wait if i == 0 else contextlib.nullcontext)
-            except StopRequested as e:
-                log.warning("%s while waiting for the data of step %d", e, step + 1)
-                stop.should_stop()
-                return halt()
+            batch = self.data.next(self.wait if i == 0 else contextlib.nullcontext)
             data_s += time.perf_counter() - td
-            seq_len = max(seq_len, batch["input_ids"].shape[1])
-            with autocast:
-                outputs = engine(**_model_inputs(batch, engine.device, dtype))
+            stats.seq_len = max(stats.seq_len, batch["input_ids"].shape[1])
+            with self.autocast:
+                outputs = engine(**_model_inputs(batch, engine.device, self.dtype))
             engine.backward(outputs.loss)
             finite = finite and bool(torch.isfinite(outputs.loss.detach()).all())
             if i < accum - 1:
@@ -217,51 +244,89 @@ def train(run: RunConfig, ctx, out: Path, start: Path, tb_dir: Path | None = Non
                 bad_step = _boundary_step(engine, finite)
             stats.add(outputs, batch)
             image_sample = image_sample or _first_image(batch, outputs)
-        step += 1
+        self.step_no += 1
+        step = self.step_no
         step_s = time.perf_counter() - t0
-        nonfinite["total"] += bad_step
-        nonfinite["in_row"] = nonfinite["in_row"] + 1 if bad_step else 0
-        if bad_step:
-            log.warning(
-                "step %d: non-finite loss or gradients, update skipped (%d in a row, %d in all)",
-                step,
-                nonfinite["in_row"],
-                nonfinite["total"],
-            )
-        if step % run.train.log_every == 0 or step == total_steps or bad_step:  # bad_step: agreed by all ranks
-            scalars = stats.reduce(dist.world_size)
-            scalars.update({f"lr/{n}": lr for n, lr in zip(group_names, lrs)})
-            scalars["perf/samples_per_s"] = scalars.pop("samples") / step_s
-            scalars["perf/step_s"] = step_s
-            scalars["perf/data_s"] = data_s
-            skipped = data.skipped_all_ranks()
-            scalars["data/skipped/total"] = sum(n for k, n in skipped.items() if k not in REPAIRED)
-            scalars.update({f"data/skipped/{kind}": n for kind, n in skipped.items()})
-            scalars["train/nonfinite_steps"] = nonfinite["total"]
-            scalars["train/step_skipped"] = float(bad_step)
-            scalars.update(peak.scalars(engine.device, seq_len))
-            monitor.step(step, scalars, record=scalars)
-        if nonfinite["in_row"] >= run.train.max_nonfinite_steps:
-            monitor.close()
+        self._count_nonfinite(bad_step)
+        if step % run.train.log_every == 0 or step == self.total_steps or bad_step:  # bad_step: agreed by all ranks
+            self._log(stats, lrs, step_s, data_s, bad_step)
+        if self.nonfinite["in_row"] >= run.train.max_nonfinite_steps:
+            self.close()
             raise NonFiniteTraining(
-                f"{nonfinite['in_row']} optimizer steps in a row (to step {step}) had a non-finite loss or "
-                f"gradients, {nonfinite['total']} in all: stopping (train.max_nonfinite_steps="
-                f"{run.train.max_nonfinite_steps}). The weights are those of step {step - nonfinite['in_row']} "
+                f"{self.nonfinite['in_row']} optimizer steps in a row (to step {step}) had a non-finite loss or "
+                f"gradients, {self.nonfinite['total']} in all: stopping (train.max_nonfinite_steps="
+                f"{run.train.max_nonfinite_steps}). The weights are those of step {step - self.nonfinite['in_row']} "
                 "(the last checkpoint before it is the resume point): check the data for NaN/inf, lower the lr."
             )
         if image_sample is not None and step % run.train.image_every == 0:
-            monitor.kept_tokens_image(step, *_denormalise(image_sample, image_processor), config.grid_size)
-
-        if step % run.train.checkpoint_every == 0 or step == total_steps:
-            save()
-            saved_at = step
-        if run.train.crash_at_step == step and dist.rank == run.train.crash_rank:
-            log.warning("train.crash_at_step=%d: rank %d kills itself (fault-injection test)", step, dist.rank)
+            pixels, keep = _denormalise(image_sample, self.image_processor)
+            self.monitor.kept_tokens_image(step, pixels, keep, self.config.grid_size)
+        if step % run.train.checkpoint_every == 0 or step == self.total_steps:
+            self.save()
+        if run.train.crash_at_step == step and self.dist.rank == run.train.crash_rank:
+            log.warning("train.crash_at_step=%d: rank %d kills itself (fault-injection test)", step, self.dist.rank)
             os.kill(os.getpid(), signal.SIGKILL)
-        if step < total_steps and stop.should_stop():
-            return halt()
-    monitor.close()
-    return True
+
+    def _count_nonfinite(self, bad_step: bool) -> None:
+        self.nonfinite["total"] += bad_step
+        self.nonfinite["in_row"] = self.nonfinite["in_row"] + 1 if bad_step else 0
+        if bad_step:
+            log.warning(
+                "step %d: non-finite loss or gradients, update skipped (%d in a row, %d in all)",
+                self.step_no,
+                self.nonfinite["in_row"],
+                self.nonfinite["total"],
+            )
+
+    def _log(self, stats: StepStats, lrs, step_s: float, data_s: float, bad_step: bool) -> None:
+        scalars = stats.reduce(self.dist.world_size)
+        scalars.update({f"lr/{n}": lr for n, lr in zip(self.group_names, lrs)})
+        scalars["perf/samples_per_s"] = scalars.pop("samples") / step_s
+        scalars["perf/step_s"] = step_s
+        scalars["perf/data_s"] = data_s
+        skipped = self.data.skipped_all_ranks()
+        scalars["data/skipped/total"] = sum(n for k, n in skipped.items() if k not in REPAIRED)
+        scalars.update({f"data/skipped/{kind}": n for kind, n in skipped.items()})
+        scalars["train/nonfinite_steps"] = self.nonfinite["total"]
+        scalars["train/step_skipped"] = float(bad_step)
+        scalars.update(self.peak.scalars(self.engine.device, stats.seq_len))
+        self.monitor.step(self.step_no, scalars, record=scalars)
+
+    # -------------------------------------------------------------- save, stop, close
+
+    def save(self) -> None:
+        """Collective: a checkpoint of this step (weights, optimizer, client state)."""
+        client = {
+            "step": self.step_no,
+            # with every rank's skip counts: a resume on another world size restores rank 0's
+            "data": self.data.position() | {"skipped_all_ranks": self.data.skipped_all_ranks()},
+            "rng": _get_rng(),
+            "nonfinite": dict(self.nonfinite),
+        }
+        checkpoint.save(
+            self.engine,
+            self.ckpt_dir,
+            self.step_no,
+            keep=self.cfg.train.keep_checkpoints,
+            record=self.record,
+            digest=self.zero_stage == 3,
+            client_state=client,
+        )
+        self.saved_at = self.step_no
+
+    def halt(self) -> bool:
+        """A stop signal: save (unless this step is saved), mark a preemption, stop (False)."""
+        log.warning("%s: saving at step %d and stopping", self.stop.signal_name, self.step_no)
+        if self.saved_at != self.step_no:
+            self.save()
+        if self.stop.preempted:
+            mark_preempted(self.run_dir)
+        self.close()
+        return False
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
 
 
 def _boundary_step(engine, loss_finite: bool) -> bool:
@@ -330,10 +395,16 @@ class DataStream:
             **({"start": start} if self.exact else {}),
         )
         self.rank, self.per_batch = dist.rank, dist.world_size * run.data.batch_size  # samples per batch round
+        self._identity = {"seed": run.data.seed, "shards": [str(s) for s in list_shards(run.data.shards)]}
         self.batches_per_epoch = self.make(0).num_batches
         self.epoch, self.start, self.batch = 0, 0, 0  # exact: the loader opens at `start`; batches taken since
         self.skipped = Counter()  # skips of finished epochs (and of the run before a resume)
         self._loader = self._it = None
+
+    def identity(self) -> dict:
+        """What fixes the order the position is a place in: data seed and shard list (kept in
+        the checkpoint's record; ckpt_record refuses a resume where they differ)."""
+        return dict(self._identity)
 
     def position(self) -> dict:
         sample = self.start + self.batch * self.per_batch
@@ -399,51 +470,63 @@ def _model_inputs(batch: dict, device, dtype) -> dict:
 class StepStats:
     """Per-step averages over micro-batches and ranks: every loss term, N_bar, tokens kept
     after each ATP module (soft: sum of C_k; hard: C_k >= 0.5, what inference would keep
-    given these masks), the thresholds' mean/min/max per module."""
+    given these masks), the thresholds' mean/min/max per module. Each statistic is a named
+    float64 tensor; `reduce` sends the sums in one all_reduce and the extremes in two."""
+
+    SUMS = ("loss", "n_bar", "samples", "kept", "theta_mean", "kept_hard")  # summed, in this order
 
     def __init__(self, config, accum: int):
-        self.k = len(config.atp_layers) if config.pruning != "none" else 0
+        self.k = k = len(config.atp_layers) if config.pruning != "none" else 0
         self.accum = accum
-        self.sums = torch.zeros(len(LOSS_TERMS) + 2 + 4 * self.k, dtype=torch.float64)
-        self.mins = torch.full((2 * self.k,), float("inf"), dtype=torch.float64)
-        self.maxs = torch.full((2 * self.k,), float("-inf"), dtype=torch.float64)
+
+        def zeros(*shape):
+            return torch.zeros(shape, dtype=torch.float64)
+
+        self.loss = zeros(len(LOSS_TERMS))  # LOSS_TERMS
+        self.n_bar, self.samples = zeros(1), zeros(1)
+        self.kept, self.kept_hard = zeros(k), zeros(k)  # per module: soft sum of C_k, count of C_k >= 0.5
+        self.theta_mean = zeros(2, k)  # [theta_r, theta_s] x module, per-step mean over images
+        self.theta_min = torch.full((2, k), float("inf"), dtype=torch.float64)
+        self.theta_max = torch.full((2, k), float("-inf"), dtype=torch.float64)
+        self.seq_len = 0  # the longest padded micro-batch (data/max_seq_len, the memory plan's L)
 
     def add(self, outputs, batch) -> None:
         losses = outputs.atp_losses or {}
-        vec = [float(losses.get(t, 0.0)) for t in LOSS_TERMS]
-        vec += [float(losses.get("n_bar", 0.0)), float(len(batch["keys"]))]
+        self.loss += torch.tensor([float(losses.get(t, 0.0)) for t in LOSS_TERMS], dtype=torch.float64)
+        self.n_bar += float(losses.get("n_bar", 0.0))
+        self.samples += float(len(batch["keys"]))
         info, has_img = outputs.atp_info, batch["has_image"]
         if self.k and info is not None and has_img.any():
             keep = info["keep"].float()[has_img.to(info["keep"].device)]  # [n_img, K, Lv]
             theta = info["thresholds"].float()[has_img.to(info["thresholds"].device)]  # [n_img, K, 2]
-            vec += keep.sum(-1).mean(0).tolist()
-            vec += theta[..., 0].mean(0).tolist() + theta[..., 1].mean(0).tolist()
-            vec += (keep >= 0.5).float().sum(-1).mean(0).tolist()
-            flat = theta.permute(2, 1, 0).reshape(2 * self.k, -1).double().cpu()  # [r_0..r_K-1, s_0..]
-            self.mins = torch.minimum(self.mins, flat.min(1).values)
-            self.maxs = torch.maximum(self.maxs, flat.max(1).values)
-        else:
-            vec += [0.0] * (4 * self.k)
-        self.sums += torch.tensor(vec, dtype=torch.float64)
+            self.kept += torch.tensor(keep.sum(-1).mean(0).tolist(), dtype=torch.float64)
+            means = [theta[..., 0].mean(0).tolist(), theta[..., 1].mean(0).tolist()]  # theta_r, theta_s
+            self.theta_mean += torch.tensor(means, dtype=torch.float64)
+            self.kept_hard += torch.tensor((keep >= 0.5).float().sum(-1).mean(0).tolist(), dtype=torch.float64)
+            per_module = theta.permute(2, 1, 0).double().cpu()  # [2, K, n_img]
+            self.theta_min = torch.minimum(self.theta_min, per_module.min(-1).values)
+            self.theta_max = torch.maximum(self.theta_max, per_module.max(-1).values)
 
     def reduce(self, world: int) -> dict:
-        sums, mins, maxs = self.sums.clone(), self.mins.clone(), self.maxs.clone()
+        sums = torch.cat([getattr(self, f).reshape(-1) for f in self.SUMS])
+        mins, maxs = self.theta_min.clone(), self.theta_max.clone()
         if tdist.is_initialized() and world > 1:
             tdist.all_reduce(sums)
             tdist.all_reduce(mins, op=tdist.ReduceOp.MIN)
             tdist.all_reduce(maxs, op=tdist.ReduceOp.MAX)
+        parts = dict(zip(self.SUMS, sums.split([getattr(self, f).numel() for f in self.SUMS])))
         n = self.accum * world
-        out = {f"loss/{t}": sums[i].item() / n for i, t in enumerate(LOSS_TERMS)}
-        out["atp/n_bar"] = sums[len(LOSS_TERMS)].item() / n
-        out["samples"] = sums[len(LOSS_TERMS) + 1].item()
-        base = len(LOSS_TERMS) + 2
+        out = {f"loss/{t}": parts["loss"][i].item() / n for i, t in enumerate(LOSS_TERMS)}
+        out["atp/n_bar"] = parts["n_bar"].item() / n
+        out["samples"] = parts["samples"].item()
+        theta_mean = parts["theta_mean"].reshape(2, self.k)
         for j in range(self.k):
-            out[f"atp/kept/module{j}"] = sums[base + j].item() / n
-            out[f"atp/kept_hard/module{j}"] = sums[base + 3 * self.k + j].item() / n
-            for which, off, row in (("theta_r", 1, j), ("theta_s", 2, self.k + j)):
-                out[f"atp/{which}/module{j}/mean"] = sums[base + off * self.k + j].item() / n
-                out[f"atp/{which}/module{j}/min"] = mins[row].item()
-                out[f"atp/{which}/module{j}/max"] = maxs[row].item()
+            out[f"atp/kept/module{j}"] = parts["kept"][j].item() / n
+            out[f"atp/kept_hard/module{j}"] = parts["kept_hard"][j].item() / n
+            for row, which in enumerate(("theta_r", "theta_s")):
+                out[f"atp/{which}/module{j}/mean"] = theta_mean[row, j].item() / n
+                out[f"atp/{which}/module{j}/min"] = mins[row, j].item()
+                out[f"atp/{which}/module{j}/max"] = maxs[row, j].item()
         return out
 
 

@@ -52,8 +52,9 @@ from lmms_eval.api.model import lmms
 from loguru import logger as eval_logger
 from tqdm import tqdm
 
-from model.baselines import POLICIES, make_policy
+from model.baselines import make_policy
 from pipeline.eval import answers
+from pipeline.eval.methods import POLICIES
 
 # ------------------------------------------------------------------ pruning modes
 
