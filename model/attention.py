@@ -64,7 +64,12 @@ def atp_attention(
 
 def _scores(atp_scores, kernel, query, key, value, attention_mask, atp_keys, scaling):
     """Fill `atp_scores.result` from this layer's q/k (and v, for a compute that reads it)."""
-    bias = attention_mask if attention_mask is not None else atp_keys.score_bias()
+    rows = atp_scores.q_index
+    if atp_keys is not None:  # the mask of the query rows alone: built for them off the SDPA path
+        bias = atp_keys.score_bias(rows)
+    else:
+        bias = attention_mask.expand(rows.shape[0], 1, -1, -1)
+        bias = bias.gather(2, rows[:, None, :, None].expand(-1, 1, -1, bias.shape[-1]))
     compute = atp_scores.compute if atp_scores.compute is not None else redundancy_scores
     # the score blocks index the padded layout: the packed path lays its q/k/v out that way for them
     # (value only for a compute that may read it: the default's S_self does not)

@@ -122,14 +122,15 @@ def select_kernel(requested: str, device, dtype: torch.dtype, masked: bool, trai
 
 
 # -- the structured mask the decoder loop passes ----------------------------------------------
-def dense_bias(live, log_m, dtype, q_len=None):
+def dense_bias(live, log_m, dtype, q_len=None, rows=None):
     """The SDPA reference's additive [B, 1, Lq, Lk] mask: causal (query i sits at key Lk - Lq + i),
-    dead keys off, `log m` on the rest. Dead rows see themselves so they stay finite (unused)."""
+    dead keys off, `log m` on the rest. Dead rows see themselves so they stay finite (unused).
+    rows [B, Q]: only those query rows ([B, 1, Q, Lk]; the block-wise scores need no more)."""
     B, Lk = live.shape
     Lq = Lk if q_len is None else q_len
-    qpos = torch.arange(Lk - Lq, Lk, device=live.device)[:, None]
-    kpos = torch.arange(Lk, device=live.device)[None, :]
-    allowed = ((kpos <= qpos)[None] & live[:, None, :]) | (kpos == qpos)[None]
+    qpos = (torch.arange(Lk - Lq, Lk, device=live.device)[None] if rows is None else rows + (Lk - Lq))[..., None]
+    kpos = torch.arange(Lk, device=live.device)
+    allowed = ((kpos <= qpos) & live[:, None, :]) | (kpos == qpos)
     fill = log_m[:, None, :].to(dtype) if log_m is not None else torch.zeros((), dtype=dtype, device=live.device)
     lo = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=live.device)  # torch.tensor: a host copy
     return torch.where(allowed, fill, lo)[:, None]
@@ -179,14 +180,15 @@ class KeyMask:
     def q_offset(self) -> int:
         return self.live.shape[1] - self.q_len
 
-    def score_bias(self):
-        """The dense bias for the block-wise scores (no gradient; built here only off the SDPA path,
-        once per ATP module)."""
+    def score_bias(self, rows):
+        """The dense bias of the query rows `rows` [B, Q] -> [B, 1, Q, Lk], for the block-wise scores
+        (no gradient): the SDPA path's own bias, else built for those rows alone."""
         if self.dense is not None:
-            return self.dense.detach()
+            d = self.dense.detach()
+            return d.expand(rows.shape[0], 1, -1, -1).gather(2, rows[:, None, :, None].expand(-1, 1, -1, d.shape[-1]))
         with torch.no_grad():
             log_m = None if self.log_m is None else self.log_m.detach()
-            return dense_bias(self.live, log_m, self.dtype, self.q_len)
+            return dense_bias(self.live, log_m, self.dtype, self.q_len, rows)
 
 
 # -- varlen packing (pure torch) --------------------------------------------------------------

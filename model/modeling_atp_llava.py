@@ -118,6 +118,8 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         # a non-persistent buffer is left uninitialised when transformers loads on the meta device)
         self.pruning_policy = None  # a training-free baseline (baselines.py); eval mode only, not in config
         self.pruning_clock = None  # a pruning.PruningClock: the pruning work's wall time (benchmarks)
+        self._compiled_layers = None  # the decoder layers under torch.compile (`compile_layers`), made once
+        self._layer_calls = None  # what the decoder loop calls: the compiled layers, or None for the layers
         self.post_init()
 
     # -- construction -------------------------------------------------------------
@@ -159,6 +161,22 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         from .loading import build_from_parts
 
         return build_from_parts(cls, llama_dir, clip_dir, mm_projector, tokenizer=tokenizer, **fields)
+
+    def compile_layers(self, enable: bool = True, **kwargs):
+        """Run every decoder layer through `torch.compile(layer, dynamic=True, **kwargs)` (enable=False:
+        eager again; the compiled ones are kept). The decoder loop, the pruning steps between the layers
+        and their one host read stay eager: each layer is one graph whose token count is symbolic, so the
+        kept counts of a new batch reuse it (prefill, decode and the layer before a pruning point, which
+        also fills the score request, are a few graphs in all, shared by the layers)."""
+        if enable and self._compiled_layers is None:
+            kwargs.setdefault("dynamic", True)
+            self._compiled_layers = [torch.compile(layer, **kwargs) for layer in self.model.language_model.layers]
+        self._layer_calls = self._compiled_layers if enable else None
+        return self
+
+    def _layers(self):
+        layers = self.model.language_model.layers
+        return layers if self._layer_calls is None else self._layer_calls
 
     @staticmethod
     def _spatial_for(c):
@@ -304,7 +322,7 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
         # filled by the layer before a pruning point, from its own attention (point 0: by layer 0's q/k)
         request = self._scores_before_layer0(pruning.request(points[0], flow), flow) if 0 in points else None
-        for i, layer in enumerate(self.model.language_model.layers):
+        for i, layer in enumerate(self._layers()):
             if i in points:
                 self._prune(flow, *pruning.select(points[i], flow, request), hard)
             request = pruning.request(points[i + 1], flow) if i + 1 in points else None
@@ -476,10 +494,11 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     @timed
     def _atp_step(self, k, scores, C, has_img, override, hard, query=None):
         """Masks of module k at the original Lv positions, its thresholds [B, 2] and, on the hard ATP
-        path, which branch kept each token ([B, Lv] int8: 1 redundancy only, 2 spatial only, 3 both;
-        else None). query: [B, D] the question's pooled hidden state (`threshold_features: [query]`)."""
+        path, whether each token is above each threshold ([B, Lv, 2] bool, redundancy and spatial; the
+        keep mask is their `or`; else None). query: [B, D] the question's pooled hidden state
+        (`threshold_features: [query]`)."""
         cfg = self.config
-        live = (C > 0.5) & has_img[:, None]
+        live = C > 0.5  # C is 0 for text-only samples (`_start`)
         s_self, s_cross = scores
         if cfg.score_norm == "minmax":  # both scores in one pass: a pruning step's launches add up
             s_self, s_cross = minmax(torch.stack([s_self, s_cross]), live)
@@ -492,9 +511,9 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if cfg.pruning == "fixed":
             rank = torch.where(live, s_red, -1.0).argsort(-1, descending=True).argsort(-1)
             return ((rank < cfg.fixed_counts[k]) & live).to(C.dtype), theta, None
-        if hard:
+        if hard:  # METHOD sec 5's rule (atp_module.hard_keep); the branches for the diagnostics
             red, spa = hard_keep(s_red, s_spa, theta_r[:, None], theta_s[:, None], live)
-            return (red | spa).to(C.dtype), theta, (red.to(torch.int8) + 2 * spa.to(torch.int8))
+            return (red | spa).to(C.dtype), theta, torch.stack([red, spa], -1)
         T = cfg.mask_temperature
         m_r = torch.sigmoid((s_red - theta_r[:, None].to(s_red.dtype)) * T)
         m_s = torch.sigmoid((s_spa - theta_s[:, None].to(s_spa.dtype)) * T)
@@ -631,7 +650,7 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 state["group_live"][g] = live
                 keys.append(self._keys(live, None, hidden.dtype, q_len=q))  # the q new tokens are the last keys
         rope = self._rope(hidden, torch.stack([pos1, pos1]))
-        for j, layer in enumerate(self.model.language_model.layers):
+        for j, layer in enumerate(self._layers()):
             g = state["group_of_layer"][j]
             hidden = layer(
                 hidden,

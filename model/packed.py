@@ -72,14 +72,16 @@ class PackedKeys:
     dtype: torch.dtype | None = None
     kernel: str = "varlen"
     dense: None = None  # no dense bias: stock attention functions cannot read this layout
+    prefill_causal: bool = False  # every sample's queries are all its keys (prefill): plain causal
 
     @classmethod
     def prefill(cls, packing, dtype):
-        return cls(packing.cu, packing.cu, packing.lens, packing.lens, packing, dtype)
+        return cls(packing.cu, packing.cu, packing.lens, packing.lens, packing, dtype, prefill_causal=True)
 
-    def score_bias(self):
-        """The padded layout's dense bias, for the block-wise scores of the layer before a pruning point."""
-        return dense_bias(self.packing.live, None, self.dtype)
+    def score_bias(self, rows):
+        """The padded layout's bias on the query rows `rows` [B, Q], for the block-wise scores of the
+        layer before a pruning point."""
+        return dense_bias(self.packing.live, None, self.dtype, rows=rows)
 
     def padded(self, x):
         """[1, heads, N, d] -> [B, heads, L, d] in the padded layout (zeros where not live)."""
@@ -111,9 +113,11 @@ def varlen_attention(q, k, v, keys, scaling, dropout=0.0):
             )
             return out[None]
     outs, sq, sk = [], 0, 0
+    # is_causal from a flag of the keys, not from the lengths: under torch.compile(dynamic=True) they are
+    # symbolic and SDPA takes no symbolic bool
     for lq, lk in zip(keys.lens_q, keys.lens_k):
         mask = None
-        if 1 < lq < lk:  # SDPA's is_causal aligns top-left; queries here are the last keys
+        if not keys.prefill_causal and lq > 1:  # SDPA's is_causal aligns top-left; queries are the last keys
             from torch.nn.attention.bias import causal_lower_right
 
             mask = causal_lower_right(lq, lk)
@@ -124,7 +128,7 @@ def varlen_attention(q, k, v, keys, scaling, dropout=0.0):
                 v[:, :, sk : sk + lk],
                 attn_mask=mask,
                 dropout_p=dropout,
-                is_causal=mask is None and lq == lk and lq > 1,
+                is_causal=keys.prefill_causal,
                 scale=scaling,
                 enable_gqa=H != Hkv,
             )

@@ -119,8 +119,10 @@ class AtpPruning:
 
     def info(self, keeps):
         out = {"thresholds": torch.stack(self.thresholds, 1).detach(), "keep": torch.stack(keeps, 1).detach()}
-        if self.branches:  # hard ATP: which branch kept each token ([B, K, Lv], `_atp_step`)
-            out["branch"] = torch.stack(self.branches, 1)
+        if self.branches:  # hard ATP: which branch kept each token ([B, K, Lv] int8: 1 redundancy only,
+            # 2 spatial only, 3 both), from the tokens above each threshold (`_atp_step`), once for all modules
+            above = torch.stack(self.branches, 1).to(torch.int8)
+            out["branch"] = above[..., 0] + 2 * above[..., 1]
         return out
 
 

@@ -46,15 +46,14 @@ def redundancy_scores(
     """Block-wise S_self and S_cross (METHOD sec 1), each [B, Lv], not yet normalised.
 
     query [B, H, L, d] and key [B, Hkv, Lk, d] are the layer's post-rotary states (Lk == L at
-    prefill); bias [B, 1, L, Lk] is the additive mask the layer's attention uses (causal,
-    padding and log of the cumulative soft mask). vis_index [B, Lv] gives each original visual
-    token's index in the current sequence, vis_weight [B, Lv] its cumulative mask (0 for tokens
-    already gone); q_index / q_valid [B, Q] the query-text rows. self_score "duplication"
-    replaces S_self by how unlike the other live visual tokens a token's value vector is
-    (METHOD sec 11; value [B, Hkv, Lk, d], needed then).
+    prefill); bias [B, 1, Q, Lk] is the additive mask the layer's attention uses (causal, padding
+    and log of the cumulative soft mask) on the query-text rows q_index only (`attention.py`).
+    vis_index [B, Lv] gives each original visual token's index in the current sequence,
+    vis_weight [B, Lv] its cumulative mask (0 for tokens already gone); q_index / q_valid [B, Q]
+    the query-text rows. self_score "duplication" replaces S_self by how unlike the other live
+    visual tokens a token's value vector is (METHOD sec 11; value [B, Hkv, Lk, d], needed then).
     """
-    B, H, _, d = query.shape
-    rep = H // key.shape[1]
+    rep = query.shape[1] // key.shape[1]
     query, key = query.float(), key.float()
     if rep > 1:  # GQA: each query head reads its kv head
         key = key.repeat_interleave(rep, dim=1)
@@ -63,28 +62,27 @@ def redundancy_scores(
         s_self = _distinctness(value, vis_index, w)
     else:
         s_self = _received_logits(query, key, scaling, vis_index, w)
-
-    # S_cross[n]: mean over query-text rows of the masked softmax probability on key n
-    probs = _row_probs(query, key, bias, scaling, q_index)  # [B, Q, Lk]
-    probs = probs.gather(2, vis_index[:, None, :].expand(B, probs.shape[1], -1))
-    qv_w = q_valid.float()[:, :, None]
-    s_cross = (probs * qv_w).sum(1) / qv_w.sum(1).clamp_min(1.0)
-    return s_self, s_cross
+    # S_cross[n]: mean over valid query-text rows (and heads) of the masked softmax probability on key n
+    probs = _row_probs(query, key, bias, scaling, q_index)  # [B, H, Q, Lk]
+    H = probs.shape[1]
+    row_w = (q_valid.float() / (H * q_valid.sum(1, keepdim=True).clamp_min(1))).repeat(1, H)  # [B, H * Q]
+    s_cross = torch.matmul(row_w[:, None], probs.flatten(1, 2))[:, 0]  # [B, Lk]: one product, no [B, Q, Lk] mean
+    return s_self, s_cross.gather(1, vis_index)
 
 
 def _received_logits(query, key, scaling, vis_index, w):
     """The paper's S_self [B, Lv]: mean over causal visual queries m >= n, weighted by the queries'
-    masks, of q_m.k_n. The head mean of q_h.k_h is one product over the heads' concatenated
-    features: one [Lv, H*d] x [H*d, Lv] matmul, never an H x Lv x Lv tensor."""
+    masks, of the head-mean logit q_m.k_n. The sum over m of w_m q_m.k_n is k_n . (sum_{m >= n} w_m q_m):
+    a reverse cumulative sum of the weighted queries (heads concatenated), O(Lv H d) instead of
+    the Lv x Lv logits; the weights' own reverse cumsum, the denominator, rides along as one more
+    column."""
     B, H, _, d = query.shape
-    gather = vis_index[:, None, :, None].expand(B, H, -1, d)
-    qv = query.gather(2, gather).transpose(1, 2).reshape(B, -1, H * d)
-    kv = key.gather(2, gather).transpose(1, 2).reshape(B, -1, H * d)
-    logits = torch.matmul(qv, kv.transpose(-1, -2)) * (scaling / H)  # [B, m, n]
-    Lv = logits.shape[-1]
-    causal = torch.ones(Lv, Lv, dtype=torch.bool, device=logits.device).tril()
-    qw = w[:, :, None] * causal  # weight of query m for key n
-    return (qw * logits).sum(1) / qw.sum(1).clamp_min(1e-6)
+    qk = torch.stack([query, key]).gather(3, vis_index[None, :, None, :, None].expand(2, B, H, -1, d))
+    qk = qk.transpose(2, 3).reshape(2, B, -1, H * d)  # [2, B, Lv, H d]
+    wq = torch.cat([qk[0] * w[..., None], w[..., None]], -1)  # [B, Lv, H d + 1]
+    tail = wq.flip(1).cumsum(1).flip(1)  # sum over m >= n
+    num = torch.matmul(qk[1][:, :, None, :], tail[..., :-1, None])[..., 0, 0]  # k_n . tail_n
+    return num * (scaling / H) / tail[..., -1].clamp_min(1e-6)
 
 
 def _distinctness(value, vis_index, w):
@@ -105,12 +103,11 @@ def _distinctness(value, vis_index, w):
 
 
 def _row_probs(query, key, bias, scaling, q_index):
-    """Head-mean softmax probabilities [B, Q, Lk] of the rows q_index, under the layer's own mask.
-    query [B, H, L, d] and key [B, H, Lk, d] float, kv heads already repeated."""
+    """Softmax probabilities [B, H, Q, Lk] of the rows q_index under the layer's own mask (bias: those
+    rows, [B, 1, Q, Lk]). query [B, H, L, d] and key [B, H, Lk, d] float, kv heads already repeated."""
     B, H, _, d = query.shape
     qt = query.gather(2, q_index[:, None, :, None].expand(B, H, -1, d))
-    rows = bias.float().expand(B, 1, -1, -1).gather(2, q_index[:, None, :, None].expand(B, 1, -1, bias.shape[-1]))
-    return torch.softmax(torch.matmul(qt, key.transpose(-1, -2)) * scaling + rows, dim=-1).mean(1)
+    return torch.softmax(torch.matmul(qt, key.transpose(-1, -2)) * scaling + bias.float(), dim=-1)
 
 
 @torch.no_grad()
@@ -123,6 +120,6 @@ def visual_attention(query, key, bias, scaling, vis_index, vis_weight, q_index, 
     query, key = query.float(), key.float()
     if H // key.shape[1] > 1:
         key = key.repeat_interleave(H // key.shape[1], dim=1)
-    probs = _row_probs(query, key, bias, scaling, q_index)
+    probs = _row_probs(query, key, bias, scaling, q_index).mean(1)
     probs = probs.gather(2, vis_index[:, None, :].expand(B, probs.shape[1], -1))
     return probs * (vis_weight > 0)[:, None, :] * q_valid[:, :, None]

@@ -1,6 +1,6 @@
 """All GPU checks and benchmarks of the attention kernels in one command (docs/GPU.md):
 
-    python scripts/gpu_checks.py --out DIR [--parts kernels,model,bench_attn,bench_prefill,packed] [--dry]
+    python scripts/gpu_checks.py --out DIR [--parts kernels,model,bench_attn,bench_prefill,packed,compiled] [--dry]
 
 - kernels: each GPU kernel (FlexAttention and the channel kernel with the soft mask, flash-attn dense and varlen, a
   decode step over a pruned cache) in bf16 against the float32 SDPA reference: forward output,
@@ -19,6 +19,9 @@
   run (packed within MODEL_SLACK of padded's error); on the 7B-shaped model at batch 1 and 8,
   prefill and per-token decode time, unpruned vs N_bar 25%, per layout; the aten ops and host syncs
   of one forward (pipeline/eval/opcount.py) per layout.
+- compiled: the decoder layers under torch.compile(dynamic=True) (`compile_layers`) vs eager on the
+  packed path, 7B-shaped model, batch 1 and 8: logits compiled vs eager, the compile's own time,
+  prefill and decode per token, unpruned vs N_bar 25%, the two modes interleaved.
 - profile_prefill (by name only): torch.profiler over the batch-1 prefill, unpruned and pruned:
   the top ops by host and by GPU time (batch 1 is launch-bound).
 
@@ -514,6 +517,67 @@ def packed_path(have_flash, batch_sizes=(1, 8), decode_tokens=8):
     return rows
 
 
+def compiled_path(have_flash, batch_sizes=(1, 8), decode_tokens=8):
+    """The decoder layers under torch.compile(dynamic=True) (`compile_layers`) vs eager on the packed
+    path: the logits (compiled vs eager, both in LOW), the first compiled call's time (the compile),
+    then prefill and decode per token, unpruned vs N_bar 25%, each mode interleaved with the other."""
+    from transformers import DynamicCache
+
+    from model import CACHE_KW
+
+    m, counts = prefill_model()
+    m.config.hard_layout, text_len, rows = "packed", 64, []
+    for B in batch_sizes:
+        b = batch(m.config, [text_len - (i * text_len) // (2 * B) for i in range(B)])
+        b.pop("labels")
+        res = {"check": "compiled/speed", "batch": B, "kept_counts": counts}
+        for budget, pruning in (("unpruned", "none"), ("nbar25", "fixed")):
+            m.config.pruning, m.config.fixed_counts = pruning, counts
+
+            def prefill(decode=0):
+                cache = DynamicCache(config=m.config.text_config)  # noqa: F821 (m is deleted after its last use)
+                out = m(**b, **{CACHE_KW: cache}, use_cache=True, logits_to_keep=1)  # noqa: F821
+                tok = out.logits[:, -1:].argmax(-1)
+                for _ in range(decode):
+                    tok = m(input_ids=tok, **{CACHE_KW: cache}, use_cache=True).logits[:, -1:].argmax(-1)  # noqa: F821
+                return out.logits.float()
+
+            with torch.no_grad():
+                eager = prefill()
+                m.compile_layers()
+                t = time.perf_counter()
+                compiled = prefill(decode_tokens)  # compiles the prefill and decode graphs
+                first = time.perf_counter() - t
+                times = {}
+                for r in range(ITERS):  # interleaved: compiled and eager alternate, the order flips per repeat
+                    for on in (True, False) if r % 2 else (False, True):
+                        m.compile_layers(on)
+                        times.setdefault(f"{'compiled' if on else 'eager'}/prefill", []).append(cuda_ms(prefill, 1, 1))
+                        times.setdefault(f"{'compiled' if on else 'eager'}/all", []).append(
+                            cuda_ms(lambda: prefill(decode_tokens), 1, 0)
+                        )
+                m.compile_layers(False)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            res[budget] = {
+                "logits_rel_err_compiled_vs_eager": rel(compiled[:, -1], eager[:, -1]),
+                "first_compiled_call_s": first,
+                **{f"{mode}_prefill_ms": med[f"{mode}/prefill"] for mode in ("eager", "compiled")},
+                **{
+                    f"{mode}_decode_ms_per_token": (med[f"{mode}/all"] - med[f"{mode}/prefill"]) / decode_tokens
+                    for mode in ("eager", "compiled")
+                },
+                "prefill_ms_minmax": {k: [min(v), max(v)] for k, v in times.items() if k.endswith("prefill")},
+            }
+            res[budget]["prefill_ratio_compiled_over_eager"] = (
+                res[budget]["compiled_prefill_ms"] / res[budget]["eager_prefill_ms"]
+            )
+        rows.append(res)
+    del m
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
 def profile_prefill(have_flash, batch_size=1, top=25):
     """Where the hard path's prefill time goes at batch 1 (the bench's odd case: pruned slower than
     unpruned): torch.profiler over a few forwards of each mode, the top ops by self CPU and self
@@ -594,6 +658,16 @@ def print_tables(res):
                 f"{p['decode_ms_per_token']:.2f} ms/token (x{r[f'{layout}/decode_ratio']:.3f}), ops {u['ops']} -> "
                 f"{p['ops']} (x{r[f'{layout}/ops_ratio']:.2f}), syncs {u['syncs']} -> {p['syncs']}"
             )
+    for r in res.get("compiled", []):
+        for budget in ("unpruned", "nbar25"):
+            c = r[budget]
+            print(
+                f"compiled layers B={r['batch']} {budget}: prefill eager {c['eager_prefill_ms']:.1f} -> compiled "
+                f"{c['compiled_prefill_ms']:.1f} ms (x{c['prefill_ratio_compiled_over_eager']:.3f}), decode "
+                f"{c['eager_decode_ms_per_token']:.2f} -> {c['compiled_decode_ms_per_token']:.2f} ms/token, "
+                f"logits rel err {c['logits_rel_err_compiled_vs_eager']:.1e}, "
+                f"first call {c['first_compiled_call_s']:.1f} s"
+            )
     for r in res.get("bench_prefill", []):
         print(
             f"prefill B={r['batch']} {r['kernel']:<5} unpruned {r['unpruned_ms']:.1f} ms, N_bar {r['n_bar_share']:.1%} "
@@ -605,8 +679,12 @@ def print_tables(res):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
-    p.add_argument("--parts", help="default: kernels,model,bench_attn,bench_prefill,packed (--dry: packed)")
-    p.add_argument("--dry", action="store_true", help="CPU, fp32, small shapes: check the plumbing (parts: packed)")
+    p.add_argument(
+        "--parts", help="default: kernels,model,bench_attn,bench_prefill,packed,compiled (--dry: packed,compiled)"
+    )
+    p.add_argument(
+        "--dry", action="store_true", help="CPU, fp32, small shapes: check the plumbing (parts: packed,compiled)"
+    )
     args = p.parse_args(argv)
     if args.dry:
         global DEV, DRY, LOW, ITERS
@@ -642,8 +720,11 @@ def main(argv=None):
         "bench_prefill": bench_prefill,
         "profile_prefill": profile_prefill,
         "packed": packed_path,
+        "compiled": compiled_path,
     }
-    for part in (args.parts or ("packed" if args.dry else "kernels,model,bench_attn,bench_prefill,packed")).split(","):
+    for part in (
+        args.parts or ("packed,compiled" if args.dry else "kernels,model,bench_attn,bench_prefill,packed,compiled")
+    ).split(","):
         t = time.perf_counter()
         res[part] = parts[part](have_flash)
         res.setdefault("seconds", {})[part] = round(time.perf_counter() - t, 1)

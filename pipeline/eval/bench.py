@@ -11,6 +11,9 @@ the repeats) exceeds 10% is marked `~`. Also the ATP modules' own share of an AT
 threshold MLP, gather), measured by the model's own `pruning.PruningClock`, and the aten ops and host syncs of one
 forward per method and layout (`pipeline/eval/opcount.py`).
 
+`--compile` adds eager vs the decoder layers under `torch.compile(dynamic=True)` (`compile_layers`;
+on CPU inductor needs a C++ compiler), prefill and decode, packed layout, interleaved.
+
 `--attn` adds masked attention fwd+bwd on CPU (the soft path's kernels: SDPA with the dense bias,
 `log m` as a q/k channel, unmasked causal SDPA), interleaved, medians with their spread.
 """
@@ -206,6 +209,54 @@ def op_counts(m, inputs, meths):
     return out
 
 
+COMPILED = ("unpruned", "atp 25%")
+
+
+def bench_compiled(m, inputs, meths, args):
+    """Eager vs the decoder layers under `torch.compile(dynamic=True)` (`compile_layers`), packed
+    layout, interleaved: prefill and decode per token of unpruned and ATP, each compiled time's
+    ratio to the eager one; the first compiled call of each (the compile itself) is timed apart."""
+
+    def toggled(fn, on):
+        def run():
+            m.compile_layers(on)
+            return fn()
+
+        return run
+
+    pre, dec = {}, {}
+    for n in COMPILED:
+        for mode in ("eager", "compiled"):
+            pre[f"{n} / {mode}"] = toggled(
+                lambda n=n: (use(m, meths[n], "packed"), m(**inputs, logits_to_keep=1)), mode == "compiled"
+            )
+            dec[f"{n} / {mode}"] = toggled(
+                decode_timer(m, inputs, meths[n], "packed", args.decode_tokens), mode == "compiled"
+            )
+    first = {}
+    for name in [k for k in pre if k.endswith("compiled")]:
+        t = time.perf_counter()
+        pre[name]()
+        dec[name]()
+        first[name] = time.perf_counter() - t
+    times, dtimes = interleaved(pre, args.repeats, args.warmup), interleaved(dec, args.repeats, args.warmup)
+    m.compile_layers(False)
+    rows = []
+    for n in COMPILED:
+        e, c = f"{n} / eager", f"{n} / compiled"
+        rows.append(
+            {
+                "method": n,
+                "first_compiled_call_s": first[c],
+                "prefill": {"eager": spread_stats(times[e]), "compiled": spread_stats(times[c])},
+                "prefill_ratio": ratio_stats(times[c], times[e]),
+                "decode_per_token": {"eager": spread_stats(dtimes[e]), "compiled": spread_stats(dtimes[c])},
+                "decode_ratio": ratio_stats(dtimes[c], dtimes[e]),
+            }
+        )
+    return rows
+
+
 def bench_batch(m, args, batch, meths, clock):
     inputs = prompts(args, batch)
     cost = {name: costs(m, inputs, s) for name, s in meths.items()}
@@ -292,6 +343,13 @@ def print_batch(res, k):
                     for lay in LAYOUTS
                 )
             )
+    for r in res["compiled"] or ():
+        print(
+            f"compiled layers / eager, packed, {r['method']}: prefill {fmt_time(r['prefill']['compiled'])} vs "
+            f"{fmt_time(r['prefill']['eager'])} ms, ratio {fmt_ratio(r['prefill_ratio'])}; decode per token "
+            f"{fmt_time(r['decode_per_token']['compiled'])} vs {fmt_time(r['decode_per_token']['eager'])} ms, "
+            f"ratio {fmt_ratio(r['decode_ratio'])}; first compiled call (compiling) {r['first_compiled_call_s']:.1f} s"
+        )
     if res["atp_share_of_prefill_time"] is not None:
         print(f"ATP modules: {res['atp_share_of_prefill_time']:.2%} of an ATP prefill's time (packed)")
     ops = res["forward_ops_syncs"]
@@ -327,6 +385,9 @@ def main(argv=None):
     p.add_argument("--attn", action="store_true", help="also time masked attention fwd+bwd (CPU kernels)")
     p.add_argument("--attn-only", action="store_true", help="only the attention timing")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument(
+        "--compile", action="store_true", help="also time the decoder layers under torch.compile vs eager (packed)"
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -368,6 +429,8 @@ def bench_model(args):
         batches = [bench_batch(m, args, b, meths, clock) for b in args.batches]
     finally:
         m.pruning_clock = None
+    for res in batches:  # without the clock: a timer inside a compiled layer would break its graph
+        res["compiled"] = bench_compiled(m, prompts(args, res["batch"]), meths, args) if args.compile else None
     print(
         f"\n{args.layers} layers x {args.hidden}, {lv} visual + {args.text} text tokens, {args.dtype}, "
         f"{torch.get_num_threads()} threads, {args.repeats} repeats after {args.warmup} warm-up, interleaved"

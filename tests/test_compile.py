@@ -1,0 +1,66 @@
+"""The decoder layers under torch.compile (`compile_layers`: dynamic shapes, inductor on CPU) against
+eager: the same logits and kept counts, and new lengths / kept counts reuse the compiled graphs."""
+
+import shutil
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+from tiny_models import make_batch, tiny_atp
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="inductor on CPU needs a C++ compiler")
+
+# three batches of three: other text lengths and other images, so other kept counts per sample
+BATCHES = [([2, 5, 3], [6, 3, 4], 1), ([4, 1, 2], [2, 7, 5], 2), ([3, 3, 6], [5, 5, 1], 3)]
+
+
+def prompts():
+    out = []
+    for pre, suf, seed in BATCHES:
+        b = make_batch(pre, suf, padding="left", seed=seed)
+        out.append({k: b[k] for k in ("input_ids", "attention_mask", "pixel_values")})
+    return out
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_compiled_layers_equal_eager_and_new_kept_counts_do_not_recompile(layout):
+    _, m = tiny_atp()
+    m.eval()
+    m.config.hard_layout = layout
+    batches = prompts()
+    with torch.no_grad():
+        ref = [m(**b) for b in batches]
+        kept = {tuple(r.visual_tokens[:, -1].tolist()) for r in ref}
+        assert len(kept) == len(batches)  # the batches really keep other counts
+        torch._dynamo.reset()
+        counters.clear()
+        m.compile_layers()
+        out = [m(**batches[0])]
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs > 0  # the layers did run compiled
+        with torch._dynamo.config.patch(error_on_recompile=True):  # other lengths and counts: no new graph
+            out += [m(**b) for b in batches[1:]]
+        m.compile_layers(False)
+    assert counters["stats"]["unique_graphs"] == graphs
+    for b, r, o in zip(batches, ref, out):
+        assert torch.equal(o.visual_tokens, r.visual_tokens)
+        live = b["attention_mask"].bool()
+        # fp32: inductor fuses and reorders the reductions (RMSNorm, softmax), so not bit-equal
+        torch.testing.assert_close(o.logits[live], r.logits[live], atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_layers_generate_the_eager_tokens():
+    _, m = tiny_atp()
+    m.eval()
+    m.config.hard_layout = "packed"
+    b = prompts()[0]
+    eager = m.generate(**b, max_new_tokens=4, do_sample=False)
+    torch._dynamo.reset()
+    m.compile_layers()
+    try:
+        compiled = m.generate(**b, max_new_tokens=4, do_sample=False)
+    finally:
+        m.compile_layers(False)
+    assert torch.equal(compiled, eager)
