@@ -9,21 +9,9 @@ import torch
 from pipeline.core.config import load_config
 from pipeline.train import plan
 
+from tiny_models import saved_bytes
+
 DEFAULT = "pipeline/configs/default.yaml"
-
-
-def _saved_bytes(model, inputs) -> int:
-    """Bytes autograd saves for backward in one forward (distinct storages, parameters excluded)."""
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(**inputs)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    return sum(n for ptr, n in seen.items() if ptr not in params)
 
 
 def test_activation_estimate_is_within_25_percent_of_what_autograd_saves(tmp_path):
@@ -53,7 +41,7 @@ def test_activation_estimate_is_within_25_percent_of_what_autograd_saves(tmp_pat
     batch = next(iter(build_loader(run.data, tok, proc, image_token_id=config.image_token_id,
                                    num_image_tokens=config.num_visual_tokens)))  # fmt: skip
     B, L = batch["input_ids"].shape
-    measured = _saved_bytes(model, _model_inputs(batch, "cpu", torch.float32))
+    measured = saved_bytes(model, _model_inputs(batch, "cpu", torch.float32))
     estimate = B * plan.activations(plan.shape_of(config), L, 4, 4, train_vision=True)["saved_without_gc"]
     print(f"activations B={B} L={L}: estimate {estimate / 2**20:.1f} MiB, saved {measured / 2**20:.1f} MiB")
     assert abs(estimate - measured) / measured < 0.25, (estimate, measured)

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from tiny_models import make_batch, tiny_atp
+from tiny_models import make_batch, saved_bytes, tiny_atp
 from tiny_pipeline import launch
 
 CONFIG = "pipeline/configs/shape576.yaml"
@@ -25,20 +25,6 @@ def _set_checkpointing(model, on: bool) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_disable()
-
-
-def _saved_bytes(model, inputs) -> int:
-    """Bytes autograd keeps for backward outside checkpointed regions (parameters excluded)."""
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(**inputs)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    return sum(n for ptr, n in seen.items() if ptr not in params)
 
 
 def test_gradient_checkpointing_keeps_soft_mask_gradients_and_drops_activations():
@@ -53,7 +39,7 @@ def test_gradient_checkpointing_keeps_soft_mask_gradients_and_drops_activations(
         out.loss.backward()
         losses[on] = out.loss.detach()
         grads[on] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        saved[on] = _saved_bytes(model, batch)
+        saved[on] = saved_bytes(model, batch)
     assert torch.equal(losses[False], losses[True])
     assert grads[False].keys() == grads[True].keys() and any(n.startswith("atp_modules.") for n in grads[True])
     for name, g in grads[False].items():

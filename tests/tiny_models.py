@@ -85,3 +85,18 @@ def make_batch(prefixes, suffixes, answers=None, padding="left", seed=0, text_on
     n_img = len(rows) - len(text_only)
     pix = torch.randn(n_img, 3, 32, 32, generator=g) if n_img else None
     return dict(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=pix)
+
+
+def saved_bytes(model, inputs) -> int:
+    """Bytes autograd saves for backward in one forward (distinct storages, parameters excluded;
+    under gradient checkpointing only what stays outside the checkpointed regions)."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**inputs)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(n for ptr, n in seen.items() if ptr not in params)
