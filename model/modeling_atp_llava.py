@@ -604,19 +604,21 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
     @torch.no_grad()
     def _marginal_values(self, batch):
-        """METHOD sec 16: [B] each sample's answer loss at the low budget minus at the high one, both
+        """METHOD sec 16: [B] each sample's answer score at the high budget minus at the low one, both
         the schedule's counts under the fixed ranking (1 -/+ marginal_span), so a sample's value does
-        not depend on where its own thresholds stand. Two gradient-free forwards (the inner ones run
-        with pruning='fixed', so they neither recurse nor move the dual prices)."""
+        not depend on where its own thresholds stand. The score is minus the answer loss
+        (`marginal_signal` loss) or the probability of the whole answer (answer: saturates, so a
+        sample already answered with fewer tokens has no value). Two gradient-free forwards (the
+        inner ones run with pruning='fixed', so they neither recurse nor move the dual prices)."""
         cfg = self.config
         lv, span = cfg.num_visual_tokens, cfg.marginal_span
-        losses = []
+        scores = []
         for scale in (1 - span, 1 + span):
             fixed = [min(lv, max(1, round(c * scale))) for c in module_counts(cfg)]
             with _config_set(cfg, pruning="fixed", fixed_counts=fixed):
                 logits = self.forward(**batch).logits
-            losses.append(per_sample_ntp(logits, batch["labels"]))
-        return losses[0] - losses[1]
+            scores.append(answer_score(logits, batch["labels"], cfg.marginal_signal))
+        return scores[1] - scores[0]
 
     @torch.no_grad()
     def _dual_prices(self, kept, counts):
@@ -684,13 +686,28 @@ def _config_set(config, **fields):
             setattr(config, k, v)
 
 
-def per_sample_ntp(logits, labels):
-    """[B] mean next-token loss over each sample's supervised tokens (0 where it has none)."""
+def _token_ce(logits, labels):
+    """[B, L-1] next-token loss (0 where unsupervised) and the supervised positions."""
     target = labels[:, 1:]
     ce = nn.functional.cross_entropy(
         logits[:, :-1].float().transpose(1, 2), target, ignore_index=-100, reduction="none"
-    )  # [B, L-1]
-    return ce.sum(1) / (target != -100).sum(1).clamp_min(1)
+    )
+    return ce, target != -100
+
+
+def per_sample_ntp(logits, labels):
+    """[B] mean next-token loss over each sample's supervised tokens (0 where it has none)."""
+    ce, sup = _token_ce(logits, labels)
+    return ce.sum(1) / sup.sum(1).clamp_min(1)
+
+
+def answer_score(logits, labels, signal="loss"):
+    """[B] how well each sample is answered, higher is better (METHOD sec 16): minus its mean answer
+    loss (`loss`), or the teacher-forced probability of its whole answer (`answer`)."""
+    if signal == "loss":
+        return -per_sample_ntp(logits, labels)
+    ce, _ = _token_ce(logits, labels)
+    return torch.exp(-ce.sum(1))
 
 
 AutoConfig.register("atp_llava", AtpLlavaConfig, exist_ok=True)

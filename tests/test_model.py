@@ -257,30 +257,40 @@ def test_dual_budget_prices_follow_each_module_error():
     assert torch.equal(m._price, after_train)  # inference never moves the prices
 
 
-def test_marginal_value_moves_each_sample_count_by_its_loss_at_two_budgets():
-    """marginal_weight (METHOD sec 16): each sample's value is its answer loss at (1 - span) x the
-    schedule minus at (1 + span) x, both under the fixed ranking; L_marginal = -mean(a_i share_i) with
-    a the standardised values, so the gradient raises the count of samples that lose more without
-    tokens. The inner passes leave the config as it was and do not move the dual prices."""
+@pytest.mark.parametrize("signal", ["loss", "answer"])
+def test_marginal_value_moves_each_sample_count_by_its_score_at_two_budgets(signal):
+    """marginal_weight (METHOD sec 16): each sample's value is its answer score at (1 + span) x the
+    schedule minus at (1 - span) x, both under the fixed ranking (score: minus the mean answer loss,
+    or the probability of the whole answer); L_marginal = -mean(a_i share_i) with a the standardised
+    values, so the gradient raises the count of samples that gain more from tokens. The inner passes
+    leave the config as it was and do not move the dual prices."""
     from model.budget import module_counts
     from model.modeling_atp_llava import per_sample_ntp
 
-    _, m = tiny_atp(budget_loss="dual", lambda_atp=0.0, marginal_weight=1.0, marginal_span=0.5)
+    _, m = tiny_atp(
+        budget_loss="dual", lambda_atp=0.0, marginal_weight=1.0, marginal_span=0.5, marginal_signal=signal
+    )
     m.train()
     b = make_batch([3, 2, 4], [4, 5, 2], answers=[3, 2, 4], seed=5)
     cfg = m.config
     out = m(**b)
     assert cfg.pruning == "atp" and cfg.fixed_counts is None  # restored after the inner passes
 
-    def loss_at(scale):
+    def score_at(scale):
         fixed = [min(LV, max(1, round(c * scale))) for c in module_counts(cfg)]
         _, ref = tiny_atp(pruning="fixed", fixed_counts=fixed)
         ref.load_state_dict(m.state_dict())
         ref.train()
         with torch.no_grad():
-            return per_sample_ntp(ref(**b).logits, b["labels"])
+            logits = ref(**b).logits
+        if signal == "loss":
+            return -per_sample_ntp(logits, b["labels"])
+        logp = torch.log_softmax(logits[:, :-1].double(), -1)  # the answer's probability, token by token
+        target = b["labels"][:, 1:]
+        picked = logp.gather(-1, target.clamp_min(0)[..., None])[..., 0] * (target != -100)
+        return picked.sum(1).exp()
 
-    v = loss_at(0.5) - loss_at(1.5)
+    v = score_at(1.5) - score_at(0.5)
     a = (v - v.mean()) / (v.std(unbiased=False) + 1e-6)
     share = out.visual_tokens.mean(1) / LV
     want = -(a * share).mean()
@@ -299,7 +309,12 @@ def test_marginal_value_moves_each_sample_count_by_its_loss_at_two_budgets():
 
 
 @pytest.mark.parametrize(
-    "kw", [dict(marginal_weight=1.0), dict(marginal_weight=1.0, budget_loss="dual", marginal_span=1.0)]
+    "kw",
+    [
+        dict(marginal_weight=1.0),
+        dict(marginal_weight=1.0, budget_loss="dual", marginal_span=1.0),
+        dict(marginal_weight=1.0, budget_loss="dual", marginal_signal="accuracy"),
+    ],
 )
 def test_marginal_value_needs_a_schedule_and_a_span_below_one(kw):
     with pytest.raises(Exception, match="marginal"):  # hub strict-dataclass error wrapping ValueError

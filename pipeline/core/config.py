@@ -133,6 +133,7 @@ class AtpConfig:
     dual_lr: float = 1.0
     marginal_weight: float = 0.0  # METHOD sec 16
     marginal_span: float = 0.5
+    marginal_signal: Literal["loss", "answer"] = "loss"
     threshold_hidden: int = 256
     threshold_features: list[Literal["query", "sorted"]] = field(default_factory=list)  # METHOD sec 14
     fixed_counts: Optional[list[int]] = None
