@@ -14,9 +14,9 @@ import collections
 
 import torch
 
+from model.configuration_atp_llava import MARGINAL_SIGNALS
 from pipeline.core.config import DataConfig
 from pipeline.data.loader import build_loader
-from model.configuration_atp_llava import MARGINAL_SIGNALS
 from pipeline.eval.evaluate import load_model
 
 

@@ -267,9 +267,7 @@ def test_marginal_value_moves_each_sample_count_by_its_score_at_two_budgets(sign
     from model.budget import module_counts
     from model.modeling_atp_llava import per_sample_ntp
 
-    _, m = tiny_atp(
-        budget_loss="dual", lambda_atp=0.0, marginal_weight=1.0, marginal_span=0.5, marginal_signal=signal
-    )
+    _, m = tiny_atp(budget_loss="dual", lambda_atp=0.0, marginal_weight=1.0, marginal_span=0.5, marginal_signal=signal)
     m.train()
     b = make_batch([3, 2, 4], [4, 5, 2], answers=[3, 2, 4], seed=5)
     cfg = m.config
