@@ -187,6 +187,7 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def spatial_score(self, like):
         if self._spatial is None or self._spatial.device != like.device:
             self._spatial = self._spatial_for(self.config).to(like.device)
+            self._spatial_on = bool(self._spatial.any())  # read once per device, not per step
         return self._spatial.to(like.dtype)
 
     def atp_parameters(self):
@@ -516,6 +517,8 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             return (red | spa).to(C.dtype), theta, torch.stack([red, spa], -1)
         T = cfg.mask_temperature
         m_r = torch.sigmoid((s_red - theta_r[:, None].to(s_red.dtype)) * T)
+        if not self._spatial_on:  # no grid (spatial_strides []): the hard rule keeps none by theta_s
+            return m_r.to(C.dtype) * has_img[:, None], theta, None
         m_s = torch.sigmoid((s_spa - theta_s[:, None].to(s_spa.dtype)) * T)
         return torch.maximum(m_r, m_s).to(C.dtype) * has_img[:, None], theta, None
 

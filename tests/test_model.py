@@ -107,6 +107,25 @@ def test_soft_path_with_binary_masks_equals_hard_path(position_mode, atp_layers,
     assert torch.allclose(soft.visual_tokens, hard.visual_tokens)
 
 
+def test_without_spatial_grids_only_the_redundancy_threshold_keeps_soft_or_hard():
+    """spatial_strides [] drops the spatial branch: S_spatial is 0, so the hard rule never keeps by
+    theta_s, and the soft mask must not either (sigmoid(-theta_s T) would keep every token a little
+    when theta_s nears 0)."""
+    _, m = tiny_atp(spatial_strides=[], mask_temperature=1e4)
+    b = make_batch([2, 5, 3], [6, 3, 4], answers=[2, 2, 1], padding="left", seed=1)
+    with torch.no_grad():
+        for mod in m.atp_modules:
+            mod.head_s.bias.fill_(-30.0)  # theta_s ~ 1e-13
+            mod.head_r.bias.fill_(0.0)
+    m.eval()
+    with torch.no_grad():
+        hard = m(**b)
+        m.train()
+        soft = m(**b)
+    assert 0 < hard.visual_tokens[:, -1].sum() < LV * 3
+    assert torch.allclose(soft.visual_tokens, hard.visual_tokens, atol=0.25)  # a token in the band
+
+
 @pytest.mark.parametrize("atp_layers", [(3, 5), (0, 5)])
 def test_blockwise_scores_equal_full_attention_map(atp_layers):
     """Module 0's scores equal those of the full attention map of layer i_0 - 1, or of layer 0 on
