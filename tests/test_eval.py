@@ -196,6 +196,17 @@ def test_eval_cli_on_an_export(main_job, tmp_path):
     assert [(r["method"], r["budget"]) for r in recs] == [("unpruned", None), ("atp", 0.5), ("uniform", 0.5)]
 
 
+def test_eval_cli_refuses_methods_that_have_no_model(main_job, tmp_path):
+    """A `fixed` export asked for `atp` only: nothing but the unpruned row could be evaluated, so the
+    CLI says which method the checkpoint is and exits 2 instead of writing that report."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
+    args = ["eval", "--checkpoint", str(main_job / "variants" / "fixed-30" / "export")]
+    args += ["--shards", str(main_job / "shards" / "eval"), "--out", str(tmp_path / "o"), "--methods", "atp"]
+    p = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=env, capture_output=True, text=True)
+    assert p.returncode == 2 and "'fixed' checkpoint" in p.stderr, p.stderr[-2000:]
+    assert not (tmp_path / "o" / "report.json").exists()
+
+
 def _rec(method, budget, coarse, fine, qtypes):
     return {
         "method": method,

@@ -402,6 +402,12 @@ def main(argv=None) -> int:
         key, path = spec.split("=", 1)
         method, budget = key.split(":")
         models[(method, float(budget))] = path
+    filed = {k[0] for k in models if isinstance(k, tuple)}
+    if not [m for m in a.methods if kind(m) != "trained" or m in filed]:  # the report would hold `unpruned` only
+        p.error(
+            f"--methods {' '.join(a.methods)}: no model for any of them ({a.checkpoint} is a {cfg.pruning!r} "
+            "checkpoint; add that method, or name one with --trained METHOD:SHARE=DIR)"
+        )
     settings = dataclasses.replace(
         d,
         shards=a.shards,
