@@ -187,7 +187,6 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def spatial_score(self, like):
         if self._spatial is None or self._spatial.device != like.device:
             self._spatial = self._spatial_for(self.config).to(like.device)
-            self._spatial_on = bool(self._spatial.any())  # read once per device, not per step
         return self._spatial.to(like.dtype)
 
     def atp_parameters(self):
@@ -517,9 +516,8 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             return (red | spa).to(C.dtype), theta, torch.stack([red, spa], -1)
         T = cfg.mask_temperature
         m_r = torch.sigmoid((s_red - theta_r[:, None].to(s_red.dtype)) * T)
-        if not self._spatial_on:  # no grid (spatial_strides []): the hard rule keeps none by theta_s
-            return m_r.to(C.dtype) * has_img[:, None], theta, None
-        m_s = torch.sigmoid((s_spa - theta_s[:, None].to(s_spa.dtype)) * T)
+        # a token in no grid (S_spatial 0) is never kept by theta_s on the hard path: nor softly
+        m_s = torch.sigmoid((s_spa - theta_s[:, None].to(s_spa.dtype)) * T) * (s_spa > 0)
         return torch.maximum(m_r, m_s).to(C.dtype) * has_img[:, None], theta, None
 
     @timed
@@ -605,23 +603,27 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         cfg = self.config
         return cfg.marginal_weight > 0 and cfg.pruning == "atp" and int(has_img.sum()) > 1
 
-    @torch.no_grad()
     def _marginal_values(self, batch):
-        """METHOD sec 16: [B] each sample's answer score at the high budget minus at the low one, both
-        the schedule's counts under the fixed ranking (1 -/+ marginal_span), so a sample's value does
-        not depend on where its own thresholds stand. The score is minus the answer loss
-        (`marginal_signal` loss) or the probability of the whole answer (answer: saturates, so a
-        sample already answered with fewer tokens has no value). Two gradient-free forwards (the
-        inner ones run with pruning='fixed', so they neither recurse nor move the dual prices)."""
+        """METHOD sec 16: [B] each sample's answer score at the high budget minus at the low one
+        (`_marginal_budget_logits`), so a sample's value does not depend on where its own thresholds
+        stand. The score is minus the answer loss (`marginal_signal` loss) or the probability of the
+        whole answer (answer: saturates, so a sample already answered with fewer tokens has no value)."""
+        signal, labels = self.config.marginal_signal, batch["labels"]
+        low, high = (answer_score(logits, labels, signal) for logits in self._marginal_budget_logits(batch))
+        return high - low
+
+    @torch.no_grad()
+    def _marginal_budget_logits(self, batch):
+        """The logits at the schedule's counts x (1 - marginal_span), then x (1 + marginal_span),
+        under the fixed ranking: two gradient-free forwards (with pruning='fixed', so they neither
+        recurse nor move the dual prices), yielded one at a time."""
         cfg = self.config
         lv, span = cfg.num_visual_tokens, cfg.marginal_span
-        scores = []
         for scale in (1 - span, 1 + span):
             fixed = [min(lv, max(1, round(c * scale))) for c in module_counts(cfg)]
             with _config_set(cfg, pruning="fixed", fixed_counts=fixed):
                 logits = self.forward(**batch).logits
-            scores.append(answer_score(logits, batch["labels"], cfg.marginal_signal))
-        return scores[1] - scores[0]
+            yield logits
 
     @torch.no_grad()
     def _dual_prices(self, kept, counts):

@@ -15,6 +15,7 @@ import collections
 import torch
 
 from model.configuration_atp_llava import MARGINAL_SIGNALS
+from model.modeling_atp_llava import answer_score
 from pipeline.core.config import DataConfig
 from pipeline.data.loader import build_loader
 from pipeline.eval.evaluate import load_model
@@ -39,17 +40,16 @@ def main(argv=None):
             if i >= a.batches:
                 break
             inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels", "query_mask", "pixel_values")}
-            row = {}
-            for signal in MARGINAL_SIGNALS:
-                model.config.marginal_signal = signal
-                row[signal] = model._marginal_values({**inputs, "position_ids": None})
-            row.update(zip(("right_low", "right_high"), right_at_two_budgets(model, inputs)))
+            low, high = model._marginal_budget_logits({**inputs, "position_ids": None})
+            labels = inputs["labels"]
+            row = {s: answer_score(high, labels, s) - answer_score(low, labels, s) for s in MARGINAL_SIGNALS}
+            row.update(right_low=answered_right(low, labels), right_high=answered_right(high, labels))
             n_bar = model(**inputs).visual_tokens.mean(1)
             for j, meta in enumerate(batch["meta"]):
                 if batch["has_image"][j]:
                     values[meta["qtype"]].append([row[k][j].item() for k in row])
                     n_bars[meta["qtype"]].append(n_bar[j].item())
-    names = list(MARGINAL_SIGNALS) + ["right_low", "right_high"]
+    names = list(row)
     for q in sorted(values):
         v, n = torch.tensor(values[q]), torch.tensor(n_bars[q])
         print(f"{q:12s} n={len(v):4d}", end="")
@@ -58,20 +58,11 @@ def main(argv=None):
         print(f"  soft N_bar {n.mean():.1f} (std {n.std():.1f})")
 
 
-def right_at_two_budgets(model, inputs):
-    """[B] per sample: every answer token the argmax, at (1 -/+ marginal_span) x the schedule."""
-    from model.budget import module_counts
-    from model.modeling_atp_llava import _config_set
-
-    cfg, out = model.config, []
-    for scale in (1 - cfg.marginal_span, 1 + cfg.marginal_span):
-        fixed = [min(cfg.num_visual_tokens, max(1, round(c * scale))) for c in module_counts(cfg)]
-        with _config_set(cfg, pruning="fixed", fixed_counts=fixed):
-            logits = model(**inputs).logits
-        target = inputs["labels"][:, 1:]
-        wrong = (logits[:, :-1].argmax(-1) != target) & (target != -100)
-        out.append((~wrong.any(1)).float())
-    return out
+def answered_right(logits, labels):
+    """[B] per sample: every answer token the argmax (teacher-forced)."""
+    target = labels[:, 1:]
+    wrong = (logits[:, :-1].argmax(-1) != target) & (target != -100)
+    return (~wrong.any(1)).float()
 
 
 if __name__ == "__main__":

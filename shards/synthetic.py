@@ -15,6 +15,7 @@ the split name enters every seed, so train and eval never share a random stream.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
@@ -327,8 +328,15 @@ def _context(split: str, seed: int, index: int, opt: Options) -> str:
     if not opt.context_words:
         return ""
     rng = random.Random(f"context/{split}/{seed}/{index}")
-    words = sorted({w for t in (*COLORS, *BACKGROUNDS, *KINDS, *CELLS[opt.grid], "small big shape") for w in t.split()})
+    words = _benchmark_words(opt.grid)
     return " ".join(rng.choice(words) for _ in range(opt.context_words)) + ". "
+
+
+@functools.cache
+def _benchmark_words(grid: int) -> tuple:
+    """The benchmark's own words (sorted: the same draw on every machine), made once per grid."""
+    texts = (*COLORS, *BACKGROUNDS, *KINDS, *CELLS[grid], "small big shape")
+    return tuple(sorted({w for t in texts for w in t.split()}))
 
 
 def write(out: str, split: str, n: int, seed: int, opt: Options, maxcount: int = 500, progress=True):
