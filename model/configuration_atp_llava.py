@@ -18,6 +18,7 @@ SELF_SCORES = ("attention", "duplication")  # METHOD sec 11
 MERGE_MODES = ("none", "nearest")  # METHOD sec 12
 BUDGET_LOSSES = ("n_bar", "per_module", "dual")  # METHOD sec 7, 13, 15
 MARGINAL_SIGNALS = ("loss", "answer")  # METHOD sec 16
+MARGINAL_CENTERS = ("schedule", "own")  # METHOD sec 16
 THRESHOLD_FEATURES = ("query", "sorted")  # METHOD sec 14
 ATTN_KERNELS = ("sdpa", "flash", "flex", "channel", "auto")  # model/kernels.py, docs/GPU.md
 HARD_LAYOUTS = ("padded", "packed")  # model/packed.py
@@ -65,6 +66,8 @@ class AtpLlavaConfig(LlavaConfig):
     marginal_weight: int | float = 0.0
     marginal_span: int | float = 0.5  # the two budgets: (1 -/+ span) x each module's count
     marginal_signal: str = "loss"  # loss: answer loss | answer: probability of the whole answer
+    # the two budgets around the schedule's counts, or around each sample's own counts of the forward
+    marginal_center: str = "schedule"
     threshold_hidden: int = 256
     threshold_features: list[str] | tuple[str, ...] = ()  # METHOD sec 14: query | sorted, beside the scores
     fixed_counts: list[int] | tuple[int, ...] | None = None
@@ -117,6 +120,8 @@ class AtpLlavaConfig(LlavaConfig):
             )
         if self.marginal_signal not in MARGINAL_SIGNALS:
             raise ValueError(f"marginal_signal={self.marginal_signal!r}: expected one of {MARGINAL_SIGNALS}")
+        if self.marginal_center not in MARGINAL_CENTERS:
+            raise ValueError(f"marginal_center={self.marginal_center!r}: expected one of {MARGINAL_CENTERS}")
         if self.merge not in MERGE_MODES:
             raise ValueError(f"merge={self.merge!r}: expected one of {MERGE_MODES}")
         if self.attn_kernel not in ATTN_KERNELS:

@@ -349,7 +349,7 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             if not hard and self._marginal_on(has_img):
                 batch = dict(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
                 batch.update(position_ids=position_ids, labels=labels, query_mask=query_mask)
-                values = self._marginal_values(batch)
+                values = self._marginal_values(batch, [c.detach() for c in flow.counts[1:]])  # [0]: before any module
         m_sums = [] if pruning is None else pruning.m_sums
         loss, atp_losses = self._losses(ntp, visual_tokens, m_sums, has_img, values)
         if cache is not None:
@@ -510,7 +510,9 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             return override.to(C.dtype) * live, theta, None
         if cfg.pruning == "fixed":
             rank = torch.where(live, s_red, -1.0).argsort(-1, descending=True).argsort(-1)
-            return ((rank < cfg.fixed_counts[k]) & live).to(C.dtype), theta, None
+            own = getattr(self, "_sample_counts", None)  # [K] of [B]: the marginal passes' own budgets
+            count = cfg.fixed_counts[k] if own is None else own[k].reshape(-1, 1)
+            return ((rank < count) & live).to(C.dtype), theta, None
         if hard:  # METHOD sec 5's rule (atp_module.hard_keep); the branches for the diagnostics
             red, spa = hard_keep(s_red, s_spa, theta_r[:, None], theta_s[:, None], live)
             return (red | spa).to(C.dtype), theta, torch.stack([red, spa], -1)
@@ -603,27 +605,38 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         cfg = self.config
         return cfg.marginal_weight > 0 and cfg.pruning == "atp" and int(has_img.sum()) > 1
 
-    def _marginal_values(self, batch):
-        """METHOD sec 16: [B] each sample's answer score at the high budget minus at the low one
-        (`_marginal_budget_logits`), so a sample's value does not depend on where its own thresholds
-        stand. The score is minus the answer loss (`marginal_signal` loss) or the probability of the
-        whole answer (answer: saturates, so a sample already answered with fewer tokens has no value)."""
+    def _marginal_values(self, batch, own_counts):
+        """METHOD sec 16: [B] each sample's answer score at the high budget minus at the low one, per
+        unit of its N_bar share between the two (`_marginal_budget_logits`). The score is minus the
+        answer loss (`marginal_signal` loss) or the probability of the whole answer (answer: saturates,
+        so a sample already answered with fewer tokens has no value). own_counts: [K] of [B], each
+        sample's kept count after each module in this forward (used with `marginal_center` own)."""
         signal, labels = self.config.marginal_signal, batch["labels"]
-        low, high = (answer_score(logits, labels, signal) for logits in self._marginal_budget_logits(batch))
-        return high - low
+        own = own_counts if self.config.marginal_center == "own" else None
+        (low, s_low), (high, s_high) = (
+            (answer_score(logits, labels, signal), share) for logits, share in self._marginal_budget_logits(batch, own)
+        )
+        return (high - low) / (s_high - s_low).clamp_min(1.0 / self.config.num_visual_tokens)
 
     @torch.no_grad()
-    def _marginal_budget_logits(self, batch):
-        """The logits at the schedule's counts x (1 - marginal_span), then x (1 + marginal_span),
-        under the fixed ranking: two gradient-free forwards (with pruning='fixed', so they neither
-        recurse nor move the dual prices), yielded one at a time."""
+    def _marginal_budget_logits(self, batch, counts=None):
+        """The logits and each sample's N_bar share [B] at two budgets, under the fixed ranking: the
+        schedule's counts (or, given counts [K] of [B], each sample's own) x (1 - marginal_span), then
+        x (1 + marginal_span). Two gradient-free forwards (with pruning='fixed', so they neither recurse
+        nor move the dual prices), yielded one at a time."""
         cfg = self.config
         lv, span = cfg.num_visual_tokens, cfg.marginal_span
+        schedule = module_counts(cfg)
         for scale in (1 - span, 1 + span):
-            fixed = [min(lv, max(1, round(c * scale))) for c in module_counts(cfg)]
-            with _config_set(cfg, pruning="fixed", fixed_counts=fixed):
-                logits = self.forward(**batch).logits
-            yield logits
+            fixed = [min(lv, max(1, round(c * scale))) for c in schedule]
+            try:  # around where each sample's own thresholds stand now (the config holds no tensors)
+                if counts is not None:
+                    self._sample_counts = [(c.float() * scale).round().clamp(1, lv) for c in counts]
+                with _config_set(cfg, pruning="fixed", fixed_counts=fixed):
+                    out = self.forward(**batch)
+            finally:
+                self._sample_counts = None
+            yield out.logits, out.visual_tokens.mean(1) / lv
 
     @torch.no_grad()
     def _dual_prices(self, kept, counts):

@@ -40,7 +40,7 @@ def main(argv=None):
             if i >= a.batches:
                 break
             inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels", "query_mask", "pixel_values")}
-            low, high = model._marginal_budget_logits({**inputs, "position_ids": None})
+            (low, _), (high, _) = model._marginal_budget_logits({**inputs, "position_ids": None})
             labels = inputs["labels"]
             row = {s: answer_score(high, labels, s) - answer_score(low, labels, s) for s in MARGINAL_SIGNALS}
             row.update(right_low=answered_right(low, labels), right_high=answered_right(high, labels))

@@ -279,7 +279,7 @@ def test_dual_budget_prices_follow_each_module_error():
 @pytest.mark.parametrize("signal", ["loss", "answer"])
 def test_marginal_value_moves_each_sample_count_by_its_score_at_two_budgets(signal):
     """marginal_weight (METHOD sec 16): each sample's value is its answer score at (1 + span) x the
-    schedule minus at (1 - span) x, both under the fixed ranking (score: minus the mean answer loss,
+    schedule minus at (1 - span) x, per unit of N_bar share between them, both under the fixed ranking (score: minus the mean answer loss,
     or the probability of the whole answer); L_marginal = -mean(a_i share_i) with a the standardised
     values, so the gradient raises the count of samples that gain more from tokens. The inner passes
     leave the config as it was and do not move the dual prices."""
@@ -299,15 +299,17 @@ def test_marginal_value_moves_each_sample_count_by_its_score_at_two_budgets(sign
         ref.load_state_dict(m.state_dict())
         ref.train()
         with torch.no_grad():
-            logits = ref(**b).logits
+            o = ref(**b)
+        share = o.visual_tokens.mean(1) / LV
         if signal == "loss":
-            return -per_sample_ntp(logits, b["labels"])
-        logp = torch.log_softmax(logits[:, :-1].double(), -1)  # the answer's probability, token by token
+            return -per_sample_ntp(o.logits, b["labels"]), share
+        logp = torch.log_softmax(o.logits[:, :-1].double(), -1)  # the answer's probability, token by token
         target = b["labels"][:, 1:]
         picked = logp.gather(-1, target.clamp_min(0)[..., None])[..., 0] * (target != -100)
-        return picked.sum(1).exp()
+        return picked.sum(1).exp(), share
 
-    v = score_at(1.5) - score_at(0.5)
+    (high, s_high), (low, s_low) = score_at(1.5), score_at(0.5)
+    v = (high - low) / (s_high - s_low)  # per unit of N_bar share
     a = (v - v.mean()) / (v.std(unbiased=False) + 1e-6)
     share = out.visual_tokens.mean(1) / LV
     want = -(a * share).mean()
@@ -325,12 +327,47 @@ def test_marginal_value_moves_each_sample_count_by_its_score_at_two_budgets(sign
     assert out.loss.item() - base.loss.item() == pytest.approx(out.atp_losses["marginal"].item(), abs=1e-5)
 
 
+def test_marginal_value_around_each_sample_own_counts():
+    """marginal_center own (METHOD sec 16): the two budgets are each sample's own kept counts of the
+    forward x (1 -/+ span), per module, under the fixed ranking, so its value is the slope of its
+    answer score where its thresholds stand (sample j's score: the batch pruned at j's counts)."""
+    from model.modeling_atp_llava import per_sample_ntp
+
+    _, m = tiny_atp(budget_loss="dual", lambda_atp=0.0, marginal_weight=1.0, marginal_center="own")
+    m.train()
+    b = make_batch([3, 2, 4], [4, 5, 2], answers=[3, 2, 4], seed=5)
+    out = m(**b)
+    own = out.atp_info["keep"].sum(-1)  # [B, K] each sample's count after each module
+    _, ref = tiny_atp(pruning="fixed", fixed_counts=[1] * len(m.config.atp_layers))
+    ref.load_state_dict(m.state_dict())
+    ref.train()
+
+    def score_at(scale):
+        counts = (own * scale).round().clamp(1, LV).long()
+        scores, shares = [], []
+        with torch.no_grad():
+            for j in range(counts.shape[0]):
+                ref.config.fixed_counts = counts[j].tolist()
+                o = ref(**b)
+                scores.append(-per_sample_ntp(o.logits, b["labels"])[j])
+                shares.append(o.visual_tokens[j].mean() / LV)
+        return torch.stack(scores), torch.stack(shares)
+
+    (high, s_high), (low, s_low) = score_at(1.5), score_at(0.5)
+    v = (high - low) / (s_high - s_low)
+    assert len(set(s_high.tolist())) > 1  # the samples' budgets differ: each is its own
+    a = (v - v.mean()) / (v.std(unbiased=False) + 1e-6)
+    want = -(a * out.visual_tokens.mean(1) / LV).mean()
+    assert out.atp_losses["marginal"].item() == pytest.approx(want.item(), rel=1e-4, abs=1e-6)
+
+
 @pytest.mark.parametrize(
     "kw",
     [
         dict(marginal_weight=1.0),
         dict(marginal_weight=1.0, budget_loss="dual", marginal_span=1.0),
         dict(marginal_weight=1.0, budget_loss="dual", marginal_signal="accuracy"),
+        dict(marginal_weight=1.0, budget_loss="dual", marginal_center="mine"),
     ],
 )
 def test_marginal_value_needs_a_schedule_and_a_span_below_one(kw):

@@ -134,6 +134,7 @@ class AtpConfig:
     marginal_weight: float = 0.0  # METHOD sec 16
     marginal_span: float = 0.5
     marginal_signal: Literal["loss", "answer"] = "loss"
+    marginal_center: Literal["schedule", "own"] = "schedule"
     threshold_hidden: int = 256
     threshold_features: list[Literal["query", "sorted"]] = field(default_factory=list)  # METHOD sec 14
     fixed_counts: Optional[list[int]] = None
