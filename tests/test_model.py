@@ -279,10 +279,11 @@ def test_dual_budget_prices_follow_each_module_error():
 @pytest.mark.parametrize("signal", ["loss", "answer"])
 def test_marginal_value_moves_each_sample_count_by_its_score_at_two_budgets(signal):
     """marginal_weight (METHOD sec 16): each sample's value is its answer score at (1 + span) x the
-    schedule minus at (1 - span) x, per unit of N_bar share between them, both under the fixed ranking (score: minus the mean answer loss,
-    or the probability of the whole answer); L_marginal = -mean(a_i share_i) with a the standardised
-    values, so the gradient raises the count of samples that gain more from tokens. The inner passes
-    leave the config as it was and do not move the dual prices."""
+    schedule minus at (1 - span) x, per unit of N_bar share between them, both under the fixed
+    ranking (score: minus the mean answer loss, or the probability of the whole answer);
+    L_marginal = -mean(a_i share_i) with a the standardised values, so the gradient raises the count
+    of samples that gain more from tokens. The inner passes leave the config as it was
+    and do not move the dual prices."""
     from model.budget import module_counts
     from model.modeling_atp_llava import per_sample_ntp
 
