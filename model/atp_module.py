@@ -18,8 +18,10 @@ from transformers import initialization as init
 class AtpModule(nn.Module):
     """x = [S_redundant, S_spatial] at the original Lv positions -> (theta_r, theta_s), each in (0, 1)."""
 
-    def __init__(self, num_visual_tokens: int, hidden: int, features=(), text_hidden: int = 0):
+    def __init__(self, num_visual_tokens: int, hidden: int, features=(), text_hidden: int = 0, mix: bool = False):
         super().__init__()
+        # score_mix question (METHOD sec 17): S_cross's share of S_redundant, from the question alone
+        self.mix = nn.Linear(text_hidden, 1) if mix else None
         self.fc = nn.Linear(2 * num_visual_tokens, hidden)
         # extra inputs add into the hidden layer (no bias: fc has one)
         self.query = nn.Linear(text_hidden, hidden, bias=False) if "query" in features else None
@@ -37,9 +39,18 @@ class AtpModule(nn.Module):
         for extra in (self.query, self.sorted):
             if extra is not None:
                 init.normal_(extra.weight, std=0.02)
+        if self.mix is not None:  # share 1/2 at the start: the paper's even mix
+            init.normal_(self.mix.weight, std=0.02)
+            init.zeros_(self.mix.bias)
         for head, theta in ((self.head_r, theta_r), (self.head_s, theta_s)):
             init.normal_(head.weight, std=std)
             init.constant_(head.bias, math.log(theta / (1 - theta)))
+
+    def cross_share(self, query: torch.Tensor) -> torch.Tensor | None:
+        """[B] in (0, 1): how much of S_redundant is S_cross for this question (None: the even mix)."""
+        if self.mix is None:
+            return None
+        return torch.sigmoid(self.mix(query.to(self.mix.weight.dtype))).squeeze(-1)
 
     def forward(self, s_red: torch.Tensor, s_spa: torch.Tensor, query: torch.Tensor | None = None):
         """query: [B, D] the question's pooled hidden state (needed with the `query` feature)."""

@@ -15,6 +15,7 @@ PRUNING_MODES = ("none", "atp", "fixed")
 POSITION_MODES = ("preserve", "rope2d")
 SCORE_NORMS = ("minmax", "none")
 SELF_SCORES = ("attention", "duplication")  # METHOD sec 11
+SCORE_MIXES = ("even", "question")  # METHOD sec 1, 17
 MERGE_MODES = ("none", "nearest")  # METHOD sec 12
 BUDGET_LOSSES = ("n_bar", "per_module", "dual")  # METHOD sec 7, 13, 15
 MARGINAL_SIGNALS = ("loss", "answer")  # METHOD sec 16
@@ -55,6 +56,8 @@ class AtpLlavaConfig(LlavaConfig):
     position_mode: str = "preserve"  # preserve | rope2d
     score_norm: str = "minmax"  # minmax | none
     score_self: str = "attention"  # attention (the paper's S_self) | duplication (METHOD sec 11)
+    # even: S_redundant = (S_self + S_cross) / 2 (the paper) | question: S_cross's share learned per question
+    score_mix: str = "even"
     merge: str = "none"  # none (the paper) | nearest: dropped tokens averaged into kept ones (METHOD sec 12)
     merge_temperature: int | float = 20.0
     budget_loss: str = (
@@ -111,6 +114,8 @@ class AtpLlavaConfig(LlavaConfig):
             raise ValueError(f"score_norm={self.score_norm!r}: expected one of {SCORE_NORMS}")
         if self.score_self not in SELF_SCORES:
             raise ValueError(f"score_self={self.score_self!r}: expected one of {SELF_SCORES}")
+        if self.score_mix not in SCORE_MIXES:
+            raise ValueError(f"score_mix={self.score_mix!r}: expected one of {SCORE_MIXES}")
         if self.budget_loss not in BUDGET_LOSSES:
             raise ValueError(f"budget_loss={self.budget_loss!r}: expected one of {BUDGET_LOSSES}")
         bad = [f for f in self.threshold_features if f not in THRESHOLD_FEATURES]

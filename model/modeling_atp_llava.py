@@ -111,7 +111,13 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         super().__init__(config)
         lv = config.num_visual_tokens
         self.atp_modules = nn.ModuleList(
-            AtpModule(lv, config.threshold_hidden, config.threshold_features, config.text_config.hidden_size)
+            AtpModule(
+                lv,
+                config.threshold_hidden,
+                config.threshold_features,
+                config.text_config.hidden_size,
+                mix=config.score_mix == "question",
+            )
             for _ in config.atp_layers
         )
         self._spatial = None  # S_spatial, fixed per image size; built on first use (not a buffer:
@@ -502,7 +508,11 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         s_self, s_cross = scores
         if cfg.score_norm == "minmax":  # both scores in one pass: a pruning step's launches add up
             s_self, s_cross = minmax(torch.stack([s_self, s_cross]), live)
-        s_red = torch.where(live, (s_self + s_cross) / 2, 0.0)
+        share = self.atp_modules[k].cross_share(query) if cfg.score_mix == "question" else None
+        s_mix = (
+            (s_self + s_cross) / 2 if share is None else s_self + share[:, None].to(s_self.dtype) * (s_cross - s_self)
+        )
+        s_red = torch.where(live, s_mix, 0.0)
         s_spa = torch.where(live, self.spatial_score(s_red), 0.0)
         theta_r, theta_s = self.atp_modules[k](s_red, s_spa, query=query)
         theta = torch.stack([theta_r, theta_s], -1)

@@ -100,7 +100,7 @@ class AtpPruning:
         override = None if self.atp_masks is None else self.atp_masks[k]
         query = (
             question_state(flow.padded_hidden(), flow.qmask)
-            if "query" in self.model.config.threshold_features
+            if "query" in self.model.config.threshold_features or self.model.config.score_mix == "question"
             else None
         )
         M, theta, branch = self.model._atp_step(k, request.result, flow.C, self.has_img, override, self.hard, query)

@@ -69,24 +69,26 @@ def test_config_fields_take_natural_types(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "atp_layers,score_self,merge,features",
+    "atp_layers,score_self,merge,features,mix",
     [
-        ((2, 4), "attention", "none", ()),
-        ((0, 3), "attention", "none", ()),  # a point before layer 0
-        ((2, 4), "duplication", "none", ()),
-        ((2, 4), "attention", "nearest", ()),
-        ((0, 3), "duplication", "nearest", ()),
-        ((0, 3), "duplication", "nearest", ("query", "sorted")),  # METHOD sec 14
+        ((2, 4), "attention", "none", (), "even"),
+        ((0, 3), "attention", "none", (), "even"),  # a point before layer 0
+        ((2, 4), "duplication", "none", (), "even"),
+        ((2, 4), "attention", "nearest", (), "even"),
+        ((0, 3), "duplication", "nearest", (), "even"),
+        ((0, 3), "duplication", "nearest", ("query", "sorted"), "even"),  # METHOD sec 14
+        ((0, 3), "duplication", "nearest", ("query", "sorted"), "question"),  # METHOD sec 17
     ],
 )
 @pytest.mark.parametrize("position_mode", ["preserve", "rope2d"])
-def test_soft_path_with_binary_masks_equals_hard_path(position_mode, atp_layers, score_self, merge, features):
+def test_soft_path_with_binary_masks_equals_hard_path(position_mode, atp_layers, score_self, merge, features, mix):
     _, m = tiny_atp(
         position_mode=position_mode,
         atp_layers=atp_layers,
         score_self=score_self,
         merge=merge,
         threshold_features=list(features),
+        score_mix=mix,
     )
     b = make_batch([2, 5, 3], [6, 3, 4], answers=[2, 2, 1], padding="left", seed=1)
     # spread the thresholds so the three samples keep different counts
@@ -105,6 +107,28 @@ def test_soft_path_with_binary_masks_equals_hard_path(position_mode, atp_layers,
     text = text_positions(b)
     assert (soft.logits - hard.logits)[text].abs().max() <= 1e-4
     assert torch.allclose(soft.visual_tokens, hard.visual_tokens)
+
+
+def test_question_mix_sets_cross_share_of_redundancy_per_sample():
+    """score_mix question (METHOD sec 17): S_redundant = S_self + a (S_cross - S_self) with a from the
+    question; a = 1/2 is the paper's even mix (same logits), and a saturated share ranks by one score."""
+    _, even = tiny_atp(atp_layers=(0, 3))
+    _, mixed = tiny_atp(atp_layers=(0, 3), score_mix="question")
+    mixed.load_state_dict(even.state_dict(), strict=False)
+    b = make_batch([2, 5, 3], [6, 3, 4], answers=[2, 2, 1], padding="left", seed=1)
+    for m in (even, mixed):
+        m.eval()
+    with torch.no_grad():
+        for mod in mixed.atp_modules:
+            mod.mix.weight.zero_()
+            mod.mix.bias.zero_()
+        torch.testing.assert_close(mixed(**b).logits, even(**b).logits)
+        keeps = []
+        for bias in (-30.0, 30.0):  # S_self alone, then S_cross alone
+            for mod in mixed.atp_modules:
+                mod.mix.bias.fill_(bias)
+            keeps.append(mixed(**b).atp_info["keep"])
+    assert not torch.equal(keeps[0], keeps[1])
 
 
 def test_without_spatial_grids_only_the_redundancy_threshold_keeps_soft_or_hard():
@@ -198,20 +222,31 @@ def test_duplication_score_ranks_a_unique_token_above_copies():
 
 
 @pytest.mark.parametrize(
-    "atp_layers,merge,features",
-    [((2, 4), "none", ()), ((0, 3), "none", ()), ((2, 4), "nearest", ()), ((0, 3), "none", ("query", "sorted"))],
+    "atp_layers,merge,features,mix",
+    [
+        ((2, 4), "none", (), "even"),
+        ((0, 3), "none", (), "even"),
+        ((2, 4), "nearest", (), "even"),
+        ((0, 3), "none", ("query", "sorted"), "even"),
+        ((2, 4), "none", (), "question"),  # the learned mix alone: its question input without the feature
+    ],
 )
-def test_gradient_reaches_thresholds_through_masked_layers(atp_layers, merge, features):
+def test_gradient_reaches_thresholds_through_masked_layers(atp_layers, merge, features, mix):
     # budget terms off: the gradient must come through the masked attention (and merging) alone
     _, m = tiny_atp(
-        lambda_atp=0.0, lambda_target=0.0, atp_layers=atp_layers, merge=merge, threshold_features=list(features)
+        lambda_atp=0.0,
+        lambda_target=0.0,
+        atp_layers=atp_layers,
+        merge=merge,
+        threshold_features=list(features),
+        score_mix=mix,
     )
     m.train()
     b = make_batch([3, 2], [4, 5], answers=[3, 2], seed=3)
     out = m(**b)
     out.loss.backward()
     for k, mod in enumerate(m.atp_modules):
-        for name in ("head_r", "head_s", "fc", *features):
+        for name in ("head_r", "head_s", "fc", *features, *(["mix"] if mix == "question" else [])):
             g = getattr(mod, name).weight.grad
             assert g is not None and g.abs().sum() > 0, (k, name)
     # the first module's mask enters at least two masked layers behind it

@@ -127,6 +127,7 @@ class AtpConfig:
     position_mode: Literal["preserve", "rope2d"] = "preserve"
     score_norm: Literal["minmax", "none"] = "minmax"
     score_self: Literal["attention", "duplication"] = "attention"
+    score_mix: Literal["even", "question"] = "even"  # METHOD sec 17
     merge: Literal["none", "nearest"] = "none"
     merge_temperature: float = 20.0
     budget_loss: Literal["n_bar", "per_module", "dual"] = "n_bar"
