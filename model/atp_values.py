@@ -28,6 +28,8 @@ def check(
     budget_loss: str = "n_bar",
     marginal_weight: float = 0.0,
     marginal_span: float = 0.5,
+    branch_weight: float = 0.0,
+    spatial_strides=(2,),
 ) -> None:
     """Raise AtpValueError on the first bad value. A size that is None (not known yet: the
     config check before the model's files exist) is not checked against; `target_tokens`
@@ -62,6 +64,13 @@ def check(
             "marginal_weight" if marginal_weight < 0 else "marginal_span",
             f"marginal_weight={marginal_weight}, marginal_span={marginal_span}: "
             "expected a weight >= 0 and a span in (0, 1)",
+        )
+    if branch_weight < 0:
+        raise AtpValueError("branch_weight", f"branch_weight={branch_weight}: expected a weight >= 0")
+    if branch_weight > 0 and pruning == "atp" and not list(spatial_strides):
+        raise AtpValueError(
+            "branch_weight",
+            "branch_weight > 0 weighs the spatial branch against the redundancy one: it needs spatial_strides",
         )
     # pruning 'fixed' / 'none' ignore it (a run's fixed variants inherit the run's atp settings)
     if marginal_weight > 0 and pruning == "atp" and budget_loss == "n_bar":

@@ -38,6 +38,7 @@ FLOAT_FIELDS = (
     "dual_lr",
     "marginal_weight",
     "marginal_span",
+    "branch_weight",
 )
 
 
@@ -71,6 +72,9 @@ class AtpLlavaConfig(LlavaConfig):
     marginal_signal: str = "loss"  # loss: answer loss | answer: probability of the whole answer
     # the two budgets around the schedule's counts, or around each sample's own counts of the forward
     marginal_center: str = "schedule"
+    # METHOD sec 18: each sample's loss under the spatial branch's ranking against the redundancy
+    # ranking's, at its own counts, moves its two thresholds apart; 0 = off (the paper)
+    branch_weight: int | float = 0.0
     threshold_hidden: int = 256
     threshold_features: list[str] | tuple[str, ...] = ()  # METHOD sec 14: query | sorted, beside the scores
     fixed_counts: list[int] | tuple[int, ...] | None = None
@@ -144,6 +148,8 @@ class AtpLlavaConfig(LlavaConfig):
             budget_loss=self.budget_loss,
             marginal_weight=self.marginal_weight,
             marginal_span=self.marginal_span,
+            branch_weight=self.branch_weight,
+            spatial_strides=self.spatial_strides,
         )
         if self.vision_feature_select_strategy == "full" and self.position_mode == "rope2d":
             raise ValueError(

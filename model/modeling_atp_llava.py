@@ -352,10 +352,13 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         ntp = values = None
         if labels is not None:
             ntp = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+            batch = dict(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
+            batch.update(position_ids=position_ids, labels=labels, query_mask=query_mask)
+            own = [c.detach() for c in flow.counts[1:]]  # [0]: before any module
             if not hard and self._marginal_on(has_img):
-                batch = dict(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
-                batch.update(position_ids=position_ids, labels=labels, query_mask=query_mask)
-                values = self._marginal_values(batch, [c.detach() for c in flow.counts[1:]])  # [0]: before any module
+                values = self._marginal_values(batch, own)
+            if not hard and self._branch_on(has_img):
+                values = (values, self._branch_values(batch, own), torch.stack(pruning.thresholds, 1))
         m_sums = [] if pruning is None else pruning.m_sums
         loss, atp_losses = self._losses(ntp, visual_tokens, m_sums, has_img, values)
         if cache is not None:
@@ -519,7 +522,9 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if override is not None:
             return override.to(C.dtype) * live, theta, None
         if cfg.pruning == "fixed":
-            rank = torch.where(live, s_red, -1.0).argsort(-1, descending=True).argsort(-1)
+            # sec 18's passes rank by the spatial branch's grids first (coarsest first), S_red within one
+            key = s_red if getattr(self, "_sample_rank", None) != "spatial" else s_spa + 1e-3 * s_red
+            rank = torch.where(live, key, -1.0).argsort(-1, descending=True).argsort(-1)
             own = getattr(self, "_sample_counts", None)  # [K] of [B]: the marginal passes' own budgets
             count = cfg.fixed_counts[k] if own is None else own[k].reshape(-1, 1)
             return ((rank < count) & live).to(C.dtype), theta, None
@@ -574,8 +579,13 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
     def _losses(self, ntp, visual_tokens, m_sums, has_img, values=None):
         """L = L_ntp + lambda_ATP L_ATP + lambda_target L_target (METHOD sec 7), over image samples;
-        plus marginal_weight L_marginal when given each sample's marginal value of tokens (sec 16)."""
+        plus marginal_weight L_marginal when given each sample's marginal value of tokens (sec 16), and
+        branch_weight L_branch when values is (marginal values or None, branch values, thresholds
+        [B, K, 2]) (sec 18)."""
         cfg = self.config
+        branch = None
+        if isinstance(values, tuple):
+            values, branch, thresholds = values
         lv = cfg.num_visual_tokens
         n_img = has_img.sum().clamp_min(1)
         n_bar = (visual_tokens.mean(1) * has_img).sum() / n_img
@@ -607,6 +617,14 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 l_marginal = -(advantage.to(share.dtype) * share).mean()
                 logs["marginal"] = l_marginal.detach()
                 loss = loss + cfg.marginal_weight * l_marginal
+            if branch is not None and loss is not None:  # the branch that serves a sample better opens
+                u = branch[has_img].float()
+                advantage = (u - u.mean()) / (u.std(unbiased=False) + 1e-6)
+                theta = thresholds[has_img]
+                gap = (theta[..., 1] - theta[..., 0]).mean(1)  # theta_s - theta_r, over the modules
+                l_branch = (advantage.to(gap.dtype) * gap).mean()
+                logs["branch"] = l_branch.detach()
+                loss = loss + cfg.branch_weight * l_branch
         if loss is not None:
             logs["total"] = loss.detach()
         return loss, logs
@@ -614,6 +632,28 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def _marginal_on(self, has_img) -> bool:
         cfg = self.config
         return cfg.marginal_weight > 0 and cfg.pruning == "atp" and int(has_img.sum()) > 1
+
+    def _branch_on(self, has_img) -> bool:
+        cfg = self.config
+        return cfg.branch_weight > 0 and cfg.pruning == "atp" and int(has_img.sum()) > 1
+
+    @torch.no_grad()
+    def _branch_values(self, batch, own_counts):
+        """METHOD sec 18: [B] each sample's answer score with its own counts kept by the spatial branch's
+        ranking (coarsest grid first) minus by the redundancy ranking (S_red). Two gradient-free forwards
+        under the fixed rule at each sample's own kept count after each module (own_counts: [K] of [B])."""
+        cfg = self.config
+        counts = [c.float().round().clamp(1, cfg.num_visual_tokens) for c in own_counts]
+        score = {}
+        for rank in ("spatial", "redundancy"):
+            try:
+                self._sample_counts, self._sample_rank = counts, rank
+                with _config_set(cfg, pruning="fixed", fixed_counts=[1] * len(counts)):
+                    out = self.forward(**batch)
+            finally:
+                self._sample_counts = self._sample_rank = None
+            score[rank] = answer_score(out.logits, batch["labels"], cfg.marginal_signal)
+        return score["spatial"] - score["redundancy"]
 
     def _marginal_values(self, batch, own_counts):
         """METHOD sec 16: [B] each sample's answer score at the high budget minus at the low one, per

@@ -397,6 +397,62 @@ def test_marginal_value_around_each_sample_own_counts():
     assert out.atp_losses["marginal"].item() == pytest.approx(want.item(), rel=1e-4, abs=1e-6)
 
 
+def test_branch_value_weighs_the_spatial_ranking_against_the_redundancy_one():
+    """branch_weight (METHOD sec 18): each sample's value is its answer score with its own counts kept
+    grid first (the spatial branch's ranking, coarsest grid first) minus kept by S_red, sample j's score
+    from the batch pruned at j's counts; L_branch = mean_i(a_i mean_k(theta_s - theta_r)) with a the
+    standardised values, so the branch that serves a sample better gets the lower threshold."""
+    from model.modeling_atp_llava import per_sample_ntp
+
+    _, m = tiny_atp(budget_loss="dual", lambda_atp=0.0, branch_weight=1.0)
+    m.train()
+    b = make_batch([3, 2, 4], [4, 5, 2], answers=[3, 2, 4], seed=5)
+    out = m(**b)
+    assert m.config.pruning == "atp" and getattr(m, "_sample_rank", None) is None  # restored
+    own = out.atp_info["keep"].sum(-1).round().clamp(1, LV).long()  # [B, K]
+    _, ref = tiny_atp(pruning="fixed", fixed_counts=[1] * len(m.config.atp_layers))
+    ref.load_state_dict(m.state_dict())
+    ref.train()
+    grid = m.spatial_score(out.logits)  # [Lv] the spatial score of each token
+
+    def score(rank):
+        scores = []
+        with torch.no_grad():
+            for j in range(own.shape[0]):
+                ref.config.fixed_counts, ref._sample_rank = own[j].tolist(), rank
+                o = ref(**b)
+                scores.append(-per_sample_ntp(o.logits, b["labels"])[j])
+                if rank == "spatial":  # the first module keeps the highest grid scores
+                    kept = o.atp_info["keep"][j, 0] > 0.5
+                    assert int(kept.sum()) == own[j, 0]
+                    assert grid[kept].min() >= grid[~kept].max()
+        ref._sample_rank = None
+        return torch.stack(scores)
+
+    u = score("spatial") - score("redundancy")
+    assert u.abs().max() > 0
+    a = (u - u.mean()) / (u.std(unbiased=False) + 1e-6)
+    th = out.atp_info["thresholds"]
+    want = (a * (th[..., 1] - th[..., 0]).mean(1)).mean()
+    assert out.atp_losses["branch"].item() == pytest.approx(want.item(), rel=1e-4, abs=1e-6)
+
+    _, plain = tiny_atp(budget_loss="dual", lambda_atp=0.0)
+    plain.load_state_dict(m.state_dict())
+    plain.train()
+    base = plain(**b)
+    assert out.loss.item() - base.loss.item() == pytest.approx(out.atp_losses["branch"].item(), abs=1e-5)
+    m.zero_grad()
+    (out.loss - base.loss.detach()).backward()  # the term's gradient reaches both threshold heads
+    for head in ("head_r", "head_s"):
+        assert any(getattr(mod, head).bias.grad.abs().sum() > 0 for mod in m.atp_modules)
+
+
+@pytest.mark.parametrize("kw", [dict(branch_weight=-1.0), dict(branch_weight=1.0, spatial_strides=[])])
+def test_branch_value_needs_a_spatial_branch(kw):
+    with pytest.raises(Exception, match="branch_weight"):
+        tiny_atp(**kw)
+
+
 @pytest.mark.parametrize(
     "kw",
     [

@@ -136,6 +136,7 @@ class AtpConfig:
     marginal_span: float = 0.5
     marginal_signal: Literal["loss", "answer"] = "loss"
     marginal_center: Literal["schedule", "own"] = "schedule"
+    branch_weight: float = 0.0  # METHOD sec 18
     threshold_hidden: int = 256
     threshold_features: list[Literal["query", "sorted"]] = field(default_factory=list)  # METHOD sec 14
     fixed_counts: Optional[list[int]] = None
@@ -417,6 +418,8 @@ def check_model(run: RunConfig, num_layers: int | None, num_visual_tokens: int |
             budget_loss=a.budget_loss,
             marginal_weight=a.marginal_weight,
             marginal_span=a.marginal_span,
+            branch_weight=a.branch_weight,
+            spatial_strides=a.spatial_strides,
         )
     except AtpValueError as e:
         raise ConfigError(f"config error at 'atp.{e.field}': {e}") from None
