@@ -207,13 +207,17 @@ def test_eval_cli_refuses_methods_that_have_no_model(main_job, tmp_path):
     assert not (tmp_path / "o" / "report.json").exists()
 
 
-def _rec(method, budget, coarse, fine, qtypes):
-    return {
-        "method": method,
-        "budget": budget,
-        "accuracy_by_family": {"coarse": coarse, "fine": fine},
-        "accuracy_by_qtype": qtypes,
-    }
+def _rec(method="unpruned", budget=None, coarse=0.0, fine=0.0, qtypes=None, **fields):
+    """A Record with the given accuracies and `fields`, placeholders for the rest."""
+    from pipeline.eval.records import Record
+
+    placeholders = dict(
+        budget_tokens=None, accuracy=0.0, n_bar=None, n_bar_share=None, tokens_per_layer=[],
+        tokens_per_layer_by_family={}, kept_at_atp_layers_by_family={},
+        flops_paper=0.0, flops_exact=0.0, kv_cache_bytes=0.0, atp_flops=0.0, samples=0, describe={},
+    )  # fmt: skip
+    accuracies = dict(accuracy_by_family={"coarse": coarse, "fine": fine}, accuracy_by_qtype=qtypes or {})
+    return Record(method=method, budget=budget, **accuracies | placeholders | fields)
 
 
 def test_base_goals():
@@ -282,11 +286,10 @@ def test_adaptivity_measures():
     s = d.summary()
     assert s["rank_corr_n_bar_shapes"] == pytest.approx(0.8)
     assert s["n_bar_spread"]["std"] == pytest.approx(torch.tensor([4.0, 8, 6, 12]).std(unbiased=False).item())
-    rec = {
-        **s,
-        "tokens_per_layer_by_family": {"coarse": [10.0, 10.0], "fine": [20.0, 10.0]},
-        "n_bar_by_qtype": {"background": 5.0, "count_total": 15.0},
-    }
+    by_family = {"coarse": [10.0, 10.0], "fine": [20.0, 10.0]}
+    rec = _rec(
+        **s | {"tokens_per_layer_by_family": by_family, "n_bar_by_qtype": {"background": 5.0, "count_total": 15.0}}
+    )
     a = adaptivity(rec)
     assert a["fine_over_coarse_n_bar"] == pytest.approx(1.5) and a["count_over_background_n_bar"] == pytest.approx(3)
     assert a["rank_corr_n_bar_shapes"] == pytest.approx(0.8)

@@ -65,6 +65,7 @@ class Diagnostics:
             self.branch = counts if self.branch is None else self.branch + counts
 
     def summary(self) -> dict:
+        """By `Record` field name (pipeline/eval/records.py); a field this cannot know is left out."""
         out = {"n_bar_by_qtype": {q: s.summary()["n_bar"] for q, s in sorted(self.qtype_tokens.items())}}
         if self.n_bars:
             nb = np.array(self.n_bars)

@@ -11,7 +11,8 @@ repeats) next to the unpruned model's. Methods:
 - `atp`, `fixed`: trained models (exported checkpoints; the `variants` stage trains one per budget);
 - the training-free policies of model/baselines.py (`POLICIES`: fastv, prumerge, ...), applied
   to the unpruned model.
-Writes report.json (one record per method x budget), report.md and PNG plots (pipeline/eval/report.py).
+Writes report.json (one record per method x budget: pipeline/eval/records.py), report.md and PNG plots
+(pipeline/eval/report.py).
 Scoring is pipeline/eval/answers.py's, shared with the lmms-eval plugin.
 """
 
@@ -31,6 +32,7 @@ from model.baselines import make_policy
 from pipeline.core.config import EvalConfig
 from pipeline.eval.answers import TokenStats, greedy_answers, is_correct, prompt_for, split_processor
 from pipeline.eval.methods import ALL_METHODS, SFT_REFERENCE, TRAINED, UNPRUNED, kind, match_budget, trained_share
+from pipeline.eval.records import BatchTiming, Record
 from pipeline.eval.report import Result, prior_accuracy, record, write_report
 from pipeline.eval.samples import Sample, load_samples, prompt_inputs
 
@@ -133,22 +135,22 @@ class Evaluator:
         self.timing = dict(repeats=timing_repeats, decode_tokens=decode_tokens)
         self.timing_samples = samples[:timing_batch]
         self.timed: list = []  # (record, model, policy): timed together, interleaved, by `time_all`
-        self.records: list[dict] = []
-        self.reference: dict | None = None
-        self.sft_reference: dict | None = None
+        self.records: list[Record] = []
+        self.reference: Record | None = None
+        self.sft_reference: Record | None = None
 
     def add(
         self, method: str, budget: float | None, model, processor, describe: dict | None = None, policy=None
-    ) -> dict:
+    ) -> Record:
         """Evaluate one method (`policy`: the pruning policy set on `model`); its timing waits for
         `time_all`, which times every method added, interleaved (the model is kept until then)."""
         t0 = time.time()
         result = run_method(model, processor, self.samples, **self.kw)
         rec = record(method, budget, result, self.samples, model.config, self.reference, describe)
         self.timed.append((rec, model, policy))
-        if self.sft_reference is not None and self.sft_reference["accuracy"]:
-            rec["retention_vs_sft"] = rec["accuracy"] / self.sft_reference["accuracy"]
-        rec["eval_seconds"] = round(time.time() - t0, 1)
+        if self.sft_reference is not None and self.sft_reference.accuracy:
+            rec.retention_vs_sft = rec.accuracy / self.sft_reference.accuracy
+        rec.eval_seconds = round(time.time() - t0, 1)
         if method == UNPRUNED:
             self.reference = rec
         elif method == SFT_REFERENCE:
@@ -158,9 +160,9 @@ class Evaluator:
             "%-10s budget %-5s acc %.3f n_bar %s (%.0f s)",
             method,
             budget,
-            rec["accuracy"],
-            "-" if rec["n_bar"] is None else f"{rec['n_bar']:.1f}",
-            rec["eval_seconds"],
+            rec.accuracy,
+            "-" if rec.n_bar is None else f"{rec.n_bar:.1f}",
+            rec.eval_seconds,
         )
         return rec
 
@@ -171,24 +173,27 @@ class Evaluator:
         batch sizes."""
         from pipeline.eval.timing import ratio_stats, spread_stats
 
-        ref = next((i for i, (rec, _, _) in enumerate(self.timed) if rec["method"] == UNPRUNED), None)
+        ref = next((i for i, (rec, _, _) in enumerate(self.timed) if rec.method == UNPRUNED), None)
         batches = sorted({1, len(self.timing_samples)})
         for B in batches:
             inputs = prompt_inputs(self.timed[0][1], processor, self.timing_samples[:B])
             times = time_interleaved([(m, p) for _, m, p in self.timed], inputs, **self.timing)
             for i, (rec, _, _) in enumerate(self.timed):
                 t = times[i]
-                row = {"prefill": spread_stats(t["prefill"]), "decode_per_token": spread_stats(t["decode"])}
+                row = BatchTiming(prefill=spread_stats(t["prefill"]), decode_per_token=spread_stats(t["decode"]))
                 if ref is not None:
                     row["prefill_ratio"] = ratio_stats(t["prefill"], times[ref]["prefill"])
                     row["decode_ratio"] = ratio_stats(t["decode"], times[ref]["decode"])
-                rec.setdefault("timing", {})[str(B)] = row
-                sfx = "" if B == batches[-1] else f"_b{B}"  # the flat keys: the timing batch's, and batch 1's
-                rec[f"prefill_ms{sfx}"] = 1e3 * row["prefill"]["median_s"]
-                rec[f"decode_ms_per_token{sfx}"] = 1e3 * row["decode_per_token"]["median_s"]
-                if ref is not None and i != ref:
-                    rec[f"prefill_ms_ratio{sfx}"] = row["prefill_ratio"]["ratio"]
-                    rec[f"decode_ms_per_token_ratio{sfx}"] = row["decode_ratio"]["ratio"]
+                rec.timing = {**(rec.timing or {}), str(B): row}
+                ms = 1e3 * row["prefill"]["median_s"], 1e3 * row["decode_per_token"]["median_s"]
+                vs_ref = ref is not None and i != ref  # no flat ratio of unpruned to itself
+                ratios = (row["prefill_ratio"]["ratio"], row["decode_ratio"]["ratio"]) if vs_ref else (None, None)
+                if B == batches[-1]:  # the flat fields: the timing batch's, and batch 1's
+                    rec.prefill_ms, rec.decode_ms_per_token = ms
+                    rec.prefill_ms_ratio, rec.decode_ms_per_token_ratio = ratios
+                else:  # B == 1
+                    rec.prefill_ms_b1, rec.decode_ms_per_token_b1 = ms
+                    rec.prefill_ms_ratio_b1, rec.decode_ms_per_token_ratio_b1 = ratios
         return batches
 
 

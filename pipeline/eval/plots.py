@@ -10,26 +10,27 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from pipeline.eval.methods import UNPRUNED  # noqa: E402
+from pipeline.eval.records import Record  # noqa: E402
 
 
-def pareto(records: list[dict], path: Path) -> None:
+def pareto(records: list[Record], path: Path) -> None:
     """Accuracy vs achieved N_bar share, one line per method; the unpruned model as a line."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
-    ref = next((r for r in records if r["method"] == UNPRUNED), None)
-    methods = [m for m in dict.fromkeys(r["method"] for r in records) if m != UNPRUNED]
+    ref = next((r for r in records if r.method == UNPRUNED), None)
+    methods = [m for m in dict.fromkeys(r.method for r in records) if m != UNPRUNED]
     for ax, (title, get) in zip(
         axes,
         (
-            ("all", lambda r: r["accuracy"]),
-            ("fine", lambda r: r["accuracy_by_family"].get("fine")),
-            ("coarse", lambda r: r["accuracy_by_family"].get("coarse")),
+            ("all", lambda r: r.accuracy),
+            ("fine", lambda r: r.accuracy_by_family.get("fine")),
+            ("coarse", lambda r: r.accuracy_by_family.get("coarse")),
         ),
     ):
         for m in methods:
             pts = sorted(
-                (r["n_bar_share"], get(r))
+                (r.n_bar_share, get(r))
                 for r in records
-                if r["method"] == m and r["n_bar_share"] is not None and get(r) is not None
+                if r.method == m and r.n_bar_share is not None and get(r) is not None
             )
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=m, lw=2.5 if m == "atp" else 1.2)
@@ -45,17 +46,17 @@ def pareto(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def tokens_per_layer(records: list[dict], atp_layers: list[int], path: Path) -> None:
+def tokens_per_layer(records: list[Record], atp_layers: list[int], path: Path) -> None:
     """Visual tokens attended by each decoder layer, ATP at each budget, per question family."""
-    atp = [r for r in records if r["method"] == "atp"]
+    atp = [r for r in records if r.method == "atp"]
     fig, axes = plt.subplots(1, max(1, len(atp)), figsize=(5 * max(1, len(atp)), 4), squeeze=False)
     for ax, r in zip(axes[0], atp):
-        for fam, per_layer in sorted(r["tokens_per_layer_by_family"].items()):
+        for fam, per_layer in sorted(r.tokens_per_layer_by_family.items()):
             if per_layer:
                 ax.step(range(len(per_layer)), per_layer, where="post", marker=".", label=fam)
         for i in atp_layers:
             ax.axvline(i, color="grey", lw=0.6, ls=":")
-        ax.set_title(f"ATP at budget {r['budget']:.0%} (N_bar {r['n_bar']:.1f})")
+        ax.set_title(f"ATP at budget {r.budget:.0%} (N_bar {r.n_bar:.1f})")
         ax.set_xlabel("decoder layer")
         ax.set_ylabel("visual tokens")
         ax.set_yscale("log")

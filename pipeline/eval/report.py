@@ -1,5 +1,6 @@
-"""Evaluation reporting: records of a method's results, the summary of the goals, report.json,
-report.md and the plots (pipeline/eval/plots.py). The running is pipeline/eval/evaluate.py's."""
+"""Evaluation reporting: a method's results as a record (`Record`, pipeline/eval/records.py), the
+summary of the goals, report.json, report.md and the plots (pipeline/eval/plots.py). The running is
+pipeline/eval/evaluate.py's."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.eval.methods import POLICIES, SFT_REFERENCE, UNPRUNED
+from pipeline.eval.records import Record
 from pipeline.eval.samples import Sample
 
 
@@ -19,8 +21,7 @@ class Result:
     correct: list[bool]
     tokens: dict  # family -> TokenStats summary; "all" -> overall
     text_len: float
-    timing: dict = field(default_factory=dict)
-    diagnostics: dict = field(default_factory=dict)  # pipeline/eval/diagnostics.py
+    diagnostics: dict = field(default_factory=dict)  # pipeline/eval/diagnostics.py: Record fields by name
 
 
 def record(
@@ -29,9 +30,10 @@ def record(
     result: Result,
     samples: list[Sample],
     config,
-    reference: dict | None,
+    reference: Record | None,
     describe: dict | None = None,
-) -> dict:
+) -> Record:
+    """The record of one method's `result`; `reference`: the unpruned model's (None for that one)."""
     from model.cost import model_costs
 
     lv = config.num_visual_tokens
@@ -40,42 +42,44 @@ def record(
     per_layer = tokens["tokens_per_layer"] or [0.0] * config.text_config.num_hidden_layers
     costs = model_costs(per_layer, result.text_len, config)
     atp_layers = list(config.atp_layers)
-    rec = {
-        "method": method,
-        "budget": budget,
-        "budget_tokens": None if budget is None else budget * lv,
-        "accuracy": acc["all"],
-        "accuracy_by_family": acc["family"],
-        "accuracy_by_qtype": acc["qtype"],
-        "n_bar": tokens["n_bar"],
-        "n_bar_share": None if tokens["n_bar"] is None else tokens["n_bar"] / lv,
-        "tokens_per_layer": per_layer,
-        "tokens_per_layer_by_family": {f: s["tokens_per_layer"] for f, s in result.tokens.items() if f != "all"},
+    by_family = {f: s for f, s in result.tokens.items() if f != "all"}
+    rec = Record(
+        method=method,
+        budget=budget,
+        budget_tokens=None if budget is None else budget * lv,
+        accuracy=acc["all"],
+        accuracy_by_family=acc["family"],
+        accuracy_by_qtype=acc["qtype"],
+        n_bar=tokens["n_bar"],
+        n_bar_share=None if tokens["n_bar"] is None else tokens["n_bar"] / lv,
+        tokens_per_layer=per_layer,
+        tokens_per_layer_by_family={f: s["tokens_per_layer"] for f, s in by_family.items()},
         # tokens kept after each ATP module (= attended by layer i_k), per family: the adaptivity claim
-        "kept_at_atp_layers_by_family": {
-            f: [s["tokens_per_layer"][i] for i in atp_layers]
-            for f, s in result.tokens.items()
-            if f != "all" and s["tokens_per_layer"]
+        kept_at_atp_layers_by_family={
+            f: [s["tokens_per_layer"][i] for i in atp_layers] for f, s in by_family.items() if s["tokens_per_layer"]
         },
-        "flops_paper": costs["flops_paper"],
-        "flops_exact": costs["flops_exact"],
-        "kv_cache_bytes": costs["kv_cache_bytes"],
-        "atp_flops": costs["atp_flops"],
-        **result.timing,
+        flops_paper=costs["flops_paper"],
+        flops_exact=costs["flops_exact"],
+        kv_cache_bytes=costs["kv_cache_bytes"],
+        atp_flops=costs["atp_flops"],
         **result.diagnostics,
-        "samples": len(samples),
-        "describe": describe or {},
-    }
+        samples=len(samples),
+        describe=describe or {},
+    )
     if reference is not None:
-        rec["retention"] = rec["accuracy"] / reference["accuracy"] if reference["accuracy"] else None
-        rec["retention_by_family"] = {
-            f: (a / reference["accuracy_by_family"][f] if reference["accuracy_by_family"].get(f) else None)
-            for f, a in acc["family"].items()
+        rec.retention = _ratio(rec.accuracy, reference.accuracy)
+        rec.retention_by_family = {
+            f: _ratio(a, reference.accuracy_by_family.get(f)) for f, a in rec.accuracy_by_family.items()
         }
-        for key in ("flops_paper", "flops_exact", "kv_cache_bytes", "prefill_ms", "decode_ms_per_token"):
-            if key in rec and reference.get(key):
-                rec[f"{key}_ratio"] = rec[key] / reference[key]
+        rec.flops_paper_ratio = _ratio(rec.flops_paper, reference.flops_paper)
+        rec.flops_exact_ratio = _ratio(rec.flops_exact, reference.flops_exact)
+        rec.kv_cache_bytes_ratio = _ratio(rec.kv_cache_bytes, reference.kv_cache_bytes)
     return rec
+
+
+def _ratio(x: float, reference: float | None) -> float | None:
+    """x / reference; None when the reference is 0 or unknown."""
+    return x / reference if reference else None
 
 
 def _accuracy(correct: list[bool], samples: list[Sample]) -> dict:
@@ -103,19 +107,20 @@ def prior_accuracy(samples: list[Sample]) -> dict:
     return _accuracy([s.answer == best[s.qtype] for s in samples], samples)
 
 
-def write_report(out: Path, records: list[dict], meta: dict, overlays: list | None = None, base_bar=None) -> dict:
-    """report.json, report.md and the plots. base_bar(records, prior_accuracy) -> dict: a pass/fail bar
-    of the caller's (the base stage's), kept as summary.base."""
+def write_report(out: Path, records: list[Record], meta: dict, overlays: list | None = None, base_bar=None) -> dict:
+    """report.json, report.md and the plots; returns report.json's content. base_bar(records,
+    prior_accuracy) -> dict: a pass/fail bar of the caller's (the base stage's), kept as summary.base."""
     from pipeline.eval import plots
 
     out.mkdir(parents=True, exist_ok=True)
-    report = {"meta": meta, "records": records, "summary": summary(records)}
+    goals = summary(records)
     if base_bar is not None:
-        report["summary"]["base"] = base_bar(records, meta["prior_accuracy"])
+        goals["base"] = base_bar(records, meta["prior_accuracy"])
+    report = {"meta": meta, "records": [r.to_json() for r in records], "summary": goals}
     tmp = out / "report.json.tmp"
     tmp.write_text(json.dumps(report, indent=1))
     tmp.replace(out / "report.json")
-    (out / "report.md").write_text(markdown(report))
+    (out / "report.md").write_text(markdown(meta, records, goals))
     plots.pareto(records, out / "accuracy_vs_nbar.png")
     plots.tokens_per_layer(records, meta.get("atp_layers", []), out / "kept_tokens_per_layer.png")
     if overlays:
@@ -123,58 +128,58 @@ def write_report(out: Path, records: list[dict], meta: dict, overlays: list | No
     return report
 
 
-def summary(records: list[dict]) -> dict:
+def summary(records: list[Record]) -> dict:
     """The method's goals, computed from the records (reported whether met or not)."""
-    ref = next((r for r in records if r["method"] == UNPRUNED), None)
-    by = {(r["method"], r["budget"]): r for r in records}
-    budgets = sorted({r["budget"] for r in records if r["budget"] is not None}, reverse=True)
-    sft = next((r for r in records if r["method"] == SFT_REFERENCE), None)
-    out = {"unpruned_accuracy": None if ref is None else ref["accuracy"], "budgets": {}}
+    ref = next((r for r in records if r.method == UNPRUNED), None)
+    by = {(r.method, r.budget): r for r in records}
+    budgets = sorted({r.budget for r in records if r.budget is not None}, reverse=True)
+    sft = next((r for r in records if r.method == SFT_REFERENCE), None)
+    out = {"unpruned_accuracy": None if ref is None else ref.accuracy, "budgets": {}}
     if sft is not None:
-        out["unpruned_sft_accuracy"] = sft["accuracy"]
+        out["unpruned_sft_accuracy"] = sft.accuracy
     for b in budgets:
         row = {}
         atp = by.get(("atp", b))
-        free = [r for r in records if r["budget"] == b and r["method"] in POLICIES]
-        best_free = max(free, key=lambda r: r["accuracy"]) if free else None
+        free = [r for r in records if r.budget == b and r.method in POLICIES]
+        best_free = max(free, key=lambda r: r.accuracy) if free else None
         if atp is not None:
-            row["atp_retention"] = atp.get("retention")
-            if atp.get("retention_vs_sft") is not None:
-                row["atp_retention_vs_sft"] = atp["retention_vs_sft"]
-            row["atp_n_bar_share"] = atp["n_bar_share"]
-            fam = atp["kept_at_atp_layers_by_family"]
+            row["atp_retention"] = atp.retention
+            if atp.retention_vs_sft is not None:
+                row["atp_retention_vs_sft"] = atp.retention_vs_sft
+            row["atp_n_bar_share"] = atp.n_bar_share
+            fam = atp.kept_at_atp_layers_by_family
             if "fine" in fam and "coarse" in fam and sum(fam["coarse"]) > 0:
                 row["fine_over_coarse_kept"] = sum(fam["fine"]) / sum(fam["coarse"])
             if best_free is not None:
-                row["best_training_free"] = best_free["method"]
-                row["atp_minus_best_training_free"] = atp["accuracy"] - best_free["accuracy"]
+                row["best_training_free"] = best_free.method
+                row["atp_minus_best_training_free"] = atp.accuracy - best_free.accuracy
             if ("fixed", b) in by:
-                row["atp_minus_fixed"] = atp["accuracy"] - by[("fixed", b)]["accuracy"]
+                row["atp_minus_fixed"] = atp.accuracy - by[("fixed", b)].accuracy
             row.update(adaptivity(atp))
-            if atp.get("prefill_ms_ratio") and atp.get("flops_exact_ratio") and atp["flops_exact_ratio"] < 1:
+            if atp.prefill_ms_ratio and atp.flops_exact_ratio and atp.flops_exact_ratio < 1:
                 # time reduction as a share of the FLOPs reduction (goal >= 0.9)
-                row["prefill_vs_flops_reduction"] = (1 - atp["prefill_ms_ratio"]) / (1 - atp["flops_exact_ratio"])
-            if atp.get("atp_flops") and atp.get("flops_exact"):
-                row["atp_module_flops_share"] = atp["atp_flops"] / atp["flops_exact"]
+                row["prefill_vs_flops_reduction"] = (1 - atp.prefill_ms_ratio) / (1 - atp.flops_exact_ratio)
+            if atp.atp_flops and atp.flops_exact:
+                row["atp_module_flops_share"] = atp.atp_flops / atp.flops_exact
         out["budgets"][str(b)] = row
     return out
 
 
-def adaptivity(rec: dict) -> dict:
+def adaptivity(rec: Record) -> dict:
     """How much a record's kept tokens follow the question and the image (issue: ATP must adapt):
     N_bar fine / coarse, counting / background questions, the per-image spread and the rank
     correlation of an image's N_bar with its number of small shapes (keys absent when unknown)."""
     out = {}
-    fam = {f: sum(v) / len(v) for f, v in rec.get("tokens_per_layer_by_family", {}).items() if v}
+    fam = {f: sum(v) / len(v) for f, v in rec.tokens_per_layer_by_family.items() if v}
     if fam.get("coarse"):
         out["fine_over_coarse_n_bar"] = fam.get("fine", 0.0) / fam["coarse"]
-    by_q = rec.get("n_bar_by_qtype", {})
+    by_q = rec.n_bar_by_qtype or {}
     if by_q.get("background") and by_q.get("count_total") is not None:
         out["count_over_background_n_bar"] = by_q["count_total"] / by_q["background"]
-    if rec.get("n_bar_spread"):
-        out["n_bar_spread_std"] = rec["n_bar_spread"]["std"]
-    if rec.get("rank_corr_n_bar_shapes") is not None:
-        out["rank_corr_n_bar_shapes"] = rec["rank_corr_n_bar_shapes"]
+    if rec.n_bar_spread:
+        out["n_bar_spread_std"] = rec.n_bar_spread["std"]
+    if rec.rank_corr_n_bar_shapes is not None:
+        out["rank_corr_n_bar_shapes"] = rec.rank_corr_n_bar_shapes
     return out
 
 
@@ -193,9 +198,9 @@ def _timing_note(meta) -> str:
     return note
 
 
-def _time_cell(r, batch, kind):
+def _time_cell(r: Record, batch, kind):
     """A time ratio to unpruned at one batch size, `~` when its per-repeat ratios spread over 10%."""
-    t = (r.get("timing") or {}).get(str(batch), {})
+    t = (r.timing or {}).get(str(batch), {})
     ratio = t.get("prefill_ratio" if kind == "prefill" else "decode_ratio")
     if ratio is None:
         return "-"
@@ -206,8 +211,8 @@ def _f(x, fmt="{:.3f}"):
     return "-" if x is None else fmt.format(x)
 
 
-def markdown(report: dict) -> str:
-    meta, records = report["meta"], report["records"]
+def markdown(meta: dict, records: list[Record], goals: dict) -> str:
+    """report.md: the tables of the records, then the goals (`summary`) and the methods."""
     lines = [
         f"# Evaluation: {meta.get('title', '')}",
         "",
@@ -223,8 +228,8 @@ def markdown(report: dict) -> str:
             + ", ".join(f"{k} {v:.3f}" for k, v in prior["family"].items()),
             "",
         ]
-    families = sorted({f for r in records for f in r["accuracy_by_family"]})
-    vs_sft = any("retention_vs_sft" in r for r in records)
+    families = sorted({f for r in records for f in r.accuracy_by_family})
+    vs_sft = any(r.retention_vs_sft is not None for r in records)
     head = ["method", "budget", "N_bar", "N_bar %", "acc", *families, "retention", *["vs sft"] * vs_sft]
     batches = meta.get("timing_batches") or [meta.get("timing_batch")]
     head += ["FLOPs", "KV", *(f"{k} B={b}" for k in ("prefill", "decode") for b in batches)]
@@ -234,16 +239,16 @@ def markdown(report: dict) -> str:
             "| "
             + " | ".join(
                 [
-                    r["method"],
-                    _f(r["budget"], "{:.0%}"),
-                    _f(r["n_bar"], "{:.1f}"),
-                    _f(r["n_bar_share"], "{:.1%}"),
-                    _f(r["accuracy"]),
-                    *(_f(r["accuracy_by_family"].get(f)) for f in families),
-                    _f(r.get("retention"), "{:.1%}"),
-                    *[_f(r.get("retention_vs_sft"), "{:.1%}")] * vs_sft,
-                    _f(r.get("flops_exact_ratio"), "{:.3f}"),
-                    _f(r.get("kv_cache_bytes_ratio"), "{:.3f}"),
+                    r.method,
+                    _f(r.budget, "{:.0%}"),
+                    _f(r.n_bar, "{:.1f}"),
+                    _f(r.n_bar_share, "{:.1%}"),
+                    _f(r.accuracy),
+                    *(_f(r.accuracy_by_family.get(f)) for f in families),
+                    _f(r.retention, "{:.1%}"),
+                    *[_f(r.retention_vs_sft, "{:.1%}")] * vs_sft,
+                    _f(r.flops_exact_ratio, "{:.3f}"),
+                    _f(r.kv_cache_bytes_ratio, "{:.3f}"),
                     *(_time_cell(r, b, k) for k in ("prefill", "decode") for b in batches),
                 ]
             )
@@ -258,12 +263,12 @@ def markdown(report: dict) -> str:
         "## Accuracy per question type",
         "",
     ]
-    qtypes = sorted({q for r in records for q in r["accuracy_by_qtype"]})
+    qtypes = sorted({q for r in records for q in r.accuracy_by_qtype})
     lines += ["| method | budget | " + " | ".join(qtypes) + " |", "|" + "---|" * (len(qtypes) + 2)]
     for r in records:
         lines.append(
-            f"| {r['method']} | {_f(r['budget'], '{:.0%}')} | "
-            + " | ".join(_f(r["accuracy_by_qtype"].get(q)) for q in qtypes)
+            f"| {r.method} | {_f(r.budget, '{:.0%}')} | "
+            + " | ".join(_f(r.accuracy_by_qtype.get(q)) for q in qtypes)
             + " |"
         )
     lines += [
@@ -278,24 +283,24 @@ def markdown(report: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in records:
-        if "object_recall" not in r:
+        if r.object_recall is None:  # no sample with a scene
             continue
-        per_point = lambda key: ", ".join(f"{x:.2f}" for x in r[key])  # noqa: E731
-        by_qtype = ", ".join(f"{q} {_f(v, '{:.1f}')}" for q, v in r["n_bar_by_qtype"].items())
+        per_point = lambda xs: ", ".join(f"{x:.2f}" for x in xs)  # noqa: E731
+        by_qtype = ", ".join(f"{q} {_f(v, '{:.1f}')}" for q, v in r.n_bar_by_qtype.items())
         lines.append(
-            f"| {r['method']} | {_f(r['budget'], '{:.0%}')} "
-            f"| {r['object_recall']:.3f} [{per_point('object_recall_per_point')}] "
-            f"| {r['small_recall']:.3f} [{per_point('small_recall_per_point')}] "
-            f"| {r['background_share']:.3f} "
+            f"| {r.method} | {_f(r.budget, '{:.0%}')} "
+            f"| {r.object_recall:.3f} [{per_point(r.object_recall_per_point)}] "
+            f"| {r.small_recall:.3f} [{per_point(r.small_recall_per_point)}] "
+            f"| {r.background_share:.3f} "
             f"| {by_qtype} |"
         )
-    branches = [r for r in records if r.get("kept_by_branch")]
+    branches = [r for r in records if r.kept_by_branch]
     if branches:
         lines += ["", "ATP: kept tokens per image after each module, by the branch that kept them:", ""]
         for r in branches:
             lines.append(
-                f"- atp @ {_f(r['budget'], '{:.0%}')}: "
-                + "; ".join(f"{k} {[round(x, 1) for x in v]}" for k, v in r["kept_by_branch"].items())
+                f"- atp @ {_f(r.budget, '{:.0%}')}: "
+                + "; ".join(f"{k} {[round(x, 1) for x in v]}" for k, v in r.kept_by_branch.items())
             )
     lines += [
         "",
@@ -309,25 +314,25 @@ def markdown(report: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in records:
-        if r["budget"] is None:
+        if r.budget is None:
             continue
-        a, spread = adaptivity(r), r.get("n_bar_spread")
+        a, spread = adaptivity(r), r.n_bar_spread
         lines.append(
-            f"| {r['method']} | {_f(r['budget'], '{:.0%}')} | {_f(a.get('fine_over_coarse_n_bar'), '{:.2f}')} "
+            f"| {r.method} | {_f(r.budget, '{:.0%}')} | {_f(a.get('fine_over_coarse_n_bar'), '{:.2f}')} "
             f"| {_f(a.get('count_over_background_n_bar'), '{:.2f}')} "
             f"| {'-' if not spread else '{std:.1f} [{p10:.1f}, {p90:.1f}]'.format(**spread)} "
             f"| {_f(a.get('rank_corr_n_bar_shapes'), '{:+.2f}')} |"
         )
     lines += ["", "## Tokens kept after each ATP module, per family", ""]
     for r in records:
-        if r["method"] == "atp":
-            fam = r["kept_at_atp_layers_by_family"]
+        if r.method == "atp":
+            fam = r.kept_at_atp_layers_by_family
             lines.append(
-                f"- atp @ {_f(r['budget'], '{:.0%}')}: "
+                f"- atp @ {_f(r.budget, '{:.0%}')}: "
                 + "; ".join(f"{f} {[round(x, 1) for x in v]}" for f, v in sorted(fam.items()))
             )
     compared = {"atp_minus_fixed", "best_training_free"}
-    rows = [(b, v) for b, v in report["summary"]["budgets"].items() if compared & set(v)]
+    rows = [(b, v) for b, v in goals["budgets"].items() if compared & set(v)]
     if rows:
         lines += [
             "",
@@ -341,14 +346,14 @@ def markdown(report: dict) -> str:
                 f"| {float(b):.0%} | {_f(v.get('atp_minus_fixed'), '{:+.3f}')} | {v.get('best_training_free', '-')} "
                 f"| {_f(v.get('atp_minus_best_training_free'), '{:+.3f}')} | {_f(v.get('atp_n_bar_share'), '{:.1%}')} |"
             )
-    lines += ["", "## Goals", "", "```", json.dumps(report["summary"], indent=1), "```", ""]
+    lines += ["", "## Goals", "", "```", json.dumps(goals, indent=1), "```", ""]
     lines += ["## Methods", ""]
     seen = set()
     for r in records:
-        if r["describe"] and r["method"] not in seen:
-            seen.add(r["method"])
-            d = dict(r["describe"])
+        if r.describe and r.method not in seen:
+            seen.add(r.method)
             lines.append(
-                f"- **{r['method']}**: " + "; ".join(f"{k}: {v}" for k, v in d.items() if k not in ("counts", "layers"))
+                f"- **{r.method}**: "
+                + "; ".join(f"{k}: {v}" for k, v in r.describe.items() if k not in ("counts", "layers"))
             )
     return "\n".join(lines) + "\n"

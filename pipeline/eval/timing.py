@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import TypedDict
 
 MIN_REPEATS = 5  # fewer repeats than this are not published (the report says so)
 SPREAD_MARK = 0.10  # a ratio whose per-repeat values spread more than this around its median is marked
@@ -31,12 +32,27 @@ def interleaved(fns, repeats, warmup=1):
     return times
 
 
-def spread_stats(ts):
+class SpreadStats(TypedDict):
+    median_s: float
+    min_s: float
+    max_s: float
+    spread: float  # (max - min) / median
+
+
+class RatioStats(TypedDict):
+    ratio: float  # the median of the per-repeat ratios
+    min: float
+    max: float
+    spread: float  # (max - min) / ratio
+    noisy: bool  # spread > SPREAD_MARK
+
+
+def spread_stats(ts) -> SpreadStats:
     med = statistics.median(ts)
     return {"median_s": med, "min_s": min(ts), "max_s": max(ts), "spread": (max(ts) - min(ts)) / med}
 
 
-def ratio_stats(ts, base):
+def ratio_stats(ts, base) -> RatioStats:
     """Median of the per-repeat ratios ts[r] / base[r], their [min, max] and spread; `noisy` when the
     spread exceeds SPREAD_MARK."""
     rs = [t / b for t, b in zip(ts, base)]

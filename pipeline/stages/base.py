@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 
 from pipeline.core.config import RunConfig
 from pipeline.core.distributed import barrier, use_cuda
+from pipeline.eval.records import Record
 from pipeline.stages import Context, is_done, mark_done
 from pipeline.train import build, checkpoint, trainer
 from pipeline.train.ds import build_ds_config
@@ -179,27 +180,27 @@ def evaluate_base(run: RunConfig, out: Path) -> dict | None:
     return goals
 
 
-def base_goals(records: list[dict], prior: dict) -> dict:
+def base_goals(records: list[Record], prior: dict) -> dict:
     """The embedded base's bar: unpruned coarse >= 0.95 and fine >= 0.85, every
     question type above its no-image prior, and random pruning at the smallest budget losing
     >= 10 points on fine and less on coarse (else the benchmark does not discriminate)."""
     from pipeline.eval.methods import UNPRUNED
 
-    ref = next((r for r in records if r["method"] == UNPRUNED), None)
+    ref = next((r for r in records if r.method == UNPRUNED), None)
     if ref is None:
         return {}
-    fam, qt = ref["accuracy_by_family"], ref["accuracy_by_qtype"]
+    fam, qt = ref.accuracy_by_family, ref.accuracy_by_qtype
     out = {
         "coarse": fam.get("coarse"),
         "fine": fam.get("fine"),
         "qtype_margin_over_prior": {q: a - prior["qtype"][q] for q, a in qt.items() if q in prior["qtype"]},
     }
     out["every_qtype_above_prior"] = all(m > 0 for m in out["qtype_margin_over_prior"].values())
-    randoms = [r for r in records if r["method"] == "random" and r["budget"] is not None]
+    randoms = [r for r in records if r.method == "random" and r.budget is not None]
     if randoms:
-        r = min(randoms, key=lambda r: r["budget"])
-        drop = {f: fam[f] - a for f, a in r["accuracy_by_family"].items() if f in fam}
-        out["random_budget"] = r["budget"]
+        r = min(randoms, key=lambda r: r.budget)
+        drop = {f: fam[f] - a for f, a in r.accuracy_by_family.items() if f in fam}
+        out["random_budget"] = r.budget
         out["random_drop"] = drop
         if "fine" in drop and "coarse" in drop:
             out["discriminates"] = drop["fine"] >= 0.10 and drop["coarse"] < drop["fine"]
