@@ -30,6 +30,7 @@ def check(
     marginal_span: float = 0.5,
     branch_weight: float = 0.0,
     spatial_strides=(2,),
+    spatial_modules=None,
 ) -> None:
     """Raise AtpValueError on the first bad value. A size that is None (not known yet: the
     config check before the model's files exist) is not checked against; `target_tokens`
@@ -65,9 +66,17 @@ def check(
             f"marginal_weight={marginal_weight}, marginal_span={marginal_span}: "
             "expected a weight >= 0 and a span in (0, 1)",
         )
+    if spatial_modules is not None:
+        mods = list(spatial_modules)
+        if mods != sorted(set(mods)) or any(not 0 <= k < len(layers) for k in mods):
+            raise AtpValueError(
+                "spatial_modules",
+                f"spatial_modules={mods}: expected distinct, increasing module indexes in [0, {len(layers) - 1}] "
+                f"(one module per entry of atp_layers {layers}), or null for every module",
+            )
     if branch_weight < 0:
         raise AtpValueError("branch_weight", f"branch_weight={branch_weight}: expected a weight >= 0")
-    if branch_weight > 0 and pruning == "atp" and not list(spatial_strides):
+    if branch_weight > 0 and pruning == "atp" and (not list(spatial_strides) or spatial_modules == []):
         raise AtpValueError(
             "branch_weight",
             "branch_weight > 0 weighs the spatial branch against the redundancy one: it needs spatial_strides",

@@ -49,6 +49,8 @@ class AtpLlavaConfig(LlavaConfig):
     atp_layers: list[int] | tuple[int, ...] = (4, 14, 24)
     pruning: str = "atp"  # none | atp | fixed
     spatial_strides: list[int] | tuple[int, ...] = (2, 3, 4, 6, 8, 12)
+    # the modules (0-based, in atp_layers' order) whose spatial branch keeps tokens; None: every module
+    spatial_modules: list[int] | tuple[int, ...] | None = None
     mask_temperature: int | float = 50.0
     lambda_sample: int | float = 3.0
     lambda_atp: int | float = 0.05
@@ -150,6 +152,7 @@ class AtpLlavaConfig(LlavaConfig):
             marginal_span=self.marginal_span,
             branch_weight=self.branch_weight,
             spatial_strides=self.spatial_strides,
+            spatial_modules=self.spatial_modules,
         )
         if self.vision_feature_select_strategy == "full" and self.position_mode == "rope2d":
             raise ValueError(

@@ -517,6 +517,8 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         )
         s_red = torch.where(live, s_mix, 0.0)
         s_spa = torch.where(live, self.spatial_score(s_red), 0.0)
+        if cfg.spatial_modules is not None and k not in cfg.spatial_modules:  # no grid keeps here (sec 2)
+            s_spa = torch.zeros_like(s_spa)
         theta_r, theta_s = self.atp_modules[k](s_red, s_spa, query=query)
         theta = torch.stack([theta_r, theta_s], -1)
         if override is not None:

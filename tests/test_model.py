@@ -150,6 +150,32 @@ def test_without_spatial_grids_only_the_redundancy_threshold_keeps_soft_or_hard(
     assert torch.allclose(soft.visual_tokens, hard.visual_tokens, atol=0.25)  # a token in the band
 
 
+def test_spatial_branch_keeps_only_at_the_modules_named():
+    """spatial_modules [0]: the grids keep tokens at the first module only; later modules keep by
+    theta_r alone, hard or soft (soft == hard with the hard masks), whatever theta_s says."""
+    _, m = tiny_atp(atp_layers=(0, 3), spatial_modules=[0], mask_temperature=1e4)  # a narrow soft band
+    b = make_batch([2, 5, 3], [6, 3, 4], answers=[2, 2, 1], padding="left", seed=1)
+    with torch.no_grad():
+        for mod in m.atp_modules:
+            mod.head_s.bias.fill_(-30.0)  # theta_s ~ 0: every grid token passes where the grids count
+            mod.head_r.bias.fill_(0.0)
+    m.eval()
+    with torch.no_grad():
+        hard = m(**b)
+    by_spatial = (hard.atp_info["branch"] >= 2).sum(-1)  # [B, K] tokens above theta_s
+    assert (by_spatial[:, 0] > 0).all() and (by_spatial[:, 1] == 0).all()
+    keep = hard.atp_info["keep"]
+    assert 0 < keep[:, 1].sum() < keep[:, 0].sum()
+    m.train()
+    soft = m(**b, atp_masks=[keep[:, k] for k in range(keep.shape[1])])
+    assert (soft.logits - hard.logits)[text_positions(b)].abs().max() <= 1e-4
+    with torch.no_grad():
+        free = m(**b)  # soft masks of their own: the second module's grids add nothing either
+    assert torch.allclose(free.visual_tokens, hard.visual_tokens, atol=0.25)  # a token in the band
+    with pytest.raises(Exception, match="spatial_modules"):
+        tiny_atp(atp_layers=(0, 3), spatial_modules=[2])
+
+
 @pytest.mark.parametrize("atp_layers", [(3, 5), (0, 5)])
 def test_blockwise_scores_equal_full_attention_map(atp_layers):
     """Module 0's scores equal those of the full attention map of layer i_0 - 1, or of layer 0 on

@@ -119,6 +119,7 @@ class AtpConfig:
     atp_layers: list[int] = field(default_factory=lambda: [4, 14, 24])
     pruning: Pruning = "atp"
     spatial_strides: list[int] = field(default_factory=lambda: [2, 3, 4, 6, 8, 12])
+    spatial_modules: Optional[list[int]] = None  # METHOD sec 2: where the spatial branch keeps; None: all
     mask_temperature: float = 50.0  # METHOD's T (not `temperature`: that is generation's)
     lambda_sample: float = 3.0
     lambda_atp: float = 0.05
@@ -420,6 +421,7 @@ def check_model(run: RunConfig, num_layers: int | None, num_visual_tokens: int |
             marginal_span=a.marginal_span,
             branch_weight=a.branch_weight,
             spatial_strides=a.spatial_strides,
+            spatial_modules=a.spatial_modules,
         )
     except AtpValueError as e:
         raise ConfigError(f"config error at 'atp.{e.field}': {e}") from None
