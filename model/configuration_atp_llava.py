@@ -20,6 +20,7 @@ MERGE_MODES = ("none", "nearest")  # METHOD sec 12
 BUDGET_LOSSES = ("n_bar", "per_module", "dual")  # METHOD sec 7, 13, 15
 MARGINAL_SIGNALS = ("loss", "answer")  # METHOD sec 16
 MARGINAL_CENTERS = ("schedule", "own")  # METHOD sec 16
+MARGINAL_SHARES = ("all", "redundancy")  # METHOD sec 16
 THRESHOLD_FEATURES = ("query", "sorted")  # METHOD sec 14
 ATTN_KERNELS = ("sdpa", "flash", "flex", "channel", "auto")  # model/kernels.py, docs/GPU.md
 HARD_LAYOUTS = ("padded", "packed")  # model/packed.py
@@ -74,6 +75,8 @@ class AtpLlavaConfig(LlavaConfig):
     marginal_signal: str = "loss"  # loss: answer loss | answer: probability of the whole answer
     # the two budgets around the schedule's counts, or around each sample's own counts of the forward
     marginal_center: str = "schedule"
+    # the share the value moves: every kept token, or only those the redundancy branch keeps
+    marginal_share: str = "all"
     # METHOD sec 18: each sample's loss under the spatial branch's ranking against the redundancy
     # ranking's, at its own counts, moves its two thresholds apart; 0 = off (the paper)
     branch_weight: int | float = 0.0
@@ -133,6 +136,8 @@ class AtpLlavaConfig(LlavaConfig):
             raise ValueError(f"marginal_signal={self.marginal_signal!r}: expected one of {MARGINAL_SIGNALS}")
         if self.marginal_center not in MARGINAL_CENTERS:
             raise ValueError(f"marginal_center={self.marginal_center!r}: expected one of {MARGINAL_CENTERS}")
+        if self.marginal_share not in MARGINAL_SHARES:
+            raise ValueError(f"marginal_share={self.marginal_share!r}: expected one of {MARGINAL_SHARES}")
         if self.merge not in MERGE_MODES:
             raise ValueError(f"merge={self.merge!r}: expected one of {MERGE_MODES}")
         if self.attn_kernel not in ATTN_KERNELS:

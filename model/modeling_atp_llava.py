@@ -360,7 +360,8 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             if not hard and self._branch_on(has_img):
                 values = (values, self._branch_values(batch, own), torch.stack(pruning.thresholds, 1))
         m_sums = [] if pruning is None else pruning.m_sums
-        loss, atp_losses = self._losses(ntp, visual_tokens, m_sums, has_img, values)
+        red_sums = getattr(pruning, "red_sums", None)
+        loss, atp_losses = self._losses(ntp, visual_tokens, m_sums, has_img, values, red_sums)
         if cache is not None:
             seq = flow.seq
             cache.atp_state = {
@@ -504,8 +505,8 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def _atp_step(self, k, scores, C, has_img, override, hard, query=None):
         """Masks of module k at the original Lv positions, its thresholds [B, 2] and, on the hard ATP
         path, whether each token is above each threshold ([B, Lv, 2] bool, redundancy and spatial; the
-        keep mask is their `or`; else None). query: [B, D] the question's pooled hidden state
-        (`threshold_features: [query]`)."""
+        keep mask is their `or`), on the soft path the two branches' soft masks ([B, Lv, 2]), else None.
+        query: [B, D] the question's pooled hidden state (`threshold_features: [query]`)."""
         cfg = self.config
         live = C > 0.5  # C is 0 for text-only samples (`_start`)
         s_self, s_cross = scores
@@ -537,7 +538,9 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         m_r = torch.sigmoid((s_red - theta_r[:, None].to(s_red.dtype)) * T)
         # a token in no grid (S_spatial 0) is never kept by theta_s on the hard path: nor softly
         m_s = torch.sigmoid((s_spa - theta_s[:, None].to(s_spa.dtype)) * T) * (s_spa > 0)
-        return torch.maximum(m_r, m_s).to(C.dtype) * has_img[:, None], theta, None
+        keep = has_img[:, None].to(C.dtype)
+        branches = torch.stack([m_r, m_s], -1).to(C.dtype) * keep[..., None]
+        return torch.maximum(m_r, m_s).to(C.dtype) * keep, theta, branches
 
     @timed
     def _gather(self, flow, keep):
@@ -579,7 +582,7 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         full.scatter_(1, torch.where(seq.live, seq.orig, L)[..., None].expand_as(logits), logits)
         return full[:, :L].contiguous()
 
-    def _losses(self, ntp, visual_tokens, m_sums, has_img, values=None):
+    def _losses(self, ntp, visual_tokens, m_sums, has_img, values=None, red_sums=None):
         """L = L_ntp + lambda_ATP L_ATP + lambda_target L_target (METHOD sec 7), over image samples;
         plus marginal_weight L_marginal when given each sample's marginal value of tokens (sec 16), and
         branch_weight L_branch when values is (marginal values or None, branch values, thresholds
@@ -616,6 +619,10 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 v = values[has_img].float()
                 advantage = (v - v.mean()) / (v.std(unbiased=False) + 1e-6)
                 share = visual_tokens.mean(1)[has_img] / lv  # each sample's N_bar share, through its soft masks
+                if cfg.marginal_share == "redundancy":  # the tokens theta_r keeps, each over the layers it serves
+                    n = visual_tokens.shape[1]
+                    spans = group_spans(cfg.atp_layers, n)[1:]
+                    share = sum(s / n * r for s, r in zip(spans, red_sums))[has_img] / lv
                 l_marginal = -(advantage.to(share.dtype) * share).mean()
                 logs["marginal"] = l_marginal.detach()
                 loss = loss + cfg.marginal_weight * l_marginal

@@ -88,6 +88,7 @@ class AtpPruning:
         self.model, self.has_img, self.atp_masks, self.hard = model, has_img, atp_masks, hard
         self.layers = list(model.config.atp_layers)
         self.thresholds, self.m_sums, self.branches = [], [], []
+        self.red_sums = []  # soft path: per module, [B] tokens its redundancy branch keeps (METHOD sec 16)
         self_score = model.config.score_self  # what the layer before each module computes (None: the default)
         self.compute = (
             None if self_score == "attention" else functools.partial(redundancy_scores, self_score=self_score)
@@ -106,8 +107,10 @@ class AtpPruning:
         M, theta, branch = self.model._atp_step(k, request.result, flow.C, self.has_img, override, self.hard, query)
         self.thresholds.append(theta)
         self.m_sums.append(M.sum(-1))
-        if branch is not None:
+        if branch is not None and self.hard:
             self.branches.append(branch)
+        elif branch is not None:  # soft: [B, Lv, 2] the two branches' masks; C detached, so only m_r moves
+            self.red_sums.append((flow.C.detach() * branch[..., 0]).sum(-1))
         cfg = self.model.config
         if cfg.merge == "none":
             return M, None

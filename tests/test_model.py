@@ -423,6 +423,31 @@ def test_marginal_value_around_each_sample_own_counts():
     assert out.atp_losses["marginal"].item() == pytest.approx(want.item(), rel=1e-4, abs=1e-6)
 
 
+@pytest.mark.parametrize("share", ["all", "redundancy"])
+def test_marginal_share_redundancy_moves_only_the_redundancy_threshold(share):
+    """marginal_share redundancy (METHOD sec 16): L_marginal prices only the tokens theta_r keeps
+    (given what earlier modules kept, detached), so its gradient reaches head_r and never head_s;
+    with `all` (every kept token) it reaches both."""
+    _, m = tiny_atp(budget_loss="dual", lambda_atp=0.0, marginal_weight=1.0, marginal_share=share, mask_temperature=5)
+    m.train()
+    b = make_batch([3, 2, 4], [4, 5, 2], answers=[3, 2, 4], seed=5)
+    _, plain = tiny_atp(budget_loss="dual", lambda_atp=0.0, mask_temperature=5)
+    plain.load_state_dict(m.state_dict())
+    plain.train()
+    for model in (m, plain):
+        model.zero_grad()
+        model(**b).loss.backward()
+
+    def marginal_grad(head):  # L_marginal's own gradient: with the term minus without it
+        return sum(
+            (getattr(a, head).weight.grad - getattr(p, head).weight.grad).abs().sum()
+            for a, p in zip(m.atp_modules, plain.atp_modules)
+        )
+
+    assert marginal_grad("head_r") > 1e-6
+    assert (marginal_grad("head_s") < 1e-9) == (share == "redundancy")
+
+
 def test_branch_value_weighs_the_spatial_ranking_against_the_redundancy_one():
     """branch_weight (METHOD sec 18): each sample's value is its answer score with its own counts kept
     grid first (the spatial branch's ranking, coarsest grid first) minus kept by S_red, sample j's score
