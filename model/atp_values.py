@@ -29,7 +29,7 @@ def check(
     marginal_weight: float = 0.0,
     marginal_span: float = 0.5,
     branch_weight: float = 0.0,
-    spatial_strides=(2,),
+    spatial_strides=None,
     spatial_modules=None,
 ) -> None:
     """Raise AtpValueError on the first bad value. A size that is None (not known yet: the
@@ -76,7 +76,8 @@ def check(
             )
     if branch_weight < 0:
         raise AtpValueError("branch_weight", f"branch_weight={branch_weight}: expected a weight >= 0")
-    if branch_weight > 0 and pruning == "atp" and (not list(spatial_strides) or spatial_modules == []):
+    no_grids = (spatial_strides is not None and not list(spatial_strides)) or spatial_modules == []
+    if branch_weight > 0 and pruning == "atp" and no_grids:
         raise AtpValueError(
             "branch_weight",
             "branch_weight > 0 weighs the spatial branch against the redundancy one: it needs spatial_strides",

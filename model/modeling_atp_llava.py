@@ -349,19 +349,27 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         n_layers = self.config.text_config.num_hidden_layers
         prune_layers = list(points)
         visual_tokens = tokens_per_layer(flow.counts, prune_layers, n_layers)
-        ntp = values = None
+        ntp = values = branch = None
         if labels is not None:
             ntp = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
-            batch = dict(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
-            batch.update(position_ids=position_ids, labels=labels, query_mask=query_mask)
-            own = [c.detach() for c in flow.counts[1:]]  # [0]: before any module
-            if not hard and self._marginal_on(has_img):
-                values = self._marginal_values(batch, own)
-            if not hard and self._branch_on(has_img):
-                values = (values, self._branch_values(batch, own), torch.stack(pruning.thresholds, 1))
+            marginal_on, branch_on = (False, False) if hard else self._value_terms(has_img)
+            if marginal_on or branch_on:
+                batch = dict(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
+                batch.update(position_ids=position_ids, labels=labels, query_mask=query_mask)
+                own = [c.detach() for c in flow.counts[1:]]  # [0]: before any module
+                values = self._marginal_values(batch, own) if marginal_on else None
+                branch = self._branch_values(batch, own) if branch_on else None
         m_sums = [] if pruning is None else pruning.m_sums
-        red_sums = getattr(pruning, "red_sums", None)
-        loss, atp_losses = self._losses(ntp, visual_tokens, m_sums, has_img, values, red_sums)
+        loss, atp_losses = self._losses(
+            ntp,
+            visual_tokens,
+            m_sums,
+            has_img,
+            values,
+            red_sums=getattr(pruning, "red_sums", None),
+            branch=branch,
+            thresholds=getattr(pruning, "thresholds", None),
+        )
         if cache is not None:
             seq = flow.seq
             cache.atp_state = {
@@ -505,7 +513,8 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def _atp_step(self, k, scores, C, has_img, override, hard, query=None):
         """Masks of module k at the original Lv positions, its thresholds [B, 2] and, on the hard ATP
         path, whether each token is above each threshold ([B, Lv, 2] bool, redundancy and spatial; the
-        keep mask is their `or`), on the soft path the two branches' soft masks ([B, Lv, 2]), else None.
+        keep mask is their `or`), on the soft path with `marginal_share: redundancy` the two branches'
+        soft masks ([B, Lv, 2]), else None.
         query: [B, D] the question's pooled hidden state (`threshold_features: [query]`)."""
         cfg = self.config
         live = C > 0.5  # C is 0 for text-only samples (`_start`)
@@ -539,7 +548,9 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         # a token in no grid (S_spatial 0) is never kept by theta_s on the hard path: nor softly
         m_s = torch.sigmoid((s_spa - theta_s[:, None].to(s_spa.dtype)) * T) * (s_spa > 0)
         keep = has_img[:, None].to(C.dtype)
-        branches = torch.stack([m_r, m_s], -1).to(C.dtype) * keep[..., None]
+        branches = None  # only L_marginal with marginal_share redundancy reads them (AtpPruning.red_sums)
+        if cfg.marginal_share == "redundancy" and cfg.marginal_weight > 0:
+            branches = torch.stack([m_r, m_s], -1).to(C.dtype) * keep[..., None]
         return torch.maximum(m_r, m_s).to(C.dtype) * keep, theta, branches
 
     @timed
@@ -582,15 +593,13 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         full.scatter_(1, torch.where(seq.live, seq.orig, L)[..., None].expand_as(logits), logits)
         return full[:, :L].contiguous()
 
-    def _losses(self, ntp, visual_tokens, m_sums, has_img, values=None, red_sums=None):
+    def _losses(self, ntp, visual_tokens, m_sums, has_img, values=None, red_sums=None, branch=None, thresholds=None):
         """L = L_ntp + lambda_ATP L_ATP + lambda_target L_target (METHOD sec 7), over image samples;
-        plus marginal_weight L_marginal when given each sample's marginal value of tokens (sec 16), and
-        branch_weight L_branch when values is (marginal values or None, branch values, thresholds
-        [B, K, 2]) (sec 18)."""
+        plus marginal_weight L_marginal when given each sample's marginal value of tokens `values` [B]
+        (sec 16; `red_sums`: per module the tokens theta_r keeps, for marginal_share redundancy), and
+        branch_weight L_branch when given each sample's branch value `branch` [B] and the modules'
+        `thresholds` (K of [B, 2]) (sec 18)."""
         cfg = self.config
-        branch = None
-        if isinstance(values, tuple):
-            values, branch, thresholds = values
         lv = cfg.num_visual_tokens
         n_img = has_img.sum().clamp_min(1)
         n_bar = (visual_tokens.mean(1) * has_img).sum() / n_img
@@ -616,8 +625,7 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             if loss is not None and has_img.any():
                 loss = loss + cfg.lambda_atp * l_atp + cfg.lambda_target * l_target
             if values is not None and loss is not None:
-                v = values[has_img].float()
-                advantage = (v - v.mean()) / (v.std(unbiased=False) + 1e-6)
+                advantage = _standardised(values[has_img])
                 share = visual_tokens.mean(1)[has_img] / lv  # each sample's N_bar share, through its soft masks
                 if cfg.marginal_share == "redundancy":  # the tokens theta_r keeps, each over the layers it serves
                     n = visual_tokens.shape[1]
@@ -627,9 +635,8 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 logs["marginal"] = l_marginal.detach()
                 loss = loss + cfg.marginal_weight * l_marginal
             if branch is not None and loss is not None:  # the branch that serves a sample better opens
-                u = branch[has_img].float()
-                advantage = (u - u.mean()) / (u.std(unbiased=False) + 1e-6)
-                theta = thresholds[has_img]
+                advantage = _standardised(branch[has_img])
+                theta = torch.stack(thresholds, 1)[has_img]
                 gap = (theta[..., 1] - theta[..., 0]).mean(1)  # theta_s - theta_r, over the modules
                 l_branch = (advantage.to(gap.dtype) * gap).mean()
                 logs["branch"] = l_branch.detach()
@@ -638,13 +645,14 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             logs["total"] = loss.detach()
         return loss, logs
 
-    def _marginal_on(self, has_img) -> bool:
+    def _value_terms(self, has_img) -> tuple[bool, bool]:
+        """Whether this training forward computes L_marginal (sec 16) and L_branch (sec 18): both need
+        ATP pruning and two image samples to compare; the one host read only when a weight is set."""
         cfg = self.config
-        return cfg.marginal_weight > 0 and cfg.pruning == "atp" and int(has_img.sum()) > 1
-
-    def _branch_on(self, has_img) -> bool:
-        cfg = self.config
-        return cfg.branch_weight > 0 and cfg.pruning == "atp" and int(has_img.sum()) > 1
+        marginal, branch = cfg.marginal_weight > 0, cfg.branch_weight > 0
+        if cfg.pruning != "atp" or not (marginal or branch) or int(has_img.sum()) < 2:
+            return False, False
+        return marginal, branch
 
     @torch.no_grad()
     def _branch_values(self, batch, own_counts):
@@ -653,16 +661,11 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         under the fixed rule at each sample's own kept count after each module (own_counts: [K] of [B])."""
         cfg = self.config
         counts = [c.float().round().clamp(1, cfg.num_visual_tokens) for c in own_counts]
-        score = {}
-        for rank in ("spatial", "redundancy"):
-            try:
-                self._sample_counts, self._sample_rank = counts, rank
-                with _config_set(cfg, pruning="fixed", fixed_counts=[1] * len(counts)):
-                    out = self.forward(**batch)
-            finally:
-                self._sample_counts = self._sample_rank = None
-            score[rank] = answer_score(out.logits, batch["labels"], cfg.marginal_signal)
-        return score["spatial"] - score["redundancy"]
+        spatial, redundancy = (
+            answer_score(self._fixed_pass(batch, counts, rank).logits, batch["labels"], cfg.marginal_signal)
+            for rank in ("spatial", "redundancy")
+        )
+        return spatial - redundancy
 
     def _marginal_values(self, batch, own_counts):
         """METHOD sec 16: [B] each sample's answer score at the high budget minus at the low one, per
@@ -687,15 +690,25 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         lv, span = cfg.num_visual_tokens, cfg.marginal_span
         schedule = module_counts(cfg)
         for scale in (1 - span, 1 + span):
-            fixed = [min(lv, max(1, round(c * scale))) for c in schedule]
-            try:  # around where each sample's own thresholds stand now (the config holds no tensors)
-                if counts is not None:
-                    self._sample_counts = [(c.float() * scale).round().clamp(1, lv) for c in counts]
-                with _config_set(cfg, pruning="fixed", fixed_counts=fixed):
-                    out = self.forward(**batch)
-            finally:
-                self._sample_counts = None
+            if counts is None:
+                out = self._fixed_pass(batch, [min(lv, max(1, round(c * scale))) for c in schedule])
+            else:  # around where each sample's own thresholds stand now
+                out = self._fixed_pass(batch, [(c.float() * scale).round().clamp(1, lv) for c in counts])
             yield out.logits, out.visual_tokens.mean(1) / lv
+
+    @torch.no_grad()
+    def _fixed_pass(self, batch, counts, rank="redundancy"):
+        """One gradient-free forward under the fixed rule (pruning='fixed', so it neither recurses into
+        the value terms nor moves the dual prices) at `counts` per module: ints, or tensors [B] (each
+        sample its own), ranked by S_red or (`spatial`, sec 18) by the grids first. Per-sample counts and
+        the ranking ride on the model for the pass: the strict config holds no tensors."""
+        per_sample = torch.is_tensor(counts[0])
+        try:
+            self._sample_counts, self._sample_rank = (counts if per_sample else None), rank
+            with _config_set(self.config, pruning="fixed", fixed_counts=[1] * len(counts) if per_sample else counts):
+                return self.forward(**batch)
+        finally:
+            self._sample_counts = self._sample_rank = None
 
     @torch.no_grad()
     def _dual_prices(self, kept, counts):
@@ -748,6 +761,12 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if self.training:
             raise RuntimeError("generate() discards tokens for real (METHOD sec 5): call model.eval() first")
         return super().generate(*args, **kwargs)
+
+
+def _standardised(v):
+    """Per-sample values to mean 0, std 1 over the batch (float32): the value terms' advantages."""
+    v = v.float()
+    return (v - v.mean()) / (v.std(unbiased=False) + 1e-6)
 
 
 @contextlib.contextmanager
