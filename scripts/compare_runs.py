@@ -3,7 +3,10 @@ summary, all fields but timings and the environment) and every metrics.jsonl (ev
 the measured ones: perf/* times, mem/* peak memory). Exit 1 on a difference. Used to hold a
 refactor to "behaviour unchanged":
 
-    python scripts/compare_runs.py OUT_BEFORE OUT_AFTER
+    python scripts/compare_runs.py OUT_BEFORE OUT_AFTER [--keys-of-before]
+
+--keys-of-before compares each record on the keys BEFORE's has: a report written before the record
+schema grew a field (pipeline/eval/records.py) is then not different for lacking it.
 """
 
 import json
@@ -29,11 +32,13 @@ def files(root: Path, name: str) -> list[Path]:
     return sorted(p.relative_to(root) for p in root.rglob(name))
 
 
-def compare_reports(a: Path, b: Path) -> int:
+def compare_reports(a: Path, b: Path, keys_of_before: bool = False) -> int:
     bad = 0
     for rel in files(a, "report.json"):
         ja, jb = (json.loads((d / rel).read_text()) for d in (a, b))
         ra, rb = stable(ja["records"]), stable(jb["records"])
+        if keys_of_before:  # a key BEFORE lacks is a newer field, not a difference
+            rb = [{k: v for k, v in y.items() if k in x} for x, y in zip(ra, rb)] + rb[len(ra) :]
         differ = [x for x, y in zip(ra, rb) if x != y]
         n = len(differ) + abs(len(ra) - len(rb))
         summary = stable(ja.get("summary")) == stable(jb.get("summary"))
@@ -68,12 +73,13 @@ def compare_metrics(a: Path, b: Path) -> int:
 
 
 def main(argv) -> int:
-    a, b = Path(argv[0]), Path(argv[1])
+    keys_of_before = "--keys-of-before" in argv
+    a, b = (Path(x) for x in argv if x != "--keys-of-before")
     for name in ("report.json", "metrics.jsonl"):
         if files(a, name) != files(b, name):
             print(f"different {name} files: {files(a, name)} vs {files(b, name)}")
             return 1
-    bad = compare_reports(a, b) + compare_metrics(a, b)
+    bad = compare_reports(a, b, keys_of_before) + compare_metrics(a, b)
     print("IDENTICAL" if not bad else f"DIFFERENT ({bad})")
     return 1 if bad else 0
 
