@@ -71,7 +71,19 @@ def test_presets_switch_a_group_of_keys_and_the_command_line_wins(tmp_path):
     ):
         a = run.atp
         assert (a.atp_layers, a.score_self, a.merge, run.export.calibrate_budget) == want
-        assert (a.budget_loss == "per_module") == run.export.calibrate_schedule == (run is default)
+        assert run.export.calibrate_schedule == (run is default)
+    # the default's adaptivity recipe (docs/RESULTS.md) vs the paper's budget and lr
+    d, p = default.atp, paper.atp
+    assert (d.budget_loss, d.threshold_features, d.spatial_modules, d.marginal_weight, d.marginal_center) == (
+        "dual",
+        ["query", "sorted"],
+        [0],
+        1.0,
+        "own",
+    )
+    assert (p.budget_loss, p.threshold_features, p.spatial_modules, p.marginal_weight) == ("n_bar", [], None, 0.0)
+    assert (default.train.lr_atp, paper.train.lr_atp) == (1e-3, 1e-4)
+    assert default.synthetic.args == paper.synthetic.args == ["--turns", "1"]
     assert paper.atp.target_tokens == default.atp.target_tokens  # keys outside the preset stay the file's
     assert load("preset=paper", "atp.merge=nearest").atp.merge == "nearest"
     with pytest.raises(ConfigError, match="'preset'.*'bogus'"):
