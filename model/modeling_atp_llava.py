@@ -616,6 +616,10 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 spans = group_spans(cfg.atp_layers, n)[1:]
                 err = [s / n * (k - c) / lv for s, k, c in zip(spans, kept, counts)]
                 if cfg.budget_loss == "dual":  # a price per token (METHOD sec 15): samples trade tokens
+                    if self.training:  # the prices follow the global batch's counts: one price on every rank
+                        kept_sums = (visual_tokens[:, cfg.atp_layers] * has_img[:, None]).sum(0).detach().float()
+                        total = _data_parallel_sum(torch.cat([kept_sums, has_img.sum().float()[None]]))
+                        kept = total[:-1] / total[-1].clamp_min(1)
                     l_target = sum(p * e for p, e in zip(self._dual_prices(kept, counts), err))
                 else:
                     l_target = sum(e.abs() for e in err)
@@ -625,20 +629,20 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             if loss is not None and has_img.any():
                 loss = loss + cfg.lambda_atp * l_atp + cfg.lambda_target * l_target
             if values is not None and loss is not None:
-                advantage = _standardised(values[has_img])
+                advantage, weight = _advantages(values[has_img])
                 share = visual_tokens.mean(1)[has_img] / lv  # each sample's N_bar share, through its soft masks
                 if cfg.marginal_share == "redundancy":  # the tokens theta_r keeps, each over the layers it serves
                     n = visual_tokens.shape[1]
                     spans = group_spans(cfg.atp_layers, n)[1:]
                     share = sum(s / n * r for s, r in zip(spans, red_sums))[has_img] / lv
-                l_marginal = -(advantage.to(share.dtype) * share).mean()
+                l_marginal = -(advantage.to(share.dtype) * share).sum() * weight
                 logs["marginal"] = l_marginal.detach()
                 loss = loss + cfg.marginal_weight * l_marginal
             if branch is not None and loss is not None:  # the branch that serves a sample better opens
-                advantage = _standardised(branch[has_img])
+                advantage, weight = _advantages(branch[has_img])
                 theta = torch.stack(thresholds, 1)[has_img]
                 gap = (theta[..., 1] - theta[..., 0]).mean(1)  # theta_s - theta_r, over the modules
-                l_branch = (advantage.to(gap.dtype) * gap).mean()
+                l_branch = (advantage.to(gap.dtype) * gap).sum() * weight
                 logs["branch"] = l_branch.detach()
                 loss = loss + cfg.branch_weight * l_branch
         if loss is not None:
@@ -647,10 +651,14 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
     def _value_terms(self, has_img) -> tuple[bool, bool]:
         """Whether this training forward computes L_marginal (sec 16) and L_branch (sec 18): both need
-        ATP pruning and two image samples to compare; the one host read only when a weight is set."""
+        ATP pruning and two image samples in the global batch to compare, counted over the data-parallel
+        ranks so that every rank runs the same extra forwards (ZeRO-3 gathers the weights in each one);
+        the one host read only when a weight is set."""
         cfg = self.config
         marginal, branch = cfg.marginal_weight > 0, cfg.branch_weight > 0
-        if cfg.pruning != "atp" or not (marginal or branch) or int(has_img.sum()) < 2:
+        if cfg.pruning != "atp" or not (marginal or branch):
+            return False, False
+        if int(_data_parallel_sum(has_img.sum().float())) < 2:
             return False, False
         return marginal, branch
 
@@ -763,10 +771,30 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         return super().generate(*args, **kwargs)
 
 
-def _standardised(v):
-    """Per-sample values to mean 0, std 1 over the batch (float32): the value terms' advantages."""
+def _data_parallel_sum(t):
+    """`t` summed over the data-parallel ranks (with ZeRO every rank of the world is one), so that a
+    statistic of the batch is the global batch's, as one process with the whole batch would see it;
+    `t` itself without torch.distributed. Every rank must call it at the same point."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
+def _advantages(v):
+    """The value terms' advantages: this rank's per-sample values [n] standardised over the global
+    batch (mean 0, std 1 over every rank's image samples; float32), and the weight that makes the sum
+    of a rank's terms, averaged over the ranks as the gradients are, the global batch's mean."""
+    import torch.distributed as dist
+
     v = v.float()
-    return (v - v.mean()) / (v.std(unbiased=False) + 1e-6)
+    n, s1, s2 = _data_parallel_sum(torch.stack([v.new_tensor(float(v.numel())), v.sum(), v.square().sum()]).double())
+    mean = s1 / n
+    std = (s2 / n - mean.square()).clamp_min(0).sqrt()
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return ((v - mean) / (std + 1e-6)).float(), world / n.item()
 
 
 @contextlib.contextmanager
