@@ -173,7 +173,8 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         eager again; the compiled ones are kept). The decoder loop, the pruning steps between the layers
         and their one host read stay eager: each layer is one graph whose token count is symbolic, so the
         kept counts of a new batch reuse it (prefill, decode and the layer before a pruning point, which
-        also fills the score request, are a few graphs in all, shared by the layers)."""
+        also fills the score request, are a few graphs in all, shared by the layers). With a KV cache
+        (generate) each layer is its own graph (`_compiled_loop` raises dynamo's limit to cover them)."""
         if enable and self._compiled_layers is None:
             kwargs.setdefault("dynamic", True)
             self._compiled_layers = [torch.compile(layer, **kwargs) for layer in self.model.language_model.layers]
@@ -183,6 +184,16 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def _layers(self):
         layers = self.model.language_model.layers
         return layers if self._layer_calls is None else self._layer_calls
+
+    def _compiled_loop(self):
+        """Around a decoder loop with compiled layers: dynamo's recompile limit raised to a few graphs per
+        layer. With a KV cache each layer reads its own cache layer by its index, so each layer is its
+        own graph, and a second one once its cache holds keys (decode): the default limit of 8 graphs in
+        all sent the later layers of a 12-layer model back to eager (docs/RESULTS.md, #20)."""
+        if self._layer_calls is None:
+            return contextlib.nullcontext()
+        limit = max(torch._dynamo.config.recompile_limit, 8 * len(self._layer_calls))
+        return torch._dynamo.config.patch(recompile_limit=limit)
 
     @staticmethod
     def _spatial_for(c):
@@ -328,19 +339,20 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
         # filled by the layer before a pruning point, from its own attention (point 0: by layer 0's q/k)
         request = self._scores_before_layer0(pruning.request(points[0], flow), flow) if 0 in points else None
-        for i, layer in enumerate(self._layers()):
-            if i in points:
-                self._prune(flow, *pruning.select(points[i], flow, request), hard)
-            request = pruning.request(points[i + 1], flow) if i + 1 in points else None
-            flow.hidden = layer(
-                flow.hidden,
-                attention_mask=flow.keys.dense,
-                position_embeddings=flow.rope,
-                use_cache=cache is not None,
-                **{CACHE_KW: cache},
-                atp_scores=request,
-                atp_keys=flow.keys,
-            )
+        with self._compiled_loop():
+            for i, layer in enumerate(self._layers()):
+                if i in points:
+                    self._prune(flow, *pruning.select(points[i], flow, request), hard)
+                request = pruning.request(points[i + 1], flow) if i + 1 in points else None
+                flow.hidden = layer(
+                    flow.hidden,
+                    attention_mask=flow.keys.dense,
+                    position_embeddings=flow.rope,
+                    use_cache=cache is not None,
+                    **{CACHE_KW: cache},
+                    atp_scores=request,
+                    atp_keys=flow.keys,
+                )
         hidden = self.model.language_model.norm(flow.hidden)
         if flow.pack is not None:
             hidden = flow.pack.unpack(hidden[0])
@@ -750,16 +762,17 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 state["group_live"][g] = live
                 keys.append(self._keys(live, None, hidden.dtype, q_len=q))  # the q new tokens are the last keys
         rope = self._rope(hidden, torch.stack([pos1, pos1]))
-        for j, layer in enumerate(self._layers()):
-            g = state["group_of_layer"][j]
-            hidden = layer(
-                hidden,
-                attention_mask=keys[g].dense,
-                position_embeddings=rope,
-                use_cache=True,
-                **{CACHE_KW: layer_cache},
-                atp_keys=keys[g],
-            )
+        with self._compiled_loop():
+            for j, layer in enumerate(self._layers()):
+                g = state["group_of_layer"][j]
+                hidden = layer(
+                    hidden,
+                    attention_mask=keys[g].dense,
+                    position_embeddings=rope,
+                    use_cache=True,
+                    **{CACHE_KW: layer_cache},
+                    atp_keys=keys[g],
+                )
         state["next_pos"] = state["next_pos"] + q
         hidden = self.model.language_model.norm(hidden).reshape(B, q, -1)
         keep = logits_to_keep if isinstance(logits_to_keep, int) and logits_to_keep > 0 else q

@@ -64,3 +64,32 @@ def test_compiled_layers_generate_the_eager_tokens():
     finally:
         m.compile_layers(False)
     assert torch.equal(compiled, eager)
+
+
+def test_compiled_decode_of_more_layers_than_dynamo_recompile_limit_stays_compiled():
+    """Each layer reads its own cache layer by index, so with a cache each layer is its own graph (and
+    another once its cache holds keys): a 12-layer model (dynamo's default limit is 8 graphs in all)
+    generates the eager tokens with every layer compiled (none sent back to eager at the limit), and a
+    second prompt of other lengths and kept counts compiles nothing new. Dynamo's own `eager` backend:
+    the limit and the guards are dynamo's, inductor's code generation would only add minutes."""
+    _, m = tiny_atp(llava_kw=dict(layers=12), atp_layers=(2, 6))
+    m.eval()
+    m.config.hard_layout = "packed"
+    first, second = prompts()[:2]
+    eager = [m.generate(**b, max_new_tokens=3, do_sample=False) for b in (first, second)]
+    torch._dynamo.reset()
+    counters.clear()
+    m.compile_layers(backend="eager")
+    try:
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            out = [m.generate(**first, max_new_tokens=3, do_sample=False)]
+            graphs = counters["stats"]["unique_graphs"]
+            assert graphs > 8  # past dynamo's default limit
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                out.append(m.generate(**second, max_new_tokens=3, do_sample=False))
+    finally:
+        m.compile_layers(False)
+        m._compiled_layers = None  # the next test compiles with its own backend
+    assert counters["stats"]["unique_graphs"] == graphs
+    for o, e in zip(out, eager):
+        assert torch.equal(o, e)
