@@ -172,28 +172,23 @@ def test_base_parts_and_variants(main_job):
 
 
 def test_eval_cli_on_an_export(main_job, tmp_path):
-    _run(
-        [
-            "eval",
-            "--checkpoint",
-            str(main_job / "export"),
-            "--shards",
-            str(main_job / "shards" / "eval"),
-            "--out",
-            str(tmp_path),
-            "--methods",
-            "atp",
-            "uniform",
-            "--budgets",
-            "0.5",
-            "--limit",
-            "8",
-            "--timing-repeats",
-            "1",
-        ]
-    )
-    recs = json.loads((tmp_path / "report.json").read_text())["records"]
-    assert [(r["method"], r["budget"]) for r in recs] == [("unpruned", None), ("atp", 0.5), ("uniform", 0.5)]
+    """`pipeline eval` on an export, once in the checkpoint's own (padded) hard layout and once with
+    `--hard-layout packed`: the same records but for the timings, and the report names its layout."""
+    reports = {}
+    for layout in ("padded", "packed"):
+        args = ["eval", "--checkpoint", str(main_job / "export"), "--shards", str(main_job / "shards" / "eval")]
+        args += ["--out", str(tmp_path / layout), "--methods", "atp", "uniform", "--budgets", "0.5"]
+        args += ["--limit", "8", "--timing-repeats", "1"] + (["--hard-layout", "packed"] if layout == "packed" else [])
+        _run(args)
+        reports[layout] = json.loads((tmp_path / layout / "report.json").read_text())
+        assert reports[layout]["meta"]["hard_layout"] == layout
+    assert "padded hard layout" in (tmp_path / "padded" / "report.md").read_text()
+    assert "packed hard layout" in (tmp_path / "packed" / "report.md").read_text()
+    padded, packed = (reports[k]["records"] for k in ("padded", "packed"))
+    assert [(r["method"], r["budget"]) for r in padded] == [("unpruned", None), ("atp", 0.5), ("uniform", 0.5)]
+    for a, b in zip(padded, packed):
+        for key in ("accuracy", "accuracy_by_qtype", "n_bar", "tokens_per_layer", "flops_exact"):
+            assert a[key] == pytest.approx(b[key]), (a["method"], key)
 
 
 def test_eval_cli_refuses_methods_that_have_no_model(main_job, tmp_path):

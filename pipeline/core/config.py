@@ -239,6 +239,9 @@ class EvalConfig:
     timing_repeats: int = 5
     decode_tokens: int = 8
     overlay_images: int = 4
+    # the hard path's batch layout of every evaluated model (model/packed.py); None: each checkpoint's
+    # own, i.e. atp.hard_layout of the run that exported it
+    hard_layout: Optional[Literal["padded", "packed"]] = None
 
 
 @dataclass

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import statistics
 import time
@@ -200,8 +201,9 @@ class Evaluator:
 # ------------------------------------------------------------------ models
 
 
-def load_model(path, pruning: str | None = None, dtype=torch.float32):
-    """An exported (or any saved AtpLlava) dir in eval mode, with its processor pair."""
+def load_model(path, pruning: str | None = None, dtype=torch.float32, hard_layout: str | None = None):
+    """An exported (or any saved AtpLlava) dir in eval mode, with its processor pair; `pruning` and
+    `hard_layout` replace the saved config's when given."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
     from model import AtpLlavaConfig, AtpLlavaForConditionalGeneration
@@ -209,6 +211,8 @@ def load_model(path, pruning: str | None = None, dtype=torch.float32):
     config = AtpLlavaConfig.from_pretrained(path)
     if pruning is not None:
         config.pruning = pruning
+    if hard_layout is not None:
+        config.hard_layout = hard_layout
     model = AtpLlavaForConditionalGeneration.from_pretrained(path, config=config, dtype=dtype).eval()
     return model, (AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path))
 
@@ -252,7 +256,8 @@ def evaluate_checkpoints(models: dict, out: Path, settings: EvalConfig, *, title
         timing_repeats=s.timing_repeats,
         decode_tokens=s.decode_tokens,
     )
-    base, proc = load_model(models[UNPRUNED], pruning="none")
+    load = functools.partial(load_model, hard_layout=s.hard_layout)
+    base, proc = load(models[UNPRUNED], pruning="none")
     jobs = [(UNPRUNED, None)] + [(SFT_REFERENCE, None)] * (SFT_REFERENCE in models)
     jobs += [(m, b) for b in budgets for m in methods]
     overlays = []
@@ -263,7 +268,7 @@ def evaluate_checkpoints(models: dict, out: Path, settings: EvalConfig, *, title
                 ev.add(method, None, base, proc)
             elif kind(method) == "reference":
                 if Path(models[method]).exists():
-                    model, p = load_model(models[method], pruning="none")
+                    model, p = load(models[method], pruning="none")
                     ev.add(method, None, model, p)
                 else:
                     log.warning("no %s model (%s): skipped", method, models[method])
@@ -272,7 +277,7 @@ def evaluate_checkpoints(models: dict, out: Path, settings: EvalConfig, *, title
                 if path is None or not Path(path).exists():
                     log.warning("no %s model for budget %s (%s): skipped", method, budget, path)
                 else:
-                    model, p = load_model(path, pruning=method)
+                    model, p = load(path, pruning=method)
                     ev.add(method, budget, model, p, describe=_trained_describe(model.config))
                     if method == "atp" and s.overlay_images and not overlays:
                         overlays = overlay_data(model, p, _overlay_samples(samples, s.overlay_images))
@@ -293,6 +298,7 @@ def evaluate_checkpoints(models: dict, out: Path, settings: EvalConfig, *, title
         "lv": cfg.num_visual_tokens,
         "num_layers": cfg.text_config.num_hidden_layers,
         "atp_layers": list(cfg.atp_layers),
+        "hard_layout": cfg.hard_layout,
         "budgets": list(budgets),
         "methods": list(methods),
         "models": {str(k): str(v) for k, v in models.items()},
@@ -389,6 +395,12 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=d.limit)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--timing-repeats", type=int, default=d.timing_repeats)
+    p.add_argument(
+        "--hard-layout",
+        choices=["padded", "packed"],
+        default=d.hard_layout,
+        help="the hard path's batch layout of every model (model/packed.py; default: each checkpoint's own)",
+    )
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from model import AtpLlavaConfig
@@ -421,6 +433,7 @@ def main(argv=None) -> int:
         limit=a.limit,
         batch_size=a.batch_size,
         timing_repeats=a.timing_repeats,
+        hard_layout=a.hard_layout,
     )
     evaluate_checkpoints(models, Path(a.out), settings, title=a.checkpoint)
     print(f"report: {Path(a.out) / 'report.md'}")

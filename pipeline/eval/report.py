@@ -217,7 +217,8 @@ def markdown(meta: dict, records: list[Record], goals: dict) -> str:
         f"# Evaluation: {meta.get('title', '')}",
         "",
         f"{meta.get('samples')} eval samples ({meta.get('shards')}), Lv = {meta.get('lv')}, "
-        f"{meta.get('num_layers')} decoder layers, ATP layers {meta.get('atp_layers')}; "
+        f"{meta.get('num_layers')} decoder layers, ATP layers {meta.get('atp_layers')}, "
+        f"{meta.get('hard_layout', 'padded')} hard layout; "
         f"{meta.get('device')}, {meta.get('date')}. {_timing_note(meta)}",
         "",
     ]
