@@ -624,13 +624,13 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             if cfg.budget_loss in ("per_module", "dual"):  # each module to its count of the schedule
                 n = visual_tokens.shape[1]
                 counts = module_counts(cfg)
-                kept = (visual_tokens[:, cfg.atp_layers] * has_img[:, None]).sum(0) / n_img
+                kept_sums = (visual_tokens[:, cfg.atp_layers] * has_img[:, None]).sum(0)
+                kept = kept_sums / n_img
                 spans = group_spans(cfg.atp_layers, n)[1:]
                 err = [s / n * (k - c) / lv for s, k, c in zip(spans, kept, counts)]
                 if cfg.budget_loss == "dual":  # a price per token (METHOD sec 15): samples trade tokens
                     if self.training:  # the prices follow the global batch's counts: one price on every rank
-                        kept_sums = (visual_tokens[:, cfg.atp_layers] * has_img[:, None]).sum(0).detach().float()
-                        total = _data_parallel_sum(torch.cat([kept_sums, has_img.sum().float()[None]]))
+                        total = _data_parallel_sum(torch.cat([kept_sums.detach().float(), has_img.sum().float()[None]]))
                         kept = total[:-1] / total[-1].clamp_min(1)
                     l_target = sum(p * e for p, e in zip(self._dual_prices(kept, counts), err))
                 else:
@@ -647,14 +647,14 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                     n = visual_tokens.shape[1]
                     spans = group_spans(cfg.atp_layers, n)[1:]
                     share = sum(s / n * r for s, r in zip(spans, red_sums))[has_img] / lv
-                l_marginal = -(advantage.to(share.dtype) * share).sum() * weight
+                l_marginal = -(advantage.to(share.dtype) * share).sum() * weight.to(share.dtype)
                 logs["marginal"] = l_marginal.detach()
                 loss = loss + cfg.marginal_weight * l_marginal
             if branch is not None and loss is not None:  # the branch that serves a sample better opens
                 advantage, weight = _advantages(branch[has_img])
                 theta = torch.stack(thresholds, 1)[has_img]
                 gap = (theta[..., 1] - theta[..., 0]).mean(1)  # theta_s - theta_r, over the modules
-                l_branch = (advantage.to(gap.dtype) * gap).sum() * weight
+                l_branch = (advantage.to(gap.dtype) * gap).sum() * weight.to(gap.dtype)
                 logs["branch"] = l_branch.detach()
                 loss = loss + cfg.branch_weight * l_branch
         if loss is not None:
@@ -784,30 +784,34 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         return super().generate(*args, **kwargs)
 
 
-def _data_parallel_sum(t):
-    """`t` summed over the data-parallel ranks (with ZeRO every rank of the world is one), so that a
-    statistic of the batch is the global batch's, as one process with the whole batch would see it;
-    `t` itself without torch.distributed. Every rank must call it at the same point."""
+def _data_parallel_world() -> int:
+    """The number of data-parallel ranks (with ZeRO every rank of the world is one); 1 without
+    torch.distributed."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _data_parallel_sum(t):
+    """`t` summed over the data-parallel ranks, so that a statistic of the batch is the global batch's,
+    as one process with the whole batch would see it; `t` itself on one rank. Every rank must call it
+    at the same point."""
+    if _data_parallel_world() > 1:
         t = t.clone()
-        dist.all_reduce(t)
+        torch.distributed.all_reduce(t)
     return t
 
 
 def _advantages(v):
     """The value terms' advantages: this rank's per-sample values [n] standardised over the global
     batch (mean 0, std 1 over every rank's image samples; float32), and the weight that makes the sum
-    of a rank's terms, averaged over the ranks as the gradients are, the global batch's mean."""
-    import torch.distributed as dist
-
+    of a rank's terms, averaged over the ranks as the gradients are, the global batch's mean (a
+    0-d tensor: no host read)."""
     v = v.float()
     n, s1, s2 = _data_parallel_sum(torch.stack([v.new_tensor(float(v.numel())), v.sum(), v.square().sum()]).double())
     mean = s1 / n
     std = (s2 / n - mean.square()).clamp_min(0).sqrt()
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    return ((v - mean) / (std + 1e-6)).float(), world / n.item()
+    return ((v - mean) / (std + 1e-6)).float(), (_data_parallel_world() / n).float()
 
 
 @contextlib.contextmanager
