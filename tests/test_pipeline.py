@@ -312,3 +312,37 @@ def test_pruning_point_before_layer0_trains_under_zero3(tiny):
     with torch.no_grad():
         out = model(**prompt_inputs(model, proc, load_samples(str(tiny["root"] / "shards"), limit=4)))
     assert out.visual_tokens[:, 0].max() < LV  # layer 0 already sees the pruned image
+
+
+def test_annealed_mask_temperature_follows_the_step_and_resumes(zero3_run, tiny):
+    """train.mask_temperature_end: T goes 20 -> 2 geometrically over 4 steps; the first step
+    equals a constant-T run's and later soft counts differ from it (the forward reads the
+    annealed T); a run killed after step 3 (checkpoint at 2) resumes on the same schedule
+    and loss curve."""
+    from pipeline.train.monitor import read_metrics
+
+    def sft(name, *extra, check=True):
+        run = fresh_run(tiny, name)
+        args = ["run", tiny["config"], f"run_dir={run}", "stages=[sft]", "atp.mask_temperature=20"]
+        p = launch([*args, "train.max_steps=4", "train.checkpoint_every=2", *extra], nproc=1, check=check)
+        return run, args, p
+
+    annealed, _, _ = sft("anneal", "train.mask_temperature_end=2")
+    constant, _, _ = sft("constant")
+    a, c = read_metrics(annealed / "sft" / "metrics.jsonl"), read_metrics(constant / "sft" / "metrics.jsonl")
+    temps = [a[s]["atp/mask_temperature"] for s in (1, 2, 3, 4)]
+    assert temps == pytest.approx([20 * 0.1 ** (i / 3) for i in range(4)], rel=1e-9)
+    assert "atp/mask_temperature" not in c[1]
+    assert a[1]["loss/total"] == c[1]["loss/total"] and a[1]["atp/n_bar"] == c[1]["atp/n_bar"]
+    assert a[4]["atp/n_bar"] != pytest.approx(c[4]["atp/n_bar"], rel=1e-4)
+
+    run, args, crashed = sft(
+        "anneal-resume", "train.mask_temperature_end=2", "train.crash_at_step=3", "train.crash_rank=0", check=False
+    )
+    assert crashed.returncode != 0
+    launch([*args, "train.max_steps=4", "train.checkpoint_every=2", "train.mask_temperature_end=2"], nproc=1)
+    r = read_metrics(run / "sft" / "metrics.jsonl")
+    assert sorted(r) == [1, 2, 3, 4]
+    for step in r:
+        for key in ("atp/mask_temperature", "loss/total", "atp/n_bar"):
+            assert r[step][key] == pytest.approx(a[step][key], rel=1e-6, abs=1e-7), (step, key)

@@ -172,6 +172,9 @@ class TrainConfig:
     ds_config: str = field(default=str(REPO_ROOT / "ds_config.json"), metadata=PATH)
     # atp runs: start theta_r at the target share measured on the first batch (model/calibration.py)
     calibrate_thresholds: bool = True
+    # soft masks' temperature annealed geometrically from atp.mask_temperature at the first step to
+    # this at the last (METHOD sec 19); None: constant
+    mask_temperature_end: Optional[float] = None
     checkpoint_every: int = 500  # optimizer steps
     keep_checkpoints: int = 2
     # steps in a row with a non-finite loss or gradients (each skipped) before the run stops
@@ -294,6 +297,7 @@ MINIMUM = {
     "train.log_every": 1,
     "train.image_every": 1,
     "train.max_nonfinite_steps": 1,
+    "train.mask_temperature_end": 0.1,
     "atp.threshold_hidden": 1,
     **{f"model.scratch.{f.name}": 1 for f in dataclasses.fields(ScratchModelConfig)},
     "synthetic.train_samples": 1,

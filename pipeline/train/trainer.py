@@ -6,7 +6,8 @@ Stages `sft`, `base` and `variants` call `train` (pipeline/stages/).
   `train.lr_lm` and `atp_modules.*` at `train.lr_atp`; DeepSpeed's AdamW and
   a warmup + cosine LambdaLR (pipeline.train.ds.lr_schedule), both per group.
 - Loss: the model's own `out.loss` = L_ntp + lambda_ATP L_ATP + lambda_target L_target
-  (METHOD sec 7), soft masks in train mode.
+  (METHOD sec 7), soft masks in train mode; their temperature annealed per step when
+  `train.mask_temperature_end` is set (`mask_temperature_at`, METHOD sec 19).
 - Data position: the checkpoint records (epoch, global samples consumed in it: steps x
   global batch). Exact mode (`data.resampled=false`, pipeline.data): one global order per
   epoch, independent of the world size; a resumed run starts the epoch's loader at that
@@ -229,6 +230,8 @@ class SftRecipe:
         lrs = engine.get_lr()  # what this step uses
         accum = run.train.grad_accum
         stats, image_sample, data_s, finite = StepStats(self.config, accum), None, 0.0, True
+        if run.train.mask_temperature_end is not None:  # on the model's config: from_pretrained copied ours
+            self.engine.module.config.mask_temperature = mask_temperature_at(run, self.step_no, self.total_steps)
         for i in range(accum):
             td = time.perf_counter()
             batch = self.data.next(self.wait if i == 0 else contextlib.nullcontext)
@@ -282,6 +285,8 @@ class SftRecipe:
         scalars = stats.reduce(self.dist.world_size)
         scalars.update({f"lr/{n}": lr for n, lr in zip(self.group_names, lrs)})
         scalars["perf/samples_per_s"] = scalars.pop("samples") / step_s
+        if self.cfg.train.mask_temperature_end is not None:
+            scalars["atp/mask_temperature"] = self.engine.module.config.mask_temperature
         scalars["perf/step_s"] = step_s
         scalars["perf/data_s"] = data_s
         skipped = self.data.skipped_all_ranks()
@@ -327,6 +332,16 @@ class SftRecipe:
     def close(self) -> None:
         if self.monitor is not None:
             self.monitor.close()
+
+
+def mask_temperature_at(run: RunConfig, step: int, total: int) -> float:
+    """The soft masks' temperature for the step after `step` completed ones (0-based index):
+    atp.mask_temperature at the first, train.mask_temperature_end at the last, geometric in
+    between (METHOD sec 19), so a resumed run continues the same schedule."""
+    start, end = run.atp.mask_temperature, run.train.mask_temperature_end
+    if end is None or total < 2:
+        return float(start)
+    return float(start * (end / start) ** (min(step, total - 1) / (total - 1)))
 
 
 def _boundary_step(engine, loss_finite: bool) -> bool:
