@@ -7,6 +7,7 @@
     python -m pipeline bench [...]                           # pipeline/eval/bench.py: prefill time vs FLOPs
     python -m pipeline headroom --checkpoint FIXED ...       # pipeline/eval/headroom.py: adaptivity oracle
     python -m pipeline plan [CONFIG] --nodes N --gpus-per-node G --gpu-mem GiB   # pipeline/train/plan.py
+    python -m pipeline metrics RUN_DIR/sft [--from-step N]    # pipeline/train/monitor.py: a run's scalars summarised
 
 CONFIG defaults to the embedded default (pipeline/configs/default.yaml). Launch the same
 command under `torchrun`, `deepspeed --module pipeline ...` or `srun`; pipeline.core.distributed
@@ -61,6 +62,7 @@ TOOLS = {
     "bench": "pipeline.eval.bench",
     "headroom": "pipeline.eval.headroom",
     "plan": "pipeline.train.plan",
+    "metrics": "pipeline.train.monitor",
 }
 
 

@@ -96,3 +96,77 @@ def read_metrics(path: str | Path) -> dict[int, dict]:
             rec = json.loads(line)
             out[rec["step"]] = rec
     return out
+
+
+# the scalars a run's summary shows by default: speed, data wait, loss, budget, memory, skips
+SUMMARY_KEYS = (
+    "perf/step_s",
+    "perf/samples_per_s",
+    "perf/data_s",
+    "loss/ntp",
+    "atp/n_bar",
+    "mem/peak_rss_mb",
+    "mem/peak_rss_above_baseline_mb",
+    "data/max_seq_len",
+    "train/step_skipped",
+)
+
+
+def summarise(metrics: dict[int, dict], keys=SUMMARY_KEYS, from_step: int = 1, window: int = 10) -> list[dict]:
+    """Per key present: median [min, max] over the steps >= from_step, and the means of the first
+    and last `window` of those steps (where a curve started and ended)."""
+    import statistics
+
+    steps = [s for s in sorted(metrics) if s >= from_step]
+    rows = []
+    for key in keys:
+        vals = [metrics[s][key] for s in steps if metrics[s].get(key) is not None]
+        if not vals:
+            continue
+        w = min(window, len(vals))
+        rows.append(
+            {
+                "key": key,
+                "steps": len(vals),
+                "median": statistics.median(vals),
+                "min": min(vals),
+                "max": max(vals),
+                "first": sum(vals[:w]) / w,
+                "last": sum(vals[-w:]) / w,
+                "window": w,
+            }
+        )
+    return rows
+
+
+def main(argv=None) -> int:
+    """python -m pipeline metrics RUN_DIR/sft/metrics.jsonl [--keys K ...] [--from-step N] [--window W]"""
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline metrics", description="a training run's metrics.jsonl, summarised"
+    )
+    p.add_argument("path", help="metrics.jsonl, or the stage folder holding it")
+    p.add_argument("--keys", nargs="+", default=list(SUMMARY_KEYS), help="scalars to show (default: %(default)s)")
+    p.add_argument("--from-step", type=int, default=1, help="first step counted (skip warm-up steps)")
+    p.add_argument("--window", type=int, default=10, help="steps averaged at the start and the end")
+    a = p.parse_args(argv)
+    path = Path(a.path)
+    path = path / "metrics.jsonl" if path.is_dir() else path
+    metrics = read_metrics(path)
+    if not metrics:
+        print(f"{path}: no steps")
+        return 1
+    rows = summarise(metrics, a.keys, a.from_step, a.window)
+    print(f"{path}: steps {min(metrics)}-{max(metrics)}; from step {a.from_step}")
+    print(f"| scalar | steps | median [min, max] | mean of the first -> last {a.window} |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['key']} | {r['steps']} | {r['median']:.4g} [{r['min']:.4g}, {r['max']:.4g}] "
+            f"| {r['first']:.4g} -> {r['last']:.4g} |"
+        )
+    missing = [k for k in a.keys if k not in {r["key"] for r in rows}]
+    if missing:
+        print(f"not logged: {', '.join(missing)}")
+    return 0
