@@ -5,8 +5,9 @@ refactor to "behaviour unchanged":
 
     python scripts/compare_runs.py OUT_BEFORE OUT_AFTER [--keys-of-before]
 
---keys-of-before compares each record on the keys BEFORE's has: a report written before the record
-schema grew a field (pipeline/eval/records.py) is then not different for lacking it.
+--keys-of-before compares each record (and each metrics.jsonl line) on the keys BEFORE's has: a
+report written before the record schema grew a field (pipeline/eval/records.py), or a run from
+before a scalar was logged, is then not different for lacking it.
 """
 
 import json
@@ -56,7 +57,7 @@ def compare_reports(a: Path, b: Path, keys_of_before: bool = False) -> int:
     return bad
 
 
-def compare_metrics(a: Path, b: Path) -> int:
+def compare_metrics(a: Path, b: Path, keys_of_before: bool = False) -> int:
     bad = 0
     for rel in files(a, "metrics.jsonl"):
         ca, cb = (
@@ -66,6 +67,11 @@ def compare_metrics(a: Path, b: Path) -> int:
             ]
             for d in (a, b)
         )
+        if keys_of_before:  # a scalar BEFORE never logged is a newer one, not a difference
+            newer = sorted({k for x, y in zip(ca, cb) for k in y.keys() - x.keys()})
+            cb = [{k: v for k, v in y.items() if k in x} for x, y in zip(ca, cb)] + cb[len(ca) :]
+            if newer:
+                print(f"{rel}: scalars only AFTER logs, not compared: {', '.join(newer)}")
         n = sum(x != y for x, y in zip(ca, cb)) + abs(len(ca) - len(cb))
         print(f"{rel}: {len(ca)} lines, {n} differ (every scalar but perf/*, mem/*)")
         bad += n
@@ -79,7 +85,7 @@ def main(argv) -> int:
         if files(a, name) != files(b, name):
             print(f"different {name} files: {files(a, name)} vs {files(b, name)}")
             return 1
-    bad = compare_reports(a, b, keys_of_before) + compare_metrics(a, b)
+    bad = compare_reports(a, b, keys_of_before) + compare_metrics(a, b, keys_of_before)
     print("IDENTICAL" if not bad else f"DIFFERENT ({bad})")
     return 1 if bad else 0
 
