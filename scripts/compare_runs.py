@@ -33,13 +33,18 @@ def files(root: Path, name: str) -> list[Path]:
     return sorted(p.relative_to(root) for p in root.rglob(name))
 
 
+def on_keys_of(before: list[dict], after: list[dict]) -> list[dict]:
+    """AFTER's records cut to the keys of BEFORE's record at the same place (--keys-of-before)."""
+    return [{k: v for k, v in y.items() if k in x} for x, y in zip(before, after)] + after[len(before) :]
+
+
 def compare_reports(a: Path, b: Path, keys_of_before: bool = False) -> int:
     bad = 0
     for rel in files(a, "report.json"):
         ja, jb = (json.loads((d / rel).read_text()) for d in (a, b))
         ra, rb = stable(ja["records"]), stable(jb["records"])
         if keys_of_before:  # a key BEFORE lacks is a newer field, not a difference
-            rb = [{k: v for k, v in y.items() if k in x} for x, y in zip(ra, rb)] + rb[len(ra) :]
+            rb = on_keys_of(ra, rb)
         differ = [x for x, y in zip(ra, rb) if x != y]
         n = len(differ) + abs(len(ra) - len(rb))
         summary = stable(ja.get("summary")) == stable(jb.get("summary"))
@@ -69,7 +74,7 @@ def compare_metrics(a: Path, b: Path, keys_of_before: bool = False) -> int:
         )
         if keys_of_before:  # a scalar BEFORE never logged is a newer one, not a difference
             newer = sorted({k for x, y in zip(ca, cb) for k in y.keys() - x.keys()})
-            cb = [{k: v for k, v in y.items() if k in x} for x, y in zip(ca, cb)] + cb[len(ca) :]
+            cb = on_keys_of(ca, cb)
             if newer:
                 print(f"{rel}: scalars only AFTER logs, not compared: {', '.join(newer)}")
         n = sum(x != y for x, y in zip(ca, cb)) + abs(len(ca) - len(cb))

@@ -133,7 +133,6 @@ def summarise(metrics: dict[int, dict], keys=SUMMARY_KEYS, from_step: int = 1, w
                 "max": max(vals),
                 "first": sum(vals[:w]) / w,
                 "last": sum(vals[-w:]) / w,
-                "window": w,
             }
         )
     return rows
@@ -166,7 +165,8 @@ def main(argv=None) -> int:
             f"| {r['key']} | {r['steps']} | {r['median']:.4g} [{r['min']:.4g}, {r['max']:.4g}] "
             f"| {r['first']:.4g} -> {r['last']:.4g} |"
         )
-    missing = [k for k in a.keys if k not in {r["key"] for r in rows}]
+    shown = {r["key"] for r in rows}
+    missing = [k for k in a.keys if k not in shown]
     if missing:
         print(f"not logged: {', '.join(missing)}")
     return 0
