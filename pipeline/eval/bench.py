@@ -313,22 +313,20 @@ def print_batch(res, k):
         "per repeat, median [min, max] (~: spread > 10%); red.: time reduction / FLOPs reduction"
     )
     print(
-        f"{'method':<11} {'N_bar':>6} {'FLOPs':>6} | {'padded ms':>22} {'ratio':>23} | "
+        f"{'method':<11} {'N_bar':>6} {'FLOPs':>6} | {'padded ms':>22} {'ratio':>23} {'red.':>5} | "
         f"{'packed ms':>22} {'ratio':>23} {'red.':>5}"
     )
     for r in res["rows"]:
         cells = []
         for lay in LAYOUTS:
             c = r[lay]
-            cells.append(f"{fmt_time(c['prefill']):>22} {fmt_ratio(c['ratio']):>23}")
-        red = (
-            (1 - r["packed"]["ratio"]["ratio"]) / max(1 - r["flops_ratio"], 1e-9)
-            if r["method"] != "unpruned"
-            else float("nan")
-        )
-        print(
-            f"{r['method']:<11} {r['n_bar_share']:>6.1%} {r['flops_ratio']:>6.3f} | {cells[0]} | {cells[1]} {red:>5.2f}"
-        )
+            red = (
+                (1 - c["ratio"]["ratio"]) / max(1 - r["flops_ratio"], 1e-9)
+                if r["method"] != "unpruned"
+                else float("nan")
+            )
+            cells.append(f"{fmt_time(c['prefill']):>22} {fmt_ratio(c['ratio']):>23} {red:>5.2f}")
+        print(f"{r['method']:<11} {r['n_bar_share']:>6.1%} {r['flops_ratio']:>6.3f} | {cells[0]} | {cells[1]}")
     print(
         "packed / padded prefill, per repeat: "
         + ", ".join(f"{n} {fmt_ratio(v)}" for n, v in res["packed_over_padded"].items())
