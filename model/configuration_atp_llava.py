@@ -21,6 +21,7 @@ BUDGET_LOSSES = ("n_bar", "per_module", "dual")  # METHOD sec 7, 13, 15
 MARGINAL_SIGNALS = ("loss", "answer")  # METHOD sec 16
 MARGINAL_CENTERS = ("schedule", "own")  # METHOD sec 16
 MARGINAL_SHARES = ("all", "redundancy")  # METHOD sec 16
+MARGINAL_RANKS = ("fixed", "own")  # METHOD sec 16
 THRESHOLD_FEATURES = ("query", "sorted")  # METHOD sec 14
 ATTN_KERNELS = ("sdpa", "flash", "flex", "channel", "auto")  # model/kernels.py, docs/GPU.md
 HARD_LAYOUTS = ("padded", "packed")  # model/packed.py
@@ -77,6 +78,8 @@ class AtpLlavaConfig(LlavaConfig):
     marginal_center: str = "schedule"
     # the share the value moves: every kept token, or only those the redundancy branch keeps
     marginal_share: str = "all"
+    # the tokens the two budgets keep: the fixed method's (top S_red) or the model's own keep rule's
+    marginal_rank: str = "fixed"
     # METHOD sec 18: each sample's loss under the spatial branch's ranking against the redundancy
     # ranking's, at its own counts, moves its two thresholds apart; 0 = off (the paper)
     branch_weight: int | float = 0.0
@@ -138,6 +141,8 @@ class AtpLlavaConfig(LlavaConfig):
             raise ValueError(f"marginal_center={self.marginal_center!r}: expected one of {MARGINAL_CENTERS}")
         if self.marginal_share not in MARGINAL_SHARES:
             raise ValueError(f"marginal_share={self.marginal_share!r}: expected one of {MARGINAL_SHARES}")
+        if self.marginal_rank not in MARGINAL_RANKS:
+            raise ValueError(f"marginal_rank={self.marginal_rank!r}: expected one of {MARGINAL_RANKS}")
         if self.merge not in MERGE_MODES:
             raise ValueError(f"merge={self.merge!r}: expected one of {MERGE_MODES}")
         if self.attn_kernel not in ATTN_KERNELS:

@@ -546,9 +546,15 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if override is not None:
             return override.to(C.dtype) * live, theta, None
         if cfg.pruning == "fixed":
-            # sec 18's passes rank by the spatial branch's grids first (coarsest first), S_red within one
-            key = s_red if getattr(self, "_sample_rank", None) != "spatial" else s_spa + 1e-3 * s_red
-            rank = torch.where(live, key, -1.0).argsort(-1, descending=True).argsort(-1)
+            by = getattr(self, "_sample_rank", None)
+            if by == "spatial":  # sec 18's passes: the spatial branch's grids first (coarsest first), S_red within one
+                key = s_spa + 1e-3 * s_red
+            elif by == "own":  # sec 16's marginal_rank own: the model's keep rule, by the margin above either
+                # threshold (a token in no grid has no spatial margin): at the hard count, the hard path's tokens
+                key = torch.maximum(s_red - theta_r[:, None], torch.where(s_spa > 0, s_spa - theta_s[:, None], -2.0))
+            else:
+                key = s_red
+            rank = torch.where(live, key, -3.0).argsort(-1, descending=True).argsort(-1)
             own = getattr(self, "_sample_counts", None)  # [K] of [B]: the marginal passes' own budgets
             count = cfg.fixed_counts[k] if own is None else own[k].reshape(-1, 1)
             return ((rank < count) & live).to(C.dtype), theta, None
@@ -702,25 +708,28 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
     @torch.no_grad()
     def _marginal_budget_logits(self, batch, counts=None):
-        """The logits and each sample's N_bar share [B] at two budgets, under the fixed ranking: the
-        schedule's counts (or, given counts [K] of [B], each sample's own) x (1 - marginal_span), then
-        x (1 + marginal_span). Two gradient-free forwards (with pruning='fixed', so they neither recurse
-        nor move the dual prices), yielded one at a time."""
+        """The logits and each sample's N_bar share [B] at two budgets, under the fixed ranking (or,
+        with `marginal_rank` own, the model's own keep rule's): the schedule's counts (or, given counts
+        [K] of [B], each sample's own) x (1 - marginal_span), then x (1 + marginal_span). Two
+        gradient-free forwards (with pruning='fixed', so they neither recurse nor move the dual prices),
+        yielded one at a time."""
         cfg = self.config
         lv, span = cfg.num_visual_tokens, cfg.marginal_span
         schedule = module_counts(cfg)
+        rank = "own" if cfg.marginal_rank == "own" else "redundancy"
         for scale in (1 - span, 1 + span):
             if counts is None:
-                out = self._fixed_pass(batch, [min(lv, max(1, round(c * scale))) for c in schedule])
+                out = self._fixed_pass(batch, [min(lv, max(1, round(c * scale))) for c in schedule], rank)
             else:  # around where each sample's own thresholds stand now
-                out = self._fixed_pass(batch, [(c.float() * scale).round().clamp(1, lv) for c in counts])
+                out = self._fixed_pass(batch, [(c.float() * scale).round().clamp(1, lv) for c in counts], rank)
             yield out.logits, out.visual_tokens.mean(1) / lv
 
     @torch.no_grad()
     def _fixed_pass(self, batch, counts, rank="redundancy"):
         """One gradient-free forward under the fixed rule (pruning='fixed', so it neither recurses into
         the value terms nor moves the dual prices) at `counts` per module: ints, or tensors [B] (each
-        sample its own), ranked by S_red or (`spatial`, sec 18) by the grids first. Per-sample counts and
+        sample its own), ranked by S_red, (`spatial`, sec 18) by the grids first or (`own`, sec 16) by
+        the model's margin above its thresholds. Per-sample counts and
         the ranking ride on the model for the pass: the strict config holds no tensors."""
         per_sample = torch.is_tensor(counts[0])
         try:

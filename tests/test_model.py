@@ -423,6 +423,31 @@ def test_marginal_value_around_each_sample_own_counts():
     assert out.atp_losses["marginal"].item() == pytest.approx(want.item(), rel=1e-4, abs=1e-6)
 
 
+def test_marginal_rank_own_prices_the_tokens_the_model_keeps():
+    """marginal_rank own (METHOD sec 16): the value passes keep each sample's top tokens by the model's
+    own keep rule, so a pass at the model's own hard counts keeps exactly the tokens its hard path
+    keeps (the fixed ranking, top S_red, keeps others), and training with it still moves the thresholds."""
+    _, m = tiny_atp(budget_loss="dual", lambda_atp=0.0, marginal_weight=1.0, marginal_center="own", marginal_rank="own")
+    for mod in m.atp_modules:  # a low theta_s: the spatial branch keeps grid tokens S_red ranks low
+        torch.nn.init.constant_(mod.head_s.bias, -2.0)
+    b = make_batch([3, 2, 4], [4, 5, 2], answers=[3, 2, 4], seed=5)
+    m.eval()
+    with torch.no_grad():
+        keep = m(**b).atp_info["keep"]  # [B, K, Lv] what the hard rule keeps
+    counts = [c for c in keep.sum(-1).T]  # [K] of [B]
+    assert len(set(counts[0].tolist())) > 1  # the samples' counts differ
+    own = m._fixed_pass(b, counts, rank="own").atp_info["keep"]
+    assert torch.equal(own, keep)
+    assert not torch.equal(m._fixed_pass(b, counts).atp_info["keep"], keep)  # the fixed ranking differs
+
+    # in training the term is priced on those tokens: it differs from the fixed ranking's
+    _, fixed_rank = tiny_atp(budget_loss="dual", lambda_atp=0.0, marginal_weight=1.0, marginal_center="own")
+    fixed_rank.load_state_dict(m.state_dict())
+    m.train(), fixed_rank.train()
+    terms = [model(**b).atp_losses["marginal"].item() for model in (m, fixed_rank)]
+    assert terms[0] != 0 and terms[0] != pytest.approx(terms[1], abs=1e-4)
+
+
 @pytest.mark.parametrize("share", ["all", "redundancy"])
 def test_marginal_share_redundancy_moves_only_the_redundancy_threshold(share):
     """marginal_share redundancy (METHOD sec 16): L_marginal prices only the tokens theta_r keeps
@@ -511,6 +536,7 @@ def test_branch_value_needs_a_spatial_branch(kw):
         dict(marginal_weight=1.0, budget_loss="dual", marginal_span=1.0),
         dict(marginal_weight=1.0, budget_loss="dual", marginal_signal="accuracy"),
         dict(marginal_weight=1.0, budget_loss="dual", marginal_center="mine"),
+        dict(marginal_weight=1.0, budget_loss="dual", marginal_rank="mine"),
     ],
 )
 def test_marginal_value_needs_a_schedule_and_a_span_below_one(kw):

@@ -138,6 +138,7 @@ class AtpConfig:
     marginal_signal: Literal["loss", "answer"] = "loss"
     marginal_center: Literal["schedule", "own"] = "schedule"
     marginal_share: Literal["all", "redundancy"] = "all"
+    marginal_rank: Literal["fixed", "own"] = "fixed"
     branch_weight: float = 0.0  # METHOD sec 18
     threshold_hidden: int = 256
     threshold_features: list[Literal["query", "sorted"]] = field(default_factory=list)  # METHOD sec 14
