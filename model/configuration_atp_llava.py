@@ -87,6 +87,9 @@ class AtpLlavaConfig(LlavaConfig):
     threshold_features: list[str] | tuple[str, ...] = ()  # METHOD sec 14: query | sorted, beside the scores
     fixed_counts: list[int] | tuple[int, ...] | None = None
     mask_eps: int | float = 1e-6
+    # METHOD sec 20: training forwards the hard keep rule's 0 / 1 masks (what inference keeps) and
+    # backpropagates the soft masks' gradient
+    straight_through: bool = False
     attn_kernel: str = "sdpa"  # sdpa | flash | flex | channel | auto (docs/GPU.md)
     # eval (hard) batches: padded to the longest sample after each pruning point (the reference) or
     # packed, [sum of lengths, D] with variable-length attention and a per-sample KV cache (packed.py)

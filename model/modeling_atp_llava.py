@@ -569,7 +569,11 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         branches = None  # only L_marginal with marginal_share redundancy reads them (AtpPruning.red_sums)
         if cfg.marginal_share == "redundancy" and cfg.marginal_weight > 0:
             branches = torch.stack([m_r, m_s], -1).to(C.dtype) * keep[..., None]
-        return torch.maximum(m_r, m_s).to(C.dtype) * keep, theta, branches
+        M = torch.maximum(m_r, m_s).to(C.dtype) * keep
+        if cfg.straight_through:  # METHOD sec 20: forward the hard rule's 0 / 1, backward the soft mask's gradient
+            red, spa = hard_keep(s_red, s_spa, theta_r[:, None], theta_s[:, None], live)
+            M = M + ((red | spa).to(M.dtype) * keep - M).detach()
+        return M, theta, branches
 
     @timed
     def _gather(self, flow, keep):

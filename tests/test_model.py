@@ -109,6 +109,36 @@ def test_soft_path_with_binary_masks_equals_hard_path(position_mode, atp_layers,
     assert torch.allclose(soft.visual_tokens, hard.visual_tokens)
 
 
+@pytest.mark.parametrize("merge", ["none", "nearest"])
+def test_straight_through_trains_on_the_hard_forward_and_reaches_the_thresholds(merge):
+    """straight_through (METHOD sec 20): the training forward is the inference forward (the hard rule's
+    tokens, the same logits and counts), and the answer loss alone still moves the thresholds through
+    the soft masks' gradient."""
+    kw = dict(atp_layers=(0, 3), score_self="duplication", merge=merge, lambda_atp=0.0, lambda_target=0.0)
+    _, m = tiny_atp(straight_through=True, mask_temperature=5, **kw)
+    b = make_batch([2, 5, 3], [6, 3, 4], answers=[2, 2, 1], padding="left", seed=1)
+    with torch.no_grad():
+        for mod in m.atp_modules:
+            mod.head_r.bias.fill_(0.0)
+            mod.head_r.weight.normal_(std=2.0)
+    m.eval()
+    with torch.no_grad():
+        hard = m(**b)
+    assert len(set(hard.atp_info["keep"][:, -1].sum(-1).tolist())) > 1
+    m.train()
+    out = m(**b)
+    text = text_positions(b)
+    assert (out.logits - hard.logits)[text].abs().max() <= 1e-4
+    assert torch.allclose(out.visual_tokens, hard.visual_tokens)
+    out.loss.backward()  # L_ntp alone (the budget terms' lambdas are 0)
+    assert all(mod.head_r.weight.grad.abs().sum() > 0 for mod in m.atp_modules)
+
+    _, soft = tiny_atp(mask_temperature=5, **kw)  # without it the training forward is the soft one
+    soft.load_state_dict(m.state_dict())
+    soft.train()
+    assert (soft(**b).logits - hard.logits)[text].abs().max() > 1e-3
+
+
 def test_question_mix_sets_cross_share_of_redundancy_per_sample():
     """score_mix question (METHOD sec 17): S_redundant = S_self + a (S_cross - S_self) with a from the
     question; a = 1/2 is the paper's even mix (same logits), and a saturated share ranks by one score."""

@@ -144,6 +144,7 @@ class AtpConfig:
     threshold_features: list[Literal["query", "sorted"]] = field(default_factory=list)  # METHOD sec 14
     fixed_counts: Optional[list[int]] = None
     mask_eps: float = 1e-6
+    straight_through: bool = False  # METHOD sec 20
     attn_kernel: Literal["sdpa", "flash", "flex", "channel", "auto"] = "sdpa"  # model/kernels.py, docs/GPU.md
     hard_layout: Literal["padded", "packed"] = "padded"  # the hard path's batch layout (model/packed.py)
 
