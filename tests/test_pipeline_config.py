@@ -83,6 +83,7 @@ def test_presets_switch_a_group_of_keys_and_the_command_line_wins(tmp_path):
     )
     assert (p.budget_loss, p.threshold_features, p.spatial_modules, p.marginal_weight) == ("n_bar", [], None, 0.0)
     assert (default.train.lr_atp, paper.train.lr_atp) == (1e-3, 1e-4)
+    assert (default.train.mask_temperature_end, paper.train.mask_temperature_end) == (200, None)  # sharpening band
     assert default.synthetic.args == paper.synthetic.args == ["--turns", "1"]
     assert paper.atp.target_tokens == default.atp.target_tokens  # keys outside the preset stay the file's
     assert load("preset=paper", "atp.merge=nearest").atp.merge == "nearest"
