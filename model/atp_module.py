@@ -71,3 +71,12 @@ def hard_keep(s_red, s_spa, theta_r, theta_s, live):
     tokens are `red | spa`. The decoder loop (`_atp_step`) and the threshold calibration
     (calibration.py) both prune by it."""
     return (s_red > theta_r) & live, (s_spa > theta_s) & live
+
+
+def keep_margin(s_red, s_spa, theta_r, theta_s):
+    """How far each token stands above the hard rule's bar: max(S_red - theta_r, S_spatial - theta_s),
+    a token in no grid (S_spatial 0) with no spatial margin. Positive exactly where `hard_keep` keeps
+    a live token (theta_s > 0), so ranking by it and keeping a sample's hard count gives its hard tokens
+    (METHOD sec 16's `marginal_rank: own`). Same shapes as `hard_keep`; margins lie in (-1, 1) on
+    min-max scores, below -1 outside the grids."""
+    return torch.maximum(s_red - theta_r, torch.where(s_spa > 0, s_spa - theta_s, -2.0))

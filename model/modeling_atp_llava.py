@@ -34,7 +34,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, LlavaForCondit
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from transformers.utils import ModelOutput
 
-from .atp_module import AtpModule, hard_keep
+from .atp_module import AtpModule, hard_keep, keep_margin
 from .attention import ATTN_IMPLEMENTATION, ScoreRequest
 from .budget import group_spans, keep_share_per_module, module_counts, tokens_per_layer
 from .configuration_atp_llava import AtpLlavaConfig
@@ -549,9 +549,8 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             by = getattr(self, "_sample_rank", None)
             if by == "spatial":  # sec 18's passes: the spatial branch's grids first (coarsest first), S_red within one
                 key = s_spa + 1e-3 * s_red
-            elif by == "own":  # sec 16's marginal_rank own: the model's keep rule, by the margin above either
-                # threshold (a token in no grid has no spatial margin): at the hard count, the hard path's tokens
-                key = torch.maximum(s_red - theta_r[:, None], torch.where(s_spa > 0, s_spa - theta_s[:, None], -2.0))
+            elif by == "own":  # sec 16's marginal_rank own: the model's own keep rule
+                key = keep_margin(s_red, s_spa, theta_r[:, None], theta_s[:, None])
             else:
                 key = s_red
             rank = torch.where(live, key, -3.0).argsort(-1, descending=True).argsort(-1)
@@ -572,7 +571,7 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         M = torch.maximum(m_r, m_s).to(C.dtype) * keep
         if cfg.straight_through:  # METHOD sec 20: forward the hard rule's 0 / 1, backward the soft mask's gradient
             red, spa = hard_keep(s_red, s_spa, theta_r[:, None], theta_s[:, None], live)
-            M = M + ((red | spa).to(M.dtype) * keep - M).detach()
+            M = M + ((red | spa).to(M.dtype) - M).detach()  # text-only rows: live is all False
         return M, theta, branches
 
     @timed

@@ -68,6 +68,19 @@ def test_config_fields_take_natural_types(tmp_path):
     assert (back.target_tokens, back.atp_layers, back.lambda_atp) == (6.0, [1, 3], 1.0)
 
 
+def spread_hard_forward(m):
+    """A three-sample batch, m's theta_r heads spread so the samples keep different counts, and m's
+    hard (eval) forward on it."""
+    b = make_batch([2, 5, 3], [6, 3, 4], answers=[2, 2, 1], padding="left", seed=1)
+    with torch.no_grad():
+        for mod in m.atp_modules:
+            mod.head_r.bias.fill_(0.0)
+            mod.head_r.weight.normal_(std=2.0)
+    m.eval()
+    with torch.no_grad():
+        return b, m(**b)
+
+
 @pytest.mark.parametrize(
     "atp_layers,score_self,merge,features,mix",
     [
@@ -90,15 +103,7 @@ def test_soft_path_with_binary_masks_equals_hard_path(position_mode, atp_layers,
         threshold_features=list(features),
         score_mix=mix,
     )
-    b = make_batch([2, 5, 3], [6, 3, 4], answers=[2, 2, 1], padding="left", seed=1)
-    # spread the thresholds so the three samples keep different counts
-    with torch.no_grad():
-        for mod in m.atp_modules:
-            mod.head_r.bias.fill_(0.0)
-            mod.head_r.weight.normal_(std=2.0)
-    m.eval()
-    with torch.no_grad():
-        hard = m(**b)
+    b, hard = spread_hard_forward(m)
     keep = hard.atp_info["keep"]
     assert len(set(keep[:, -1].sum(-1).tolist())) > 1, "test needs different kept counts per sample"
     assert 0 < keep[:, -1].sum() < keep.shape[0] * LV
@@ -116,14 +121,7 @@ def test_straight_through_trains_on_the_hard_forward_and_reaches_the_thresholds(
     the soft masks' gradient."""
     kw = dict(atp_layers=(0, 3), score_self="duplication", merge=merge, lambda_atp=0.0, lambda_target=0.0)
     _, m = tiny_atp(straight_through=True, mask_temperature=5, **kw)
-    b = make_batch([2, 5, 3], [6, 3, 4], answers=[2, 2, 1], padding="left", seed=1)
-    with torch.no_grad():
-        for mod in m.atp_modules:
-            mod.head_r.bias.fill_(0.0)
-            mod.head_r.weight.normal_(std=2.0)
-    m.eval()
-    with torch.no_grad():
-        hard = m(**b)
+    b, hard = spread_hard_forward(m)
     assert len(set(hard.atp_info["keep"][:, -1].sum(-1).tolist())) > 1
     m.train()
     out = m(**b)
