@@ -73,33 +73,34 @@ def redundancy_scores(
 def _received_logits(query, key, scaling, vis_index, w):
     """The paper's S_self [B, Lv]: mean over causal visual queries m >= n, weighted by the queries'
     masks, of the head-mean logit q_m.k_n. The sum over m of w_m q_m.k_n is k_n . (sum_{m >= n} w_m q_m):
-    a reverse cumulative sum of the weighted queries (heads concatenated), O(Lv H d) instead of
-    the Lv x Lv logits; the weights' own reverse cumsum, the denominator, rides along as one more
-    column."""
-    B, H, _, d = query.shape
-    qk = torch.stack([query, key]).gather(3, vis_index[None, :, None, :, None].expand(2, B, H, -1, d))
-    qk = qk.transpose(2, 3).reshape(2, B, -1, H * d)  # [2, B, Lv, H d]
-    wq = torch.cat([qk[0] * w[..., None], w[..., None]], -1)  # [B, Lv, H d + 1]
-    tail = wq.flip(1).cumsum(1).flip(1)  # sum over m >= n
-    num = torch.matmul(qk[1][:, :, None, :], tail[..., :-1, None])[..., 0, 0]  # k_n . tail_n
-    return num * (scaling / H) / tail[..., -1].clamp_min(1e-6)
+    a reverse cumulative sum of the weighted queries, O(L H d) instead of the Lv x Lv logits. It runs
+    in the sequence's own order (a visual token's weight at its position, 0 for text and padding), so
+    q / k are read in place, not gathered and transposed to the Lv slots: after the first pruning
+    point the sequence is shorter than Lv. The slots of tokens already gone read garbage (their
+    scores are masked by the caller)."""
+    B, H, L, _ = query.shape
+    w_seq = torch.zeros(B, L, dtype=w.dtype, device=w.device).scatter_add_(1, vis_index, w)  # gone: weight 0
+    tail = (query * w_seq[:, None, :, None]).flip(2).cumsum(2).flip(2)  # [B, H, L, d]: sum over m >= n
+    num = (key[:, :, :L] * tail).sum((1, 3))  # k_n . tail_n, summed over heads
+    den = w_seq.flip(1).cumsum(1).flip(1)
+    return (num * (scaling / H) / den.clamp_min(1e-6)).gather(1, vis_index)
 
 
 def _distinctness(value, vis_index, w):
     """[B, Lv]: minus the mean cosine similarity of each visual token's value vector (heads
     concatenated; values carry no rotary position) to the other live visual tokens, weighted by
-    their cumulative mask. Large plain regions are many near-copies and score low."""
-    B, Hkv, _, d = value.shape
-    vv = (
-        value.float()
-        .gather(2, vis_index[:, None, :, None].expand(B, Hkv, -1, d))
-        .transpose(1, 2)
-        .reshape(B, -1, Hkv * d)
-    )
-    vv = torch.nn.functional.normalize(vv, dim=-1)
-    sim = torch.matmul(vv, vv.transpose(-1, -2))  # [B, n, m]
-    others = w[:, None, :] * (1 - torch.eye(sim.shape[-1], device=sim.device))
-    return -(sim * others).sum(-1) / others.sum(-1).clamp_min(1e-6)
+    their cumulative mask. Large plain regions are many near-copies and score low.
+    The weighted sum over the others of v_n . v_m (unit vectors) is v_n . (sum_m w_m v_m) minus its own
+    term w_n: O(L D), no Lv x Lv similarity matrix; in the sequence's order, like `_received_logits`."""
+    B, Hkv, L, d = value.shape
+    v = value.float()
+    v = v / v.pow(2).sum((1, 3)).sqrt().clamp_min(1e-12)[:, None, :, None]  # unit over heads concatenated
+    w_seq = torch.zeros(B, L, dtype=w.dtype, device=w.device).scatter_add_(1, vis_index, w)
+    total = (v * w_seq[:, None, :, None]).sum(2, keepdim=True)  # [B, Hkv, 1, d]
+    own = v.pow(2).sum((1, 3))  # 1, or 0 for a zero vector
+    others = (v * total).sum((1, 3)) - w_seq * own
+    weight = w_seq.sum(1, keepdim=True) - w_seq
+    return (-others / weight.clamp_min(1e-6)).gather(1, vis_index)
 
 
 def _row_probs(query, key, bias, scaling, q_index):

@@ -26,7 +26,7 @@
   the top ops by host and by GPU time (batch 1 is launch-bound).
 
 Writes DIR/gpu_checks.json and prints tables. Exit status 1 if a correctness check fails, 2 without
-CUDA. Needs only the model/ package and pipeline/eval/opcount.py (no tests). `--dry` runs the parts on
+CUDA. Needs only the model/ package and pipeline/eval/ (opcount.py, bench.py; no tests). `--dry` runs the parts on
 this machine's CPU, fp32, on small shapes: the plumbing only, no number from it means anything.
 """
 
@@ -48,6 +48,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from model import AtpLlavaConfig, AtpLlavaForConditionalGeneration, model_costs  # noqa: E402
 from model import kernels as K  # noqa: E402
 from model.budget import keep_share_per_module  # noqa: E402
+from pipeline.eval.bench import text_only as bench_text_only  # noqa: E402
 
 # bf16 tolerances, relative L2 error ||x - ref|| / ||ref|| over live rows, ref = fp32 SDPA
 TOL_OUT = 1e-2  # kernel outputs
@@ -482,13 +483,18 @@ def packed_path(have_flash, batch_sizes=(1, 8), decode_tokens=8):
         b = batch(m.config, [text_len - (i * text_len) // (2 * B) for i in range(B)])
         b.pop("labels")
         res = {"check": "packed/speed", "batch": B, "kept_counts": counts}
+        # the floor of any visual pruning: the same prompts without their image, unpruned
+        text_only = bench_text_only(
+            {k: b[k].cpu() for k in ("input_ids", "attention_mask")}, image_token=m.config.image_token_id
+        )
         for layout in ("padded", "packed"):
-            for budget, pruning in (("unpruned", "none"), ("nbar25", "fixed")):
+            for budget, pruning in (("unpruned", "none"), ("nbar25", "fixed"), ("text_only", "none")):
                 m.config.pruning, m.config.fixed_counts, m.config.hard_layout = pruning, counts, layout
+                inputs = {k: v.to(DEV) for k, v in text_only.items()} if budget == "text_only" else b
 
-                def prefill(decode=0):
+                def prefill(decode=0, inputs=inputs):
                     cache = DynamicCache(config=m.config.text_config)  # noqa: F821 (m is deleted after its last use)
-                    out = m(**b, **{CACHE_KW: cache}, use_cache=True, logits_to_keep=1)  # noqa: F821
+                    out = m(**inputs, **{CACHE_KW: cache}, use_cache=True, logits_to_keep=1)  # noqa: F821
                     tok = out.logits[:, -1:].argmax(-1)
                     for _ in range(decode):
                         tok = m(input_ids=tok, **{CACHE_KW: cache}, use_cache=True).logits[:, -1:].argmax(-1)  # noqa: F821
@@ -509,6 +515,9 @@ def packed_path(have_flash, batch_sizes=(1, 8), decode_tokens=8):
             u, p = res[f"{layout}/unpruned"], res[f"{layout}/nbar25"]
             res[f"{layout}/prefill_ratio"] = p["prefill_ms"] / u["prefill_ms"]
             res[f"{layout}/decode_ratio"] = p["decode_ms_per_token"] / u["decode_ms_per_token"]
+            res[f"{layout}/decode_floor_ratio"] = (
+                res[f"{layout}/text_only"]["decode_ms_per_token"] / u["decode_ms_per_token"]
+            )
             res[f"{layout}/ops_ratio"] = p["ops"] / u["ops"]
         rows.append(res)
     del m
@@ -656,7 +665,8 @@ def print_tables(res):
                 f"{layout} B={r['batch']}: prefill {u['prefill_ms']:.1f} -> {p['prefill_ms']:.1f} ms "
                 f"(x{r[f'{layout}/prefill_ratio']:.3f}), decode {u['decode_ms_per_token']:.2f} -> "
                 f"{p['decode_ms_per_token']:.2f} ms/token (x{r[f'{layout}/decode_ratio']:.3f}), ops {u['ops']} -> "
-                f"{p['ops']} (x{r[f'{layout}/ops_ratio']:.2f}), syncs {u['syncs']} -> {p['syncs']}"
+                f"{p['ops']} (x{r[f'{layout}/ops_ratio']:.2f}), syncs {u['syncs']} -> {p['syncs']}; decode floor "
+                f"(text only) x{r[f'{layout}/decode_floor_ratio']:.3f}"
             )
     for r in res.get("compiled", []):
         for budget in ("unpruned", "nbar25"):

@@ -253,6 +253,31 @@ def test_blockwise_scores_equal_full_attention_map(atp_layers):
         assert (got_cross[bi] - s_cross).abs().max() <= 1e-5
 
 
+def test_received_logits_after_pruning_equal_the_visual_block_of_the_logits():
+    """S_self at a later pruning point (METHOD sec 1): tokens already gone carry weight 0 and sit at
+    slot 0 of the sequence; kept ones are weighted by their soft mask. The sequence-order reverse
+    cumsum equals the explicit weighted mean over the causal visual block of the head-mean logits."""
+    from model.scores import _received_logits
+
+    g = torch.Generator().manual_seed(3)
+    B, H, L, d, Lv = 2, 3, 11, 4, 8
+    q, k = torch.randn(B, H, L, d, generator=g), torch.randn(B, H, L, d, generator=g)
+    vis_index = torch.zeros(B, Lv, dtype=torch.long)
+    w = torch.zeros(B, Lv)
+    kept = [torch.tensor([0, 2, 3, 5, 7]), torch.tensor([1, 2, 4, 5, 6, 7])]
+    for b, slots in enumerate(kept):  # text before and after the image; gone slots read index 0
+        vis_index[b, slots] = torch.arange(3, 3 + len(slots)) - b
+        w[b, slots] = torch.rand(len(slots), generator=g) * 0.9 + 0.1
+    got = _received_logits(q, k, 0.5, vis_index, w)
+    logits = (q @ k.transpose(-1, -2)).mean(1) * 0.5  # [B, L, L]
+    for b, slots in enumerate(kept):
+        for j, n in enumerate(slots):
+            later = slots[j:]  # causal: the visual queries at or after n
+            rows, wm = vis_index[b, later], w[b, later]
+            ref = (wm * logits[b, rows, vis_index[b, n]]).sum() / wm.sum()
+            assert (got[b, n] - ref).abs() <= 1e-5
+
+
 def test_duplication_score_ranks_a_unique_token_above_copies():
     """METHOD sec 11: among value vectors where most are near-copies, the odd one out scores
     highest, and a token already pruned (weight 0) does not count as a copy."""
@@ -273,6 +298,22 @@ def test_duplication_score_ranks_a_unique_token_above_copies():
     live = _distinctness(value[:, :, [0, 1, 3]], torch.arange(3)[None], torch.ones(1, 3))[0]
     assert s[3] > s[0] and s[0].item() == pytest.approx(s[1].item(), abs=0.05)
     assert torch.allclose(s[[0, 1, 3]], live, atol=1e-6)
+    # the explicit form: minus the weighted mean over the other live tokens of the cosine similarity
+    # (gone slots read sequence index 0, weight 0; text in the sequence around the image)
+    v = torch.randn(2, 3, 9, 4, generator=g)
+    vis_index = torch.zeros(2, 6, dtype=torch.long)
+    w = torch.zeros(2, 6)
+    for b, slots in enumerate([torch.tensor([0, 1, 3, 5]), torch.tensor([1, 2, 4, 5])]):
+        vis_index[b, slots] = torch.arange(2, 2 + len(slots))
+        w[b, slots] = torch.rand(len(slots), generator=g) * 0.9 + 0.1
+    got = _distinctness(v, vis_index, w)
+    flat = torch.nn.functional.normalize(v.transpose(1, 2).flatten(2), dim=-1)  # [B, 9, 3 * 4]
+    for b in range(2):
+        for n in torch.nonzero(w[b]).flatten():
+            others = [m for m in torch.nonzero(w[b]).flatten() if m != n]
+            sims = torch.stack([flat[b, vis_index[b, n]] @ flat[b, vis_index[b, m]] for m in others])
+            wm = w[b, others]
+            assert got[b, n].item() == pytest.approx(-(wm * sims).sum().item() / wm.sum().item(), abs=1e-5)
 
 
 @pytest.mark.parametrize(

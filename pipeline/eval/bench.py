@@ -147,6 +147,18 @@ def prompts(args, batch, seed=0):
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pix}
 
 
+def text_only(inputs, image_token=999):
+    """The same prompts without their image (left-padded again): decoding them is the floor of any
+    visual-token pruning, the cost of the weights and the text's KV alone."""
+    rows = [ids[m.bool() & (ids != image_token)] for ids, m in zip(inputs["input_ids"], inputs["attention_mask"])]
+    L = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), L, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, L - len(r) :], mask[b, L - len(r) :] = r, 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 def methods(args, lv):
     """name -> the config fields it sets: unpruned, `fixed` at N_bar 25/15/11%, ATP (calibrated to 25%)."""
     out = {"unpruned": dict(pruning="none")}
@@ -195,6 +207,7 @@ def decode_timer(m, inputs, settings, layout, steps):
 
 LAYOUTS = ("padded", "packed")
 DECODED = ("unpruned", "fixed 25%", "atp 25%")
+TEXT_ONLY = "text only"
 
 
 def op_counts(m, inputs, meths):
@@ -279,6 +292,8 @@ def bench_batch(m, args, batch, meths, clock):
     dec = {
         f"{n} / {lay}": decode_timer(m, inputs, meths[n], lay, args.decode_tokens) for n in DECODED for lay in LAYOUTS
     }
+    for lay in LAYOUTS:  # the floor: no visual token kept at all
+        dec[f"{TEXT_ONLY} / {lay}"] = decode_timer(m, text_only(inputs), meths["unpruned"], lay, args.decode_tokens)
     dtimes = interleaved(dec, args.repeats, args.warmup)
     rows = []
     for n in meths:
@@ -297,10 +312,18 @@ def bench_batch(m, args, batch, meths, clock):
                 row[lay]["decode_per_token"] = spread_stats(ds)
                 row[lay]["decode_ratio"] = ratio_stats(ds, dbase)
         rows.append(row)
+    floor = {
+        lay: {
+            "decode_per_token": spread_stats(dtimes[f"{TEXT_ONLY} / {lay}"]),
+            "decode_ratio": ratio_stats(dtimes[f"{TEXT_ONLY} / {lay}"], dtimes[f"unpruned / {lay}"]),
+        }
+        for lay in LAYOUTS
+    }
     pv = {n: ratio_stats(times[f"{n} / packed"], times[f"{n} / padded"]) for n in meths}
     return {
         "batch": batch,
         "rows": rows,
+        "decode_floor_text_only": floor,
         "packed_over_padded": pv,
         "atp_share_of_prefill_time": statistics.median(shares) if shares else None,
         "forward_ops_syncs": op_counts(m, inputs, meths),
@@ -341,6 +364,15 @@ def print_batch(res, k):
                     for lay in LAYOUTS
                 )
             )
+    floor = res["decode_floor_text_only"]
+    print(
+        f"  {TEXT_ONLY:<11} "
+        + " | ".join(
+            f"{lay} {fmt_time(floor[lay]['decode_per_token'])} {fmt_ratio(floor[lay]['decode_ratio'])}"
+            for lay in LAYOUTS
+        )
+        + "  (the prompts without their image: no pruning decodes faster)"
+    )
     for r in res["compiled"] or ():
         print(
             f"compiled layers / eager, packed, {r['method']}: prefill {fmt_time(r['prefill']['compiled'])} vs "
