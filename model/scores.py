@@ -70,6 +70,12 @@ def redundancy_scores(
     return s_self, s_cross.gather(1, vis_index)
 
 
+def _weights_in_sequence(w, vis_index, L):
+    """[B, L]: each visual token's weight w [B, Lv] at its position in the sequence, 0 for text and
+    padding (slots of tokens already gone point at 0 with weight 0: added, they change nothing)."""
+    return torch.zeros(w.shape[0], L, dtype=w.dtype, device=w.device).scatter_add_(1, vis_index, w)
+
+
 def _received_logits(query, key, scaling, vis_index, w):
     """The paper's S_self [B, Lv]: mean over causal visual queries m >= n, weighted by the queries'
     masks, of the head-mean logit q_m.k_n. The sum over m of w_m q_m.k_n is k_n . (sum_{m >= n} w_m q_m):
@@ -78,10 +84,10 @@ def _received_logits(query, key, scaling, vis_index, w):
     q / k are read in place, not gathered and transposed to the Lv slots: after the first pruning
     point the sequence is shorter than Lv. The slots of tokens already gone read garbage (their
     scores are masked by the caller)."""
-    B, H, L, _ = query.shape
-    w_seq = torch.zeros(B, L, dtype=w.dtype, device=w.device).scatter_add_(1, vis_index, w)  # gone: weight 0
+    H, L = query.shape[1:3]
+    w_seq = _weights_in_sequence(w, vis_index, L)
     tail = (query * w_seq[:, None, :, None]).flip(2).cumsum(2).flip(2)  # [B, H, L, d]: sum over m >= n
-    num = (key[:, :, :L] * tail).sum((1, 3))  # k_n . tail_n, summed over heads
+    num = (key * tail).sum((1, 3))  # k_n . tail_n, summed over heads
     den = w_seq.flip(1).cumsum(1).flip(1)
     return (num * (scaling / H) / den.clamp_min(1e-6)).gather(1, vis_index)
 
@@ -92,10 +98,10 @@ def _distinctness(value, vis_index, w):
     their cumulative mask. Large plain regions are many near-copies and score low.
     The weighted sum over the others of v_n . v_m (unit vectors) is v_n . (sum_m w_m v_m) minus its own
     term w_n: O(L D), no Lv x Lv similarity matrix; in the sequence's order, like `_received_logits`."""
-    B, Hkv, L, d = value.shape
+    L = value.shape[2]
     v = value.float()
     v = v / v.pow(2).sum((1, 3)).sqrt().clamp_min(1e-12)[:, None, :, None]  # unit over heads concatenated
-    w_seq = torch.zeros(B, L, dtype=w.dtype, device=w.device).scatter_add_(1, vis_index, w)
+    w_seq = _weights_in_sequence(w, vis_index, L)
     total = (v * w_seq[:, None, :, None]).sum(2, keepdim=True)  # [B, Hkv, 1, d]
     own = v.pow(2).sum((1, 3))  # 1, or 0 for a zero vector
     others = (v * total).sum((1, 3)) - w_seq * own
