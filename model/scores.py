@@ -100,10 +100,12 @@ def _distinctness(value, vis_index, w):
     term w_n: O(L D), no Lv x Lv similarity matrix; in the sequence's order, like `_received_logits`."""
     L = value.shape[2]
     v = value.float()
-    v = v / v.pow(2).sum((1, 3)).sqrt().clamp_min(1e-12)[:, None, :, None]  # unit over heads concatenated
+    sq = v.pow(2).sum((1, 3))  # [B, L] squared norms, heads concatenated
+    norm = sq.sqrt().clamp_min(1e-12)
+    v = v / norm[:, None, :, None]
     w_seq = _weights_in_sequence(w, vis_index, L)
     total = (v * w_seq[:, None, :, None]).sum(2, keepdim=True)  # [B, Hkv, 1, d]
-    own = v.pow(2).sum((1, 3))  # 1, or 0 for a zero vector
+    own = sq / norm.square()  # v_n . v_n: 1, or 0 for a zero vector
     others = (v * total).sum((1, 3)) - w_seq * own
     weight = w_seq.sum(1, keepdim=True) - w_seq
     return (-others / weight.clamp_min(1e-6)).gather(1, vis_index)

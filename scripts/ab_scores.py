@@ -25,7 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from model import scores  # noqa: E402
-from model.calibration import calibrate_budget, calibrate_thresholds  # noqa: E402
 from model.pruning import PruningClock  # noqa: E402
 from pipeline.eval import bench  # noqa: E402
 
@@ -48,14 +47,8 @@ def main(argv=None):
     ap.add_argument("--score-self", default="attention", choices=["attention", "duplication"])
     a = ap.parse_args(argv)
     versions = {a.rev: scores_at(a.rev), "this tree": scores.redundancy_scores}
-    shape = argparse.Namespace(
-        layers=10, hidden=1024, ffn=2816, heads=16, kv_heads=16, grid=24, text=64, atp_layers=[1, 4, 7], dtype="float32"
-    )
+    shape = bench.parser().parse_args(["--batches", *map(str, a.batches)])  # the bench's model
     m = bench.build(shape)
-    lv = shape.grid**2
-    bench.use(m, bench.methods(shape, lv)["atp 25%"] | {"score_self": a.score_self}, "packed")
-    m.config.target_tokens = 0.25 * lv
-    calib = bench.prompts(shape, max(a.batches))
     from model import attention, pruning
 
     def select(name):  # the two callers' names (AtpPruning binds its partial at each forward)
@@ -63,8 +56,9 @@ def main(argv=None):
 
     with torch.no_grad():
         select("this tree")
-        calibrate_thresholds(m, **calib)
-        calibrate_budget(m, [calib], iters=10)
+        bench.calibrate_atp(
+            m, shape, bench.methods(shape, shape.grid**2)["atp 25%"] | {"score_self": a.score_self}, "packed"
+        )
         m.pruning_clock = clock = PruningClock()
         print(f"bench model, score_self {a.score_self}, packed, ATP ~25%, {torch.get_num_threads()} threads")
         for B in a.batches:

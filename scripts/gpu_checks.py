@@ -484,13 +484,11 @@ def packed_path(have_flash, batch_sizes=(1, 8), decode_tokens=8):
         b.pop("labels")
         res = {"check": "packed/speed", "batch": B, "kept_counts": counts}
         # the floor of any visual pruning: the same prompts without their image, unpruned
-        text_only = bench_text_only(
-            {k: b[k].cpu() for k in ("input_ids", "attention_mask")}, image_token=m.config.image_token_id
-        )
+        text_only = bench_text_only(b, image_token=m.config.image_token_id)
         for layout in ("padded", "packed"):
             for budget, pruning in (("unpruned", "none"), ("nbar25", "fixed"), ("text_only", "none")):
                 m.config.pruning, m.config.fixed_counts, m.config.hard_layout = pruning, counts, layout
-                inputs = {k: v.to(DEV) for k, v in text_only.items()} if budget == "text_only" else b
+                inputs = text_only if budget == "text_only" else b
 
                 def prefill(decode=0, inputs=inputs):
                     cache = DynamicCache(config=m.config.text_config)  # noqa: F821 (m is deleted after its last use)

@@ -138,25 +138,26 @@ def prompts(args, batch, seed=0):
                 ]
             )
         )
+    pix = torch.randn(batch, 3, args.grid * 4, args.grid * 4, generator=g)
+    return left_pad(rows) | {"pixel_values": pix}
+
+
+def left_pad(rows):
+    """input_ids / attention_mask [B, L] of token rows (1-D tensors), right-aligned, on the rows' device."""
     L = max(len(r) for r in rows)
-    ids = torch.zeros(batch, L, dtype=torch.long)
+    ids = torch.zeros(len(rows), L, dtype=torch.long, device=rows[0].device)
     mask = torch.zeros_like(ids)
     for b, r in enumerate(rows):
         ids[b, L - len(r) :], mask[b, L - len(r) :] = r, 1
-    pix = torch.randn(batch, 3, args.grid * 4, args.grid * 4, generator=g)
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pix}
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 def text_only(inputs, image_token=999):
     """The same prompts without their image (left-padded again): decoding them is the floor of any
     visual-token pruning, the cost of the weights and the text's KV alone."""
-    rows = [ids[m.bool() & (ids != image_token)] for ids, m in zip(inputs["input_ids"], inputs["attention_mask"])]
-    L = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), L, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, r in enumerate(rows):
-        ids[b, L - len(r) :], mask[b, L - len(r) :] = r, 1
-    return {"input_ids": ids, "attention_mask": mask}
+    return left_pad(
+        [ids[m.bool() & (ids != image_token)] for ids, m in zip(inputs["input_ids"], inputs["attention_mask"])]
+    )
 
 
 def methods(args, lv):
@@ -396,7 +397,7 @@ def print_batch(res, k):
         )
 
 
-def main(argv=None):
+def parser():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--layers", type=int, default=10)  # N_bar 11% needs i_0 / N < 0.11
     p.add_argument("--hidden", type=int, default=1024)
@@ -418,6 +419,11 @@ def main(argv=None):
     p.add_argument(
         "--compile", action="store_true", help="also time the decoder layers under torch.compile vs eager (packed)"
     )
+    return p
+
+
+def main(argv=None):
+    p = parser()
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -444,16 +450,21 @@ def main(argv=None):
 
 
 @torch.no_grad()
+def calibrate_atp(m, args, settings, layout="padded"):
+    """ATP at N_bar 25%: thresholds calibrated on the largest batch's prompts, so each image keeps its own count."""
+    use(m, settings, layout)
+    m.config.target_tokens = 0.25 * args.grid**2
+    calib = prompts(args, max(args.batches))
+    calibrate_thresholds(m, **calib)  # each module near its share, then one offset for N_bar itself
+    calibrate_budget(m, [calib], iters=10)
+
+
+@torch.no_grad()
 def bench_model(args):
     m = build(args)
     lv = args.grid**2
     meths = methods(args, lv)
-    # ATP at N_bar 25%: thresholds calibrated on the batch-8 prompts, so each image keeps its own count
-    use(m, meths["atp 25%"], "padded")
-    m.config.target_tokens = 0.25 * lv
-    calib = prompts(args, max(args.batches))
-    calibrate_thresholds(m, **calib)  # each module near its share, then one offset for N_bar itself
-    calibrate_budget(m, [calib], iters=10)
+    calibrate_atp(m, args, meths["atp 25%"])
     m.pruning_clock = clock = PruningClock()
     try:
         batches = [bench_batch(m, args, b, meths, clock) for b in args.batches]
