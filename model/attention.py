@@ -33,6 +33,7 @@ class ScoreRequest:
 
     vis_index: torch.Tensor  # [B, Lv] index of each original visual token in the current sequence
     vis_weight: torch.Tensor  # [B, Lv] cumulative mask (0 = already pruned)
+    seq_weight: torch.Tensor  # [B, L] the same at each visual token's position in the sequence, 0 for text
     q_index: torch.Tensor  # [B, Q] query-text rows
     q_valid: torch.Tensor  # [B, Q]
     result: tuple | None = None
@@ -87,6 +88,7 @@ def _scores(atp_scores, kernel, query, key, value, attention_mask, atp_keys, sca
         atp_scores.q_index,
         atp_scores.q_valid,
         value=sv,
+        seq_weight=atp_scores.seq_weight,
     )
 
 

@@ -25,6 +25,7 @@ This file is copied into exported checkpoints (trust_remote_code): relative impo
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from dataclasses import dataclass, field
 
@@ -96,6 +97,8 @@ class _Flow:
     group_live: list  # each group's KV cache: its key-padding mask (padded) or its `Packing` (packed)
     keeps: list = field(default_factory=list)  # C after each pruning point
     pack: Packing | None = None  # hard_layout packed: hidden is [1, N, D], the live tokens of seq in order
+    q_rows: tuple | None = None  # ([B, n_query] positions of the query tokens in seq, [B, n_query] valid):
+    # found by the first score request, then moved by each gather (text is never pruned)
 
     def padded_hidden(self):
         """[B, L, D] hidden states in seq's layout (zeros where not live on the packed path)."""
@@ -126,6 +129,8 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         self.pruning_clock = None  # a pruning.PruningClock: the pruning work's wall time (benchmarks)
         self._compiled_layers = None  # the decoder layers under torch.compile (`compile_layers`), made once
         self._layer_calls = None  # what the decoder loop calls: the compiled layers, or None for the layers
+        self._compiled_steps = None  # the pruning steps under torch.compile (`compile_pruning`), made once
+        self._step_calls = None  # what the decoder loop calls for them: the compiled steps, or None
         self.post_init()
 
     # -- construction -------------------------------------------------------------
@@ -181,18 +186,64 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         self._layer_calls = self._compiled_layers if enable else None
         return self
 
+    def compile_pruning(self, enable: bool = True, **kwargs):
+        """Run the hard path's ATP pruning steps through `torch.compile(step, dynamic=True, **kwargs)`
+        (enable=False: eager again; the compiled ones are kept). A pruning point is two graphs split at
+        its one host read, the kept lengths (`_steps`): the thresholds, masks and kept tokens before
+        it, the gather and the new keys after it; the next point's score request is a third. So the
+        few dozen small ops of a step become a few fused kernels: on a GPU at batch 1 a step is
+        launch-bound. Graphs are per module (its index picks its weights), shared by other lengths and
+        kept counts. Training-free policies (`pruning_policy`) and the soft path stay eager. With or
+        without `compile_layers`."""
+        if enable and self._compiled_steps is None:
+            kwargs.setdefault("dynamic", True)
+            steps = (self._select_and_prune, self._cut, self._request)
+            self._compiled_steps = tuple(torch.compile(f, **kwargs) for f in steps)
+        self._step_calls = self._compiled_steps if enable else None
+        return self
+
     def _layers(self):
         layers = self.model.language_model.layers
         return layers if self._layer_calls is None else self._layer_calls
 
+    def _steps(self, pruning, hard, like):
+        """(point(k, flow, request), request(k, flow)): what the decoder loop calls at pruning point k
+        and to build point k's score request. A point: whoever prunes selects, the loop prunes
+        (`_prune`), and on the hard path cuts the kept tokens out (`_cut`) after the point's one host
+        read, their lengths. Compiled (`compile_pruning`, ATP's hard path), the read splits a point into
+        two graphs."""
+        compiled = self._step_calls is not None and hard and isinstance(pruning, AtpPruning)
+        if compiled:
+            self.spatial_score(like)  # S_spatial built (once) outside the graphs: it reads its grids' sizes
+        select_and_prune, cut, request = (
+            self._step_calls if compiled else (self._select_and_prune, self._cut, self._request)
+        )
+
+        def point(k, flow, scores):
+            kept = select_and_prune(pruning, k, flow, scores, hard)
+            if kept is not None:
+                lens = kept[1].tolist()
+                cut(flow, *kept, lens, max(lens))  # the longest outside the graph: no guard on their order
+
+        return point, functools.partial(request, pruning)
+
+    def _select_and_prune(self, pruning, k, flow, request, hard):
+        """What `_prune` returns: None (soft), or the tokens that stay [B, L] and their count [B]."""
+        return self._prune(flow, *pruning.select(k, flow, request), hard)
+
+    @staticmethod
+    def _request(pruning, k, flow):
+        return pruning.request(k, flow)
+
     def _compiled_loop(self):
-        """Around a decoder loop with compiled layers: dynamo's recompile limit raised to a few graphs per
-        layer. With a KV cache each layer reads its own cache layer by its index, so each layer is its
-        own graph, and a second one once its cache holds keys (decode): the default limit of 8 graphs in
-        all sent the later layers of a 12-layer model back to eager (docs/RESULTS.md, #20)."""
-        if self._layer_calls is None:
+        """Around a decoder loop with compiled layers or steps: dynamo's recompile limit raised to a few
+        graphs per layer. With a KV cache each layer reads its own cache layer by its index, so each
+        layer is its own graph, and a second one once its cache holds keys (decode): the default limit of
+        8 graphs in all sent the later layers of a 12-layer model back to eager (docs/RESULTS.md, #20).
+        A compiled pruning step is a few graphs per module (its index picks its weights)."""
+        if self._layer_calls is None and self._step_calls is None:
             return contextlib.nullcontext()
-        limit = max(torch._dynamo.config.recompile_limit, 8 * len(self._layer_calls))
+        limit = max(torch._dynamo.config.recompile_limit, 8 * self.config.text_config.num_hidden_layers)
         return torch._dynamo.config.patch(recompile_limit=limit)
 
     @staticmethod
@@ -337,13 +388,14 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         pruning = self._pruning(policy, flow, embeds, has_img, atp_masks, hard)
         points = {} if pruning is None else {i: k for k, i in enumerate(pruning.layers)}
 
-        # filled by the layer before a pruning point, from its own attention (point 0: by layer 0's q/k)
-        request = self._scores_before_layer0(pruning.request(points[0], flow), flow) if 0 in points else None
+        point, make_request = self._steps(pruning, hard, flow.C)
         with self._compiled_loop():
+            # filled by the layer before a pruning point, from its own attention (point 0: by layer 0's q/k)
+            request = self._scores_before_layer0(make_request(0, flow), flow) if 0 in points else None
             for i, layer in enumerate(self._layers()):
                 if i in points:
-                    self._prune(flow, *pruning.select(points[i], flow, request), hard)
-                request = pruning.request(points[i + 1], flow) if i + 1 in points else None
+                    point(points[i], flow, request)
+                request = make_request(points[i + 1], flow) if i + 1 in points else None
                 flow.hidden = layer(
                     flow.hidden,
                     attention_mask=flow.keys.dense,
@@ -472,7 +524,8 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
     def _prune(self, flow, M, features, hard):
         """After a pruning point, whoever chose M: the cumulative mask C, merged features if any, then
-        (hard) the kept tokens alone with their rope and a new KV group, or (soft) log C on the visual keys."""
+        (soft) log C on the visual keys, or (hard) the tokens that stay ([B, L] bool) and their count
+        [B], returned: `_cut` keeps them alone, with their rope and a new KV group."""
         flow.C = flow.C * M
         flow.keeps.append(flow.C)
         flow.counts.append(flow.C.sum(-1))
@@ -489,8 +542,16 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             flow.hidden = torch.where(on[..., None], new, flow.hidden)
         if not hard:
             flow.keys = self._keys(flow.seq.live, self._key_log_mask(flow.seq, flow.C), flow.hidden.dtype)
-            return
-        flow.hidden, flow.seq, flow.qmask, flow.pack, take = self._gather(flow, keep)
+            return None
+        seq = flow.seq
+        kept = seq.live & ((seq.vis < 0) | keep.gather(1, seq.vis.clamp_min(0)))
+        return kept, kept.sum(1)
+
+    def _cut(self, flow, kept, n, lens, new_len):
+        """Hard pruning: only the tokens `kept` [B, L] stay, n [B] of them per sample (lens: the same
+        as host ints, the point's one read; new_len their max), with their rope, and the next layers
+        are a new KV group."""
+        flow.hidden, flow.seq, flow.qmask, flow.pack, take = self._gather(flow, kept, n, lens, new_len)
         self._new_group(flow, rope=tuple(take(t) for t in flow.rope))
 
     @staticmethod
@@ -506,17 +567,18 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
     @timed
     def _score_request(self, flow, compute=None):
-        seq, C, qmask = flow.seq, flow.C, flow.qmask
+        seq, C, qmask = flow.seq, flow.C.detach(), flow.qmask
         vis_index, present = self._visual_slots(seq, C.shape[1])
-        weight = C.detach() * present
-        # the query rows first; their count was read once (`_embed`), not at every pruning point
-        order = torch.sort((~qmask).to(torch.int8), dim=1, stable=True).indices[:, : flow.n_query]
-        q_valid = qmask.gather(1, order)
+        on = seq.live & (seq.vis >= 0)
+        if flow.q_rows is None:  # the query rows first; their count was read once (`_embed`)
+            order = torch.sort((~qmask).to(torch.int8), dim=1, stable=True).indices[:, : flow.n_query]
+            flow.q_rows = order, qmask.gather(1, order)
         return ScoreRequest(
             vis_index=vis_index,
-            vis_weight=weight,
-            q_index=order,
-            q_valid=q_valid,
+            vis_weight=C * present,
+            seq_weight=torch.where(on, C.gather(1, seq.vis.clamp_min(0)), 0.0),
+            q_index=flow.q_rows[0],
+            q_valid=flow.q_rows[1],
             compute=compute,
             clock=self.pruning_clock,
         )
@@ -575,17 +637,14 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         return M, theta, branches
 
     @timed
-    def _gather(self, flow, keep):
-        """Hard pruning: keep text and kept visual tokens, in order, right-aligned (left padding) in
-        seq's layout; the packed path packs that layout's live tokens. The one host read: the new
-        length (packed: every sample's). Returns hidden, seq, qmask, the packing and `take`, the same
-        selection for any per-token tensor of the old layout (the rotary cos / sin)."""
+    def _gather(self, flow, keep_tok, n, lens, new_len):
+        """The tokens keep_tok [B, L] (text and kept visual tokens), n [B] of them per sample (lens:
+        host ints; new_len: the most), in order, right-aligned (left padding) in seq's layout; the
+        packed path packs that layout's live tokens. Returns hidden, seq, qmask, the packing and
+        `take`, the same selection for any per-token tensor of the old layout (the rotary cos / sin).
+        Moves the query rows of the score requests (`flow.q_rows`) to their new positions."""
         hidden, seq, qmask = flow.hidden, flow.seq, flow.qmask
         B, L = seq.live.shape
-        keep_tok = seq.live & ((seq.vis < 0) | keep.gather(1, seq.vis.clamp_min(0)))
-        n = keep_tok.sum(1)
-        lens = None if flow.pack is None else n.tolist()
-        new_len = int(n.max()) if lens is None else max(lens)
         rank = keep_tok.long().cumsum(1) - 1
         dest = torch.where(keep_tok, rank + (new_len - n)[:, None], new_len)
         idx = torch.zeros(B, new_len + 1, dtype=torch.long, device=hidden.device)
@@ -593,6 +652,9 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         idx = idx[:, :new_len]
         valid = torch.arange(new_len, device=hidden.device)[None] >= (new_len - n)[:, None]
         seq, qmask = seq.take(idx, valid), qmask.gather(1, idx) & valid
+        if flow.q_rows is not None:  # the query tokens all stay: each moves to its destination
+            rows, q_valid = flow.q_rows
+            flow.q_rows = torch.where(q_valid, dest.gather(1, rows), 0), q_valid
         if flow.pack is None:
 
             def take(t):
@@ -628,7 +690,7 @@ class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         loss = ntp
         if ntp is not None:
             logs["ntp"] = ntp.detach()
-        if m_sums and cfg.pruning == "atp":
+        if m_sums and cfg.pruning == "atp" and ntp is not None:  # no labels (inference): nothing to add them to
             l_atp = sum(i * (m * has_img).sum() / n_img / lv for i, m in zip(cfg.atp_layers, m_sums))
             if cfg.budget_loss in ("per_module", "dual"):  # each module to its count of the schedule
                 n = visual_tokens.shape[1]

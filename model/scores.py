@@ -41,7 +41,17 @@ def minmax(x: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def redundancy_scores(
-    query, key, bias, scaling, vis_index, vis_weight, q_index, q_valid, value=None, self_score="attention"
+    query,
+    key,
+    bias,
+    scaling,
+    vis_index,
+    vis_weight,
+    q_index,
+    q_valid,
+    value=None,
+    seq_weight=None,
+    self_score="attention",
 ):
     """Block-wise S_self and S_cross (METHOD sec 1), each [B, Lv], not yet normalised.
 
@@ -49,19 +59,22 @@ def redundancy_scores(
     prefill); bias [B, 1, Q, Lk] is the additive mask the layer's attention uses (causal, padding
     and log of the cumulative soft mask) on the query-text rows q_index only (`attention.py`).
     vis_index [B, Lv] gives each original visual token's index in the current sequence,
-    vis_weight [B, Lv] its cumulative mask (0 for tokens already gone); q_index / q_valid [B, Q]
-    the query-text rows. self_score "duplication" replaces S_self by how unlike the other live
+    vis_weight [B, Lv] its cumulative mask (0 for tokens already gone), seq_weight [B, L] the same at
+    each token's position in the sequence (0 for text and padding; None: made from the two);
+    q_index / q_valid [B, Q] the query-text rows. self_score "duplication" replaces S_self by how unlike the other live
     visual tokens a token's value vector is (METHOD sec 11; value [B, Hkv, Lk, d], needed then).
     """
     rep = query.shape[1] // key.shape[1]
     query, key = query.float(), key.float()
     if rep > 1:  # GQA: each query head reads its kv head
         key = key.repeat_interleave(rep, dim=1)
-    w = vis_weight.float()
+    if seq_weight is None:
+        seq_weight = _weights_in_sequence(vis_weight, vis_index, query.shape[2])
+    w_seq = seq_weight.float()
     if self_score == "duplication":
-        s_self = _distinctness(value, vis_index, w)
+        s_self = _distinctness(value, vis_index, w_seq)
     else:
-        s_self = _received_logits(query, key, scaling, vis_index, w)
+        s_self = _received_logits(query, key, scaling, vis_index, w_seq)
     # S_cross[n]: mean over valid query-text rows (and heads) of the masked softmax probability on key n
     probs = _row_probs(query, key, bias, scaling, q_index)  # [B, H, Q, Lk]
     H = probs.shape[1]
@@ -76,34 +89,32 @@ def _weights_in_sequence(w, vis_index, L):
     return torch.zeros(w.shape[0], L, dtype=w.dtype, device=w.device).scatter_add_(1, vis_index, w)
 
 
-def _received_logits(query, key, scaling, vis_index, w):
+def _received_logits(query, key, scaling, vis_index, w_seq):
     """The paper's S_self [B, Lv]: mean over causal visual queries m >= n, weighted by the queries'
     masks, of the head-mean logit q_m.k_n. The sum over m of w_m q_m.k_n is k_n . (sum_{m >= n} w_m q_m):
     a reverse cumulative sum of the weighted queries, O(L H d) instead of the Lv x Lv logits. It runs
-    in the sequence's own order (a visual token's weight at its position, 0 for text and padding), so
+    in the sequence's own order (w_seq: a visual token's weight at its position, 0 for text and padding), so
     q / k are read in place, not gathered and transposed to the Lv slots: after the first pruning
     point the sequence is shorter than Lv. The slots of tokens already gone read garbage (their
     scores are masked by the caller)."""
-    H, L = query.shape[1:3]
-    w_seq = _weights_in_sequence(w, vis_index, L)
+    H = query.shape[1]
     tail = (query * w_seq[:, None, :, None]).flip(2).cumsum(2).flip(2)  # [B, H, L, d]: sum over m >= n
     num = (key * tail).sum((1, 3))  # k_n . tail_n, summed over heads
     den = w_seq.flip(1).cumsum(1).flip(1)
     return (num * (scaling / H) / den.clamp_min(1e-6)).gather(1, vis_index)
 
 
-def _distinctness(value, vis_index, w):
+def _distinctness(value, vis_index, w_seq):
     """[B, Lv]: minus the mean cosine similarity of each visual token's value vector (heads
     concatenated; values carry no rotary position) to the other live visual tokens, weighted by
-    their cumulative mask. Large plain regions are many near-copies and score low.
+    their cumulative mask (w_seq, at their positions in the sequence). Large plain regions are many
+    near-copies and score low.
     The weighted sum over the others of v_n . v_m (unit vectors) is v_n . (sum_m w_m v_m) minus its own
     term w_n: O(L D), no Lv x Lv similarity matrix; in the sequence's order, like `_received_logits`."""
-    L = value.shape[2]
     v = value.float()
     sq = v.pow(2).sum((1, 3))  # [B, L] squared norms, heads concatenated
     norm = sq.sqrt().clamp_min(1e-12)
     v = v / norm[:, None, :, None]
-    w_seq = _weights_in_sequence(w, vis_index, L)
     total = (v * w_seq[:, None, :, None]).sum(2, keepdim=True)  # [B, Hkv, 1, d]
     own = sq / norm.square()  # v_n . v_n: 1, or 0 for a zero vector
     others = (v * total).sum((1, 3)) - w_seq * own
@@ -120,7 +131,7 @@ def _row_probs(query, key, bias, scaling, q_index):
 
 
 @torch.no_grad()
-def visual_attention(query, key, bias, scaling, vis_index, vis_weight, q_index, q_valid, value=None):
+def visual_attention(query, key, bias, scaling, vis_index, vis_weight, q_index, q_valid, value=None, seq_weight=None):
     """[B, Q, Lv]: the head-mean attention probability from each query row to each original visual
     token, as the layer computes it (0 for tokens already gone and for invalid rows). A drop-in
     `ScoreRequest.compute` for training-free baselines (FastV, SparseVLM) that rank visual tokens

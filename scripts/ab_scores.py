@@ -12,6 +12,7 @@ one warm-up round, and the largest difference of the two versions' scores on the
 from __future__ import annotations
 
 import argparse
+import inspect
 import statistics
 import subprocess
 import sys
@@ -36,7 +37,14 @@ def scores_at(rev: str):
     )
     mod = types.ModuleType("scores_at_rev")
     exec(compile(src.stdout, f"{rev}:model/scores.py", "exec"), mod.__dict__)
-    return mod.redundancy_scores
+    fn = mod.redundancy_scores
+    if "seq_weight" in inspect.signature(fn).parameters:
+        return fn
+
+    def before_seq_weight(*args, seq_weight=None, **kwargs):  # revisions that scatter the weights themselves
+        return fn(*args, **kwargs)
+
+    return before_seq_weight
 
 
 def main(argv=None):

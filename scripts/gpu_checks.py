@@ -19,9 +19,10 @@
   run (packed within MODEL_SLACK of padded's error); on the 7B-shaped model at batch 1 and 8,
   prefill and per-token decode time, unpruned vs N_bar 25%, per layout; the aten ops and host syncs
   of one forward (pipeline/eval/opcount.py) per layout.
-- compiled: the decoder layers under torch.compile(dynamic=True) (`compile_layers`) vs eager on the
-  packed path, 7B-shaped model, batch 1 and 8: logits compiled vs eager, the compile's own time,
-  prefill and decode per token, unpruned vs N_bar 25%, the two modes interleaved.
+- compiled: eager vs the decoder layers under torch.compile(dynamic=True) (`compile_layers`) vs the
+  layers and the pruning steps (`compile_pruning`) on the packed path, 7B-shaped model, batch 1 and 8:
+  logits compiled vs eager, the compile's own time, prefill and decode per token, unpruned vs
+  N_bar 25%, the modes interleaved; the host launches and GPU kernels of one prefill per mode.
 - profile_prefill (by name only): torch.profiler over the batch-1 prefill, unpruned and pruned:
   the top ops by host and by GPU time (batch 1 is launch-bound).
 
@@ -525,15 +526,20 @@ def packed_path(have_flash, batch_sizes=(1, 8), decode_tokens=8):
 
 
 def compiled_path(have_flash, batch_sizes=(1, 8), decode_tokens=8):
-    """The decoder layers under torch.compile(dynamic=True) (`compile_layers`) vs eager on the packed
-    path: the logits (compiled vs eager, both in LOW), the first compiled call's time (the compile),
-    then prefill and decode per token, unpruned vs N_bar 25%, each mode interleaved with the other."""
+    """Eager vs the decoder layers under torch.compile(dynamic=True) (`compile_layers`) vs the layers
+    and the pruning steps (`compile_pruning`) on the packed path: the logits (compiled vs eager, both
+    in LOW), the first call of each compiled mode (the compile), prefill and decode per token,
+    unpruned vs N_bar 25%, the modes interleaved, and the launches of one prefill per mode
+    (`opcount.count_launches`: host ops and fused kernels, and the kernels the GPU ran)."""
     from transformers import DynamicCache
 
     from model import CACHE_KW
+    from pipeline.eval.bench import COMPILE_MODES, compile_mode
+    from pipeline.eval.opcount import count_launches
 
     m, counts = prefill_model()
     m.config.hard_layout, text_len, rows = "packed", 64, []
+    compiled_modes = [mode for mode in COMPILE_MODES if mode != "eager"]
     for B in batch_sizes:
         b = batch(m.config, [text_len - (i * text_len) // (2 * B) for i in range(B)])
         b.pop("labels")
@@ -550,34 +556,45 @@ def compiled_path(have_flash, batch_sizes=(1, 8), decode_tokens=8):
                 return out.logits.float()
 
             with torch.no_grad():
+                compile_mode(m, "eager")
                 eager = prefill()
-                m.compile_layers()
-                t = time.perf_counter()
-                compiled = prefill(decode_tokens)  # compiles the prefill and decode graphs
-                first = time.perf_counter() - t
+                out, first, launches = {}, {}, {}
+                for mode in compiled_modes:
+                    compile_mode(m, mode)
+                    t = time.perf_counter()
+                    out[mode] = prefill(decode_tokens)  # compiles the prefill and decode graphs
+                    first[mode] = time.perf_counter() - t
+                for mode in COMPILE_MODES:
+                    compile_mode(m, mode)
+                    prefill()
+                    launches[mode] = {k: v for k, v in count_launches(prefill).items() if k != "by_name"}
                 times = {}
-                for r in range(ITERS):  # interleaved: compiled and eager alternate, the order flips per repeat
-                    for on in (True, False) if r % 2 else (False, True):
-                        m.compile_layers(on)
-                        times.setdefault(f"{'compiled' if on else 'eager'}/prefill", []).append(cuda_ms(prefill, 1, 1))
-                        times.setdefault(f"{'compiled' if on else 'eager'}/all", []).append(
-                            cuda_ms(lambda: prefill(decode_tokens), 1, 0)
-                        )
-                m.compile_layers(False)
+                for r in range(ITERS):  # interleaved: the modes alternate, the order flips per repeat
+                    for mode in list(COMPILE_MODES)[:: -1 if r % 2 else 1]:
+                        compile_mode(m, mode)
+                        times.setdefault(f"{mode}/prefill", []).append(cuda_ms(prefill, 1, 1))
+                        times.setdefault(f"{mode}/all", []).append(cuda_ms(lambda: prefill(decode_tokens), 1, 0))
+                compile_mode(m, "eager")
             med = {k: statistics.median(v) for k, v in times.items()}
             res[budget] = {
-                "logits_rel_err_compiled_vs_eager": rel(compiled[:, -1], eager[:, -1]),
+                "logits_rel_err_compiled_vs_eager": {mode: rel(out[mode][:, -1], eager[:, -1]) for mode in out},
                 "first_compiled_call_s": first,
-                **{f"{mode}_prefill_ms": med[f"{mode}/prefill"] for mode in ("eager", "compiled")},
+                "launches": launches,
+                **{f"{mode}_prefill_ms": med[f"{mode}/prefill"] for mode in COMPILE_MODES},
                 **{
                     f"{mode}_decode_ms_per_token": (med[f"{mode}/all"] - med[f"{mode}/prefill"]) / decode_tokens
-                    for mode in ("eager", "compiled")
+                    for mode in COMPILE_MODES
                 },
                 "prefill_ms_minmax": {k: [min(v), max(v)] for k, v in times.items() if k.endswith("prefill")},
             }
-            res[budget]["prefill_ratio_compiled_over_eager"] = (
-                res[budget]["compiled_prefill_ms"] / res[budget]["eager_prefill_ms"]
-            )
+            for mode in compiled_modes:
+                res[budget][f"prefill_ratio_{mode}_over_eager"] = (
+                    res[budget][f"{mode}_prefill_ms"] / res[budget]["eager_prefill_ms"]
+                )
+        res["launches_nbar25_over_unpruned"] = {
+            mode: res["nbar25"]["launches"][mode]["launches"] / res["unpruned"]["launches"][mode]["launches"]
+            for mode in COMPILE_MODES
+        }
         rows.append(res)
     del m
     if DEV == "cuda":
@@ -669,13 +686,24 @@ def print_tables(res):
     for r in res.get("compiled", []):
         for budget in ("unpruned", "nbar25"):
             c = r[budget]
-            print(
-                f"compiled layers B={r['batch']} {budget}: prefill eager {c['eager_prefill_ms']:.1f} -> compiled "
-                f"{c['compiled_prefill_ms']:.1f} ms (x{c['prefill_ratio_compiled_over_eager']:.3f}), decode "
-                f"{c['eager_decode_ms_per_token']:.2f} -> {c['compiled_decode_ms_per_token']:.2f} ms/token, "
-                f"logits rel err {c['logits_rel_err_compiled_vs_eager']:.1e}, "
-                f"first call {c['first_compiled_call_s']:.1f} s"
-            )
+            for mode in c["launches"]:
+                lc = c["launches"][mode]
+                gpu = f", {lc['device_kernels']} GPU kernels" if "device_kernels" in lc else ""
+                line = (
+                    f"compiled B={r['batch']} {budget} {mode}: prefill {c[f'{mode}_prefill_ms']:.1f} ms, decode "
+                    f"{c[f'{mode}_decode_ms_per_token']:.2f} ms/token, {lc['launches']} host launches{gpu}"
+                )
+                if mode != "eager":
+                    err, first = c["logits_rel_err_compiled_vs_eager"][mode], c["first_compiled_call_s"][mode]
+                    line += (
+                        f"; x{c[f'prefill_ratio_{mode}_over_eager']:.3f} eager's prefill, logits rel err "
+                        f"{err:.1e}, first call {first:.1f} s"
+                    )
+                print(line)
+        print(
+            f"compiled B={r['batch']}: N_bar 25% launches over unpruned's: "
+            + ", ".join(f"{mode} x{v:.2f}" for mode, v in r["launches_nbar25_over_unpruned"].items())
+        )
     for r in res.get("bench_prefill", []):
         print(
             f"prefill B={r['batch']} {r['kernel']:<5} unpruned {r['unpruned_ms']:.1f} ms, N_bar {r['n_bar_share']:.1%} "

@@ -1,5 +1,6 @@
-"""The decoder layers under torch.compile (`compile_layers`: dynamic shapes, inductor on CPU) against
-eager: the same logits and kept counts, and new lengths / kept counts reuse the compiled graphs."""
+"""The decoder layers and the pruning steps under torch.compile (`compile_layers`, `compile_pruning`:
+dynamic shapes, inductor on CPU) against eager: the same logits and kept counts, and new lengths /
+kept counts reuse the compiled graphs."""
 
 import shutil
 
@@ -7,6 +8,8 @@ import pytest
 import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
+
+from pipeline.eval.opcount import KERNEL_PROFILE, count_launches
 
 from tiny_models import make_batch, tiny_atp
 
@@ -49,6 +52,39 @@ def test_compiled_layers_equal_eager_and_new_kept_counts_do_not_recompile(layout
         live = b["attention_mask"].bool()
         # fp32: inductor fuses and reorders the reductions (RMSNorm, softmax), so not bit-equal
         torch.testing.assert_close(o.logits[live], r.logits[live], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_compiled_pruning_steps_equal_eager_with_fewer_launches_and_no_recompile(layout):
+    """Each pruning point is two graphs (split at its host read of the kept lengths); a new batch of
+    other lengths and kept counts compiles nothing new, keeps the eager counts and issues fewer host
+    launches (aten ops and fused kernels) than the eager steps."""
+    _, m = tiny_atp()
+    m.eval()
+    m.config.hard_layout = layout
+    batches = prompts()
+    with torch.no_grad():
+        ref = [m(**b) for b in batches]
+        eager = count_launches(lambda: m(**batches[1]))
+        torch._dynamo.reset()
+        counters.clear()
+        m.compile_pruning(options=KERNEL_PROFILE)
+        try:
+            out = [m(**batches[0])]
+            graphs = counters["stats"]["unique_graphs"]
+            assert graphs >= 2 * len(m.config.atp_layers)  # each point: before and after its host read
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                out += [m(**b) for b in batches[1:]]
+            compiled = count_launches(lambda: m(**batches[1]))
+        finally:
+            m.compile_pruning(False)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert compiled["kernels"] > 0 and compiled["launches"] < eager["launches"]
+    for b, r, o in zip(batches, ref, out):
+        assert torch.equal(o.visual_tokens, r.visual_tokens)
+        assert torch.equal(o.atp_info["keep"], r.atp_info["keep"])
+        live = b["attention_mask"].bool()
+        torch.testing.assert_close(o.logits[live], r.logits[live], atol=1e-5, rtol=1e-5)
 
 
 def test_compiled_layers_generate_the_eager_tokens():

@@ -257,7 +257,7 @@ def test_received_logits_after_pruning_equal_the_visual_block_of_the_logits():
     """S_self at a later pruning point (METHOD sec 1): tokens already gone carry weight 0 and sit at
     slot 0 of the sequence; kept ones are weighted by their soft mask. The sequence-order reverse
     cumsum equals the explicit weighted mean over the causal visual block of the head-mean logits."""
-    from model.scores import _received_logits
+    from model.scores import _received_logits, _weights_in_sequence
 
     g = torch.Generator().manual_seed(3)
     B, H, L, d, Lv = 2, 3, 11, 4, 8
@@ -268,7 +268,7 @@ def test_received_logits_after_pruning_equal_the_visual_block_of_the_logits():
     for b, slots in enumerate(kept):  # text before and after the image; gone slots read index 0
         vis_index[b, slots] = torch.arange(3, 3 + len(slots)) - b
         w[b, slots] = torch.rand(len(slots), generator=g) * 0.9 + 0.1
-    got = _received_logits(q, k, 0.5, vis_index, w)
+    got = _received_logits(q, k, 0.5, vis_index, _weights_in_sequence(w, vis_index, L))
     logits = (q @ k.transpose(-1, -2)).mean(1) * 0.5  # [B, L, L]
     for b, slots in enumerate(kept):
         for j, n in enumerate(slots):
@@ -281,7 +281,7 @@ def test_received_logits_after_pruning_equal_the_visual_block_of_the_logits():
 def test_duplication_score_ranks_a_unique_token_above_copies():
     """METHOD sec 11: among value vectors where most are near-copies, the odd one out scores
     highest, and a token already pruned (weight 0) does not count as a copy."""
-    from model.scores import _distinctness
+    from model.scores import _distinctness, _weights_in_sequence
 
     g = torch.Generator().manual_seed(0)
     base = torch.randn(1, 2, 1, 8, generator=g)
@@ -306,7 +306,7 @@ def test_duplication_score_ranks_a_unique_token_above_copies():
     for b, slots in enumerate([torch.tensor([0, 1, 3, 5]), torch.tensor([1, 2, 4, 5])]):
         vis_index[b, slots] = torch.arange(2, 2 + len(slots))
         w[b, slots] = torch.rand(len(slots), generator=g) * 0.9 + 0.1
-    got = _distinctness(v, vis_index, w)
+    got = _distinctness(v, vis_index, _weights_in_sequence(w, vis_index, 9))
     flat = torch.nn.functional.normalize(v.transpose(1, 2).flatten(2), dim=-1)  # [B, 9, 3 * 4]
     for b in range(2):
         for n in torch.nonzero(w[b]).flatten():

@@ -11,8 +11,10 @@ the repeats) exceeds 10% is marked `~`. Also the ATP modules' own share of an AT
 threshold MLP, gather), measured by the model's own `pruning.PruningClock`, and the aten ops and host syncs of one
 forward per method and layout (`pipeline/eval/opcount.py`).
 
-`--compile` adds eager vs the decoder layers under `torch.compile(dynamic=True)` (`compile_layers`;
-on CPU inductor needs a C++ compiler), prefill and decode, packed layout, interleaved.
+`--compile` adds eager vs the decoder layers under `torch.compile(dynamic=True)` (`compile_layers`)
+vs the layers and the pruning steps (`compile_pruning`; on CPU inductor needs a C++ compiler):
+prefill and decode, packed layout, interleaved, and the host launches of one prefill per mode
+(`opcount.count_launches`: the dispatch-level op count above cannot see inside compiled graphs).
 
 `--attn` adds masked attention fwd+bwd on CPU (the soft path's kernels: SDPA with the dense bias,
 `log m` as a q/k channel, unmasked causal SDPA), interleaved, medians with their spread.
@@ -33,7 +35,7 @@ from model.budget import counts_for_budget
 from model.calibration import calibrate_budget, calibrate_thresholds
 from model.pruning import PruningClock
 
-from .opcount import OpCounter
+from .opcount import KERNEL_PROFILE, OpCounter, count_launches
 from .timing import MIN_REPEATS, fmt_ratio, fmt_time, interleaved, ratio_stats, spread_stats
 
 
@@ -224,50 +226,65 @@ def op_counts(m, inputs, meths):
 
 
 COMPILED = ("unpruned", "atp 25%")
+COMPILE_MODES = {"eager": (False, False), "layers": (True, False), "layers+steps": (True, True)}
+
+
+def compile_mode(m, mode):
+    """Set the model's compiled parts: `COMPILE_MODES[mode]` = (decoder layers, pruning steps).
+    Compiled with inductor's kernel profiling, so `count_launches` sees the fused CPU kernels."""
+    layers, steps = COMPILE_MODES[mode]
+    m.compile_layers(layers, options=KERNEL_PROFILE)
+    m.compile_pruning(steps, options=KERNEL_PROFILE)
 
 
 def bench_compiled(m, inputs, meths, args):
-    """Eager vs the decoder layers under `torch.compile(dynamic=True)` (`compile_layers`), packed
-    layout, interleaved: prefill and decode per token of unpruned and ATP, each compiled time's
-    ratio to the eager one; the first compiled call of each (the compile itself) is timed apart."""
+    """Eager vs the decoder layers under `torch.compile(dynamic=True)` (`compile_layers`) vs the layers
+    and the pruning steps (`compile_pruning`), packed layout, interleaved: prefill and decode per
+    token of unpruned and ATP, each compiled time's ratio to the eager one; the first call of each
+    compiled mode (the compile itself) timed apart; and the host launches of one prefill per mode
+    (`count_launches`: aten ops that are not views, plus fused kernels)."""
 
-    def toggled(fn, on):
+    def toggled(fn, mode):
         def run():
-            m.compile_layers(on)
+            compile_mode(m, mode)
             return fn()
 
         return run
 
-    pre, dec = {}, {}
+    pre, dec, launches = {}, {}, {}
     for n in COMPILED:
-        for mode in ("eager", "compiled"):
+        for mode in COMPILE_MODES:
             pre[f"{n} / {mode}"] = toggled(
-                lambda n=n: (use(m, meths[n], "packed"), m(**inputs, logits_to_keep=1)), mode == "compiled"
+                lambda n=n: (use(m, meths[n], "packed"), m(**inputs, logits_to_keep=1)), mode
             )
-            dec[f"{n} / {mode}"] = toggled(
-                decode_timer(m, inputs, meths[n], "packed", args.decode_tokens), mode == "compiled"
-            )
+            dec[f"{n} / {mode}"] = toggled(decode_timer(m, inputs, meths[n], "packed", args.decode_tokens), mode)
     first = {}
-    for name in [k for k in pre if k.endswith("compiled")]:
+    for name in [k for k in pre if not k.endswith("eager")]:
         t = time.perf_counter()
         pre[name]()
         dec[name]()
         first[name] = time.perf_counter() - t
+    for name, fn in pre.items():  # after the first calls: no compiling inside the count
+        fn()
+        launches[name] = count_launches(fn)
     times, dtimes = interleaved(pre, args.repeats, args.warmup), interleaved(dec, args.repeats, args.warmup)
-    m.compile_layers(False)
+    compile_mode(m, "eager")
     rows = []
     for n in COMPILED:
-        e, c = f"{n} / eager", f"{n} / compiled"
-        rows.append(
-            {
-                "method": n,
-                "first_compiled_call_s": first[c],
-                "prefill": {"eager": spread_stats(times[e]), "compiled": spread_stats(times[c])},
-                "prefill_ratio": ratio_stats(times[c], times[e]),
-                "decode_per_token": {"eager": spread_stats(dtimes[e]), "compiled": spread_stats(dtimes[c])},
-                "decode_ratio": ratio_stats(dtimes[c], dtimes[e]),
-            }
-        )
+        e = f"{n} / eager"
+        row = {"method": n, "launches": {}, "prefill": {}, "decode_per_token": {}}
+        for mode in COMPILE_MODES:
+            k = f"{n} / {mode}"
+            row["launches"][mode] = {x: launches[k][x] for x in ("launches", "ops", "views", "kernels")}
+            row["prefill"][mode], row["decode_per_token"][mode] = spread_stats(times[k]), spread_stats(dtimes[k])
+            if mode != "eager":
+                row.setdefault("first_compiled_call_s", {})[mode] = first[k]
+                row.setdefault("prefill_ratio", {})[mode] = ratio_stats(times[k], times[e])
+                row.setdefault("decode_ratio", {})[mode] = ratio_stats(dtimes[k], dtimes[e])
+        rows.append(row)
+    for mode in COMPILE_MODES:  # ATP's launches over the unpruned forward's, per mode
+        base, atp = (launches[f"{n} / {mode}"]["launches"] for n in COMPILED)
+        rows[1]["launches"][mode]["over_unpruned"] = atp / base
     return rows
 
 
@@ -374,13 +391,25 @@ def print_batch(res, k):
         )
         + "  (the prompts without their image: no pruning decodes faster)"
     )
-    for r in res["compiled"] or ():
+    if res["compiled"]:
         print(
-            f"compiled layers / eager, packed, {r['method']}: prefill {fmt_time(r['prefill']['compiled'])} vs "
-            f"{fmt_time(r['prefill']['eager'])} ms, ratio {fmt_ratio(r['prefill_ratio'])}; decode per token "
-            f"{fmt_time(r['decode_per_token']['compiled'])} vs {fmt_time(r['decode_per_token']['eager'])} ms, "
-            f"ratio {fmt_ratio(r['decode_ratio'])}; first compiled call (compiling) {r['first_compiled_call_s']:.1f} s"
+            "compiled (packed): prefill and decode ms per token, median [min, max], ratio to eager; host launches "
+            "of one prefill (aten ops that are not views + fused kernels), ATP's over unpruned's"
         )
+    for r in res["compiled"] or ():
+        for mode in COMPILE_MODES:
+            ratios = dratio = ""
+            if mode != "eager":
+                ratios = f" (ratio {fmt_ratio(r['prefill_ratio'][mode])})"
+                ratios += f", first call {r['first_compiled_call_s'][mode]:.1f} s"
+                dratio = f" (ratio {fmt_ratio(r['decode_ratio'][mode])})"
+            lc = r["launches"][mode]
+            over = f", x{lc['over_unpruned']:.2f} unpruned's" if "over_unpruned" in lc else ""
+            print(
+                f"  {r['method']:<9} {mode:<12} prefill {fmt_time(r['prefill'][mode])}{ratios}; decode "
+                f"{fmt_time(r['decode_per_token'][mode])}{dratio}; {lc['launches']} launches "
+                f"({lc['ops'] - lc['views']} ops + {lc['kernels']} kernels){over}"
+            )
     if res["atp_share_of_prefill_time"] is not None:
         print(f"ATP modules: {res['atp_share_of_prefill_time']:.2%} of an ATP prefill's time (packed)")
     ops = res["forward_ops_syncs"]
@@ -417,7 +446,9 @@ def parser():
     p.add_argument("--attn-only", action="store_true", help="only the attention timing")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument(
-        "--compile", action="store_true", help="also time the decoder layers under torch.compile vs eager (packed)"
+        "--compile",
+        action="store_true",
+        help="also time the decoder layers (and the pruning steps) under torch.compile vs eager (packed)",
     )
     return p
 

@@ -141,3 +141,65 @@ def _caller() -> str:
         if "/torch/" not in path and not path.endswith("pipeline/eval/opcount.py"):
             return f"{path.rsplit('/', 2)[-2]}/{path.rsplit('/', 1)[-1]}:{frame.lineno} {frame.name}"
     return "?"
+
+
+def count_launches(fn) -> dict:
+    """What the host issues in `fn()`, compiled graphs included (an `OpCounter` sees none of their
+    work: dynamo runs eagerly under a dispatch mode), from torch.profiler's events:
+
+    - `ops`: the top-level aten ops, one per call into ATen from Python or from a compiled graph's
+      wrapper (an op's own sub-ops run under it);
+    - `kernels`: inductor's fused kernels. On CPU the profiler sees them only when they were compiled
+      with `options={"cpp.enable_kernel_profile": True}` (`KERNEL_PROFILE`);
+    - `views`: those of the ops that ran no kernel, only views (on a GPU they cost host time only);
+    - `launches` = ops - views + kernels, the count to compare between eager and compiled forwards;
+    - `by_name`: the launches by aten op ("fused kernel" for inductor's);
+    - on CUDA also `device_kernels`, the kernels the GPU ran."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    counts, names = collections.Counter(), collections.Counter()
+
+    def walk(event):
+        if event.name.startswith("aten::"):
+            counts["ops"] += 1
+            counts["views"] += _launches_nothing(event)
+            names[event.name] += 1
+        elif "fused" in event.name and event.name.startswith(("graph_", "cpp_", "triton_")):
+            counts["kernels"] += 1
+            names["fused kernel"] += 1
+        else:  # a profiler range (dynamo's cache lookup, a compiled graph's call): what it runs counts
+            for child in event.cpu_children:
+                walk(child)
+
+    events = prof.events()
+    for event in events:
+        if event.device_type == torch.autograd.DeviceType.CPU and event.cpu_parent is None:
+            walk(event)
+    out = {k: counts[k] for k in ("ops", "views", "kernels")}
+    out["launches"] = counts["ops"] - counts["views"] + counts["kernels"]
+    out["by_name"] = dict(names)
+    if torch.cuda.is_available():
+        out["device_kernels"] = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    return out
+
+
+def _launches_nothing(event) -> bool:
+    """Whether a profiled aten op ran no kernel: a view, and so are all the aten ops under it (`to`,
+    `reshape` and `contiguous` may return their input or copy it: a copy shows as a sub-op)."""
+    if not _is_view(event.name):
+        return False
+    return all(_launches_nothing(c) for c in event.cpu_children if c.name.startswith("aten::"))
+
+
+def _is_view(name: str) -> bool:
+    """Whether the aten op named `name` ("aten::unsqueeze") returns a view of its input."""
+    packet = getattr(torch.ops.aten, name.removeprefix("aten::"), None)
+    return packet is not None and any(getattr(packet, o).is_view for o in packet.overloads())
+
+
+KERNEL_PROFILE = {"cpp.enable_kernel_profile": True}  # torch.compile options: fused CPU kernels visible to the profiler
