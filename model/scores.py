@@ -50,7 +50,8 @@ def redundancy_scores(
     q_index,
     q_valid,
     value=None,
-    seq_weight=None,
+    *,
+    seq_weight,
     self_score="attention",
 ):
     """Block-wise S_self and S_cross (METHOD sec 1), each [B, Lv], not yet normalised.
@@ -59,17 +60,16 @@ def redundancy_scores(
     prefill); bias [B, 1, Q, Lk] is the additive mask the layer's attention uses (causal, padding
     and log of the cumulative soft mask) on the query-text rows q_index only (`attention.py`).
     vis_index [B, Lv] gives each original visual token's index in the current sequence,
-    vis_weight [B, Lv] its cumulative mask (0 for tokens already gone), seq_weight [B, L] the same at
-    each token's position in the sequence (0 for text and padding; None: made from the two);
-    q_index / q_valid [B, Q] the query-text rows. self_score "duplication" replaces S_self by how unlike the other live
-    visual tokens a token's value vector is (METHOD sec 11; value [B, Hkv, Lk, d], needed then).
+    vis_weight [B, Lv] its cumulative mask (0 for tokens already gone; the training-free computes read
+    it), seq_weight [B, L] the same at each token's position in the sequence (0 for text and padding:
+    what both S_self forms read); q_index / q_valid [B, Q] the query-text rows. self_score
+    "duplication" replaces S_self by how unlike the other live visual tokens a token's value vector
+    is (METHOD sec 11; value [B, Hkv, Lk, d], needed then).
     """
     rep = query.shape[1] // key.shape[1]
     query, key = query.float(), key.float()
     if rep > 1:  # GQA: each query head reads its kv head
         key = key.repeat_interleave(rep, dim=1)
-    if seq_weight is None:
-        seq_weight = _weights_in_sequence(vis_weight, vis_index, query.shape[2])
     w_seq = seq_weight.float()
     if self_score == "duplication":
         s_self = _distinctness(value, vis_index, w_seq)
@@ -81,12 +81,6 @@ def redundancy_scores(
     row_w = (q_valid.float() / (H * q_valid.sum(1, keepdim=True).clamp_min(1))).repeat(1, H)  # [B, H * Q]
     s_cross = torch.matmul(row_w[:, None], probs.flatten(1, 2))[:, 0]  # [B, Lk]: one product, no [B, Q, Lk] mean
     return s_self, s_cross.gather(1, vis_index)
-
-
-def _weights_in_sequence(w, vis_index, L):
-    """[B, L]: each visual token's weight w [B, Lv] at its position in the sequence, 0 for text and
-    padding (slots of tokens already gone point at 0 with weight 0: added, they change nothing)."""
-    return torch.zeros(w.shape[0], L, dtype=w.dtype, device=w.device).scatter_add_(1, vis_index, w)
 
 
 def _received_logits(query, key, scaling, vis_index, w_seq):

@@ -41,7 +41,7 @@ def scores_at(rev: str):
     if "seq_weight" in inspect.signature(fn).parameters:
         return fn
 
-    def before_seq_weight(*args, seq_weight=None, **kwargs):  # revisions that scatter the weights themselves
+    def before_seq_weight(*args, seq_weight, **kwargs):  # revisions that scatter the weights themselves
         return fn(*args, **kwargs)
 
     return before_seq_weight

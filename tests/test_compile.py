@@ -27,14 +27,20 @@ def prompts():
     return out
 
 
-@pytest.mark.parametrize("layout", ["packed", "padded"])
-def test_compiled_layers_equal_eager_and_new_kept_counts_do_not_recompile(layout):
+def eager_runs(layout):
+    """The tiny ATP model in eval mode on `layout`, the prompts, and its eager outputs on them."""
     _, m = tiny_atp()
     m.eval()
     m.config.hard_layout = layout
     batches = prompts()
     with torch.no_grad():
-        ref = [m(**b) for b in batches]
+        return m, batches, [m(**b) for b in batches]
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_compiled_layers_equal_eager_and_new_kept_counts_do_not_recompile(layout):
+    m, batches, ref = eager_runs(layout)
+    with torch.no_grad():
         kept = {tuple(r.visual_tokens[:, -1].tolist()) for r in ref}
         assert len(kept) == len(batches)  # the batches really keep other counts
         torch._dynamo.reset()
@@ -59,12 +65,8 @@ def test_compiled_pruning_steps_equal_eager_with_fewer_launches_and_no_recompile
     """Each pruning point is two graphs (split at its host read of the kept lengths); a new batch of
     other lengths and kept counts compiles nothing new, keeps the eager counts and issues fewer host
     launches (aten ops and fused kernels) than the eager steps."""
-    _, m = tiny_atp()
-    m.eval()
-    m.config.hard_layout = layout
-    batches = prompts()
+    m, batches, ref = eager_runs(layout)
     with torch.no_grad():
-        ref = [m(**b) for b in batches]
         eager = count_launches(lambda: m(**batches[1]))
         torch._dynamo.reset()
         counters.clear()

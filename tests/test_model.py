@@ -253,11 +253,17 @@ def test_blockwise_scores_equal_full_attention_map(atp_layers):
         assert (got_cross[bi] - s_cross).abs().max() <= 1e-5
 
 
+def _weights_in_sequence(w, vis_index, L):
+    """[B, L]: each visual token's weight w [B, Lv] at its position in the sequence, 0 for text and
+    padding (gone slots point at 0 with weight 0), as the score request carries it (`seq_weight`)."""
+    return torch.zeros(w.shape[0], L, dtype=w.dtype).scatter_add_(1, vis_index, w)
+
+
 def test_received_logits_after_pruning_equal_the_visual_block_of_the_logits():
     """S_self at a later pruning point (METHOD sec 1): tokens already gone carry weight 0 and sit at
     slot 0 of the sequence; kept ones are weighted by their soft mask. The sequence-order reverse
     cumsum equals the explicit weighted mean over the causal visual block of the head-mean logits."""
-    from model.scores import _received_logits, _weights_in_sequence
+    from model.scores import _received_logits
 
     g = torch.Generator().manual_seed(3)
     B, H, L, d, Lv = 2, 3, 11, 4, 8
@@ -281,7 +287,7 @@ def test_received_logits_after_pruning_equal_the_visual_block_of_the_logits():
 def test_duplication_score_ranks_a_unique_token_above_copies():
     """METHOD sec 11: among value vectors where most are near-copies, the odd one out scores
     highest, and a token already pruned (weight 0) does not count as a copy."""
-    from model.scores import _distinctness, _weights_in_sequence
+    from model.scores import _distinctness
 
     g = torch.Generator().manual_seed(0)
     base = torch.randn(1, 2, 1, 8, generator=g)
